@@ -1,0 +1,184 @@
+"""Checkpoint policies: plan counts against the revolve formula, a brute-force optimum, and closed forms."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import pytest
+import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unrollc.runtime.schedules import (
+    Advance, Binomial, Budget, EveryK, NoCheckpoint, Plan, Return, Sqrt, Tape, binomial_extra_steps,
+    resolve_checkpoint,
+)
+
+ALLOWED = (
+    "expected one of None, an int k >= 1, 'sqrt', 'binomial', unrollc.EveryK(k), unrollc.Sqrt(), "
+    "unrollc.Binomial(slots=s), unrollc.Budget(bytes)."
+)
+
+
+@lru_cache(maxsize=None)
+def optimal_untaped(length: int, slots: int) -> float:
+    """Fewest untaped step evaluations to reverse ``length`` steps with ``slots`` stored states, by brute force.
+
+    The state before the first step is stored (one slot). Reversing one step costs nothing (tape it from the
+    working state); otherwise try every first advance m: the state reached is stored (a slot of the right part)
+    and the right part is reversed with one slot fewer, then the left part with all slots.
+    """
+    if length == 1:
+        return 0
+    if slots == 0:
+        return math.inf
+    return min(m + optimal_untaped(length - m, slots - 1) + optimal_untaped(m, slots) for m in range(1, length))
+
+
+def test_reference_numbers() -> None:
+    assert binomial_extra_steps(100, 10) == 222
+    assert binomial_extra_steps(1000, 20) == 2747
+    assert Binomial(slots=10).plan(100).evaluations == 100 + 222
+    plan = Binomial(slots=20).plan(1000)
+    assert (plan.evaluations, plan.peak_states, plan.peak_taped_steps) == (1000 + 2747, 20, 1)
+
+
+@pytest.mark.parametrize("slots", range(1, 7))
+def test_formula_and_plan_are_optimal(slots: int) -> None:
+    for n in range(1, 41):
+        p = binomial_extra_steps(n, slots)
+        assert p == optimal_untaped(n, slots), (n, slots)
+        plan = Binomial(slots=slots).plan(n)
+        assert plan.evaluations == n + p
+        assert plan.peak_states == min(slots, max(n - 1, 1))
+        assert plan.peak_taped_steps == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), slots=st.integers(1, 30))
+def test_binomial_plan_hits_the_formula(n: int, slots: int) -> None:
+    plan = Binomial(slots=slots).plan(n)
+    assert plan.evaluations == n + binomial_extra_steps(n, slots)
+    assert plan.peak_states <= slots
+    assert plan.resolved == Binomial(slots=slots)
+
+
+def test_binomial_default_slots() -> None:
+    assert Binomial().slots_for(1) == 2
+    assert Binomial().slots_for(1000) == 10
+    assert Binomial().plan(1000).resolved == Binomial(slots=10)
+
+
+def test_binomial_cost_expr() -> None:
+    cost = Binomial(slots=10).cost_expr()
+    r = sympy.Symbol("r", integer=True, nonnegative=True)
+    n = sympy.Symbol("n", integer=True, positive=True)
+    assert cost.evaluations.subs({n: 100, r: 3}) == 322
+    with pytest.raises(ValueError, match="give Binomial"):
+        Binomial().cost_expr()
+
+
+def every_k_counts(n: int, k: int) -> tuple[int, int, int]:
+    """Evaluations, stored states, taped steps of EveryK(k), counted directly."""
+    starts = list(range(0, n, k))
+    last = n - starts[-1]
+    return 2 * n - last, max(1, len(starts) - 1), min(k, n)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 50])
+def test_every_k_counts_and_cost_expr(k: int) -> None:
+    cost = EveryK(k).cost_expr()
+    n_sym = sympy.Symbol("n", integer=True, positive=True)
+    for n in range(1, 60):
+        plan = EveryK(k).plan(n)
+        assert (plan.evaluations, plan.peak_states, plan.peak_taped_steps) == every_k_counts(n, k)
+        assert tuple(int(e.subs(n_sym, n)) for e in cost) == every_k_counts(n, k)
+        assert sum(a.stop - a.start for a in plan.forward_actions if isinstance(a, (Advance, Tape))) == n
+
+
+def test_sqrt_is_every_ceil_sqrt_n() -> None:
+    n_sym = sympy.Symbol("n", integer=True, positive=True)
+    for n, k in [(1, 1), (4, 2), (10, 4), (16, 4), (17, 5), (100, 10)]:
+        plan = Sqrt().plan(n)
+        assert plan.policy == Sqrt() and plan.resolved == EveryK(k)
+        assert plan.actions == EveryK(k).plan(n).actions
+        assert int(Sqrt().cost_expr().evaluations.subs(n_sym, n)) == plan.evaluations
+
+
+def test_no_checkpoint() -> None:
+    plan = NoCheckpoint().plan(9)
+    assert (plan.evaluations, plan.peak_states, plan.peak_taped_steps) == (9, 1, 9)
+    assert NoCheckpoint().cost_expr().evaluations == sympy.Symbol("n", integer=True, positive=True)
+
+
+def test_actions_split_at_return() -> None:
+    plan = Binomial(slots=3).plan(5)
+    assert plan.actions.count(Return()) == 1
+    assert plan.forward_actions + (Return(),) + plan.backward_actions == plan.actions
+
+
+def candidate_plans(n: int) -> list[Plan]:
+    return [NoCheckpoint().plan(n), *(EveryK(k).plan(n) for k in range(1, n + 1)),
+            *(Binomial(slots=s).plan(n) for s in range(1, n + 1))]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 30), state_bytes=st.integers(0, 50), step_bytes=st.integers(0, 50),
+       budget=st.integers(1, 2000))
+def test_budget_picks_the_cheapest_fitting_plan(n: int, state_bytes: int, step_bytes: int, budget: int) -> None:
+    fitting = [p for p in candidate_plans(n) if p.peak_bytes(state_bytes, step_bytes) <= budget]
+    if not fitting:
+        with pytest.raises(ValueError, match="no checkpoint schedule"):
+            Budget(budget).plan(n, state_bytes=state_bytes, step_bytes=step_bytes)
+        return
+    plan = Budget(budget).plan(n, state_bytes=state_bytes, step_bytes=step_bytes)
+    assert plan.policy == Budget(budget)
+    assert plan.peak_bytes(state_bytes, step_bytes) <= budget
+    assert plan.evaluations == min(p.evaluations for p in fitting)
+
+
+def test_budget_examples_and_errors() -> None:
+    assert Budget(10**9).plan(100, state_bytes=1000, step_bytes=5000).resolved == NoCheckpoint()
+    plan = Budget(30_000).plan(100, state_bytes=1000, step_bytes=5000)
+    assert plan.resolved == Binomial(slots=25) and plan.peak_bytes(1000, 5000) <= 30_000
+    with pytest.raises(ValueError, match=r"the smallest needs 6000 bytes .* use Budget\(6000\) or more"):
+        Budget(5999).plan(100, state_bytes=1000, step_bytes=5000)
+    with pytest.raises(ValueError, match=r"unrollc.Budget.plan: state_bytes=None is not known"):
+        Budget(5999).plan(100)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, NoCheckpoint()), (1, EveryK(1)), (5, EveryK(5)), ("sqrt", Sqrt()), ("binomial", Binomial()),
+    (Binomial(slots=3), Binomial(slots=3)), (Budget(10), Budget(10)), (EveryK(2), EveryK(2)),
+])
+def test_resolve_checkpoint(value: object, expected: object) -> None:
+    assert resolve_checkpoint(value) == expected
+
+
+@pytest.mark.parametrize("value, error", [
+    (0, ValueError), (-3, ValueError), ("foo", ValueError), ("SQRT", ValueError),
+    (True, TypeError), (2.0, TypeError), (object, TypeError), ([3], TypeError),
+])
+def test_resolve_checkpoint_refuses(value: object, error: type) -> None:
+    with pytest.raises(error) as info:
+        resolve_checkpoint(value)
+    assert str(info.value) == f"unrollc.unroll: checkpoint={value!r} is not a known schedule; {ALLOWED}"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: EveryK(0), "unrollc.EveryK: k=0 is not a segment length; expected an int k >= 1."),
+    (lambda: EveryK(True), "unrollc.EveryK: k=True"),
+    (lambda: Binomial(slots=0), "unrollc.Binomial: slots=0"),
+    (lambda: Budget(0), "unrollc.Budget: bytes=0"),
+    (lambda: Sqrt().plan(0), "unrollc.Sqrt.plan: n=0 is not a number of steps"),
+    (lambda: binomial_extra_steps(10, 0), "unrollc.binomial_extra_steps: s=0"),
+])
+def test_bad_arguments(make, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+def test_policies_are_hashable_values() -> None:
+    assert len({EveryK(2), EveryK(2), Sqrt(), Sqrt(), Binomial(), Binomial(slots=None), Budget(5)}) == 4
+    assert hash(Binomial(slots=4).plan(9)) == hash(Binomial(slots=4).plan(9))

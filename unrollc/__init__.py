@@ -1,0 +1,54 @@
+"""unrollc: differentiate through whole training loops, with any nn.Module and any torch.optim optimizer.
+
+The public API::
+
+    stepper = unrollc.compile(model, opt, loss_fn)     # loss_fn(model, batch, *meta) -> scalar
+    state = stepper.init()                             # time 0: the model's own parameters
+    state = stepper.unroll(state, batches, checkpoint="sqrt")
+    meta_loss = loss_on(stepper.forward(state, x_val))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import CaptureError
+from .optimizer_spec import UnsupportedOptimizerError
+from .runtime.state import UnrollState
+from .runtime.stepper import Stepper
+
+__all__ = [
+    "compile",
+    "Stepper",
+    "UnrollState",
+    "CaptureError",
+    "UnsupportedOptimizerError",
+]
+
+__version__ = "0.1.0"
+
+
+def compile(  # noqa: A001 - the library's verb
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    check: bool = False,
+) -> Stepper:
+    """Compile one training step of ``model`` with ``opt`` on ``loss_fn`` into a differentiable stepper.
+
+    Args:
+        model: any ``nn.Module``; never modified (its parameters are the time-0 weights of ``init()``).
+        opt: any ``torch.optim`` optimizer over (some of) the model's parameters, possibly already
+            stepped (its state is the starting state); never modified. LBFGS (closure) and SparseAdam
+            (sparse gradients) are refused.
+        loss_fn: ``loss_fn(model, batch, *meta) -> scalar tensor``; it calls the model as usual.
+        check: verify each pass's guarantees after it runs (debugging; slower to trace).
+
+    Returns:
+        A :class:`Stepper` with ``init``, ``step``, ``unroll``, ``forward`` and ``graph``.
+    """
+    return Stepper(model, opt, loss_fn, check=check)

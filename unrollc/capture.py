@@ -1,0 +1,247 @@
+"""Capture: trace ONE training step — forward, loss, gradient and the real ``torch.optim`` step — with make_fx.
+
+The traced function closes over private copies of the parameters, buffers, optimizer state and
+hyperparameters; ``make_fx`` records them as ``get_attr`` constants (the *raw* graph, which the
+``lift_inputs`` pass turns into placeholders). Only the batch and the ``*meta`` inputs are traced as
+placeholders from the start. Inside the traced function:
+
+1. the model runs with explicit weights (``_reparametrize_module``: the user's ``loss_fn`` calls the
+   model as usual, submodules included) under ``torch.func.grad_and_value``, which differentiates the
+   loss with respect to the trainable parameters;
+2. a fresh optimizer of the user's class is built around the parameter copies, their ``.grad`` set to
+   the traced gradients, its state and hyperparameters set to the copies, and its real ``step()`` runs
+   with ``torch.compiler.is_compiling()`` reporting True (so ``torch.optim`` keeps step counts and
+   tensor hyperparameters as tensors instead of calling ``.item()``) and with a
+   :class:`~unrollc.guards.ScalarTracker` recording every Python value it reads from them;
+3. the function returns the updated parameters, buffers, every optimizer-state tensor and the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from .errors import CaptureError, user_frame
+from .guards import Guard, ScalarTracker
+from .optimizer_spec import OptimizerSpec
+
+__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What unrollc knows about a graph input, stored under ``node.meta["unrollc"]``.
+
+    Attributes:
+        role: one of ``"param"``, ``"buffer"``, ``"opt_state"``, ``"hyper"``, ``"batch"``, ``"meta"``.
+        name: the user-facing name: ``"fc.weight"``, ``"fc.weight.exp_avg"``, ``"lr"``, ``"batch[0]"``.
+    """
+
+    role: str
+    name: str
+
+
+Role = str
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The flat input and output layout of a step graph.
+
+    Inputs: ``params, buffers, opt_state (in), hyper, batch leaves, meta leaves``.
+    Outputs: ``params', buffers', opt_state (out), loss``. The optimizer state's keys may differ between
+    input and output: a fresh optimizer has no state before its first step.
+    """
+
+    params: tuple[str, ...]
+    buffers: tuple[str, ...]
+    state_in: tuple[tuple[str, str], ...]
+    state_out: tuple[tuple[str, str], ...]
+    hyper: tuple[str, ...]
+    batch_spec: TreeSpec
+    n_batch: int
+    meta_spec: TreeSpec
+    n_meta: int
+
+    @property
+    def input_infos(self) -> list[NodeInfo]:
+        """One :class:`NodeInfo` per graph input, in order."""
+        infos = [NodeInfo("param", n) for n in self.params]
+        infos += [NodeInfo("buffer", n) for n in self.buffers]
+        infos += [NodeInfo("opt_state", f"{p}.{k}") for p, k in self.state_in]
+        infos += [NodeInfo("hyper", n) for n in self.hyper]
+        infos += [NodeInfo("batch", f"batch[{i}]") for i in range(self.n_batch)]
+        infos += [NodeInfo("meta", f"meta[{i}]") for i in range(self.n_meta)]
+        return infos
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.params) + len(self.buffers) + len(self.state_in) + len(self.hyper) + self.n_batch + self.n_meta
+
+
+@dataclass
+class Captured:
+    """The raw traced graph and what is needed to lift and check it."""
+
+    gm: fx.GraphModule
+    signature: Signature
+    guards: list[Guard]
+    constants: dict[int, int] = field(default_factory=dict)  # id(constant tensor) -> input position
+    example_inputs: list[torch.Tensor] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _compiling() -> Iterator[None]:
+    """Make ``torch.compiler.is_compiling()`` report True while the optimizer step is traced."""
+    original = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        yield
+    finally:
+        torch.compiler.is_compiling = original
+
+
+def _sdpa_math() -> contextlib.AbstractContextManager:
+    # The fused CPU attention kernels have no double backward; the math kernel does.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):  # noqa: ANN001, ANN202
+    # aten.native_batch_norm updates the running stats in place but its schema does not say so; the
+    # "legit" variant's schema marks them (Tensor(a!)), so functionalize sees and rewrites the update.
+    if running_mean is None:
+        return torch.ops.aten._native_batch_norm_legit.no_stats(input, weight, bias, training, momentum, eps)
+    return torch.ops.aten._native_batch_norm_legit.default(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+
+
+_DECOMPOSITIONS = {torch.ops.aten.native_batch_norm.default: _batch_norm}
+
+
+def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tuple[str, torch.Tensor]]:
+    """Flatten per-group hyperparameters to ``(name, tensor)`` leaves: ``lr``, ``betas.0``, or ``1.lr``."""
+    out = []
+    for g, group in enumerate(hyper):
+        prefix = "" if single_group else f"{g}."
+        for key in sorted(group):
+            value = group[key]
+            if isinstance(value, tuple):
+                out += [(f"{prefix}{key}.{i}", v) for i, v in enumerate(value)]
+            else:
+                out.append((f"{prefix}{key}", value))
+    return out
+
+
+def capture_step(
+    model: nn.Module,
+    spec: OptimizerSpec,
+    loss_fn: Callable[..., torch.Tensor],
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    opt_state: dict[str, dict[str, torch.Tensor]],
+    hyper: list[dict[str, Any]],
+    batch: Any,
+    meta: tuple[Any, ...],
+    trainable: frozenset[str],
+) -> Captured:
+    """Trace one step for these example values (which are copied, never modified)."""
+    detach = lambda t: t.detach().clone()  # noqa: E731
+    p_copy = {n: detach(t) for n, t in params.items()}
+    b_copy = {n: detach(t) for n, t in buffers.items()}
+    s_copy = {p: {k: detach(v) for k, v in st.items()} for p, st in opt_state.items()}
+    h_copy = [{k: tuple(detach(x) for x in v) if isinstance(v, tuple) else detach(v) for k, v in g.items()} for g in hyper]
+    single = len(hyper) == 1
+    h_leaves = hyper_leaves(h_copy, single)
+    state_in = tuple((p, k) for p in s_copy for k in sorted(s_copy[p]))
+
+    batch_all, batch_spec = tree_flatten(batch)
+    meta_all, meta_spec = tree_flatten(tuple(meta))
+    batch_leaves = [x.detach() for x in batch_all if isinstance(x, torch.Tensor)]
+    meta_leaves = [x.detach() for x in meta_all if isinstance(x, torch.Tensor)]
+    n_batch, n_meta = len(batch_leaves), len(meta_leaves)
+
+    # Positions of the closed-over copies in the lifted input list (see Signature).
+    ordered = list(p_copy.values()) + list(b_copy.values())
+    ordered += [s_copy[p][k] for p, k in state_in] + [t for _, t in h_leaves]
+    constants = {id(t): i for i, t in enumerate(ordered)}
+    example_inputs = [t.clone() for t in ordered] + [x.detach() for x in batch_leaves + meta_leaves]
+
+    shadow = spec.build(
+        [[p_copy[n] for n in names] for names in spec.group_params],
+        [dict(g) for g in h_copy],
+    )
+    for name, st in s_copy.items():
+        shadow.state[p_copy[name]] = dict(st)
+    guard_leaves = {f"hyper:{n}": t for n, t in h_leaves}
+    guard_leaves.update({f"state:{p}.{k}": s_copy[p][k] for p, k in state_in if s_copy[p][k].dim() == 0})
+    tracker = ScalarTracker(guard_leaves)
+    diff_names = [n for n in p_copy if n in trainable]
+    state_out: list[tuple[str, str]] = []
+
+    def step(*leaves: Any) -> list[torch.Tensor]:
+        b = tree_unflatten(_fill(batch_all, leaves[:n_batch]), batch_spec)
+        m = tree_unflatten(_fill(meta_all, leaves[n_batch:]), meta_spec)
+
+        def loss_of(diff: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+            weights = {**p_copy, **diff, **bufs}
+            with _reparametrize_module(model, weights, tie_weights=True, strict=False):
+                loss = loss_fn(model, b, *m)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise CaptureError(
+                    "unrollc.compile: loss_fn(model, batch, *meta) must return a scalar tensor, got "
+                    f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; "
+                    "reduce it, e.g. with .mean()."
+                )
+            return loss.reshape(())
+
+        with _sdpa_math():
+            grads, loss = torch.func.grad_and_value(loss_of)({n: p_copy[n] for n in diff_names}, b_copy)
+        for n, p in p_copy.items():
+            p.grad = grads.get(n)
+        with _compiling(), tracker:
+            shadow.step()
+        new_state = {name: shadow.state.get(p_copy[name], {}) for name in p_copy}
+        state_out.extend((p, k) for p in new_state for k in sorted(new_state[p]) if isinstance(new_state[p][k], torch.Tensor))
+        outs = list(p_copy.values()) + list(b_copy.values())
+        outs += [new_state[p][k] for p, k in state_out]
+        return outs + [loss]
+
+    try:
+        gm = make_fx(step, _DECOMPOSITIONS, record_stack_traces=True)(*batch_leaves, *meta_leaves)
+    except CaptureError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
+        raise CaptureError.from_trace_failure(exc) from exc
+    finally:
+        for p in p_copy.values():
+            p.grad = None
+
+    signature = Signature(
+        params=tuple(p_copy),
+        buffers=tuple(b_copy),
+        state_in=state_in,
+        state_out=tuple(state_out),
+        hyper=tuple(n for n, _ in h_leaves),
+        batch_spec=batch_spec,
+        n_batch=n_batch,
+        meta_spec=meta_spec,
+        n_meta=n_meta,
+    )
+    return Captured(gm, signature, list(tracker.guards), constants, example_inputs)
+
+
+def _fill(template: list[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:
+    """``template`` with its tensor leaves replaced, in order, by ``tensors`` (other leaves kept)."""
+    it = iter(tensors)
+    return [next(it) if isinstance(x, torch.Tensor) else x for x in template]

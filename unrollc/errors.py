@@ -1,0 +1,54 @@
+"""Errors that point at the user's code instead of torch's internals."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+__all__ = ["CaptureError", "InternalError", "user_frame"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_UNROLLC_DIR = os.path.dirname(__file__)
+_IGNORED = (_TORCH_DIR, _UNROLLC_DIR, "<frozen ", "contextlib.py", "functools.py")
+
+
+def user_frame(tb: traceback.StackSummary | list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    """The innermost frame that belongs to the user's code (not torch, not unrollc, not the stdlib)."""
+    for frame in reversed(list(tb)):
+        if not any(part in frame.filename for part in _IGNORED):
+            return frame
+    return None
+
+
+class CaptureError(RuntimeError):
+    """Tracing one step failed; the message names the user's file and line and suggests a fix."""
+
+    @classmethod
+    def from_trace_failure(cls, exc: BaseException) -> "CaptureError":
+        """Turn a tracing exception into a message about the user's code."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = user_frame(frames)
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        location = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where else ""
+        data_dependent = "_local_scalar_dense" in str(exc) or "data-dependent" in str(exc)
+        if data_dependent:
+            hint = (
+                "the code turns a traced tensor into a Python value (.item(), bool(), float(), or an `if` on a "
+                "tensor), which depends on the data and cannot be part of one step graph; compute it with "
+                "tensor ops instead, e.g. torch.where(cond, a, b) for a branch, or keep the value a tensor"
+            )
+        else:
+            hint = f"{type(exc).__name__}: {text}"
+        return cls(f"unrollc.compile: could not capture the training step{location}: {hint}.")
+
+
+class InternalError(AssertionError):
+    """An invariant of unrollc broke: this is an unrollc bug."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message} — this is a bug in unrollc, not in your code; please report it with the model, "
+            "optimizer and loss_fn that triggered it."
+        )

@@ -1,0 +1,281 @@
+"""Guarded scalars: hyperparameters and step counters that the optimizer turns into Python values.
+
+``torch.optim`` mixes tensor maths with Python control flow on its hyperparameters and step count
+(``if momentum != 0``, ``if rho_t > 5``, ``param.add_(grad, alpha=-lr)``). unrollc lifts those values
+to tensor inputs of the step graph, so at trace time they are tensors. :class:`ScalarTracker`, a
+``TorchFunctionMode`` active while the optimizer step is traced, makes that work:
+
+1. It tracks every tensor computed only from *leaves* (the lifted hyperparameters and the 0-dim
+   optimizer-state tensors such as ``step``) and constants, as a small expression tree.
+2. When such a tensor is turned into a Python value (``bool``, ``float``, ``int``, ``.item()``) it
+   returns the concrete value and records a :class:`Guard`: the expression and the value seen. A
+   traced graph is reused only while all its guards still hold for the current leaf values; otherwise
+   the runtime traces again (RAdam's rectification switches on after a few steps, ASGD's averaging
+   starts at ``t0``). A branch is never silently baked in.
+3. A tensor passed where ATen wants a Python scalar (``alpha=``, ``value=``) is rewritten into tensor
+   maths (``add(a, b, alpha=h)`` -> ``add(a, b * h)``), so the value stays differentiable instead of
+   being frozen by the argument parser's implicit ``.item()``. A ``_foreach_*`` call that receives a
+   tracked tensor (``_foreach_lerp_(exp_avgs, grads, 1 - beta1)``) is unrolled into one call per
+   tensor, since most foreach overloads only take Python scalars.
+4. Arithmetic among tracked 0-dim tensors runs in float64, as ``torch.optim``'s eager path does with
+   Python floats (``1 - beta2 ** step``); in-place updates keep the state tensor's own dtype.
+
+Tensors computed from data (parameters, gradients) are not tracked: turning one of them into a
+Python value is a data-dependent branch and fails loudly at trace time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+__all__ = ["Guard", "ScalarTracker", "check_guards"]
+
+_CONVERSIONS = {
+    torch.Tensor.__bool__: "bool",
+    torch.Tensor.__float__: "float",
+    torch.Tensor.__int__: "int",
+    torch.Tensor.__index__: "int",
+    torch.Tensor.item: "item",
+    torch.Tensor.tolist: "tolist",
+}
+
+# ATen functions whose Python-scalar keyword scales one tensor argument (position 1 in all of them).
+_SCALED_KWARG = {"alpha": ("add", "sub"), "value": ("addcmul", "addcdiv")}
+
+
+class _Leaf:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _Call:
+    """``func(*args, **kwargs)`` where tensor arguments are themselves expressions."""
+
+    __slots__ = ("func", "args", "kwargs", "inplace")
+
+    def __init__(self, func: Callable, args: Any, kwargs: Any, inplace: bool) -> None:
+        self.func, self.args, self.kwargs, self.inplace = func, args, kwargs, inplace
+
+    def __repr__(self) -> str:
+        name = getattr(self.func, "__name__", str(self.func))
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{name}({', '.join(parts)})"
+
+
+class _Item:
+    """Element ``index`` of a list-valued call (foreach ops)."""
+
+    __slots__ = ("call", "index")
+
+    def __init__(self, call: _Call, index: int) -> None:
+        self.call, self.index = call, index
+
+    def __repr__(self) -> str:
+        return f"{self.call!r}[{self.index}]"
+
+
+def _evaluate(expr: Any, env: Mapping[str, torch.Tensor], memo: dict[int, Any]) -> Any:
+    if isinstance(expr, _Leaf):
+        return env[expr.name]
+    if isinstance(expr, _Item):
+        return _evaluate(expr.call, env, memo)[expr.index]
+    if isinstance(expr, _Call):
+        if id(expr) not in memo:
+            args = tree_map(lambda e: _evaluate(e, env, memo), expr.args, is_leaf=_is_expr)
+            kwargs = tree_map(lambda e: _evaluate(e, env, memo), expr.kwargs, is_leaf=_is_expr)
+            if expr.inplace:  # never mutate the caller's leaves: work on a copy of the target
+                target = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args[0])
+                args = (target, *args[1:])
+            out = expr.func(*args, **kwargs)
+            memo[id(expr)] = args[0] if expr.inplace else out
+        return memo[id(expr)]
+    return expr
+
+
+def _is_expr(x: Any) -> bool:
+    return isinstance(x, (_Leaf, _Call, _Item))
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A Python value the traced optimizer read from guarded scalars: valid while it re-evaluates equal."""
+
+    expr: Any
+    kind: str
+    value: Any
+
+    def holds(self, env: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the expression gives the same Python value for the leaf values in ``env``."""
+        with torch.no_grad():
+            tensor = _evaluate(self.expr, env, {})
+            return _convert(tensor, self.kind) == self.value
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.expr!r}) == {self.value!r}"
+
+
+def check_guards(guards: Sequence[Guard], env: Mapping[str, torch.Tensor]) -> bool:
+    """True when every guard holds for ``env`` (leaf name -> current tensor value)."""
+    return all(g.holds(env) for g in guards)
+
+
+def _convert(tensor: torch.Tensor, kind: str) -> Any:
+    if kind == "bool":
+        return bool(tensor)
+    if kind == "float":
+        return float(tensor)
+    if kind == "int":
+        return int(tensor)
+    if kind == "tolist":
+        return tensor.tolist()
+    return tensor.item()
+
+
+# Per-tensor ops whose scalar argument a foreach overload takes positionally: (position, keyword).
+_POSITIONAL_SCALAR = {"add": (2, "alpha"), "sub": (2, "alpha"), "addcmul": (3, "value"), "addcdiv": (3, "value")}
+
+
+# Per-tensor ops that take no Python scalar, and the op that does the same with one.
+_SCALAR_TWIN = {"maximum": "clamp_min", "minimum": "clamp_max"}
+
+
+def _in_float64(func: Callable) -> Callable:
+    """``func`` with its 0-dim floating tensor arguments promoted to float64 (step 4)."""
+
+    def promoted(*args: Any, **kwargs: Any) -> Any:
+        up = lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+        return func(*tree_map(up, args), **tree_map(up, kwargs))
+
+    promoted.__name__ = getattr(func, "__name__", "op")
+    return promoted
+
+
+def _is_inplace(func: Callable) -> bool:
+    # Python-level torch functions carry no schema; in-place methods follow the trailing-underscore rule.
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+class ScalarTracker(TorchFunctionMode):
+    """Tracks tensors computed from guarded leaves and records :class:`Guard` s (see module docstring)."""
+
+    def __init__(self, leaves: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.exprs: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.guards: list[Guard] = []
+        for name, tensor in leaves.items():
+            self.exprs[tensor] = _Leaf(name)
+
+    def _expr_of(self, x: Any) -> Any:
+        """The expression for a tracked tensor, a constant for a Python value, None for data."""
+        if isinstance(x, torch.Tensor):
+            return self.exprs.get(x)
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        kind = _CONVERSIONS.get(func)
+        if kind is not None and isinstance(args[0], torch.Tensor) and args[0] in self.exprs:
+            with disable_proxy_modes_tracing():
+                value = _convert(args[0], kind)
+            self.guards.append(Guard(self.exprs[args[0]], kind, value))
+            return value
+        name = getattr(func, "__name__", "")
+        if name.startswith("_foreach_") and self._any_tracked((args, kwargs)):
+            return self._unroll_foreach(func, name, args, kwargs)
+        func, args, kwargs = self._scalars_to_tensors(func, args, kwargs)
+        if not _is_inplace(func) and self._all_tracked_scalars((args, kwargs)):
+            func = _in_float64(func)
+        elif _is_inplace(func) and args and isinstance(args[0], torch.Tensor):
+            args, kwargs = self._cast_scalars_to(args[0].dtype, args, kwargs)
+        out = func(*args, **kwargs)
+        self._track(func, args, kwargs, out)
+        return out
+
+    def _any_tracked(self, tree: Any) -> bool:
+        return any(isinstance(x, torch.Tensor) and x in self.exprs for x in tree_flatten(tree)[0])
+
+    def _all_tracked_scalars(self, tree: Any) -> bool:
+        tensors = [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+        return bool(tensors) and all(t in self.exprs and t.dim() == 0 and t.is_floating_point() for t in tensors)
+
+    def _cast_scalars_to(self, dtype: torch.dtype, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """In-place ops cast tracked scalars to the target's dtype, as ATen does with a Python scalar (step 4)."""
+
+        def cast(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x in self.exprs and x.dim() == 0 and x.is_floating_point() and x.dtype != dtype:
+                y = x.to(dtype)
+                self.exprs[y] = _Call(torch.Tensor.to, (self.exprs[x], dtype), {}, False)
+                return y
+            return x
+
+        return (args[0], *tree_map(cast, args[1:])), tree_map(cast, kwargs)
+
+    def _unroll_foreach(self, func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+        """``_foreach_op(lists..., scalar)`` -> ``[op(l0[i], l1[i], ..., scalar) for i]`` (step 3)."""
+        base = name[len("_foreach_") :]
+        inplace = base.endswith("_")
+        n = next(len(a) for a in args if isinstance(a, (list, tuple)))
+        pick = lambda a, i: a[i] if isinstance(a, (list, tuple)) else a  # noqa: E731
+        positional_kw = _POSITIONAL_SCALAR.get(base.rstrip("_"))
+        results = []
+        for i in range(n):
+            a_i = [pick(a, i) for a in args]
+            kw_i = {k: pick(v, i) for k, v in kwargs.items()}
+            if positional_kw and len(a_i) > positional_kw[0]:
+                kw_i[positional_kw[1]] = a_i.pop(positional_kw[0])
+            if base.rstrip("_") in _SCALAR_TWIN and not isinstance(a_i[1], torch.Tensor):
+                base = _SCALAR_TWIN[base.rstrip("_")] + ("_" if inplace else "")
+            if inplace and not hasattr(torch.Tensor, base):
+                out = self.__torch_function__(getattr(torch, base[:-1]), (), tuple(a_i), kw_i)
+                self.__torch_function__(torch.Tensor.copy_, (), (a_i[0], out), {})
+                continue
+            per_tensor = getattr(torch.Tensor, base) if inplace else getattr(torch, base)
+            results.append(self.__torch_function__(per_tensor, (), tuple(a_i), kw_i))
+        return None if inplace else results
+
+    def _scalars_to_tensors(self, func: Callable, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+        """Step 3 of the module docstring: ``alpha=``/``value=`` tensors become a multiplication."""
+        name = getattr(func, "__name__", "").lstrip("_").removeprefix("foreach_").rstrip("_")
+        for kw, names in _SCALED_KWARG.items():
+            scale = kwargs.get(kw)
+            if not isinstance(scale, torch.Tensor) or name not in names or len(args) < 2:
+                continue
+            del kwargs[kw]
+            other = args[1]
+            if isinstance(other, (list, tuple)):
+                scaled = [o * scale for o in other]
+            else:
+                scaled = other * scale
+            args = (args[0], scaled, *args[2:])
+        return func, args, kwargs
+
+    def _track(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        if any(t not in self.exprs for t in tensors):
+            return  # depends on data: not a guarded scalar
+        expr_args = tree_map(self._expr_of, args)
+        expr_kwargs = tree_map(self._expr_of, kwargs)
+        inplace = _is_inplace(func)
+        call = _Call(func, expr_args, expr_kwargs, inplace)
+        target = args[0] if inplace and args else out
+        if isinstance(target, torch.Tensor):
+            self.exprs[target] = call
+        elif isinstance(target, (list, tuple)):
+            for i, t in enumerate(target):
+                if isinstance(t, torch.Tensor):
+                    self.exprs[t] = _Item(call, i)

@@ -1,0 +1,120 @@
+"""A frozen description of the user's optimizer: its class, options per group, and its state by name.
+
+unrollc never steps the user's optimizer. It reads the class and the options of every parameter group,
+splits the options into *hyperparameters* (floats, which become tensor inputs of the step graph) and
+*static options* (bools, ints, strings, None, which select code paths and are part of the trace key),
+and rebuilds a private optimizer of the same class around traced tensors when it captures a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["OptimizerSpec", "UnsupportedOptimizerError", "is_hyper_value"]
+
+_REFUSED = {
+    "LBFGS": "re-evaluates the loss inside step() through a closure, which cannot be captured as one "
+    "step graph; use an optimizer without a closure, e.g. torch.optim.Adam",
+    "SparseAdam": "needs sparse gradients, and the step graph differentiates dense tensors only; "
+    "use torch.optim.Adam or torch.optim.AdamW",
+}
+
+
+# Optimizers whose non-capturable path reads a value that changes every step with .item() (ASGD's
+# ``mu.item() != 1``), which would pin a guard to one step; their capturable path is branch-free.
+_CAPTURABLE_ONLY = frozenset({"ASGD"})
+
+
+class UnsupportedOptimizerError(TypeError):
+    """The optimizer cannot be captured as one differentiable step graph."""
+
+
+def is_hyper_value(value: Any) -> bool:
+    """A group option that becomes a differentiable hyperparameter: a float, a 0-dim float tensor,
+    or a tuple of those (``betas``)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and value.is_floating_point()
+    if isinstance(value, tuple) and value:
+        return all(is_hyper_value(v) for v in value)
+    return False
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What unrollc needs of the user's optimizer.
+
+    Attributes:
+        cls: the optimizer class, e.g. ``torch.optim.Adam``.
+        group_params: per group, the names (as in ``model.named_parameters()``) of its parameters.
+        static: per group, the options that are not hyperparameters (``foreach``, ``nesterov``, ...).
+        hyper: per group, the hyperparameters as Python floats or tensors (``lr``, ``betas``, ...).
+    """
+
+    cls: type
+    group_params: tuple[tuple[str, ...], ...]
+    static: tuple[tuple[tuple[str, Any], ...], ...]
+    hyper: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_optimizer(cls, opt: torch.optim.Optimizer, param_names: Mapping[int, str]) -> "OptimizerSpec":
+        """Read ``opt`` (never modified). ``param_names`` maps ``id(parameter)`` to its name."""
+        kind = type(opt)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"unrollc.compile: expected a torch.optim.Optimizer as `opt`, got {kind.__name__}; "
+                "pass the optimizer built over model.parameters()."
+            )
+        for base in kind.__mro__:
+            if base.__name__ in _REFUSED and base.__module__.startswith("torch.optim"):
+                raise UnsupportedOptimizerError(
+                    f"unrollc.compile: torch.optim.{base.__name__} {_REFUSED[base.__name__]}."
+                )
+        group_params, static, hyper = [], [], []
+        for i, group in enumerate(opt.param_groups):
+            names = []
+            for p in group["params"]:
+                if id(p) not in param_names:
+                    raise ValueError(
+                        f"unrollc.compile: parameter group {i} of the optimizer holds a tensor of shape "
+                        f"{tuple(p.shape)} that is not a parameter of the model; build the optimizer over "
+                        "model.parameters() (or a subset of them)."
+                    )
+                names.append(param_names[id(p)])
+            opts = {k: v for k, v in group.items() if k != "params"}
+            if opts.get("fused"):
+                opts["fused"] = False  # fused kernels have no derivative; the foreach path computes the same
+            if "capturable" in opts and (opts.get("foreach") or kind.__name__ in _CAPTURABLE_ONLY):
+                # torch.optim's foreach paths accept tensor hyperparameters only when capturable. The
+                # single-tensor paths keep Python branches (RAdam's rectification), which guards handle
+                # exactly, where the capturable rewrite with torch.where yields NaN meta-gradients.
+                opts["capturable"] = True
+            group_params.append(tuple(names))
+            hyper.append({k: v for k, v in opts.items() if is_hyper_value(v)})
+            static.append(tuple(sorted((k, _freeze(v)) for k, v in opts.items() if not is_hyper_value(v))))
+        return cls(kind, tuple(group_params), tuple(static), tuple(hyper))
+
+    def build(self, params_per_group: list[list[torch.Tensor]], hyper: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """A fresh optimizer of the same class over ``params_per_group`` with the given hyperparameters."""
+        groups = []
+        for params, static, hyp in zip(params_per_group, self.static, hyper, strict=True):
+            groups.append({"params": params, **dict(static), **hyp})
+        first = groups[0]
+        rest = groups[1:]
+        opt = self.cls([first])
+        for g in rest:
+            opt.add_param_group(g)
+        return opt
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    return value

@@ -1,0 +1,67 @@
+"""functionalize: every in-place update becomes a functional one.
+
+Invariant established: no node calls an operator whose schema writes to an argument
+(``alias_info.is_write``), and no input is mutated; outputs carry the updated values.
+
+1. Re-trace the graph through ``torch.func.functionalize(remove="mutations")`` on fake tensors,
+   keeping each node's metadata (stack trace, module stack) on the nodes it turns into::
+
+       add_ = aten.add_.Tensor(p_fc_weight, mul)       # optimizer: param.add_(...)
+       return [p_fc_weight, ...]
+
+   becomes::
+
+       add = aten.add.Tensor(p_fc_weight, mul)
+       copy_ = aten.copy_.default(p_fc_weight, add)    # epilogue: write the result back into the input
+       return [add, ...]
+
+   Views stay views (``remove="mutations"``, not ``"mutations_and_views"``, which would turn every
+   view into a copy and make the graph slower than eager code).
+2. Drop the epilogue ``copy_`` into inputs: the step graph returns new values and never writes to its
+   inputs (which may be leaf tensors that require grad).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..errors import InternalError
+from .schema import mutated_args
+
+__all__ = ["functionalize"]
+
+
+def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite in-place ops into functional ones (see module docstring)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    examples = [n.meta.get("val") for n in placeholders]
+    if any(not isinstance(e, torch.Tensor) for e in examples):
+        raise InternalError("functionalize: every placeholder needs a tensor example in meta['val']")
+
+    def run(*args: torch.Tensor) -> object:
+        with fx_traceback.preserve_node_meta():
+            return fx.Interpreter(gm).run(*args)
+
+    new = make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake", record_stack_traces=True)(
+        *examples
+    )
+    # Step 2: drop the copy-back epilogue into inputs.
+    for node in list(new.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder":
+            if node.users:
+                raise InternalError("functionalize: an input copy-back has users")
+            new.graph.erase_node(node)
+    for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
+        node.name = old.name
+        node.target = old.target
+        node.meta.update({k: v for k, v in old.meta.items() if k in ("unrollc", "val")})
+    for node in new.graph.nodes:
+        if node.op == "call_function" and mutated_args(node.target):
+            raise InternalError(f"functionalize: {node.format_node()} still mutates an argument")
+    new.meta.update(gm.meta)
+    new.graph.lint()
+    new.recompile()
+    return new

@@ -1,0 +1,60 @@
+"""strip_detach: remove the ``detach`` nodes that cut second-order paths, keep the user's own.
+
+Invariant established: every remaining ``aten.detach`` node was written by the user (its innermost
+stack frame is in the user's code).
+
+Autograd's traced backward and ``torch.optim`` insert detaches that the eager, differentiable unroll
+does not have, e.g. SGD's first momentum buffer ``torch.clone(grad).detach()``::
+
+    clone = aten.clone(grad);  detach = aten.detach(clone);  ...  return [..., detach]
+
+Meta-gradients must flow through them, so each such node is replaced by its input::
+
+    clone = aten.clone(grad);  ...  return [..., clone]
+
+A ``.detach()`` in the user's ``forward`` or ``loss_fn`` is a deliberate stop-gradient and stays.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+from torch import fx
+
+from ..errors import user_frame
+
+__all__ = ["strip_detach", "written_by_user"]
+
+_DETACH = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+
+
+def written_by_user(node: fx.Node) -> bool:
+    """Whether the innermost frame of the node's stack trace is in the user's code."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return False
+    frames = _parse(trace)
+    return bool(frames) and user_frame(frames[-1:]) is not None
+
+
+def _parse(trace: str) -> list[traceback.FrameSummary]:
+    frames = []
+    for line in trace.splitlines():
+        line = line.strip()
+        if line.startswith('File "'):
+            filename, _, rest = line[len('File "') :].partition('"')
+            lineno = rest.split("line ")[-1].split(",")[0].strip()
+            frames.append(traceback.FrameSummary(filename, int(lineno) if lineno.isdigit() else 0, "", line=""))
+    return frames
+
+
+def strip_detach(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace autograd- and optimizer-inserted ``detach``/``alias`` nodes by their input."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _DETACH and not written_by_user(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,238 @@
+"""Run an n-step unroll under a checkpoint ``Plan``, differentiably, with one custom autograd Function.
+
+``checkpointed_unroll(step_fn, n, state0, consts, plan)`` returns the final state and the n step losses as
+if the steps had run in a plain autograd loop, but keeps only what the plan says:
+
+1. forward (no graph): interpret ``plan.forward_actions`` — ``Advance`` runs steps without a graph, ``Store``
+   keeps a state, and the final ``Tape`` runs the last step (revolve) or segment (every-k) with its graph,
+   which the backward sweep uses first. Losses are recorded once, in this sweep.
+2. backward: interpret ``plan.backward_actions`` — ``Restore``/``Advance`` recompute a state from a checkpoint,
+   ``Tape`` re-runs steps with grad enabled on detached inputs, ``Backprop`` calls ``torch.autograd.grad`` with
+   the state gradient at the tape's end plus the loss gradients of its steps, accumulates the gradients of
+   ``consts`` and carries the state gradient back to the tape's start.
+
+The step function must be a pure function of (i, state, consts): deterministic (no RNG drawn inside a step,
+since recomputed steps would draw different numbers) and without in-place updates of its inputs (stored
+states are reused). Double backward is not supported (``once_differentiable``); a second backward through
+the same unroll (``retain_graph=True``) replays the forward sweep first (``plan.evaluations`` more calls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from unrollc.errors import InternalError
+from unrollc.runtime.schedules import Advance, Backprop, Free, Plan, Restore, Return, Store, Tape
+
+__all__ = ["ExecutionStats", "StepFn", "checkpointed_unroll"]
+
+State = tuple[Tensor, ...]
+StepFn = Callable[[int, State, State], tuple[State, Tensor]]
+
+
+@dataclass
+class ExecutionStats:
+    """Counts observed by the executor (pass one to ``checkpointed_unroll(stats=...)`` to compare with the plan)."""
+    evaluations: int = 0
+    peak_states: int = 0
+    peak_taped_steps: int = 0
+
+
+def _differentiable(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
+    """A detached alias of ``t`` that is a graph leaf (requiring grad only for float tensors)."""
+    return t.detach().requires_grad_(requires_grad and _differentiable(t))
+
+
+@dataclass
+class _Tape:
+    """The live graph of steps ``start..stop-1``: leaf inputs, the state at ``stop``, one loss per step."""
+    start: int
+    stop: int
+    inputs: State
+    outputs: State
+    losses: list[Tensor]
+
+
+class _Runner:
+    """Interprets plan actions: the working state, the stored states, the tape, and (backward) the gradients."""
+
+    def __init__(self, step_fn: StepFn, n: int, consts: State, const_leaves: State, stats: ExecutionStats) -> None:
+        self.step_fn, self.consts, self.const_leaves, self.stats = step_fn, consts, const_leaves, stats
+        self.cur: State = ()
+        self.cur_index: int | None = 0
+        self.stored: dict[int, State] = {}
+        self.tape: _Tape | None = None
+        self.losses: list[Tensor | None] = [None] * n      # recorded once, by the forward sweep, detached
+        self.state_grad: list[Tensor | None] = []           # gradient of the state at the live tape's end
+        self.loss_grads: Tensor | None = None
+        self.const_grads: list[Tensor | None] = [None] * len(consts)
+
+    def call(self, i: int, state: State, consts: State) -> tuple[State, Tensor]:
+        """One evaluation of the step function, counted and checked."""
+        self.stats.evaluations += 1
+        result = self.step_fn(i, state, consts)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], tuple)
+                and all(isinstance(t, Tensor) for t in result[0])
+                and isinstance(result[1], Tensor) and result[1].numel() == 1):
+            raise TypeError(
+                "unrollc.checkpointed_unroll: step_fn(i, state, consts) must return (next_state, loss), "
+                f"next_state a tuple of tensors and loss a one-element tensor; step {i} returned {result!r:.200}."
+            )
+        next_state, loss = result
+        loss = loss.reshape(())
+        if self.losses[i] is None:
+            self.losses[i] = loss.detach()
+        return next_state, loss
+
+    def run(self, actions: Sequence[object]) -> None:
+        for action in actions:
+            if isinstance(action, Store):
+                self.stored[action.index] = self.cur
+                self.stats.peak_states = max(self.stats.peak_states, len(self.stored))
+            elif isinstance(action, Restore):
+                self.cur, self.cur_index = self.stored[action.index], action.index
+            elif isinstance(action, Free):
+                del self.stored[action.index]
+            elif isinstance(action, Advance):
+                self._check_at(action.start)
+                with torch.no_grad():
+                    for i in range(action.start, action.stop):
+                        self.cur, _ = self.call(i, self.cur, self.consts)
+                self.cur_index = action.stop
+            elif isinstance(action, Tape):
+                self._tape(action)
+            elif isinstance(action, Backprop):
+                self._backprop(action)
+            elif not isinstance(action, Return):
+                raise InternalError(f"unrollc.checkpointed_unroll: unknown plan action {action!r}")
+
+    def _check_at(self, index: int) -> None:
+        if self.cur_index != index:
+            raise InternalError(
+                f"unrollc.checkpointed_unroll: the plan runs step {index} but the working state is at "
+                f"{self.cur_index}"
+            )
+
+    def _tape(self, action: Tape) -> None:
+        """Run the steps with grad enabled on detached float inputs; keep the graph until ``Backprop``."""
+        self._check_at(action.start)
+        if self.tape is not None:
+            raise InternalError("unrollc.checkpointed_unroll: a plan tapes while another tape is alive")
+        with torch.enable_grad():
+            inputs = tuple(_leaf(t, True) for t in self.cur)
+            state, losses = inputs, []
+            for i in range(action.start, action.stop):
+                state, loss = self.call(i, state, self.const_leaves)
+                losses.append(loss)
+        self.tape = _Tape(action.start, action.stop, inputs, state, losses)
+        self.stats.peak_taped_steps = max(self.stats.peak_taped_steps, action.stop - action.start)
+        self.cur, self.cur_index = tuple(t.detach() for t in state), action.stop
+
+    def _backprop(self, action: Backprop) -> None:
+        """Pull the state gradient at ``tape.stop`` and the tape's loss gradients back to ``tape.start``."""
+        tape, self.tape, self.cur_index = self.tape, None, None
+        if tape is None or (tape.start, tape.stop) != (action.start, action.stop):
+            raise InternalError(f"unrollc.checkpointed_unroll: {action} does not match the live tape")
+        outputs, grads = [], []
+        for out, g in zip(tape.outputs, self.state_grad, strict=True):
+            if g is not None and out.requires_grad:
+                outputs.append(out)
+                grads.append(g)
+        if self.loss_grads is not None:
+            for i, loss in zip(range(tape.start, tape.stop), tape.losses, strict=True):
+                if loss.requires_grad:
+                    outputs.append(loss)
+                    grads.append(self.loss_grads[i])
+        wrt = [t for t in (*tape.inputs, *self.const_leaves) if t.requires_grad]
+        if not outputs or not wrt:
+            self.state_grad = [None] * len(tape.inputs)
+            return
+        found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
+        self.state_grad = [next(found) if t.requires_grad else None for t in tape.inputs]
+        for j, c in enumerate(self.const_leaves):
+            if c.requires_grad:
+                g = next(found)
+                if g is not None:
+                    self.const_grads[j] = g if self.const_grads[j] is None else self.const_grads[j] + g
+
+
+def _forward_sweep(step_fn: StepFn, plan: Plan, stats: ExecutionStats, state0: State, consts: State,
+                   const_needs: Sequence[bool]) -> tuple[_Runner, State]:
+    """Run the plan's forward actions; the runner keeps the stored states and the last tape for backward."""
+    const_leaves = tuple(_leaf(c, need) for c, need in zip(consts, const_needs, strict=True))
+    runner = _Runner(step_fn, plan.n, consts, const_leaves, stats)
+    runner.cur = state0
+    runner.run(plan.forward_actions)
+    if runner.cur_index != plan.n or any(loss is None for loss in runner.losses):
+        raise InternalError(f"unrollc.checkpointed_unroll: the forward sweep of {plan.resolved} missed steps")
+    final, runner.cur = runner.cur, ()
+    return runner, final
+
+
+class _CheckpointedUnroll(torch.autograd.Function):
+    """Inputs: state0 + consts. Outputs: the final state + the stacked step losses (shape ``(n,)``)."""
+
+    @staticmethod
+    def forward(ctx, step_fn: StepFn, plan: Plan, stats: ExecutionStats, n_state: int,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        const_needs = ctx.needs_input_grad[4 + n_state:]
+        runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs)
+        ctx.save_for_backward(*tensors)     # version counters: in-place changes to inputs are caught
+        ctx.runner, ctx.args = runner, (step_fn, plan, stats, n_state, const_needs)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in final if not _differentiable(t)))
+        return (*final, torch.stack(runner.losses))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        step_fn, plan, stats, n_state, const_needs = ctx.args
+        saved = ctx.saved_tensors
+        runner, ctx.runner = ctx.runner, None   # the backward sweep consumes the stored states and the tape
+        if runner is None:                      # a second backward (retain_graph=True): replay the forward sweep
+            runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs)
+        elif 0 in runner.stored:
+            runner.stored[0] = saved[:n_state]
+        runner.state_grad, runner.loss_grads = list(grads[:-1]), grads[-1]
+        runner.run(plan.backward_actions)
+        if len(runner.state_grad) != n_state:
+            raise InternalError("unrollc.checkpointed_unroll: the backward sweep did not end at state 0")
+        return (None, None, None, None, *runner.state_grad, *runner.const_grads)
+
+
+def checkpointed_unroll(step_fn: StepFn, n: int, state0: State, consts: State, plan: Plan, *,
+                        stats: ExecutionStats | None = None) -> tuple[State, list[Tensor]]:
+    """Run ``state_{i+1}, loss_i = step_fn(i, state_i, consts)`` for i in 0..n-1 under the checkpoint ``plan``.
+
+    Returns ``(state_n, [loss_0, ..., loss_{n-1}])``, differentiable with respect to every float tensor of
+    ``state0`` and ``consts`` that requires grad (gradients also flow through every intermediate state). The
+    state's length may change between steps (e.g. optimizer state created by step 0). Exactly
+    ``plan.evaluations`` calls of ``step_fn`` are made when a gradient is possible; when grad mode is off or
+    nothing requires grad, the n steps just run once. ``stats``, if given, receives the observed counts.
+    """
+    if not isinstance(state0, tuple) or not isinstance(consts, tuple) or not all(
+            isinstance(t, Tensor) for t in (*state0, *consts)):
+        raise TypeError("unrollc.checkpointed_unroll: state0 and consts must be tuples of tensors.")
+    if not isinstance(plan, Plan) or plan.n != n:
+        raise ValueError(
+            f"unrollc.checkpointed_unroll: the plan is for n={getattr(plan, 'n', None)} steps but n={n}; "
+            f"build it with policy.plan({n})."
+        )
+    stats = stats if stats is not None else ExecutionStats()
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*state0, *consts)):
+        runner = _Runner(step_fn, n, consts, consts, stats)
+        state = state0
+        for i in range(n):
+            state, _ = runner.call(i, state, consts)
+        return state, list(runner.losses)
+    *final, losses = _CheckpointedUnroll.apply(step_fn, plan, stats, len(state0), *state0, *consts)
+    return tuple(final), list(losses.unbind(0))

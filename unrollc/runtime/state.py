@@ -1,0 +1,65 @@
+"""UnrollState: everything that changes during training, as plain dicts of tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+__all__ = ["UnrollState", "hyper_to_groups", "groups_to_hyper"]
+
+
+@dataclass(frozen=True)
+class UnrollState:
+    """The state of an unrolled training run at step ``t``.
+
+    Attributes:
+        params: parameter name (as in ``model.named_parameters()``) -> tensor.
+        buffers: buffer name (as in ``model.named_buffers()``) -> tensor; BatchNorm running stats advance.
+        opt_state: parameter name -> the optimizer's state for it (``{"step": ..., "exp_avg": ...}``).
+        hyper: hyperparameters as tensors: ``{"lr": ..., "betas": (b1, b2), ...}`` for a single
+            parameter group; with several groups the keys carry the group index: ``"0.lr"``, ``"1.lr"``.
+        t: number of optimizer steps taken (a warm optimizer starts at its own count).
+        loss: the loss of the step that produced this state (None for the initial state).
+        losses: after ``unroll``, the loss of every step of that unroll, in order.
+    """
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt_state: dict[str, dict[str, torch.Tensor]]
+    hyper: dict[str, Any]
+    t: int = 0
+    loss: torch.Tensor | None = None
+    losses: list[torch.Tensor] = field(default_factory=list)
+
+    def replace(self, **changes: Any) -> "UnrollState":
+        """A copy with some fields changed (the state itself is immutable)."""
+        return replace(self, **changes)
+
+
+def groups_to_hyper(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-group hyperparameters -> the user-facing dict (bare keys for a single group)."""
+    if len(groups) == 1:
+        return dict(groups[0])
+    return {f"{i}.{k}": v for i, g in enumerate(groups) for k, v in g.items()}
+
+
+def hyper_to_groups(hyper: Mapping[str, Any], n_groups: int) -> list[dict[str, Any]]:
+    """The user-facing dict -> per-group dicts. Bare keys apply to every group, ``"i.key"`` to group i."""
+    groups: list[dict[str, Any]] = [{} for _ in range(n_groups)]
+    for key, value in hyper.items():
+        head, dot, rest = key.partition(".")
+        if dot and head.isdigit():
+            index = int(head)
+            if index >= n_groups:
+                raise KeyError(
+                    f"unrollc: hyperparameter {key!r} names parameter group {index}, but the optimizer has "
+                    f"{n_groups} group(s); use keys '0.{rest}' .. '{n_groups - 1}.{rest}' or a bare {rest!r}."
+                )
+            groups[index][rest] = value
+        else:
+            for g in groups:
+                g[key] = value
+    return groups

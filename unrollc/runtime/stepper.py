@@ -1,0 +1,298 @@
+"""Stepper: runs the compiled step graph, re-traces when a guard or an input's layout changes."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._pytree import tree_flatten
+
+from ..capture import Captured, Signature, capture_step
+from ..guards import Guard
+from ..optimizer_spec import OptimizerSpec
+from ..passes import run_pipeline
+from .state import UnrollState, groups_to_hyper, hyper_to_groups
+
+__all__ = ["Stepper", "CompiledStep"]
+
+_MAX_TRACES_PER_LAYOUT = 16
+
+
+@dataclass
+class CompiledStep:
+    """One traced and rewritten step graph, valid for one input layout while its guards hold."""
+
+    gm: fx.GraphModule
+    signature: Signature
+    guards: list[Guard]
+    graphs: dict[str, fx.GraphModule]
+    raw: Captured | None = None
+
+
+def _layout(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device)
+    return ("value", x)
+
+
+class Stepper:
+    """A differentiable training step for ``model``, ``opt`` and ``loss_fn``; build it with
+    :func:`unrollc.compile`.
+
+    The step graph is traced on the first :meth:`step` (it depends on the batch's shapes) and cached by
+    the layout of its inputs; a new shape, dtype or device, or a change of a value the optimizer branches
+    on (see :mod:`unrollc.guards`), traces again.
+    """
+
+    def __init__(
+        self, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], *, check: bool = False
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"unrollc.compile: expected an nn.Module as `model`, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"unrollc.compile: expected `loss_fn(model, batch, *meta) -> scalar tensor`, got {type(loss_fn).__name__}."
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.check = check
+        named = dict(model.named_parameters())
+        self._param_names = tuple(named)
+        self._buffer_names = tuple(n for n, _ in model.named_buffers())
+        ids = {id(p): n for n, p in named.items()}
+        self._spec = OptimizerSpec.from_optimizer(opt, ids)
+        in_opt = {n for names in self._spec.group_params for n in names}
+        self._trainable = frozenset(n for n in in_opt if named[n].requires_grad)
+        self._opt_state = {
+            ids[id(p)]: {k: _as_tensor(v) for k, v in st.items()} for p, st in opt.state.items() if id(p) in ids and st
+        }
+        self._t0 = max((int(st["step"]) for st in self._opt_state.values() if "step" in st), default=0)
+        self._cache: dict[Any, list[CompiledStep]] = {}
+        self._last: CompiledStep | None = None
+        self.trace_count = 0
+
+    # ----------------------------------------------------------------------------------------- state
+    def init(
+        self,
+        params: Mapping[str, torch.Tensor] | None = None,
+        hyper: Mapping[str, Any] | None = None,
+        buffers: Mapping[str, torch.Tensor] | None = None,
+    ) -> UnrollState:
+        """The state at time 0.
+
+        By default the parameters ARE the model's ``nn.Parameter`` s (so a meta-loss's ``backward()``
+        fills ``model.weight.grad``), the buffers and optimizer state are copies of the model's and the
+        optimizer's, and the hyperparameters are the optimizer's, as tensors.
+
+        Args:
+            params: overrides by name (tensors may require grad); unnamed parameters keep the model's.
+            hyper: overrides, e.g. ``{"lr": lr_tensor}`` (bare keys apply to every parameter group,
+                ``"1.lr"`` to group 1); floats are turned into tensors.
+            buffers: overrides by name.
+        """
+        named = dict(self.model.named_parameters())
+        p = dict(named)
+        for n, v in (params or {}).items():
+            if n not in named:
+                raise KeyError(f"Stepper.init: no parameter named {n!r}; the model has {sorted(named)}.")
+            p[n] = v
+        b = {n: t.detach().clone() for n, t in self.model.named_buffers()}
+        for n, v in (buffers or {}).items():
+            if n not in b:
+                raise KeyError(f"Stepper.init: no buffer named {n!r}; the model has {sorted(b)}.")
+            b[n] = v
+        groups = [
+            {k: _hyper_tensor(v) for k, v in g.items()} for g in self._spec.hyper
+        ]
+        for g, override in zip(groups, hyper_to_groups(hyper or {}, len(groups)), strict=True):
+            for k, v in override.items():
+                if k not in g:
+                    raise KeyError(
+                        f"Stepper.init: {self._spec.cls.__name__} has no float hyperparameter {k!r}; "
+                        f"it has {sorted(g)}."
+                    )
+                g[k] = _hyper_tensor(v)
+        state = {n: {k: v.detach().clone() for k, v in st.items()} for n, st in self._opt_state.items()}
+        return UnrollState(p, b, state, groups_to_hyper(groups), t=self._t0)
+
+    # ------------------------------------------------------------------------------------------ step
+    def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
+        """One differentiable training step: forward, gradient and the optimizer's update."""
+        groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
+        compiled = self._lookup(state, groups, batch, meta)
+        flat = self._flatten(compiled.signature, state, groups, batch, meta)
+        outs = compiled.gm(*flat)
+        return self._unflatten(compiled.signature, state, outs)
+
+    def unroll(self, state: UnrollState, batches: Iterable[Any], *meta: Any, checkpoint: Any = None) -> UnrollState:
+        """``len(batches)`` steps, one per batch; ``checkpoint`` trades memory for recomputation
+        (``None``: keep every step's graph; ``k``, ``"sqrt"``, ``"binomial"`` or a policy object)."""
+        from .unroll import run_unroll
+
+        return run_unroll(self, state, list(batches), meta, checkpoint)
+
+    def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
+        """Run the model with the state's weights and buffers (buffers are copied, never updated)."""
+        weights = {**state.params, **{n: b.clone() for n, b in state.buffers.items()}}
+        with _reparametrize_module(self.model, weights, tie_weights=True, strict=False):
+            return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The final step graph of the most recent step (traced on the first :meth:`step`)."""
+        if self._last is None:
+            raise RuntimeError(
+                "Stepper.graph: no step has been traced yet; the graph depends on the batch's shapes, so call "
+                "stepper.step(state, batch) once first."
+            )
+        return self._last.gm
+
+    @property
+    def graphs(self) -> dict[str, fx.GraphModule]:
+        """The graph after each pass of the most recent trace: ``"captured"``, ``"after lift_inputs"``, ..."""
+        self.graph  # noqa: B018 - raises the helpful error
+        assert self._last is not None
+        return self._last.graphs
+
+    @property
+    def guards(self) -> list[Guard]:
+        """The guards of the most recent step graph (values the optimizer branched on)."""
+        self.graph  # noqa: B018
+        assert self._last is not None
+        return self._last.guards
+
+    # -------------------------------------------------------------------------------------- internal
+    def _key(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> Any:
+        p = tuple(_layout(state.params[n]) for n in self._param_names)
+        b = tuple(_layout(state.buffers[n]) for n in self._buffer_names)
+        s = tuple((n, k, _layout(v)) for n in sorted(state.opt_state) for k, v in sorted(state.opt_state[n].items()))
+        h = tuple((k, _layout(v) if not isinstance(v, tuple) else tuple(map(_layout, v))) for g in groups for k, v in sorted(g.items()))
+        batch_leaves, batch_spec = tree_flatten(batch)
+        meta_leaves, meta_spec = tree_flatten(tuple(meta))
+        modes = tuple(m.training for m in self.model.modules())
+        return (p, b, s, h, batch_spec, tuple(map(_layout, batch_leaves)), meta_spec, tuple(map(_layout, meta_leaves)), modes)
+
+    def _guard_env(self, signature: Signature, state: UnrollState, groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        env = {}
+        from ..capture import hyper_leaves
+
+        for name, value in hyper_leaves(groups, len(groups) == 1):
+            env[f"hyper:{name}"] = value
+        for n, k in signature.state_in:
+            v = state.opt_state[n][k]
+            if v.dim() == 0:
+                env[f"state:{n}.{k}"] = v
+        return env
+
+    def _lookup(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
+        key = self._key(state, groups, batch, meta)
+        entries = self._cache.setdefault(key, [])
+        for entry in entries:
+            if not entry.guards or all(g.holds(self._guard_env(entry.signature, state, groups)) for g in entry.guards):
+                self._last = entry
+                return entry
+        if len(entries) >= _MAX_TRACES_PER_LAYOUT:
+            raise RuntimeError(
+                f"Stepper.step: traced {len(entries)} graphs for the same input layout because values the "
+                f"optimizer branches on keep changing (guards: {[str(g) for g in entries[-1].guards]}); "
+                "this optimizer branches on a value that changes every step and cannot be compiled."
+            )
+        if len(entries) >= 4:
+            warnings.warn(
+                f"Stepper.step: re-tracing for the {len(entries) + 1}th time with the same input layout; guards that "
+                f"failed: {[str(g) for g in entries[-1].guards]}",
+                stacklevel=3,
+            )
+        entry = self._trace(state, groups, batch, meta)
+        entries.append(entry)
+        self._last = entry
+        return entry
+
+    def _trace(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
+        trainable = self._used(state, batch, meta)
+        captured = capture_step(
+            self.model, self._spec, self.loss_fn, state.params, state.buffers, state.opt_state, groups, batch, meta, trainable
+        )
+        gm = captured.gm
+        gm.meta["unrollc"] = {
+            "signature": captured.signature,
+            "constants": captured.constants,
+            "example_inputs": captured.example_inputs,
+        }
+        gm, graphs = run_pipeline(gm, keep=True, check=self.check)
+        gm.meta["unrollc"].pop("constants", None)
+        gm.meta["unrollc"].pop("example_inputs", None)
+        self.trace_count += 1
+        return CompiledStep(gm, captured.signature, captured.guards, graphs)
+
+    def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
+        """Trainable parameters the loss depends on (others get no gradient, as in eager torch.optim)."""
+        names = [n for n in self._param_names if n in self._trainable]
+        if not names:
+            return frozenset()
+        with torch.enable_grad():
+            ps = {n: t.detach().clone().requires_grad_(n in self._trainable) for n, t in state.params.items()}
+            bs = {n: t.detach().clone() for n, t in state.buffers.items()}
+            b = _detached(batch)
+            m = _detached(meta)
+            with _reparametrize_module(self.model, {**ps, **bs}, tie_weights=True, strict=False):
+                loss = self.loss_fn(self.model, b, *m)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(
+                    "unrollc: loss_fn(model, batch, *meta) must return a scalar tensor, got "
+                    f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; "
+                    "reduce it, e.g. with .mean()."
+                )
+            if not loss.requires_grad:
+                return frozenset()
+            grads = torch.autograd.grad(loss, [ps[n] for n in names], allow_unused=True)
+        return frozenset(n for n, g in zip(names, grads, strict=True) if g is not None)
+
+    def _flatten(
+        self, sig: Signature, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple
+    ) -> list[torch.Tensor]:
+        from ..capture import hyper_leaves
+
+        flat = [state.params[n] for n in sig.params]
+        flat += [state.buffers[n] for n in sig.buffers]
+        flat += [state.opt_state[n][k] for n, k in sig.state_in]
+        flat += [v for _, v in hyper_leaves(groups, len(groups) == 1)]
+        flat += [x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor)]
+        flat += [x for x in tree_flatten(tuple(meta))[0] if isinstance(x, torch.Tensor)]
+        return flat
+
+    def _unflatten(self, sig: Signature, state: UnrollState, outs: list[torch.Tensor]) -> UnrollState:
+        n_p, n_b = len(sig.params), len(sig.buffers)
+        params = dict(zip(sig.params, outs[:n_p], strict=True))
+        buffers = dict(zip(sig.buffers, outs[n_p : n_p + n_b], strict=True))
+        opt_state: dict[str, dict[str, torch.Tensor]] = {}
+        for (n, k), v in zip(sig.state_out, outs[n_p + n_b : -1], strict=True):
+            opt_state.setdefault(n, {})[k] = v
+        return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
+
+
+def _as_tensor(v: Any) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _hyper_tensor(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return tuple(_hyper_tensor(x) for x in v)
+    if isinstance(v, torch.Tensor):
+        return v
+    return torch.tensor(float(v), dtype=torch.float64)
+
+
+def _detached(tree: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
