@@ -29,7 +29,7 @@ class CaptureError(RuntimeError):
     def from_trace_failure(cls, exc: BaseException) -> "CaptureError":
         """Turn a tracing exception into a message about the user's code."""
         frames = traceback.extract_tb(exc.__traceback__)
-        where = user_frame(frames)
+        where = user_frame(frames) or _optimizer_frame(frames)
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         location = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where else ""
         data_dependent = "_local_scalar_dense" in str(exc) or "data-dependent" in str(exc)
@@ -42,6 +42,13 @@ class CaptureError(RuntimeError):
         else:
             hint = f"{type(exc).__name__}: {text}"
         return cls(f"unrollc.compile: could not capture the training step{location}: {hint}.")
+
+
+def _optimizer_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    for frame in reversed(frames):
+        if f"{os.sep}optim{os.sep}" in frame.filename:
+            return frame
+    return None
 
 
 class InternalError(AssertionError):

@@ -19,6 +19,9 @@ __all__ = ["OptimizerSpec", "UnsupportedOptimizerError", "is_hyper_value"]
 _REFUSED = {
     "LBFGS": "re-evaluates the loss inside step() through a closure, which cannot be captured as one "
     "step graph; use an optimizer without a closure, e.g. torch.optim.Adam",
+    "Adafactor": "reads parameter and update norms with .item() and branches on them in Python "
+    "(max(eps2, param.norm().item() / ...)), a data-dependent branch that one step graph cannot hold; "
+    "use torch.optim.Adam or AdamW, or file an issue if you need Adafactor",
     "SparseAdam": "needs sparse gradients, and the step graph differentiates dense tensors only; "
     "use torch.optim.Adam or torch.optim.AdamW",
 }

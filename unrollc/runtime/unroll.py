@@ -1,25 +1,104 @@
-"""Running n steps: a plain autograd loop, or a checkpointed one (see schedules.py)."""
+"""Running n steps: a plain autograd loop, or a checkpointed one under a schedule (schedules.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .checkpointed import checkpointed_unroll
+from .schedules import NoCheckpoint, Plan, resolve_checkpoint
 from .state import UnrollState
 
 if TYPE_CHECKING:
     from .stepper import Stepper
 
-__all__ = ["run_unroll"]
+__all__ = ["run_unroll", "plan_unroll", "state_bytes"]
+
+
+def state_bytes(state: UnrollState) -> int:
+    """Bytes of one carried state: parameters, buffers and optimizer state."""
+    tensors = list(state.params.values()) + list(state.buffers.values())
+    tensors += [v for st in state.opt_state.values() for v in st.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> Plan:
+    """The plan ``stepper.unroll`` would execute (a Budget needs the step's saved bytes: one step is traced)."""
+    policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+    kwargs: dict[str, int] = {}
+    if type(policy).__name__ == "Budget":
+        from ..analysis.memory import saved_bytes_per_step
+
+        kwargs = {"state_bytes": state_bytes(state), "step_bytes": saved_bytes_per_step(stepper, state, batches[0], *meta)}
+    return policy.plan(len(batches), **kwargs)
 
 
 def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> UnrollState:
-    """Apply ``stepper.step`` once per batch; with a checkpoint policy, keep only some states."""
-    losses: list[torch.Tensor] = []
-    if checkpoint is None:
+    """Apply ``stepper.step`` once per batch; with a checkpoint policy, keep only the states it plans."""
+    n = len(batches)
+    policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+    if n == 0 or isinstance(policy, NoCheckpoint):
+        losses = []
         for batch in batches:
             state = stepper.step(state, batch, *meta)
             losses.append(state.loss)
         return state.replace(losses=losses)
-    raise NotImplementedError("checkpointing arrives with the schedules module")
+    plan = plan_unroll(stepper, state, batches, meta, policy)
+
+    # The executor sees flat tuples: state = params + buffers + optimizer state (whose keys appear after
+    # the first step of a fresh optimizer), consts = hyperparameters + every batch's tensors + meta tensors.
+    param_names, buffer_names = tuple(state.params), tuple(state.buffers)
+    layouts: dict[int, tuple[tuple[str, str], ...]] = {0: _state_keys(state)}
+    hyper_leaves, hyper_spec = tree_flatten(state.hyper)
+    batch_trees = [tree_flatten(b) for b in batches]
+    meta_leaves, meta_spec = tree_flatten(tuple(meta))
+    consts: list[torch.Tensor] = list(hyper_leaves)
+    batch_slices = []
+    for leaves, _ in batch_trees:
+        start = len(consts)
+        consts += [x for x in leaves if isinstance(x, torch.Tensor)]
+        batch_slices.append((start, len(consts)))
+    meta_start = len(consts)
+    consts += [x for x in meta_leaves if isinstance(x, torch.Tensor)]
+
+    def pack(s: UnrollState) -> tuple[torch.Tensor, ...]:
+        flat = [s.params[k] for k in param_names] + [s.buffers[k] for k in buffer_names]
+        return tuple(flat + [s.opt_state[p][k] for p, k in _state_keys(s)])
+
+    def unpack(i: int, flat: tuple[torch.Tensor, ...], hyper: dict[str, Any], t: int) -> UnrollState:
+        n_p, n_b = len(param_names), len(buffer_names)
+        opt_state: dict[str, dict[str, torch.Tensor]] = {}
+        for (p, k), v in zip(layouts[i], flat[n_p + n_b :], strict=True):
+            opt_state.setdefault(p, {})[k] = v
+        return UnrollState(
+            dict(zip(param_names, flat[:n_p], strict=True)),
+            dict(zip(buffer_names, flat[n_p : n_p + n_b], strict=True)),
+            opt_state,
+            hyper,
+            t=t,
+        )
+
+    def step_fn(i: int, flat: tuple[torch.Tensor, ...], c: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        hyper = tree_unflatten(list(c[: len(hyper_leaves)]), hyper_spec)
+        leaves, spec = batch_trees[i]
+        start, stop = batch_slices[i]
+        batch = tree_unflatten(_fill(leaves, c[start:stop]), spec)
+        m = tree_unflatten(_fill(meta_leaves, c[meta_start:]), meta_spec)
+        new = stepper.step(unpack(i, flat, hyper, state.t + i), batch, *m)
+        layouts[i + 1] = _state_keys(new)
+        return pack(new), new.loss
+
+    final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
+    out = unpack(n, final, state.hyper, state.t + n)
+    return out.replace(loss=losses[-1], losses=list(losses))
+
+
+def _state_keys(state: UnrollState) -> tuple[tuple[str, str], ...]:
+    return tuple((p, k) for p in state.opt_state for k in sorted(state.opt_state[p]))
+
+
+def _fill(template: list[Any], tensors: Any) -> list[Any]:
+    it = iter(tensors)
+    return [next(it) if isinstance(x, torch.Tensor) else x for x in template]

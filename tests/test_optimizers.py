@@ -1,0 +1,146 @@
+"""Oracle (a): parameter AND optimizer-state trajectories equal eager torch.optim over 30 steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unrollc
+from oracles import eager_trajectory
+
+O = torch.optim
+
+OPTIMIZERS = [
+    (O.SGD, dict(lr=0.1)),
+    (O.SGD, dict(lr=0.1, momentum=0.9)),
+    (O.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (O.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=True)),
+    (O.Adam, dict(lr=0.01)),
+    (O.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    (O.AdamW, dict(lr=0.01)),
+    (O.AdamW, dict(lr=0.01, amsgrad=True)),
+    (O.Adadelta, dict(lr=0.5)),
+    (O.Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+    (O.Adamax, dict(lr=0.01, weight_decay=0.01)),
+    (O.ASGD, dict(lr=0.01, t0=5)),
+    (O.NAdam, dict(lr=0.01)),
+    (O.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1)),
+    (O.RAdam, dict(lr=0.01)),
+    (O.RAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1)),
+    (O.RMSprop, dict(lr=0.01)),
+    (O.RMSprop, dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.01)),
+    (O.Rprop, dict(lr=0.01)),
+]
+IDS = [f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw in OPTIMIZERS]
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30)).item()
+
+
+def assert_same_trajectory(model, opt, loss_fn, batches, tol):
+    ref = eager_trajectory(model, opt, loss_fn, batches)
+    stepper = unrollc.compile(model, opt, loss_fn)
+    state = stepper.init()
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            state = stepper.step(state, batch)
+            params, buffers, opt_state = ref[i]
+            for n in params:
+                assert max_rel(state.params[n], params[n]) < tol, (i, n)
+            for n in buffers:
+                assert max_rel(state.buffers[n], buffers[n]) < tol, (i, n)
+            assert set(state.opt_state) == set(opt_state)
+            for n, st in opt_state.items():
+                assert set(state.opt_state[n]) == set(st), (i, n)
+                for k in st:
+                    assert max_rel(state.opt_state[n][k], st[k]) < tol, (i, n, k)
+    return stepper, state
+
+
+# Known gap: unrollc rewrites `add_(b, alpha=lr)` into `add_(b * lr)` so that lr stays differentiable;
+# ATen's CPU kernel fuses `a + alpha * b` (one rounding), the rewrite rounds twice. The 1-ulp difference
+# stays ~5e-7 for every optimizer except centered RMSprop with momentum, whose sqrt(E[g^2] - E[g]^2)
+# cancels and amplifies it to ~3e-5 after 10 steps in float32 (float64 agrees to 1e-14).
+_ILL_CONDITIONED = {"RMSprop-lr=0.01-centered=True-momentum=0.9-weight_decay=0.01"}
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_trajectory_float32(cls, kwargs, foreach, request):
+    if IDS[OPTIMIZERS.index((cls, kwargs))] in _ILL_CONDITIONED:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="fused alpha rounding, amplified (see above)"))
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = cls(model.parameters(), foreach=foreach, **kwargs)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(30)]
+    assert_same_trajectory(model, opt, mse, batches, tol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_trajectory_float64(cls, kwargs, float64):
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = cls(model.parameters(), **kwargs)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(30)]
+    assert_same_trajectory(model, opt, mse, batches, tol=1e-10)
+
+
+def test_two_param_groups_with_different_hyperparameters():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = O.SGD(
+        [{"params": model[0].parameters(), "lr": 0.05, "momentum": 0.5}, {"params": model[2].parameters()}],
+        lr=0.1,
+        momentum=0.9,
+    )
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(30)]
+    stepper, state = assert_same_trajectory(model, opt, mse, batches, tol=1e-5)
+    assert set(state.hyper) >= {"0.lr", "1.lr", "0.momentum", "1.momentum"}
+    assert state.hyper["0.lr"].item() == pytest.approx(0.05)
+
+
+def test_frozen_and_unused_parameters():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Net()
+    model.a.bias.requires_grad_(False)
+    opt = O.Adam(model.parameters(), lr=0.01, weight_decay=0.1)  # weight decay would move unused params
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(10)]
+    stepper, state = assert_same_trajectory(model, opt, mse, batches, tol=1e-5)
+    assert torch.equal(state.params["unused.weight"], model.unused.weight)
+    assert torch.equal(state.params["a.bias"], model.a.bias)
+    assert "unused.weight" not in state.opt_state
+
+
+def test_warm_optimizer_continues_from_its_state():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = O.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model, (torch.randn(8, 3), torch.randn(8, 2))).backward()
+        opt.step()
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(10)]
+    stepper, state = assert_same_trajectory(model, opt, mse, batches, tol=1e-5)
+    assert state.t == 13
+    assert state.opt_state["0.weight"]["step"].item() == 13
+
+
+@pytest.mark.parametrize("cls", [O.LBFGS, O.SparseAdam, O.Adafactor])
+def test_refused_optimizers_name_themselves_and_say_why(cls):
+    model = nn.Linear(3, 2)
+    opt = cls(model.parameters())
+    with pytest.raises(unrollc.UnsupportedOptimizerError, match=cls.__name__) as info:
+        unrollc.compile(model, opt, mse)
+    assert "use" in str(info.value)

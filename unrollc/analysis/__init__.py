@@ -1,0 +1,1 @@
+"""Analyses of step graphs: memory (bytes carried and saved for backward) and cost models."""

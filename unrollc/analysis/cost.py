@@ -1,0 +1,195 @@
+"""The cost model of a memory-bounded unroll: bytes and step evaluations of a checkpoint schedule, predicted.
+
+Three numbers describe a step, all from the step graph without running it (``unrollc.analysis.liveness``):
+
+* ``state_bytes``: one carried state — the ``params', buffers', opt_state'`` the step returns (the state after a
+  step, so a fresh optimizer's lazily created state is counted);
+* ``taped_step_bytes``: what autograd saves for one *taped* step, i.e. with every floating-point param, buffer
+  and optimizer-state input requiring grad (as in the checkpointed executor's tape, and in a plain autograd
+  unroll after its first step), plus the hyperparameters / batch / meta tensors that require grad;
+* ``step_saved_bytes``: the same with only the params (and inputs that require grad) as sources — what
+  ``unrollc.analysis.memory.saved_bytes_per_step`` measures for a state;
+
+and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
+``peak_bytes = peak_states * state_bytes + peak_taped_steps * taped_step_bytes`` and
+``flops = evaluations * flops_per_step`` (forward evaluations; the backward of the n taped steps is the same for
+every schedule and not included). ``CostModel.expressions(policy)`` gives the same as sympy expressions in ``n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import sympy
+import torch
+from torch import fx
+
+from ..errors import InternalError
+from ..runtime.schedules import N, Binomial, Budget, Policy, resolve_checkpoint
+from .liveness import StepAnalysis, analyze_step
+
+if TYPE_CHECKING:
+    from ..runtime.state import UnrollState
+    from ..runtime.stepper import Stepper
+
+__all__ = ["CostExprs", "CostModel", "Prediction"]
+
+_STATE_ROLES = ("param", "buffer", "opt_state")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What an n-step unroll under ``policy`` costs (``resolved``: the concrete schedule the plan implements)."""
+    policy: Policy
+    resolved: Policy
+    n: int
+    evaluations: int
+    peak_states: int
+    peak_taped_steps: int
+    peak_bytes: int
+    time_steps: int
+    flops: int
+
+
+class CostExprs(NamedTuple):
+    """A schedule's costs as sympy expressions in ``n`` (Binomial's also use the symbol ``r``, see
+    ``CostModel.evaluate``)."""
+    evaluations: sympy.Expr
+    peak_states: sympy.Expr
+    peak_taped_steps: sympy.Expr
+    peak_bytes: sympy.Expr
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Bytes and FLOPs of one step, and what they imply for a checkpointed unroll (see the module docstring)."""
+    state_bytes: int
+    step_saved_bytes: int
+    taped_step_bytes: int
+    flops_per_step: int
+    analysis: StepAnalysis
+
+    # ------------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_graph(cls, gm: fx.GraphModule, *, requires_grad: frozenset[str] = frozenset()) -> "CostModel":
+        """From a step graph alone; ``requires_grad`` names extra placeholders that require grad (e.g. ``h_lr``)."""
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        params = {n.name for n in placeholders if _role(n) == "param"} | set(requires_grad)
+        taped = {n.name for n in placeholders if _role(n) in _STATE_ROLES} | set(requires_grad)
+        analysis = analyze_step(gm, requires_grad=params)
+        taped_analysis = analyze_step(gm, requires_grad=taped)
+        return cls(
+            state_bytes=sum(analysis.output_bytes[:-1]),
+            step_saved_bytes=analysis.saved_bytes,
+            taped_step_bytes=taped_analysis.saved_bytes,
+            flops_per_step=analysis.flops,
+            analysis=taped_analysis,
+        )
+
+    @classmethod
+    def from_stepper(cls, stepper: "Stepper", state: "UnrollState", batch: Any, *meta: Any) -> "CostModel":
+        """The cost model of ``stepper``'s step for this state's and batch's layout.
+
+        Runs one step without grad to make sure the graph for this layout is traced and current (the
+        predictions themselves run nothing); inputs of ``state``/``batch``/``meta`` that require grad (e.g. a
+        learned ``lr``) are sources of requires_grad, as they would be in the unroll.
+        """
+        with torch.no_grad():
+            stepper.step(state, batch, *meta)
+        gm = stepper.graph
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        flat = _flat_inputs(stepper, state, batch, meta)
+        if len(flat) != len(placeholders):
+            raise InternalError(
+                f"unrollc.analysis.cost: the step graph has {len(placeholders)} inputs but the state, batch and meta "
+                f"give {len(flat)}; this is an unrollc bug, please report it with the model and optimizer."
+            )
+        grad = frozenset(
+            p.name for p, t in zip(placeholders, flat, strict=True)
+            if t.requires_grad
+        )
+        return cls.from_graph(gm, requires_grad=grad)
+
+    # ----------------------------------------------------------------------------------------- predict
+    def plan(self, policy: Any, n: int):
+        """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps."""
+        policy = resolve_checkpoint(policy, api="unrollc.CostModel.predict")
+        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes)
+
+    def predict(self, policy: Any, n: int) -> Prediction:
+        """Evaluations, stored states, taped steps, peak bytes and FLOPs of an n-step unroll under ``policy``."""
+        plan = self.plan(policy, n)
+        return Prediction(
+            policy=plan.policy, resolved=plan.resolved, n=n, evaluations=plan.evaluations,
+            peak_states=plan.peak_states, peak_taped_steps=plan.peak_taped_steps,
+            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes),
+            time_steps=plan.evaluations, flops=plan.evaluations * self.flops_per_step,
+        )
+
+    def expressions(self, policy: Any) -> CostExprs:
+        """The policy's costs in ``n``, peak memory in bytes; ``Binomial`` needs ``slots``, ``Budget`` has none."""
+        policy = resolve_checkpoint(policy, api="unrollc.CostModel.expressions")
+        if isinstance(policy, Budget):
+            raise ValueError(
+                "unrollc.CostModel.expressions: Budget(...) picks a schedule per n and has no closed form; ask "
+                "for the expressions of the schedule it picks: CostModel.plan(Budget(b), n).resolved."
+            )
+        c = policy.cost_expr()
+        peak = c.peak_states * self.state_bytes + c.peak_taped_steps * self.taped_step_bytes
+        return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
+
+    def evaluate(self, policy: Any, expr: sympy.Expr, n: int) -> int:
+        """``expr`` (one of ``expressions(policy)``) at ``n``; for Binomial(slots=s), r = min{r : C(s+r, s) >= n}."""
+        policy = resolve_checkpoint(policy, api="unrollc.CostModel.evaluate")
+        subs = {N: n}
+        if isinstance(policy, Binomial) and policy.slots is not None:
+            r = 0
+            while sympy.binomial(policy.slots + r, policy.slots) < n:
+                r += 1
+            subs[sympy.Symbol("r", integer=True, nonnegative=True)] = r
+        return int(expr.subs(subs))
+
+    # -------------------------------------------------------------------------------------------- report
+    def __str__(self) -> str:
+        a = self.analysis
+        lines = [
+            "unrollc cost model of one step",
+            f"  carried state        {_fmt(self.state_bytes)}  (params + buffers + optimizer state)",
+            f"  saved for backward   {_fmt(self.taped_step_bytes)} per taped step "
+            f"({_fmt(self.step_saved_bytes)} with only the params requiring grad)",
+            f"  peak live            {_fmt(a.peak_live_bytes)} without grad, {_fmt(a.peak_live_bytes_taped)} taped",
+            f"  FLOPs                {self.flops_per_step:,} per step evaluation",
+            "  largest saved: " + ", ".join(f"{s.owner} {_fmt(s.nbytes)}" for s in a.top_saved(3)),
+        ]
+        if a.fallback_ops:
+            lines.append(f"  no meta kernel (assumed to save all inputs): {', '.join(a.fallback_ops)}")
+        lines.append("  schedules (n steps; bytes = states * state + taped * step):")
+        for policy in (None, "sqrt"):
+            e = self.expressions(policy)
+            lines.append(f"    {resolve_checkpoint(policy)!r}: evaluations {e.evaluations}, peak bytes {e.peak_bytes}")
+        return "\n".join(lines)
+
+
+def _role(node: fx.Node) -> str | None:
+    info = node.meta.get("unrollc")
+    return getattr(info, "role", None)
+
+
+def _flat_inputs(stepper: "Stepper", state: "UnrollState", batch: Any, meta: tuple) -> list[torch.Tensor]:
+    """The step graph's inputs, in placeholder order (relies on the Stepper's flattening of its last trace)."""
+    from ..runtime.state import hyper_to_groups
+
+    compiled = stepper._last  # noqa: SLF001 - see the report: a public Stepper.flat_inputs would remove this
+    if compiled is None:
+        raise InternalError("unrollc.analysis.cost: the stepper has no traced step; this is an unrollc bug.")
+    groups = hyper_to_groups(state.hyper, len(stepper._spec.hyper))  # noqa: SLF001
+    return stepper._flatten(compiled.signature, state, groups, batch, meta)  # noqa: SLF001
+
+
+def _fmt(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)

@@ -1,0 +1,204 @@
+"""Running configurations, each in a fresh subprocess, and what one run measures.
+
+A :class:`Config` is one (workload, optimizer, n, method, schedule, device). :func:`run_configs` starts
+``python -m unrollc.bench._worker`` for each, with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that
+freed tensors leave the resident set (see :mod:`unrollc.bench.memory`), and collects a :class:`Result`.
+
+In the worker (:func:`measure_config`): build the task and the method, run once as a warm-up (this traces
+unrollc's step graph; its time is ``warmup_s``), then ``repeats`` timed runs of unroll + meta-backward, each with
+its own peak-memory measurement (medians reported), then, unless disabled, one untimed run counting the bytes
+saved for backward. The meta-loss and the meta-gradient's norms come from the last timed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Config", "Result", "measure_config", "run_config", "run_configs", "MALLOC_ENV"]
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration."""
+
+    workload: str
+    optimizer: str
+    n: int
+    method: str
+    schedule: str = "-"
+    device: str = "cpu"
+    repeats: int = 3
+    slots: int = 8
+    k: int = 10
+    saved_bytes: bool = True
+
+    @property
+    def label(self) -> str:
+        """``"unrollc/sqrt"``, ``"higher"``, ..."""
+        return self.method if self.schedule == "-" else f"{self.method}/{self.schedule}"
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"{self.workload}/{self.optimizer} n={self.n} {self.label}"
+
+
+@dataclass
+class Result:
+    """What one configuration measured. ``status`` is ``"ok"``, ``"not installed"`` or an error message."""
+
+    config: Config
+    status: str = "ok"
+    time_s: float | None = None
+    times_s: list[float] = field(default_factory=list)
+    warmup_s: float | None = None
+    peak_bytes: int | None = None
+    peaks_bytes: list[int] = field(default_factory=list)
+    memory_how: str = ""
+    saved_peak_bytes: int | None = None
+    saved_total_bytes: int | None = None
+    meta_loss: float | None = None
+    grad_norm: float | None = None
+    lr_grad: float | None = None
+    evaluations: int | None = None
+    threads: int | None = None
+    torch_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat dict (config fields first) for JSON/CSV."""
+        d = dataclasses.asdict(self)
+        cfg = d.pop("config")
+        return {**cfg, "label": self.config.label, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Result":
+        """Inverse of :meth:`to_dict`."""
+        names = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in d.items() if k in names})
+        rest = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "config" and f.name in d}
+        return cls(cfg, **rest)
+
+
+# ------------------------------------------------------------------------------------------- in the worker
+def measure_config(cfg: Config) -> Result:
+    """Measure ``cfg`` in this process (the worker's job; call it in a fresh process for honest memory)."""
+    import torch
+
+    from .memory import SavedBytes, measure
+    from .methods import MethodSpec, build, higher_available
+    from .workloads import make_task
+
+    res = Result(cfg, threads=torch.get_num_threads(), torch_version=torch.__version__)
+    if cfg.method == "higher" and (why := higher_available()) is not None:
+        res.status = why
+        return res
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        res.status = "cuda not available"
+        return res
+    task = make_task(cfg.workload, cfg.optimizer, cfg.n, cfg.device)
+    run = build(task, MethodSpec(cfg.method, cfg.schedule), slots=cfg.slots, k=cfg.k)
+    if cfg.method == "unrollc":
+        from .methods import schedule_policy
+
+        res.evaluations = schedule_policy(cfg.schedule, slots=cfg.slots, k=cfg.k).plan(cfg.n).evaluations  # type: ignore[attr-defined]
+    _, res.warmup_s, _ = measure(run, cfg.device)
+    out = None
+    for _ in range(cfg.repeats):
+        out = None
+        gc.collect()
+        out, seconds, mem = measure(run, cfg.device)
+        res.times_s.append(seconds)
+        res.peaks_bytes.append(int(mem.peak or 0))
+        res.memory_how = mem.how
+    assert out is not None
+    meta_loss, grads = out
+    res.time_s = statistics.median(res.times_s)
+    res.peak_bytes = int(statistics.median(res.peaks_bytes))
+    res.meta_loss = float(meta_loss)
+    res.lr_grad = float(grads[0])
+    res.grad_norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads[1:]])))
+    del out, grads
+    if cfg.saved_bytes:
+        gc.collect()
+        counter = SavedBytes()
+        with counter.counting():
+            run()
+        res.saved_peak_bytes, res.saved_total_bytes = counter.peak, counter.total
+    return res
+
+
+def worker_main(argv: list[str]) -> int:
+    """``python -m unrollc.bench._worker CONFIG_JSON OUT_PATH``: measure one config, write its result."""
+    cfg_json, out_path = argv
+    cfg = Config(**json.loads(cfg_json))
+    try:
+        res = measure_config(cfg)
+    except Exception as e:  # noqa: BLE001 - reported in the table, the other configs still run
+        res = Result(cfg, status=f"error: {type(e).__name__}: {e}")
+    with open(out_path, "w") as f:
+        json.dump(res.to_dict(), f)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- in the parent
+def run_config(cfg: Config, *, timeout: float | None = None) -> Result:
+    """Measure ``cfg`` in a fresh ``python -m unrollc.bench._worker`` process."""
+    env = {**os.environ, **MALLOC_ENV}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="unrollc-bench-") as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "unrollc.bench._worker", json.dumps(dataclasses.asdict(cfg)), out]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Result(cfg, status=f"error: timed out after {timeout:.0f} s")
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return Result(cfg, status=f"error: worker exited with {proc.returncode}: {tail[0]}")
+        with open(out) as f:
+            return Result.from_dict(json.load(f))
+
+
+def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None], Callable[[], None]]:
+    """(describe, advance, close) callbacks: tqdm if installed, else plain prints to stderr."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        state = {"i": 0}
+
+        def describe(text: str) -> None:
+            print(f"[{state['i'] + 1}/{total}] {text} ...", file=sys.stderr, flush=True)
+
+        def advance() -> None:
+            state["i"] += 1
+
+        return describe, advance, lambda: None
+    bar = tqdm(total=total, unit="config", file=sys.stderr, dynamic_ncols=True)
+    return bar.set_description_str, lambda: bar.update(1), bar.close
+
+
+def run_configs(configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True) -> list[Result]:
+    """Measure every config, each in its own process, in order."""
+    configs = list(configs)
+    describe, advance, close = _progress(len(configs)) if progress else (lambda s: None, lambda: None, lambda: None)
+    results = []
+    try:
+        for cfg in configs:
+            describe(cfg.describe())
+            results.append(run_config(cfg, timeout=timeout))
+            advance()
+    finally:
+        close()
+    return results
