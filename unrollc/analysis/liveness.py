@@ -32,8 +32,10 @@ its ``meta["val"]``; such ops are listed in ``StepAnalysis.fallback_ops``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +72,8 @@ class StepAnalysis:
     ``requires_grad``: names of the nodes with an output that requires grad. ``input_bytes``: the placeholders'
     bytes. ``output_bytes``: per returned tensor, its bytes (``params', buffers', opt_state', loss`` for a step).
     ``flops``: one evaluation of the graph (which already contains the inner gradient).
+    ``fallback_ops``: ops with no meta kernel (estimated by the fallback rule). ``nondifferentiable``:
+    ``"node.argument"`` for each argument that requires grad but that autograd refuses (eager raises there).
     """
     graph: nx.DiGraph
     requires_grad: frozenset[str]
@@ -80,6 +84,7 @@ class StepAnalysis:
     flops: int
     output_bytes: tuple[int, ...]
     fallback_ops: tuple[str, ...] = field(default=())
+    nondifferentiable: tuple[str, ...] = field(default=())
 
     @property
     def saved_bytes(self) -> int:
@@ -137,6 +142,7 @@ class _Probe:
     saved: tuple[tuple[str, int], ...]
     flops: int
     fallback: bool = False
+    nondifferentiable: tuple[str, ...] = ()
 
 
 def _differentiable(t: torch.Tensor) -> bool:
@@ -178,6 +184,16 @@ def _probe(op: Any, args: tuple, kwargs: dict, leaves: list[_Out | None], node: 
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = op(*call_args, **call_kwargs)
+    except RuntimeError as e:
+        # Autograd refuses an argument it has no derivative for (e.g. batch norm's running stats): eager would
+        # raise too. Probe as if it did not require grad, and report it (StepAnalysis.nondifferentiable).
+        names = _NOT_DIFFERENTIABLE.findall(str(e))
+        drop = {i for name in names for i in _leaves_of_argument(op, args, kwargs, name)}
+        if drop and any(leaves[i] is not None and leaves[i].requires_grad for i in drop):
+            fixed = [dataclasses.replace(x, requires_grad=False) if i in drop and x is not None else x
+                     for i, x in enumerate(leaves)]
+            return dataclasses.replace(_probe(op, args, kwargs, fixed, node), nondifferentiable=tuple(names))
+        return _fallback(leaves, node)
     except Exception:  # noqa: BLE001 - no meta kernel: the documented conservative fallback
         return _fallback(leaves, node)
     out_leaves, out_spec = tree_flatten(out)
@@ -205,6 +221,26 @@ def _probe(op: Any, args: tuple, kwargs: dict, leaves: list[_Out | None], node: 
     flops = int(formula(*call_args, **call_kwargs, out_val=out)) if formula is not None else 0
     unique = tuple(dict.fromkeys(r for r in refs if r[0] != "new")) + tuple(r for r in refs if r[0] == "new")
     return _Probe(tuple(outs), out_spec, unique, flops)
+
+
+_NOT_DIFFERENTIABLE = re.compile(r"not differentiable with respect to argument '(\w+)'")
+
+
+def _leaves_of_argument(op: Any, args: tuple, kwargs: dict, name: str) -> range:
+    """The indices, among the pytree leaves of ``(args, kwargs)``, of the schema argument ``name``."""
+    schema = getattr(op, "_schema", None)
+    start = 0
+    for i, a in enumerate(args):
+        count = len(tree_flatten(a)[0])
+        if schema is not None and i < len(schema.arguments) and schema.arguments[i].name == name:
+            return range(start, start + count)
+        start += count
+    for key, a in kwargs.items():
+        count = len(tree_flatten(a)[0])
+        if key == name:
+            return range(start, start + count)
+        start += count
+    return range(0)
 
 
 def _has_arg(op: Any, name: str) -> bool:
@@ -240,7 +276,7 @@ def analyze_step(gm: fx.GraphModule, *, requires_grad: Iterable[str] | None = No
     storages: list[tuple[str, int]] = []
     saved_by: dict[int, list[str]] = {}
     cache: dict[Any, _Probe] = {}
-    flops, fallback = 0, []
+    flops, fallback, nondiff = 0, [], []
 
     def new_storage(owner: str, nbytes: int) -> int:
         storages.append((owner, nbytes))
@@ -278,6 +314,7 @@ def analyze_step(gm: fx.GraphModule, *, requires_grad: Iterable[str] | None = No
             flops += probe.flops
             if probe.fallback:
                 fallback.append(node.name)
+            nondiff += [f"{node.name}.{name}" for name in probe.nondifferentiable]
             outs: list[tuple[_Out, int] | None] = []
             for o in probe.outs:
                 if o is None:
@@ -307,7 +344,8 @@ def analyze_step(gm: fx.GraphModule, *, requires_grad: Iterable[str] | None = No
     input_bytes = sum(nbytes for (owner, nbytes) in storages if graph.nodes[owner]["op"] == "placeholder")
     peak, peak_taped = _peak_live(gm, graph, env, storages, set(saved_by))
     output_bytes = tuple(_output_bytes(gm, env))
-    return StepAnalysis(graph, rg, saved, input_bytes, peak, peak_taped, flops, output_bytes, tuple(fallback))
+    return StepAnalysis(graph, rg, saved, input_bytes, peak, peak_taped, flops, output_bytes, tuple(fallback),
+                        tuple(nondiff))
 
 
 def _output_bytes(gm: fx.GraphModule, env: dict) -> list[int]:

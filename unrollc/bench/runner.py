@@ -8,6 +8,9 @@ In the worker (:func:`measure_config`): build the task and the method, run once 
 unrollc's step graph; its time is ``warmup_s``), then ``repeats`` timed runs of unroll + meta-backward, each with
 its own peak-memory measurement (medians reported), then, unless disabled, one untimed run counting the bytes
 saved for backward. The meta-loss and the meta-gradient's norms come from the last timed run.
+
+CPU runs use one intra-op thread by default (``Config.threads``): on a small shared machine, two OpenMP threads
+spin-wait whenever another process holds a core, and single runs were measured 10-30x slower at random.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Config:
     slots: int = 8
     k: int = 10
     saved_bytes: bool = True
+    threads: int = 1
 
     @property
     def label(self) -> str:
@@ -72,7 +76,7 @@ class Result:
     grad_norm: float | None = None
     lr_grad: float | None = None
     evaluations: int | None = None
-    threads: int | None = None
+    loadavg: float | None = None
     torch_version: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +103,9 @@ def measure_config(cfg: Config) -> Result:
     from .methods import MethodSpec, build, higher_available
     from .workloads import make_task
 
-    res = Result(cfg, threads=torch.get_num_threads(), torch_version=torch.__version__)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    res = Result(cfg, torch_version=torch.__version__, loadavg=_loadavg())
     if cfg.method == "higher" and (why := higher_available()) is not None:
         res.status = why
         return res
@@ -136,6 +142,14 @@ def measure_config(cfg: Config) -> Result:
             run()
         res.saved_peak_bytes, res.saved_total_bytes = counter.peak, counter.total
     return res
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average before the run (other processes on the machine skew CPU timings)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def worker_main(argv: list[str]) -> int:
@@ -189,16 +203,24 @@ def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None], Ca
     return bar.set_description_str, lambda: bar.update(1), bar.close
 
 
-def run_configs(configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True) -> list[Result]:
-    """Measure every config, each in its own process, in order."""
+def run_configs(
+    configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True, jobs: int = 1
+) -> list[Result]:
+    """Measure every config, each in its own process; ``jobs`` > 1 runs that many at once (timings then compete
+    for the CPU: use it for smoke tests, not for numbers you report). Results keep the order of ``configs``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     configs = list(configs)
     describe, advance, close = _progress(len(configs)) if progress else (lambda s: None, lambda: None, lambda: None)
-    results = []
+
+    def one(cfg: Config) -> Result:
+        describe(cfg.describe())
+        res = run_config(cfg, timeout=timeout)
+        advance()
+        return res
+
     try:
-        for cfg in configs:
-            describe(cfg.describe())
-            results.append(run_config(cfg, timeout=timeout))
-            advance()
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            return list(pool.map(one, configs))
     finally:
         close()
-    return results

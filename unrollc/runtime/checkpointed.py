@@ -75,6 +75,8 @@ class _Runner:
         self.state_grad: list[Tensor | None] = []           # gradient of the state at the live tape's end
         self.loss_grads: Tensor | None = None
         self.const_grads: list[Tensor | None] = [None] * len(consts)
+        # State positions never differentiated (BatchNorm running stats), declared by the step function.
+        self.constant_positions: frozenset[int] = getattr(step_fn, "constant_positions", frozenset())
 
     def call(self, i: int, state: State, consts: State) -> tuple[State, Tensor]:
         """One evaluation of the step function, counted and checked."""
@@ -128,7 +130,7 @@ class _Runner:
         if self.tape is not None:
             raise InternalError("unrollc.checkpointed_unroll: a plan tapes while another tape is alive")
         with torch.enable_grad():
-            inputs = tuple(_leaf(t, True) for t in self.cur)
+            inputs = tuple(_leaf(t, j not in self.constant_positions) for j, t in enumerate(self.cur))
             state, losses = inputs, []
             for i in range(action.start, action.stop):
                 state, loss = self.call(i, state, self.const_leaves)
@@ -218,6 +220,8 @@ def checkpointed_unroll(step_fn: StepFn, n: int, state0: State, consts: State, p
     state's length may change between steps (e.g. optimizer state created by step 0). Exactly
     ``plan.evaluations`` calls of ``step_fn`` are made when a gradient is possible; when grad mode is off or
     nothing requires grad, the n steps just run once. ``stats``, if given, receives the observed counts.
+    A ``step_fn`` may carry an attribute ``constant_positions`` (a frozenset of state positions) for state
+    entries that are never differentiated, such as BatchNorm running statistics.
     """
     if not isinstance(state0, tuple) or not isinstance(consts, tuple) or not all(
             isinstance(t, Tensor) for t in (*state0, *consts)):

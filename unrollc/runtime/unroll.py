@@ -90,8 +90,10 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         layouts[i + 1] = _state_keys(new)
         return pack(new), new.loss
 
+    step_fn.constant_positions = frozenset(range(len(param_names), len(param_names) + len(buffer_names)))  # type: ignore[attr-defined]
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
     out = unpack(n, final, state.hyper, state.t + n)
+    out = out.replace(buffers={k: v.detach() for k, v in out.buffers.items()})  # running stats: no gradient
     return out.replace(loss=losses[-1], losses=list(losses))
 
 

@@ -1,0 +1,128 @@
+"""Model families: trajectories equal eager torch.optim, meta-gradients equal finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unrollc
+from oracles import central_difference
+from test_optimizers import assert_same_trajectory
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)  # a bias before BN has zero gradient: Adam would amplify noise
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.rnn = kind(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.norm = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(self.norm(self.emb(tokens))).mean(1)[:, :2]
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+def restored():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    other = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model.load_state_dict(other.state_dict())
+    return model
+
+
+MODELS = {
+    "conv-batchnorm": (ConvBN, lambda: torch.randn(4, 2, 4, 4)),
+    "lstm": (lambda: Recurrent(nn.LSTM), lambda: torch.randn(4, 5, 3)),
+    "gru": (lambda: Recurrent(nn.GRU), lambda: torch.randn(4, 5, 3)),
+    "tied-embedding-layernorm": (Tied, lambda: torch.randint(0, 7, (4, 5))),
+    "transformer-encoder": (Attention, lambda: torch.randn(4, 5, 4)),
+    "load_state_dict": (restored, lambda: torch.randn(4, 3)),
+}
+
+
+def loss_fn(model, batch, w=None):
+    x, y = batch
+    per = ((model(x) - y) ** 2).mean(1)
+    return (per * w).mean() if w is not None else per.mean()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trajectory(name):
+    make, data = MODELS[name]
+    model = make()
+    # SGD: Adam turns the ~1e-9 noise in parameters with zero true gradient (an attention key bias)
+    # into full-size steps, so its trajectories compare rounding noise, not the compiler.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = [(data(), torch.randn(4, 2)) for _ in range(30)]
+    stepper, state = assert_same_trajectory(model, opt, loss_fn, batches, tol=1e-4)
+    if name == "conv-batchnorm":  # running stats advance in state.buffers, the model's stay put
+        assert state.buffers["bn.num_batches_tracked"].item() == 30
+        assert model.bn.num_batches_tracked.item() == 0
+        assert not torch.equal(state.buffers["bn.running_mean"], model.bn.running_mean)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_meta_gradient(name, float64):
+    make, data = MODELS[name]
+    model = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    batches = [(data(), torch.randn(4, 2)) for _ in range(3)]
+    xv, yv = data(), torch.randn(4, 2)
+    w0 = torch.rand(4) + 0.5
+    lr0 = torch.tensor(0.1)
+
+    def meta(w, lr):
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, w)
+        return ((stepper.forward(state, xv) - yv) ** 2).mean()
+
+    w, lr = w0.clone().requires_grad_(), lr0.clone().requires_grad_()
+    g_w, g_lr = torch.autograd.grad(meta(w, lr), [w, lr])
+    with torch.no_grad():
+        fd_w = central_difference(lambda v: meta(v, lr0), w0)
+        fd_lr = central_difference(lambda v: meta(w0, v), lr0)
+    assert ((g_w - fd_w).abs().max() / fd_w.abs().max()) < 1e-6
+    assert ((g_lr - fd_lr).abs() / fd_lr.abs()) < 1e-6
+
+
+def test_model_and_optimizer_are_never_mutated():
+    model = ConvBN()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stepper = unrollc.compile(model, opt, loss_fn)
+    state = stepper.unroll(stepper.init(), [(torch.randn(4, 2, 4, 4), torch.randn(4, 2)) for _ in range(3)], checkpoint="sqrt")
+    stepper.forward(state, torch.randn(4, 2, 4, 4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert opt.state_dict()["state"] == {}
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,161 @@
+"""Reporting results: the printed table, CSV, JSON and the PNG (memory vs n, time vs n).
+
+Ratios compare with ``higher`` on the same workload, optimizer, n and device ("-" where higher did not run).
+``grad Δ`` is the relative difference of the meta-gradient norm from the ``eager`` reference of the same
+configuration (higher's Adam differs from torch.optim's by design: eps outside the bias correction).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .runner import Result
+
+__all__ = ["table", "write_csv", "write_json", "read_json", "plot", "ratio", "reference", "PlotUnavailable"]
+
+MIB = 2**20
+
+
+class PlotUnavailable(RuntimeError):
+    """Raised by :func:`plot` when matplotlib is not installed."""
+
+
+def _group(r: Result) -> tuple[str, str, int, str]:
+    c = r.config
+    return (c.workload, c.optimizer, c.n, c.device)
+
+
+def reference(results: Sequence[Result], r: Result, method: str) -> Result | None:
+    """The successful result of ``method`` (no schedule) in ``r``'s group, if any."""
+    for other in results:
+        if other.config.method == method and _group(other) == _group(r) and other.status == "ok":
+            return other
+    return None
+
+
+def ratio(results: Sequence[Result], r: Result, attr: str, method: str = "higher") -> float | None:
+    """``r.attr / ref.attr`` against ``method`` in the same group (None if either is missing)."""
+    ref = reference(results, r, method)
+    a, b = getattr(r, attr), getattr(ref, attr) if ref else None
+    if a is None or not b:
+        return None
+    return a / b
+
+
+def grad_rel_diff(results: Sequence[Result], r: Result) -> float | None:
+    """Relative difference of ``r``'s meta-gradient norm from eager's in the same group."""
+    ref = reference(results, r, "eager")
+    if ref is None or r.grad_norm is None or not ref.grad_norm:
+        return None
+    return abs(r.grad_norm - ref.grad_norm) / abs(ref.grad_norm)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table(results: Sequence[Result]) -> str:
+    """A plain-text table, one row per configuration."""
+    head = ["workload", "opt", "method", "schedule", "n", "time (s)", "peak (MiB)", "saved (MiB)",
+            "time/higher", "mem/higher", "grad norm", "lr grad", "grad Δ vs eager", "status"]
+    rows = []
+    for r in results:
+        c = r.config
+        rows.append([
+            c.workload, c.optimizer, c.method, c.schedule, str(c.n),
+            _fmt(r.time_s, ".3f"),
+            _fmt(None if r.peak_bytes is None else r.peak_bytes / MIB, ".1f"),
+            _fmt(None if r.saved_peak_bytes is None else r.saved_peak_bytes / MIB, ".1f"),
+            _fmt(ratio(results, r, "time_s"), ".2f"),
+            _fmt(ratio(results, r, "peak_bytes"), ".3f"),
+            _fmt(r.grad_norm, ".6g"),
+            _fmt(r.lr_grad, ".6g"),
+            _fmt(grad_rel_diff(results, r), ".1e"),
+            r.status,
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(out)
+
+
+def _records(results: Sequence[Result]) -> list[dict[str, Any]]:
+    recs = []
+    for r in results:
+        d = r.to_dict()
+        d["time_vs_higher"] = ratio(results, r, "time_s")
+        d["mem_vs_higher"] = ratio(results, r, "peak_bytes")
+        d["grad_rel_diff_vs_eager"] = grad_rel_diff(results, r)
+        recs.append(d)
+    return recs
+
+
+def write_json(results: Sequence[Result], path: str, meta: dict[str, Any] | None = None) -> None:
+    """``{"meta": ..., "results": [...]}`` with ratios included."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta or {}, "results": _records(results)}, f, indent=1)
+
+
+def read_json(path: str) -> list[Result]:
+    """Results written by :func:`write_json`."""
+    with open(path) as f:
+        return [Result.from_dict(d) for d in json.load(f)["results"]]
+
+
+def write_csv(results: Sequence[Result], path: str) -> None:
+    """One row per configuration; list-valued fields are joined with ``;``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    recs = _records(results)
+    if not recs:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(recs[0]))
+        w.writeheader()
+        for rec in recs:
+            w.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in rec.items()})
+
+
+def plot(results: Sequence[Result], path: str, title: str = "") -> None:
+    """Two log-log panels, peak memory vs n and time vs n, one line per (optimizer, method, schedule)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise PlotUnavailable(
+            "unrollc.bench --plot: matplotlib is not installed; install it with `pip install matplotlib` "
+            "(or `pip install unrollc[bench]`), or leave out --plot."
+        ) from e
+    lines: dict[str, list[Result]] = {}
+    opts = {r.config.optimizer for r in results}
+    for r in results:
+        if r.status == "ok":
+            key = r.config.label if len(opts) == 1 else f"{r.config.label} ({r.config.optimizer})"
+            lines.setdefault(key, []).append(r)
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r.config.n)
+        ns = [r.config.n for r in rs]
+        ax_mem.plot(ns, [max(r.peak_bytes or 0, 1) / MIB for r in rs], marker="o", label=key)
+        ax_time.plot(ns, [r.time_s for r in rs], marker="o", label=key)
+    for ax, what in ((ax_mem, "peak memory (MiB)"), (ax_time, "unroll + meta-backward (s)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("unrolled steps n")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
