@@ -8,7 +8,11 @@ import torch
 from unrollc.runtime.checkpointed import ExecutionStats, checkpointed_unroll
 from unrollc.runtime.schedules import Binomial, EveryK, NoCheckpoint, Plan, Sqrt
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default(float64):
+    """Every test here runs in float64 (the fixture restores the default dtype afterwards)."""
 
 D, H, BATCH = 3, 4, 5
 

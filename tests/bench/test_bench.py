@@ -1,0 +1,66 @@
+"""`python -m unrollc.bench --quick` end to end: table, CSV, JSON and PNG, and the methods agree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], str]:
+    out = str(tmp_path_factory.mktemp("bench"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "unrollc.bench", "--quick", "--out-dir", out],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, out
+
+
+def _results(out: str) -> list[dict]:
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)["results"]
+
+
+def test_table_and_files(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    proc, out = quick_run
+    for column in ("method", "schedule", "time (s)", "peak (MiB)", "time/higher", "mem/higher", "grad norm"):
+        assert column in proc.stdout
+    for name in ("results.json", "results.csv"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    pytest.importorskip("matplotlib")
+    with open(os.path.join(out, "bench.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_configuration_ran(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, out = quick_run
+    results = _results(out)
+    labels = {r["label"] for r in results}
+    assert {"unrollc/none", "unrollc/sqrt", "unrollc/binomial", "unrollc/every-k", "eager"} <= labels
+    for r in results:
+        if r["method"] == "higher" and r["status"] == "not installed":
+            continue
+        assert r["status"] == "ok", r
+        assert r["time_s"] > 0 and r["peak_bytes"] is not None and r["saved_peak_bytes"] > 0
+    with open(os.path.join(out, "results.csv")) as f:
+        assert len(list(csv.DictReader(f))) == len(results)
+
+
+def test_meta_gradients_agree(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    _, out = quick_run
+    results = [r for r in _results(out) if r["status"] == "ok"]
+    eager = {(r["optimizer"], r["n"]): r for r in results if r["method"] == "eager"}
+    for r in results:
+        ref = eager[(r["optimizer"], r["n"])]
+        if r["method"] == "higher" and r["optimizer"] == "adam":
+            continue  # higher's Adam differs from torch.optim's by design
+        assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["label"]
+        assert r["lr_grad"] == pytest.approx(ref["lr_grad"], rel=1e-4, abs=1e-7), r["label"]
+        assert r["meta_loss"] == pytest.approx(ref["meta_loss"], rel=1e-5), r["label"]
