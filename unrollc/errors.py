@@ -23,25 +23,50 @@ def user_frame(tb: traceback.StackSummary | list[traceback.FrameSummary]) -> tra
 
 
 class CaptureError(RuntimeError):
-    """Tracing one step failed; the message names the user's file and line and suggests a fix."""
+    """Tracing one step failed; the message names the user's file and line and suggests a fix.
+
+    Attributes:
+        location: the frame the message points at (the user's line, else the optimizer's), or None.
+    """
+
+    location: traceback.FrameSummary | None = None
 
     @classmethod
     def from_trace_failure(cls, exc: BaseException) -> "CaptureError":
         """Turn a tracing exception into a message about the user's code."""
         frames = traceback.extract_tb(exc.__traceback__)
-        where = user_frame(frames) or _optimizer_frame(frames)
+        user = user_frame(frames)
+        where = user or _optimizer_frame(frames)
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         location = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where else ""
+        if where is not None and where.name and where.name != "<module>":
+            location += f" in {where.name}"
         data_dependent = "_local_scalar_dense" in str(exc) or "data-dependent" in str(exc)
         if data_dependent:
+            hint = _data_dependent_hint((where.line or "") if where else "")
+        elif user is None and where is not None:
             hint = (
-                "the code turns a traced tensor into a Python value (.item(), bool(), float(), or an `if` on a "
-                "tensor), which depends on the data and cannot be part of one step graph; compute it with "
-                "tensor ops instead, e.g. torch.where(cond, a, b) for a branch, or keep the value a tensor"
+                f"the optimizer's step could not be traced ({type(exc).__name__}: {text}); try the optimizer with "
+                "differentiable=True, or one that unrollc supports (see unrollc.optimizer_spec)"
             )
         else:
             hint = f"{type(exc).__name__}: {text}"
-        return cls(f"unrollc.compile: could not capture the training step{location}: {hint}.")
+        error = cls(f"unrollc.compile: could not capture the training step{location}: {hint}.")
+        error.location = where
+        return error
+
+
+def _data_dependent_hint(line: str) -> str:
+    stripped = line.strip()
+    what = (
+        "branches on the value of a traced tensor" if stripped.startswith(("if ", "elif ", "while ", "assert "))
+        else "turns a traced tensor into a Python value (.item(), bool(), float(), int(), or an `if` on a tensor)"
+    )
+    return (
+        f"the code {what}, which depends on the data and cannot be part of one step graph; compute it with "
+        "tensor ops instead, e.g. torch.where(cond, a, b) for a branch, or keep the value a tensor "
+        "(x / y.abs().max() instead of x / float(y.abs().max()))"
+    )
 
 
 def _optimizer_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:

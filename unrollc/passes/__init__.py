@@ -9,13 +9,14 @@ Read in order, it is the whole compiler after capture::
     remove_copies        clone / lift_fresh_copy / same-shape copy -> their source
     eliminate_dead_code  unused nodes -> removed
 
-``run_pipeline`` keeps the graph after each pass (``"after lift_inputs"``, ...) for inspection.
+``run_pipeline`` keeps the graph after each pass (``"after lift_inputs"``, ...) for inspection, and with
+``check=True`` verifies after each pass the guarantees stated above (:mod:`unrollc.inspect.lint`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import fx
 
@@ -40,19 +41,48 @@ PIPELINE: tuple[Pass, ...] = (
 )
 
 
-def run_pipeline(gm: fx.GraphModule, *, keep: bool = False, check: bool = False) -> tuple[fx.GraphModule, dict[str, fx.GraphModule]]:
-    """Run every pass of :data:`PIPELINE` in order; with ``keep`` also return a copy after each pass."""
+def run_pipeline(
+    gm: fx.GraphModule, *, keep: bool = False, check: bool = False, passes: Sequence[Pass] | None = None
+) -> tuple[fx.GraphModule, dict[str, fx.GraphModule]]:
+    """Run every pass of :data:`PIPELINE` (or ``passes``) in order.
+
+    Args:
+        gm: the captured graph (``gm.meta["unrollc"]`` holds what ``lift_inputs`` needs).
+        keep: also return a copy of the graph before the first pass (``"captured"``) and after each pass
+            (``"after lift_inputs"``, ``"after functionalize"``, ...), in order.
+        check: after each pass, lint the graph and verify the guarantees of the passes run so far
+            (:mod:`unrollc.inspect.lint`); a violation raises ``PassCheckError`` naming the pass.
+        passes: the passes to run instead of :data:`PIPELINE` (testing, experiments).
+    """
+    passes = PIPELINE if passes is None else tuple(passes)
     graphs: dict[str, fx.GraphModule] = {}
     if keep:
         graphs["captured"] = _snapshot(gm)
-    for p in PIPELINE:
+    done: list[str] = []
+    for p in passes:
+        n_outputs = _n_outputs(gm) if done else None  # lift_inputs may not change it either, but checks start after it
         gm = p(gm)
+        done.append(p.__name__)
+        if check:
+            from ..inspect.lint import check_after
+
+            check_after(gm, done, n_outputs)
         if keep:
             graphs[f"after {p.__name__}"] = _snapshot(gm)
     return gm, graphs
 
 
+def _n_outputs(gm: fx.GraphModule) -> int:
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    return len(output.args[0])
+
+
 def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    # Own copy of unrollc's metadata: the runtime drops capture-only entries from the live graph's dict
+    # later, while explain reads ``constants`` of the "captured" snapshot (which get_attr became which input).
+    # The example inputs are only needed by lift_inputs and are not kept.
     new.meta.update(gm.meta)
+    if isinstance(gm.meta.get("unrollc"), dict):
+        new.meta["unrollc"] = {k: v for k, v in gm.meta["unrollc"].items() if k != "example_inputs"}
     return new

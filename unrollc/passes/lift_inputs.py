@@ -30,7 +30,7 @@ from ..errors import InternalError
 
 __all__ = ["lift_inputs"]
 
-_PREFIX = {"param": "p", "buffer": "b", "opt_state": "s", "hyper": "h", "batch": "batch", "meta": "meta"}
+_PREFIX = {"param": "p", "buffer": "b", "opt_state": "s", "hyper": "h", "batch": "batch", "meta": "meta", "grad": "g"}
 
 
 def placeholder_name(role: str, name: str) -> str:

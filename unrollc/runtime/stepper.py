@@ -216,10 +216,14 @@ class Stepper:
         return entry
 
     def _trace(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
+        from ..inspect.source import recording_sources
+
         trainable = self._used(state, batch, meta)
-        captured = capture_step(
-            self.model, self._spec, self.loss_fn, state.params, state.buffers, state.opt_state, groups, batch, meta, trainable
-        )
+        with recording_sources(self.model, self._spec.cls, self.loss_fn):  # source lines for unrollc.explain
+            captured = capture_step(
+                self.model, self._spec, self.loss_fn, state.params, state.buffers, state.opt_state, groups, batch, meta,
+                trainable,
+            )
         gm = captured.gm
         gm.meta["unrollc"] = {
             "signature": captured.signature,

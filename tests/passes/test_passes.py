@@ -1,0 +1,106 @@
+"""Each pass establishes the invariant its docstring states; the final graph is lean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import unrollc
+from unrollc.passes import PIPELINE
+from unrollc.passes.schema import is_mutating, namespace
+
+
+def compiled(opt_cls=torch.optim.SGD, **kwargs):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    opt = opt_cls(model.parameters(), **(kwargs or {"lr": 0.1, "momentum": 0.9}))
+    stepper = unrollc.compile(model, opt, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    state = stepper.init()
+    batch = (torch.randn(8, 3), torch.randn(8, 2))
+    state = stepper.step(state, batch)
+    state = stepper.step(state, batch)  # the steady-state graph (optimizer state exists)
+    return stepper
+
+
+def calls(gm: fx.GraphModule):
+    return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_pipeline_is_the_documented_literal_tuple():
+    assert [p.__name__ for p in PIPELINE] == [
+        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "eliminate_dead_code",
+    ]
+
+
+def test_graphs_after_every_pass_are_kept():
+    stepper = compiled()
+    assert list(stepper.graphs) == ["captured"] + [f"after {p.__name__}" for p in PIPELINE]
+
+
+def test_lift_inputs_leaves_no_parameter_attributes():
+    stepper = compiled()
+    before = stepper.graphs["captured"]
+    after = stepper.graphs["after lift_inputs"]
+    assert any(n.op == "get_attr" for n in before.graph.nodes)
+    roles = [n.meta["unrollc"].role for n in after.graph.nodes if n.op == "placeholder"]
+    assert roles == sorted(roles, key=["param", "buffer", "opt_state", "hyper", "batch", "meta"].index)
+    for n in after.graph.nodes:
+        if n.op == "get_attr":
+            assert not isinstance(getattr(after, n.target), nn.Parameter)
+    names = [n.name for n in after.graph.nodes if n.op == "placeholder"]
+    assert "p_0_weight" in names and "b_1_running_mean" in names and "s_0_weight_momentum_buffer" in names and "h_lr" in names
+
+
+@pytest.mark.parametrize(
+    "opt_cls,kwargs",
+    [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.01, "foreach": True}), (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5})],
+)
+def test_functionalize_leaves_no_mutation_read_from_schemas(opt_cls, kwargs):
+    stepper = compiled(opt_cls, **kwargs)
+    raw = stepper.graphs["after lift_inputs"]
+    assert any(is_mutating(n.target) for n in calls(raw))
+    for name in list(stepper.graphs)[2:]:
+        assert not any(is_mutating(n.target) for n in calls(stepper.graphs[name])), name
+
+
+def test_cleanup_removes_profiler_detach_and_copies():
+    stepper = compiled()
+    final = stepper.graph
+    targets = [n.target for n in calls(final)]
+    assert not any(namespace(t) == "profiler" for t in targets)
+    assert torch.ops.aten.detach.default not in targets
+    assert torch.ops.aten.clone.default not in targets
+    assert torch.ops.aten.lift_fresh_copy.default not in targets
+    assert any(namespace(n.target) == "profiler" for n in calls(stepper.graphs["captured"]))
+
+
+def test_users_own_detach_is_kept():
+    model = nn.Linear(3, 2)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        target = m(y).detach()  # deliberate stop-gradient
+        return ((m(x) - target) ** 2).mean()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    stepper.step(stepper.init(), (torch.randn(4, 3), torch.randn(4, 3)))
+    assert torch.ops.aten.detach.default in [n.target for n in calls(stepper.graph)]
+
+
+def test_final_graph_signature_and_no_view_copies():
+    stepper = compiled()
+    gm = stepper.graph
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    sig = gm.meta["unrollc"]["signature"]
+    assert len(outputs) == len(sig.params) + len(sig.buffers) + len(sig.state_out) + 1
+    targets = {str(n.target) for n in calls(gm)}
+    assert not any(t.endswith("_copy.default") for t in targets - {"aten._to_copy.default"})
+
+
+def test_each_pass_is_idempotent_on_the_final_graph():
+    stepper = compiled()
+    gm = stepper.graph
+    code = gm.code
+    for p in PIPELINE[2:]:
+        gm = p(gm)
+    assert gm.code == code

@@ -1,0 +1,115 @@
+"""Tracing pitfalls, each with the behaviour unrollc guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unrollc
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python branch
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def test_data_dependent_branch_names_the_users_line():
+    model = Branchy()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    with pytest.raises(unrollc.CaptureError) as info:
+        stepper.step(stepper.init(), (torch.randn(4, 3), torch.randn(4, 2)))
+    message = str(info.value)
+    assert f"{__file__}:" in message and "x.sum() > 0" in message
+    assert "torch.where" in message
+
+
+def test_new_batch_shape_retraces_and_is_cached():
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    state = stepper.init()
+    for n in (4, 5, 4, 5):
+        state = stepper.step(state, (torch.randn(n, 3), torch.randn(n, 2)))
+    assert stepper.trace_count == 2
+
+
+def test_radam_rectification_switch_is_guarded_not_baked_in():
+    """RAdam branches on rho_t > 5, which turns true after a few steps: a graph of step 1 would be wrong."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.RAdam(model.parameters(), lr=0.1)
+    stepper = unrollc.compile(model, opt, mse)
+    state = stepper.init()
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    for _ in range(8):
+        state = stepper.step(state, batch)
+    assert stepper.trace_count == 3  # fresh state; rho_t <= 5; rho_t > 5
+    assert any("hyper:betas.1" in str(g) for g in stepper.guards)
+
+
+def test_python_float_hyperparameters_are_inputs_not_constants():
+    """A new lr in init(hyper=...) takes effect without re-tracing: lr is a graph input."""
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), mse)
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    a = stepper.step(stepper.step(stepper.init(hyper={"lr": 0.1}), batch), batch)
+    b = stepper.step(stepper.step(stepper.init(hyper={"lr": 0.2}), batch), batch)
+    assert stepper.trace_count == 2
+    assert not torch.equal(a.params["weight"], b.params["weight"])
+    hyper_inputs = [n.name for n in stepper.graph.graph.nodes if n.op == "placeholder" and n.name.startswith("h_")]
+    assert {"h_lr", "h_eps", "h_betas_0", "h_betas_1"} <= set(hyper_inputs)
+
+
+def test_momentum_zero_and_nonzero_give_different_graphs():
+    """`if momentum != 0` in torch.optim is a guard: a lifted momentum of 0 must not reuse the momentum graph."""
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mse)
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    with_momentum = stepper.step(stepper.init(), batch)
+    without = stepper.step(stepper.init(hyper={"momentum": 0.0}), batch)
+    assert "momentum_buffer" in with_momentum.opt_state["weight"]
+    assert "momentum_buffer" not in without.opt_state.get("weight", {})
+
+
+def test_item_in_loss_is_refused_with_a_fix():
+    model = nn.Linear(3, 2)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        scale = float(y.abs().max())  # .item() on data
+        return ((m(x) - y) ** 2).mean() / scale
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    with pytest.raises(unrollc.CaptureError, match="float\\(y.abs\\(\\).max\\(\\)\\)"):
+        stepper.step(stepper.init(), (torch.randn(4, 3), torch.randn(4, 2)))
+
+
+def test_non_scalar_loss_is_refused():
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b))
+    with pytest.raises(TypeError, match="scalar"):
+        stepper.step(stepper.init(), torch.randn(4, 3))
+
+
+def test_graph_before_any_step_says_what_to_do():
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    with pytest.raises(RuntimeError, match="call stepper.step"):
+        stepper.graph  # noqa: B018
+
+
+def test_unknown_checkpoint_is_refused_with_the_allowed_values():
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    with pytest.raises((ValueError, TypeError), match="sqrt"):
+        stepper.unroll(stepper.init(), [(torch.randn(4, 3), torch.randn(4, 2))], checkpoint="everything")

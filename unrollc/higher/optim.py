@@ -1,0 +1,424 @@
+r"""``higher.optim``: differentiable optimizers — the real ``torch.optim`` update, compiled by unrollc.
+
+Nothing here re-implements an optimizer. ``DifferentiableOptimizer.step(loss)`` takes the gradient of
+the user's eager ``loss`` with ``torch.autograd.grad(create_graph=track_higher_grads)`` and runs the
+optimizer's own ``step()``, traced once and functionalized by :class:`unrollc.update.CompiledUpdate`,
+as a differentiable function of the parameters, gradients, optimizer state and hyperparameters. So
+every optimizer the core supports works (AdamW, NAdam, RAdam, ...) and matches ``torch.optim``
+exactly, options such as ``maximize`` and ``decoupled_weight_decay`` included (``higher`` 0.2.1 puts
+Adam's ``eps`` elsewhere and ignores those options).
+
+``track_higher_grads=False`` (first-order / test mode): no graph through the updates; the new weights
+are ``w_t.detach() + (w_0 - w_0.detach())`` where ``w_0`` are the initial fast weights, so their value is
+``w_t`` and the gradient of an outer loss reaches ``w_0`` unchanged — first-order MAML. With
+``copy_initial_weights=False`` that delivers first-order gradients to ``model.parameters()`` (``higher``
+silently gives None); the weights keep ``.grad`` after ``backward()`` (``retain_grad``), as in ``higher``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..optimizer_spec import OptimizerSpec, UnsupportedOptimizerError, is_hyper_value
+from ..update import CompiledUpdate
+from . import patch as _patch
+from . import utils as _utils
+
+__all__ = [
+    "DifferentiableOptimizer",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "get_trainable_opt_params",
+    "apply_trainable_opt_params",
+]
+
+_OverrideType = dict[str, list[Any]]
+_GradCallbackType = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+_GroupedGradsType = list[list[torch.Tensor]]
+
+
+class DifferentiableOptimizer:
+    """A differentiable copy of an existing optimizer (``higher``'s constructor and ``step`` signatures).
+
+    Attributes (as in ``higher``): ``param_groups`` (the options per group, with ``override`` s applied;
+    ``group['params']`` holds the latest fast weights after a step) and ``state`` (per group, per parameter
+    index, the optimizer's state tensors). A subclass may override ``_update(grouped_grads)`` the way
+    ``higher``'s hand-written optimizers do; by default it runs the compiled ``torch.optim`` update.
+    """
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[torch.Tensor],
+        fmodel: _patch.FunctionalModule | None = None,
+        device: torch.device | None = None,
+        override: _OverrideType | None = None,
+        grad_callback: _GradCallbackType | None = None,
+        track_higher_grads: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        reference_params = list(reference_params)
+        self._other = other
+        self._opt_cls = type(other)
+        self.param_groups = [{k: v for k, v in g.items() if k != "params"} for g in other.param_groups]
+        self._raw = [dict(g) for g in self.param_groups]  # the options as the user's optimizer has them
+        self._group_to_param_list: list[list[int]] = []
+        self.state: list[collections.defaultdict[int, Any]] = [collections.defaultdict(dict) for _ in self.param_groups]
+        if override is not None:
+            self._apply_override(override)
+        self._grad_callback = grad_callback
+        for g, (group, orig) in enumerate(zip(self.param_groups, other.param_groups, strict=True)):
+            local = []
+            for i, p in enumerate(orig["params"]):
+                if p in other.state and other.state[p]:
+                    self.state[g][i] = {k: _utils._recursive_copy_and_cast(v, device) for k, v in other.state[p].items()}
+                index = _utils._find_param_in_list(p, reference_params)
+                if index is None:
+                    raise ValueError(f"Could not find parameter {p} in reference parameters.")
+                local.append(index)
+            group["params"] = [None] * len(local)
+            self._group_to_param_list.append(local)
+        self._fmodel = fmodel
+        self._track_higher_grads = track_higher_grads
+        self._first_order_links: list[torch.Tensor | None] | None = None
+        self._base_spec: OptimizerSpec | None = None
+        self._n_params = len(reference_params)
+
+    # ----------------------------------------------------------------------------------- higher API
+    def _apply_override(self, override: _OverrideType) -> None:
+        for k, v in override.items():
+            if len(v) != 1 and len(v) != len(self.param_groups):
+                raise ValueError(
+                    f"Mismatch between the number of override tensors for optimizer parameter {k} and the number "
+                    "of parameter groups."
+                )
+            for g, group in enumerate(self.param_groups):
+                group[k] = v[0] if len(v) == 1 else v[g]
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[torch.Tensor] | None = None,
+        override: _OverrideType | None = None,
+        grad_callback: _GradCallbackType | None = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        r"""Replace ``opt.zero_grad(); loss.backward(); opt.step()`` by ``new_params = diffopt.step(loss)``.
+
+        Args:
+            loss: the loss tensor.
+            params (optional): the weights to differentiate ``loss`` by and update; by default the latest
+                fast weights of the functional module given at construction (``params`` then replace them).
+            override (optional): ``{option: [value]}`` or one value per group; takes precedence over the
+                construction-time override. Tensors requiring grad receive gradients.
+            grad_callback (optional): applied to the list of gradients (ordered like ``reference_params``),
+                e.g. clipping; overrides the one given at construction.
+
+        Returns:
+            The updated weights (the functional module's fast weights are updated with them too).
+        """
+        if override is not None:
+            self._apply_override(override)
+        if self._fmodel is None or self._fmodel.fast_params is None:
+            if params is None:
+                raise ValueError(
+                    "params kwarg must be passed to step if the differentiable optimizer doesn't have a view on a "
+                    "patched model with params."
+                )
+        else:
+            params = self._fmodel.fast_params if params is None else params
+        params = list(params)
+        if self._first_order_links is None and not self._track_higher_grads:
+            start = self._fmodel.init_fast_params if self._fmodel is not None and self._fmodel.fast_params is not None else params
+            self._first_order_links = [p - p.detach() if p.requires_grad and torch.is_grad_enabled() else None for p in start]
+        targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
+        all_grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            all_grads = list(callback(all_grads))
+        grouped = []
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            grads = []
+            for i, index in enumerate(mapping):
+                group["params"][i] = params[index]
+                grads.append(all_grads[index])
+            grouped.append(grads)
+        if self._track_higher_grads:
+            self._update(grouped)
+        else:
+            with torch.no_grad():
+                self._update(grouped)
+        new_params = params[:]
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            for p, index in zip(group["params"], mapping, strict=True):
+                new_params[index] = p if self._track_higher_grads else self._first_order(p, index)
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _first_order(self, p: torch.Tensor, index: int) -> torch.Tensor:
+        """``p`` without graph, linked to the initial weight by an identity gradient (module docstring)."""
+        link = self._first_order_links[index] if self._first_order_links and index < len(self._first_order_links) else None
+        if link is None or link.shape != p.shape or not torch.is_grad_enabled():
+            return p.detach().requires_grad_()
+        out = p.detach() + link
+        out.retain_grad()
+        return out
+
+    # ------------------------------------------------------------------------------ compiled update
+    def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
+        """Run the compiled ``torch.optim`` update on ``self.param_groups`` / ``self.state`` in place."""
+        spec, hyper = self._spec_now()
+        params, grads, state = {}, {}, {}
+        for g, (group, gg) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
+            for i, (p, grad) in enumerate(zip(group["params"], gg, strict=True)):
+                name = f"{g}.{i}"
+                params[name] = p if self._track_higher_grads else p.detach()
+                if grad is not None:
+                    grads[name] = grad
+                if self.state[g].get(i):
+                    state[name] = {k: _utils._recursive_map(v, _as_tensor) for k, v in self.state[g][i].items()}
+        new_params, new_state = CompiledUpdate(spec)(params, grads, state, hyper)
+        for g, group in enumerate(self.param_groups):
+            for i in range(len(group["params"])):
+                group["params"][i] = new_params[f"{g}.{i}"]
+                if f"{g}.{i}" in new_state:
+                    self.state[g][i] = new_state[f"{g}.{i}"]
+
+    def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
+        """The optimizer spec for the current options (overrides applied) and its hyperparameters as tensors."""
+        if self._base_spec is None:
+            ids = {id(p): f"{g}.{i}" for g, group in enumerate(self._other.param_groups) for i, p in enumerate(group["params"])}
+            try:
+                self._base_spec = OptimizerSpec.from_optimizer(self._other, ids)
+            except UnsupportedOptimizerError as exc:
+                raise UnsupportedOptimizerError(str(exc).replace("unrollc.compile", "unrollc.higher")) from None
+        base = self._base_spec
+        statics, hypers = [], []
+        for g, group in enumerate(self.param_groups):
+            static = dict(base.static[g])
+            hyper = {}
+            for k, v in group.items():
+                if k == "params":
+                    continue
+                if k in base.hyper[g] or (k not in static and is_hyper_value(v)):
+                    hyper[k] = _hyper(k, v)
+                elif v is not self._raw[g].get(k):
+                    value = _static(k, v, self._raw[g].get(k))
+                    if value != self._raw[g].get(k):  # else keep the spec's (normalized) value
+                        static[k] = value
+            statics.append(tuple(sorted(static.items())))
+            hypers.append(hyper)
+        return OptimizerSpec(base.cls, base.group_params, tuple(statics), tuple(hypers)), hypers
+
+    def _release(self) -> None:
+        """Keep the state's values but none of its graph: called when leaving ``innerloop_ctx``."""
+        for per_group in self.state:
+            for i, st in per_group.items():
+                per_group[i] = _utils._recursive_map(st, lambda x: x.detach() if isinstance(x, torch.Tensor) else x)
+        for group in self.param_groups:
+            group["params"] = [None] * len(group["params"])
+
+    def write_back(self, opt: torch.optim.Optimizer | None = None) -> None:
+        """Copy the optimizer state (moments, step counts, ...) into ``opt`` (default: the optimizer this one
+        was made from), so that training can continue from the adapted state (``higher`` has no equivalent).
+        Learned hyperparameters are written with :func:`apply_trainable_opt_params`."""
+        target = self._other if opt is None else opt
+        for g, group in enumerate(target.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.state[g].get(i)
+                if st:
+                    target.state[p] = {
+                        k: v.detach().clone().to(p.device if v.dim() else v.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in st.items()
+                    }
+
+
+def _as_tensor(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.tensor(float(v), dtype=torch.float32)
+    return v
+
+
+def _hyper(key: str, v: Any) -> Any:
+    """A hyperparameter as a 0-dim floating tensor (or a tuple of them), differentiable if it was."""
+    if isinstance(v, (tuple, list)):
+        return tuple(_hyper(key, x) for x in v)
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(
+                f"unrollc.higher: the optimizer option {key!r} must be a scalar (a float or a one-element tensor), "
+                f"got a tensor of shape {tuple(v.shape)}; use one parameter group per learning rate instead."
+            )
+        v = v.reshape(())
+        return v if v.is_floating_point() else v.double()
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v), dtype=torch.float64)
+    raise TypeError(f"unrollc.higher: the optimizer option {key!r} must be a float or a tensor, got {type(v).__name__}.")
+
+
+def _static(key: str, v: Any, original: Any) -> Any:
+    """An overridden non-float option (e.g. ``nesterov`` from :func:`get_trainable_opt_params`) as a Python value."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"unrollc.higher: the optimizer option {key!r} must be a scalar, got shape {tuple(v.shape)}.")
+        v = v.item()
+    if isinstance(original, bool):
+        return bool(v)
+    if isinstance(original, int):
+        return int(v)
+    return tuple(v) if isinstance(v, list) else v
+
+
+class DifferentiableSGD(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.SGD`` (the compiled update; kept for ``higher``'s name)."""
+
+
+class DifferentiableAdam(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.Adam`` (exactly ``torch.optim.Adam``, unlike ``higher``'s)."""
+
+
+class DifferentiableAdadelta(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.Adadelta``."""
+
+
+class DifferentiableAdagrad(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.Adagrad``."""
+
+
+class DifferentiableAdamax(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.Adamax``."""
+
+
+class DifferentiableASGD(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.ASGD``."""
+
+
+class DifferentiableRMSprop(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.RMSprop``."""
+
+
+class DifferentiableRprop(DifferentiableOptimizer):
+    """A differentiable ``torch.optim.Rprop``."""
+
+
+_opt_mapping: dict[type, type[DifferentiableOptimizer]] = {
+    torch.optim.Adadelta: DifferentiableAdadelta,
+    torch.optim.Adagrad: DifferentiableAdagrad,
+    torch.optim.Adam: DifferentiableAdam,
+    torch.optim.Adamax: DifferentiableAdamax,
+    torch.optim.ASGD: DifferentiableASGD,
+    torch.optim.RMSprop: DifferentiableRMSprop,
+    torch.optim.Rprop: DifferentiableRprop,
+    torch.optim.SGD: DifferentiableSGD,
+}
+
+
+def _diff_type(opt_type: type) -> type[DifferentiableOptimizer]:
+    if opt_type in _opt_mapping:
+        return _opt_mapping[opt_type]
+    if isinstance(opt_type, type) and issubclass(opt_type, torch.optim.Optimizer):
+        return DifferentiableOptimizer  # any torch.optim optimizer the core can capture
+    raise ValueError(f"Optimizer type {opt_type} not supported by unrollc.higher: expected a torch.optim.Optimizer.")
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[torch.Tensor],
+    fmodel: _patch.FunctionalModule | None = None,
+    device: torch.device | None = None,
+    override: _OverrideType | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    r"""A differentiable version of the existing optimizer ``opt`` over ``reference_params`` (the module's
+    ``parameters()``); ``fmodel``, ``device``, ``override`` and ``track_higher_grads`` as in ``higher``.
+    Any ``torch.optim`` optimizer works (a type registered with :func:`register_optim` uses its class)."""
+    return _diff_type(type(opt))(
+        opt, reference_params, fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads, **kwargs
+    )
+
+
+def create_diff_optim(
+    opt_type: type,
+    opt_kwargs: dict[str, Any] | None = None,
+    params: Sequence[Any] | None = None,
+    fmodel: _patch.FunctionalModule | None = None,
+    device: torch.device | None = None,
+    override: _OverrideType | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    r"""A differentiable optimizer of type ``opt_type`` built from ``opt_kwargs`` over ``params`` (weights or
+    parameter groups, used for their shapes only) or ``fmodel``'s weights, as in ``higher``."""
+    diff_type = _diff_type(opt_type)
+    if params is not None:
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            dummy = [{k: torch.zeros_like(v, requires_grad=True) if k == "params" else v for k, v in g.items()} for g in params]
+            reference = [p for g in dummy for p in g["params"]]
+        else:
+            dummy = reference = [torch.zeros_like(p, requires_grad=True) for p in params]
+    elif fmodel is not None:
+        dummy = reference = [torch.zeros_like(p, requires_grad=True) for p in fmodel.parameters()]
+    else:
+        raise ValueError("Must specify one of fmodel or params in kwargs.")
+    opt = opt_type(dummy, **(opt_kwargs or {}))
+    return diff_type(
+        opt, reference, fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads, **kwargs
+    )
+
+
+def register_optim(optim_type: type, diff_optim_type: type[DifferentiableOptimizer]) -> None:
+    r"""Use ``diff_optim_type`` (a :class:`DifferentiableOptimizer` subclass with its own ``_update``) for
+    ``optim_type``. Rarely needed: every ``torch.optim`` optimizer works without registration."""
+    _opt_mapping[optim_type] = diff_optim_type
+
+
+def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | None = None) -> _OverrideType:
+    r"""An override dictionary with a tensor requiring grad for every int/float option (or structure of them)
+    of every parameter group of ``opt``, as in ``higher`` (bools count as ints there, and here)."""
+    override: _OverrideType = collections.defaultdict(list)
+
+    def to_tensor(x: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x.clone().detach().requires_grad_()
+        return torch.tensor(float(x), device=device, requires_grad=True)
+
+    for group in opt.param_groups:
+        for k, v in group.items():
+            if k != "params" and all(isinstance(x, (int, float)) for x in _utils.flatten(v)):
+                override[k].append(_utils._recursive_map(v, to_tensor))
+    return override
+
+
+def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideType) -> None:
+    r"""Write learned hyperparameters (an override dictionary) back into ``opt``'s parameter groups."""
+    for k, v in override.items():
+        if len(v) != 1 and len(v) != len(opt.param_groups):
+            raise ValueError(
+                f"Mismatch between the number of override tensors for optimizer parameter {k} and the number of "
+                "parameter groups."
+            )
+        for g, group in enumerate(opt.param_groups):
+            group[k] = _recursive_apply(v[0] if len(v) == 1 else v[g], group[k])
+
+
+def _recursive_apply(replacement: Any, target: Any) -> Any:
+    if not isinstance(replacement, type(target)):
+        if isinstance(replacement, torch.Tensor) and not _utils._is_container(target):
+            return type(target)(replacement.item())
+        raise ValueError(f"Expected an non-container type for target, but got {type(target)} with value {target}")
+    if isinstance(replacement, torch.Tensor) and isinstance(target, torch.Tensor):
+        target.data = replacement.data.to(target.device)
+        return target
+    if isinstance(target, (list, tuple)):
+        return type(target)(_recursive_apply(r, t) for r, t in zip(replacement, target, strict=True))
+    raise ValueError(f"Couldn't apply replacement of type {type(replacement)} to target of type {type(target)}")

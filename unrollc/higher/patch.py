@@ -1,0 +1,371 @@
+r"""``higher.patch``: a "stateless" view of an ``nn.Module`` that runs with explicit (fast) weights.
+
+:func:`monkeypatch` returns an :class:`FunctionalModule`. Unlike ``higher`` 0.2.1, nothing is
+monkey-patched: no class is created at run time. The functional module holds a structural copy of the
+user's module (its parameters and buffers are not copied) and runs it, and every submodule or method
+reached through it, under ``torch.nn.utils.stateless._reparametrize_module`` with the current fast
+weights and its own buffers. So ``fmodel.encoder(x)``, ``fmodel[0](x)``, ``fmodel.fc.weight`` and
+methods of the user's class (``fmodel.embed(x)``) all see the fast weights.
+
+``copy_initial_weights`` (as in ``higher``):
+
+* ``True`` (default): the weights at time 0 are *detached copies* of the module's parameters. Meta-
+  gradients reach ``fmodel.parameters(time=0)``, **not** ``model.parameters()``.
+* ``False``: the weights at time 0 are ``p.clone()`` of the module's parameters, so gradients of an
+  outer loss flow into ``model.parameters()`` (``.grad`` after ``backward()``): use this for MAML.
+
+``track_higher_grads=False`` (first-order / test mode) keeps no graph through the updates; unlike
+``higher``, ``parameters(time=0)`` still returns the initial weights, and the differentiable optimizer
+links every later weight to them with an identity gradient (first-order MAML): see
+:mod:`unrollc.higher.optim`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from . import utils as _utils
+
+__all__ = ["monkeypatch", "FunctionalModule"]
+
+_INTERNAL = frozenset(
+    {"_module", "_original", "_param_names", "_fast_params", "_bufs", "_track_higher_grads", "_released", "training"}
+)
+
+
+class FunctionalModule(nn.Module):
+    """The functional version of a module returned by :func:`monkeypatch` (``higher``'s ``fmodel``).
+
+    ``fmodel(*args, params=None, **kwargs)`` runs the module with ``params`` (a list ordered like
+    ``module.parameters()``; they become the new fast weights) or with the latest fast weights.
+    """
+
+    def __init__(self, module: nn.Module, buffers: dict[str, torch.Tensor], track_higher_grads: bool) -> None:
+        super().__init__()
+        names = [n for n, _ in module.named_parameters()]  # same order as module.parameters()
+        shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        try:
+            structure = copy.deepcopy(module, memo=dict(shared))
+        except Exception:  # noqa: BLE001 - an uncopyable module: reparametrize the original in place
+            structure = module
+        object.__setattr__(self, "_module", structure)
+        object.__setattr__(self, "_original", module)
+        object.__setattr__(self, "_param_names", names)
+        object.__setattr__(self, "_fast_params", None)
+        object.__setattr__(self, "_bufs", buffers)
+        object.__setattr__(self, "_released", False)
+        self.track_higher_grads = track_higher_grads
+        self.training = module.training
+
+    # ----------------------------------------------------------------------------- fast weights
+    @property
+    def track_higher_grads(self) -> bool:
+        return self._track_higher_grads
+
+    @track_higher_grads.setter
+    def track_higher_grads(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"Expected boolean argument. Got: {type(value)}.")
+        object.__setattr__(self, "_track_higher_grads", value)
+
+    @property
+    def fast_params(self) -> list[torch.Tensor] | None:
+        """The latest fast weights (a list ordered like ``module.parameters()``), None before any."""
+        return None if self._fast_params is None else self._fast_params[-1]
+
+    @fast_params.setter
+    def fast_params(self, value: Sequence[torch.Tensor]) -> None:
+        value = list(value)
+        if len(value) != len(self._param_names):
+            raise ValueError(
+                f"unrollc.higher: expected {len(self._param_names)} fast weights (one per module.parameters(), "
+                f"ordered like them), got {len(value)}."
+            )
+        if self._fast_params is None:
+            object.__setattr__(self, "_fast_params", [value])
+        elif self.track_higher_grads:
+            self._fast_params.append(value)
+        else:  # keep time 0 and the latest only: no history, no graph through it
+            self._fast_params[1:] = [value]
+
+    @property
+    def init_fast_params(self) -> list[torch.Tensor]:
+        """The fast weights at time 0 (available with ``track_higher_grads=False`` too)."""
+        return self._history(0)
+
+    def update_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Make ``params`` the latest fast weights (with ``track_higher_grads``, appended to the history)."""
+        self.fast_params = params
+
+    def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        """The fast weights at ``time`` (None or -1: the latest; 0: the initial weights; t: after t updates)."""
+        if not recurse:
+            warnings.warn(
+                "Calling parameters with recurse=False on a monkey patched module still returns all the fast "
+                "weights of of nested patched modules.",
+                stacklevel=2,
+            )
+        return iter(self._history(-1 if time is None else time))
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:  # type: ignore[override]
+        """``(name, latest fast weight)``, named as in ``module.named_parameters()``."""
+        dot = f"{prefix}." if prefix else ""
+        return iter([(dot + n, p) for n, p in zip(self._param_names, self._latest(), strict=True)])
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        return iter(list(self._bufs.values()))
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:  # type: ignore[override]
+        dot = f"{prefix}." if prefix else ""
+        return iter([(dot + n, b) for n, b in self._bufs.items()])
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:  # type: ignore[override]
+        """The module's state dict with the latest fast weights and the functional module's buffers."""
+        with self._reparametrized():
+            sd = self._module.state_dict(prefix=prefix, keep_vars=True)
+        out = OrderedDict((k, v if keep_vars or not isinstance(v, torch.Tensor) else v.detach()) for k, v in sd.items())
+        if destination is not None:
+            destination.update(out)
+            return destination
+        return out
+
+    def _history(self, time: int) -> list[torch.Tensor]:
+        if self._fast_params is None:
+            raise Exception("Tried to get fast weights of a monkey patched module which does not encapsulate fast weights.")
+        if not self.track_higher_grads and time not in (-1, 0):
+            raise ValueError(
+                "The patched model is not tracking higher gradients. Only the latest parameters (time=None or -1) "
+                "and the initial ones (time=0) are available."
+            )
+        entry = self._fast_params[time]
+        if entry is None:
+            raise ValueError(
+                f"unrollc.higher: the fast weights at time={time} were released when the innerloop_ctx that created "
+                "this module was left; only time=0 and the latest weights are kept. Read them inside the context."
+            )
+        return list(entry)
+
+    def _latest(self) -> list[torch.Tensor]:
+        if self.fast_params is None:
+            raise ValueError("params keyword must be provided if patched module not tracking its own fast parameters")
+        return self.fast_params
+
+    def _release(self) -> None:
+        """Drop the intermediate history (times 1 .. n-1): called when leaving ``innerloop_ctx``."""
+        if self._fast_params is not None and len(self._fast_params) > 2:
+            self._fast_params[1:-1] = [None] * (len(self._fast_params) - 2)
+        object.__setattr__(self, "_released", True)
+
+    # --------------------------------------------------------------------------------- running
+    @contextlib.contextmanager
+    def _reparametrized(self) -> Iterator[None]:
+        weights = dict(zip(self._param_names, self._latest(), strict=True))
+        weights.update(self._bufs)
+        with _reparametrize_module(self._module, weights, tie_weights=True, strict=False):
+            yield
+        for n in self._bufs:  # a buffer re-assigned (not updated in place) inside the call
+            self._bufs[n] = weights[n]
+
+    def forward(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        if params is not None:
+            self.fast_params = params
+        with self._reparametrized():
+            return self._module(*args, **kwargs)
+
+    def _call_in(self, path: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a submodule or a method) run with the fast weights; accepts ``params=`` like forward."""
+
+        def call(*args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+            if params is not None:
+                self.fast_params = params
+            with self._reparametrized():
+                return fn(*args, **kwargs)
+
+        call.__name__ = getattr(fn, "__name__", path)
+        call.__doc__ = getattr(fn, "__doc__", None)
+        return call
+
+    def train(self, mode: bool = True) -> "FunctionalModule":
+        self._module.train(mode)
+        object.__setattr__(self, "training", mode)
+        return self
+
+    # ----------------------------------------------------------------- attributes and submodules
+    def _resolve(self, path: str, name: str) -> Any:
+        full = f"{path}.{name}" if path else name
+        module = self._module.get_submodule(path) if path else self._module
+        if full in self._param_names:
+            return self._latest()[self._param_names.index(full)]
+        if full in self._bufs:
+            return self._bufs[full]
+        if name in module._parameters or name in module._buffers:  # a tied name or a None entry
+            with self._reparametrized():
+                return getattr(module, name)
+        if name in module._modules and module._modules[name] is not None:
+            return SubmoduleView(self, full)
+        attr = getattr(module, name)
+        if callable(attr) and getattr(attr, "__self__", None) is module and not hasattr(nn.Module, name):
+            return self._call_in(full, attr)
+        return attr
+
+    def _assign(self, path: str, name: str, value: Any) -> bool:
+        """Assign a fast weight (appended to the history, as in ``higher``) or a buffer; False if neither."""
+        full = f"{path}.{name}" if path else name
+        module = self._module.get_submodule(path) if path else self._module
+        if name in module._parameters:
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"Require Tensor as fast weights. Got {torch.typename(value)}")
+            with self._reparametrized():
+                old = getattr(module, name)
+            fast = list(self._latest())
+            index = next((i for i, p in enumerate(fast) if p is old), None)
+            if index is None:
+                raise AttributeError(f"unrollc.higher: {full!r} is not a parameter of the patched module.")
+            fast[index] = value
+            self.update_params(fast)
+            return True
+        if full in self._bufs:
+            self._bufs[full] = value
+            return True
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _INTERNAL or name.startswith("__"):
+            return super().__getattr__(name)
+        return self._resolve("", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _INTERNAL or name == "track_higher_grads" or not self._assign("", name, value):
+            super().__setattr__(name, value)
+
+    def __getitem__(self, index: Any) -> "SubmoduleView":
+        return SubmoduleView(self, "")[index]
+
+    def __len__(self) -> int:
+        return len(self._module)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator["SubmoduleView"]:
+        return iter(SubmoduleView(self, ""))
+
+    def write_back(self, module: nn.Module | None = None) -> None:
+        """Copy the latest fast weights and the buffers into ``module`` (default: the patched module), in
+        place and without gradient: keep what the inner loop learned (``higher`` has no equivalent)."""
+        target = self._original if module is None else module
+        with torch.no_grad():
+            for p, fast in zip(target.parameters(), self._latest(), strict=True):
+                p.copy_(fast)
+            named = dict(target.named_buffers())
+            for n, b in self._bufs.items():
+                named[n].copy_(b)
+
+    def extra_repr(self) -> str:
+        return f"functional view of {type(self._original).__name__}, track_higher_grads={self.track_higher_grads}"
+
+
+class SubmoduleView:
+    """A submodule reached through a :class:`FunctionalModule` (``fmodel.encoder``, ``fmodel[0]``): calling it,
+    its methods, and reading its weights use the fast weights."""
+
+    __slots__ = ("_root", "_path")
+
+    def __init__(self, root: FunctionalModule, path: str) -> None:
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_path", path)
+
+    @property
+    def _target(self) -> nn.Module:
+        return self._root._module.get_submodule(self._path) if self._path else self._root._module
+
+    def __call__(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        return self._root._call_in(self._path, self._target)(*args, params=params, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._root._call_in(self._path, self._target.forward)(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return self._root._resolve(self._path, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self._root._assign(self._path, name, value):
+            setattr(self._target, name, value)
+
+    def _child(self, key: str) -> "SubmoduleView":
+        return SubmoduleView(self._root, f"{self._path}.{key}" if self._path else key)
+
+    def __getitem__(self, index: Any) -> "SubmoduleView":
+        keys = list(self._target._modules)
+        if isinstance(index, str):
+            return self._child(index)
+        if isinstance(index, int):
+            return self._child(keys[index])
+        raise TypeError(f"unrollc.higher: submodules are indexed with an int or a str, got {type(index).__name__}.")
+
+    def __len__(self) -> int:
+        return len(self._target._modules)
+
+    def __iter__(self) -> Iterator["SubmoduleView"]:
+        return iter([self._child(k) for k in self._target._modules])
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        return iter([p for _, p in self.named_parameters()])
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        head = f"{self._path}." if self._path else ""
+        dot = f"{prefix}." if prefix else ""
+        named = zip(self._root._param_names, self._root._latest(), strict=True)
+        return iter([(dot + n[len(head) :], p) for n, p in named if n.startswith(head)])
+
+    def __repr__(self) -> str:
+        return f"SubmoduleView({self._path!r}, {self._target!r})"
+
+
+_MonkeyPatchBase = FunctionalModule  # higher's name for the type of a patched module
+
+
+def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.device | None = None) -> None:
+    r"""One off sync (copy) of buffers in ``fmodule`` with those from ``module``."""
+    for n, b in module.named_buffers():
+        fmodule._bufs[n] = b.clone().detach() if device is None else b.clone().detach().to(device)
+
+
+def monkeypatch(
+    module: nn.Module,
+    device: torch.device | None = None,
+    copy_initial_weights: bool = True,
+    track_higher_grads: bool = True,
+) -> FunctionalModule:
+    r"""Create a "stateless" version of ``module`` with its own fast weights (see the module docstring).
+
+    Args:
+        module: a ``torch.nn.Module`` subclass instance; never modified (buffers are copied and advance in
+            the copy, e.g. BatchNorm running statistics).
+        device (optional): a device to cast the fast weights and buffers to.
+        copy_initial_weights: if True, the initial fast weights are detached copies (gradients stop there:
+            read them with ``fmodel.parameters(time=0)``); if False, they are ``clone()`` s of the module's
+            parameters, so gradients reach ``module.parameters()`` (MAML).
+        track_higher_grads: if False, updates are not differentiated through ("test mode" / first order).
+
+    Returns:
+        ``fmodel``: call it as ``fmodel(x)`` or ``fmodel(x, params=fast_weights)``.
+    """
+    if isinstance(module, FunctionalModule):
+        raise ValueError(
+            "unrollc.higher.monkeypatch: the module is already a functional module; patch the original module."
+        )
+    if copy_initial_weights:
+        params = _utils.get_func_params(module, device=device)
+    else:
+        params = [p.clone() if device is None else p.clone().to(device) for p in module.parameters()]
+    fmodel = FunctionalModule(module, {}, track_higher_grads)
+    buffer_sync(module, fmodel, device)
+    fmodel.update_params(params)
+    return fmodel

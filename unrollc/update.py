@@ -1,0 +1,213 @@
+"""The optimizer update alone, compiled: ``(params, grads, opt_state, hyper) -> (params', opt_state')``.
+
+:class:`CompiledUpdate` is the core of :mod:`unrollc.higher`'s differentiable optimizers. Where
+:func:`unrollc.capture.capture_step` traces a whole step (forward, loss, gradient, update), this traces
+only the real ``torch.optim`` ``step()``, with the gradients as inputs, so that the gradient can come
+from the user's own eager code (``torch.autograd.grad(loss, params, create_graph=True)``):
+
+1. private copies of the parameters, optimizer state and hyperparameters are closed over (the
+   gradients are the traced placeholders); a fresh optimizer of the user's class is built around
+   them (:meth:`OptimizerSpec.build`), its ``.grad`` s set to the traced gradients, and its real
+   ``step()`` runs under ``_compiling()`` and a :class:`~unrollc.guards.ScalarTracker`, exactly as in
+   :mod:`unrollc.capture`;
+2. the raw graph goes through the same pass pipeline (:data:`unrollc.passes.PIPELINE`): inputs are
+   lifted (``p_*, s_*, h_*, g_*``), in-place updates become functional, optimizer detaches go;
+3. the result is cached by the layout of the inputs and the optimizer's static options, and reused
+   while its guards hold (RAdam's rectification switches on after a few steps: a new trace, never a
+   stale branch). The cache is shared by all instances (a new ``innerloop_ctx`` per outer step does
+   not re-trace) and bounded.
+
+The graph is a pure function of tensors: autograd differentiates through it like any op.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .capture import NodeInfo, _compiling, hyper_leaves
+from .errors import CaptureError
+from .guards import Guard, ScalarTracker
+from .optimizer_spec import OptimizerSpec
+from .passes import run_pipeline
+
+__all__ = ["CompiledUpdate", "UpdateSignature"]
+
+_MAX_TRACES_PER_LAYOUT = 16
+_CACHE_SIZE = 128
+
+State = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class UpdateSignature:
+    """Inputs ``params, opt_state (in), hyper, grads``; outputs ``params', opt_state (out)``."""
+
+    params: tuple[str, ...]
+    state_in: tuple[tuple[str, str], ...]
+    state_out: tuple[tuple[str, str], ...]
+    hyper: tuple[str, ...]
+    grads: tuple[str, ...]
+
+    @property
+    def input_infos(self) -> list[NodeInfo]:
+        infos = [NodeInfo("param", n) for n in self.params]
+        infos += [NodeInfo("opt_state", f"{p}.{k}") for p, k in self.state_in]
+        infos += [NodeInfo("hyper", n) for n in self.hyper]
+        return infos + [NodeInfo("grad", n) for n in self.grads]
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.params) + len(self.state_in) + len(self.hyper) + len(self.grads)
+
+
+@dataclass
+class _Entry:
+    gm: fx.GraphModule
+    signature: UpdateSignature
+    guards: list[Guard]
+
+
+_CACHE: OrderedDict[Any, list[_Entry]] = OrderedDict()
+
+
+def _layout(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device)
+    return ("value", x)
+
+
+class CompiledUpdate:
+    """``torch.optim``'s update for ``spec``'s class and static options, as a differentiable function.
+
+    Args:
+        spec: the optimizer's class, parameter names per group and static options (its ``hyper`` is
+            only a default: the hyperparameters are passed to every call).
+    """
+
+    def __init__(self, spec: OptimizerSpec) -> None:
+        self.spec = spec
+        self._names = tuple(n for names in spec.group_params for n in names)
+        self.trace_count = 0
+        self.last: _Entry | None = None
+
+    def __call__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | None],
+        opt_state: Mapping[str, Mapping[str, torch.Tensor]],
+        hyper: Sequence[Mapping[str, Any]],
+    ) -> tuple[dict[str, torch.Tensor], State]:
+        """One update. ``grads`` may lack a name or map it to None (that parameter is skipped, as in
+        ``torch.optim``); ``hyper`` holds per group the float hyperparameters as 0-dim tensors (or tuples
+        of them). Returns the new parameters (every name of ``params``) and the new optimizer state."""
+        grads = {n: g for n, g in grads.items() if g is not None}
+        state = {n: dict(st) for n, st in opt_state.items() if st}
+        entry = self._lookup(params, grads, state, hyper)
+        sig = entry.signature
+        flat = [params[n] for n in sig.params]
+        flat += [state[n][k] for n, k in sig.state_in]
+        flat += [v for _, v in hyper_leaves(hyper, len(hyper) == 1)]
+        flat += [grads[n] for n in sig.grads]
+        outs = entry.gm(*flat)
+        new_params = dict(params)
+        new_params.update(zip(sig.params, outs[: len(sig.params)], strict=True))
+        new_state: State = {}
+        for (n, k), v in zip(sig.state_out, outs[len(sig.params) :], strict=True):
+            new_state.setdefault(n, {})[k] = v
+        return new_params, new_state
+
+    # ------------------------------------------------------------------------------------- internal
+    def _key(self, params, grads, state, hyper) -> Any:  # noqa: ANN001
+        p = tuple((n, _layout(params[n]), n in grads) for n in self._names)
+        g = tuple(_layout(grads[n]) for n in self._names if n in grads)
+        s = tuple((n, k, _layout(v)) for n in sorted(state) for k, v in sorted(state[n].items()))
+        h = tuple((k, tuple(map(_layout, v)) if isinstance(v, tuple) else _layout(v)) for grp in hyper for k, v in sorted(grp.items()))
+        return (self.spec.cls, self.spec.group_params, self.spec.static, p, g, s, h)
+
+    def _env(self, sig: UpdateSignature, state: State, hyper: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        env = {f"hyper:{n}": v for n, v in hyper_leaves(hyper, len(hyper) == 1)}
+        env.update({f"state:{n}.{k}": state[n][k] for n, k in sig.state_in if state[n][k].dim() == 0})
+        return env
+
+    def _lookup(self, params, grads, state, hyper) -> _Entry:  # noqa: ANN001
+        key = self._key(params, grads, state, hyper)
+        entries = _CACHE.get(key)
+        if entries is None:
+            entries = _CACHE[key] = []
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        for entry in entries:
+            if not entry.guards or all(g.holds(self._env(entry.signature, state, hyper)) for g in entry.guards):
+                self.last = entry
+                return entry
+        if len(entries) >= _MAX_TRACES_PER_LAYOUT:
+            raise RuntimeError(
+                f"unrollc: traced {len(entries)} update graphs of {self.spec.cls.__name__} for the same input layout "
+                f"because values it branches on keep changing (guards: {[str(g) for g in entries[-1].guards]}); "
+                "this optimizer branches on a value that changes every step and cannot be compiled."
+            )
+        if len(entries) >= 4:
+            warnings.warn(
+                f"unrollc: re-tracing the {self.spec.cls.__name__} update for the {len(entries) + 1}th time with the "
+                f"same input layout; guards that failed: {[str(g) for g in entries[-1].guards]}",
+                stacklevel=4,
+            )
+        entry = self._trace(params, grads, state, hyper)
+        entries.append(entry)
+        self.last = entry
+        return entry
+
+    def _trace(self, params, grads, state, hyper) -> _Entry:  # noqa: ANN001
+        detach = lambda t: t.detach().clone()  # noqa: E731
+        p_copy = {n: detach(params[n]) for n in self._names}
+        s_copy = {n: {k: detach(v) for k, v in st.items()} for n, st in state.items()}
+        h_copy = [{k: tuple(map(detach, v)) if isinstance(v, tuple) else detach(v) for k, v in g.items()} for g in hyper]
+        h_leaves = hyper_leaves(h_copy, len(h_copy) == 1)
+        state_in = tuple((n, k) for n in s_copy for k in sorted(s_copy[n]))
+        grad_names = tuple(n for n in self._names if n in grads)
+
+        ordered = list(p_copy.values()) + [s_copy[n][k] for n, k in state_in] + [t for _, t in h_leaves]
+        constants = {id(t): i for i, t in enumerate(ordered)}
+        grad_examples = [grads[n].detach() for n in grad_names]
+        examples = [t.clone() for t in ordered] + grad_examples
+
+        shadow = self.spec.build([[p_copy[n] for n in names] for names in self.spec.group_params], [dict(g) for g in h_copy])
+        for n, st in s_copy.items():
+            shadow.state[p_copy[n]] = dict(st)
+        leaves = {f"hyper:{n}": t for n, t in h_leaves}
+        leaves.update({f"state:{n}.{k}": s_copy[n][k] for n, k in state_in if s_copy[n][k].dim() == 0})
+        tracker = ScalarTracker(leaves)
+        state_out: list[tuple[str, str]] = []
+
+        def update(*gs: torch.Tensor) -> list[torch.Tensor]:
+            for n, g in zip(grad_names, gs, strict=True):
+                p_copy[n].grad = g
+            with _compiling(), tracker:
+                shadow.step()
+            new = {n: shadow.state.get(p_copy[n], {}) for n in self._names}
+            state_out.extend((n, k) for n in self._names for k in sorted(new[n]) if isinstance(new[n][k], torch.Tensor))
+            return list(p_copy.values()) + [new[n][k] for n, k in state_out]
+
+        try:
+            gm = make_fx(update, record_stack_traces=True)(*grad_examples)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the optimizer's line
+            raise CaptureError.from_trace_failure(exc) from exc
+        finally:
+            for p in p_copy.values():
+                p.grad = None
+        sig = UpdateSignature(tuple(p_copy), state_in, tuple(state_out), tuple(n for n, _ in h_leaves), grad_names)
+        gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples}
+        gm, _ = run_pipeline(gm)
+        gm.meta["unrollc"].pop("constants", None)
+        gm.meta["unrollc"].pop("example_inputs", None)
+        self.trace_count += 1
+        return _Entry(gm, sig, list(tracker.guards))
