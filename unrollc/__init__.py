@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import CaptureError
 from .optimizer_spec import UnsupportedOptimizerError
+from .runtime.schedules import Binomial, Budget, EveryK, NoCheckpoint, Sqrt
 from .runtime.state import UnrollState
 from .runtime.stepper import Stepper
 
@@ -24,6 +25,11 @@ __all__ = [
     "compile",
     "Stepper",
     "UnrollState",
+    "NoCheckpoint",
+    "EveryK",
+    "Sqrt",
+    "Binomial",
+    "Budget",
     "CaptureError",
     "UnsupportedOptimizerError",
 ]

@@ -11,7 +11,8 @@ __all__ = ["CaptureError", "InternalError", "user_frame"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UNROLLC_DIR = os.path.dirname(__file__)
-_IGNORED = (_TORCH_DIR, _UNROLLC_DIR, "<frozen ", "contextlib.py", "functools.py")
+# Generated code (fx's "<eval_with_key>", make_fx wrappers compiled from "<string>") is nobody's source.
+_IGNORED = (_TORCH_DIR, _UNROLLC_DIR, "<frozen ", "<string>", "<eval_with_key", "contextlib.py", "functools.py")
 
 
 def user_frame(tb: traceback.StackSummary | list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
@@ -27,9 +28,12 @@ class CaptureError(RuntimeError):
 
     Attributes:
         location: the frame the message points at (the user's line, else the optimizer's), or None.
+        in_optimizer: the failure is a data-dependent read inside ``torch.optim`` code, not the user's,
+            which :mod:`unrollc.rewrite` may be able to rewrite.
     """
 
     location: traceback.FrameSummary | None = None
+    in_optimizer: bool = False
 
     @classmethod
     def from_trace_failure(cls, exc: BaseException) -> "CaptureError":
@@ -53,6 +57,7 @@ class CaptureError(RuntimeError):
             hint = f"{type(exc).__name__}: {text}"
         error = cls(f"unrollc.compile: could not capture the training step{location}: {hint}.")
         error.location = where
+        error.in_optimizer = data_dependent and user is None and where is not None
         return error
 
 

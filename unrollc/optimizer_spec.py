@@ -9,7 +9,7 @@ and rebuilds a private optimizer of the same class around traced tensors when it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,9 +19,6 @@ __all__ = ["OptimizerSpec", "UnsupportedOptimizerError", "is_hyper_value"]
 _REFUSED = {
     "LBFGS": "re-evaluates the loss inside step() through a closure, which cannot be captured as one "
     "step graph; use an optimizer without a closure, e.g. torch.optim.Adam",
-    "Adafactor": "reads parameter and update norms with .item() and branches on them in Python "
-    "(max(eps2, param.norm().item() / ...)), a data-dependent branch that one step graph cannot hold; "
-    "use torch.optim.Adam or AdamW, or file an issue if you need Adafactor",
     "SparseAdam": "needs sparse gradients, and the step graph differentiates dense tensors only; "
     "use torch.optim.Adam or torch.optim.AdamW",
 }
@@ -37,11 +34,12 @@ class UnsupportedOptimizerError(TypeError):
 
 
 def is_hyper_value(value: Any) -> bool:
-    """A group option that becomes a differentiable hyperparameter: a float, a 0-dim float tensor,
-    or a tuple of those (``betas``)."""
+    """A group option that becomes a differentiable hyperparameter: a number (``momentum=0`` is an int in
+    torch's signatures, and a user may learn it), a 0-dim float tensor, or a tuple of those (``betas``).
+    Booleans, strings and None are static options."""
     if isinstance(value, bool):
         return False
-    if isinstance(value, float):
+    if isinstance(value, (float, int)):
         return True
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and value.is_floating_point()
@@ -65,6 +63,14 @@ class OptimizerSpec:
     group_params: tuple[tuple[str, ...], ...]
     static: tuple[tuple[tuple[str, Any], ...], ...]
     hyper: tuple[dict[str, Any], ...]
+    rewritten: bool = False
+
+    def with_rewritten_branches(self) -> "OptimizerSpec":
+        """The same optimizer, built from its module's source with data reads kept as tensors
+        (see :mod:`unrollc.rewrite`)."""
+        from .rewrite import rewritten_optimizer_class
+
+        return replace(self, cls=rewritten_optimizer_class(self.cls), rewritten=True)
 
     @classmethod
     def from_optimizer(cls, opt: torch.optim.Optimizer, param_names: Mapping[int, str]) -> "OptimizerSpec":

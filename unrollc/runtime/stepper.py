@@ -13,6 +13,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten
 
 from ..capture import Captured, Signature, capture_step
+from ..errors import CaptureError
 from ..guards import Guard
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
@@ -219,11 +220,18 @@ class Stepper:
         from ..inspect.source import recording_sources
 
         trainable = self._used(state, batch, meta)
-        with recording_sources(self.model, self._spec.cls, self.loss_fn):  # source lines for unrollc.explain
-            captured = capture_step(
-                self.model, self._spec, self.loss_fn, state.params, state.buffers, state.opt_state, groups, batch, meta,
-                trainable,
-            )
+        args = (state.params, state.buffers, state.opt_state, groups, batch, meta, trainable)
+        try:
+            with recording_sources(self.model, self._spec.cls, self.loss_fn):  # source lines for unrollc.explain
+                captured = capture_step(self.model, self._spec, self.loss_fn, *args)
+        except CaptureError as error:
+            if not error.in_optimizer or self._spec.rewritten:
+                raise
+            # The optimizer reads data into Python (Adafactor: max(eps2, param.norm().item() ...)):
+            # trace a copy of its code with those reads kept as tensors (see unrollc.rewrite).
+            self._spec = self._spec.with_rewritten_branches()
+            with recording_sources(self.model, self._spec.cls, self.loss_fn):
+                captured = capture_step(self.model, self._spec, self.loss_fn, *args)
         gm = captured.gm
         gm.meta["unrollc"] = {
             "signature": captured.signature,
