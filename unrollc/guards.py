@@ -14,9 +14,10 @@ to tensor inputs of the step graph, so at trace time they are tensors. :class:`S
    starts at ``t0``). A branch is never silently baked in.
 3. A tensor passed where ATen wants a Python scalar (``alpha=``, ``value=``) is rewritten into tensor
    maths (``add(a, b, alpha=h)`` -> ``add(a, b * h)``), so the value stays differentiable instead of
-   being frozen by the argument parser's implicit ``.item()``. A ``_foreach_*`` call that receives a
-   tracked tensor (``_foreach_lerp_(exp_avgs, grads, 1 - beta1)``) is unrolled into one call per
-   tensor, since most foreach overloads only take Python scalars.
+   being frozen by the argument parser's implicit ``.item()``. Every ``_foreach_*`` call
+   (``_foreach_lerp_(exp_avgs, grads, 1 - beta1)``) is unrolled into one call per tensor: most foreach
+   overloads only take Python scalars, and the derivatives of some foreach ops are wrong in torch 2.13
+   (``_foreach_addcdiv.Scalar`` fails in its backward), while the per-tensor ops are well tested.
 4. Arithmetic among tracked 0-dim tensors runs in float64, as ``torch.optim``'s eager path does with
    Python floats (``1 - beta2 ** step``); in-place updates keep the state tensor's own dtype.
 
@@ -152,6 +153,14 @@ _POSITIONAL_SCALAR = {"add": (2, "alpha"), "sub": (2, "alpha"), "addcmul": (3, "
 _SCALAR_TWIN = {"maximum": "clamp_min", "minimum": "clamp_max"}
 
 
+def _per_tensor_op(name: str) -> Callable | None:
+    """The per-tensor function a ``_foreach_<op>[_]`` call maps to, or None when there is none."""
+    base = name[len("_foreach_") :]
+    if base.endswith("_"):
+        return getattr(torch.Tensor, base, None) or getattr(torch, base[:-1], None)
+    return getattr(torch, base, None)
+
+
 def _in_float64(func: Callable) -> Callable:
     """``func`` with its 0-dim floating tensor arguments promoted to float64 (step 4)."""
 
@@ -194,7 +203,7 @@ class ScalarTracker(TorchFunctionMode):
             self.guards.append(Guard(self.exprs[args[0]], kind, value))
             return value
         name = getattr(func, "__name__", "")
-        if name.startswith("_foreach_") and self._any_tracked((args, kwargs)):
+        if name.startswith("_foreach_") and _per_tensor_op(name) is not None:
             return self._unroll_foreach(func, name, args, kwargs)
         func, args, kwargs = self._scalars_to_tensors(func, args, kwargs)
         if not _is_inplace(func) and self._all_tracked_scalars((args, kwargs)):

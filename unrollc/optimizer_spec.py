@@ -65,6 +65,17 @@ class OptimizerSpec:
     hyper: tuple[dict[str, Any], ...]
     rewritten: bool = False
 
+    def with_capturable(self) -> "OptimizerSpec":
+        """The same optimizer with ``capturable=True`` in every group that has the option: its foreach
+        path takes tensor hyperparameters only then (``torch.optim.Adam`` raises otherwise)."""
+        static = tuple(tuple((k, True if k == "capturable" else v) for k, v in group) for group in self.static)
+        return replace(self, static=static)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether every group that has a ``capturable`` option has it on."""
+        return all(v for group in self.static for k, v in group if k == "capturable")
+
     def with_rewritten_branches(self) -> "OptimizerSpec":
         """The same optimizer, built from its module's source with data reads kept as tensors
         (see :mod:`unrollc.rewrite`)."""
@@ -98,9 +109,15 @@ class OptimizerSpec:
                     )
                 names.append(param_names[id(p)])
             opts = {k: v for k, v in group.items() if k != "params"}
+            # foreach and fused are execution strategies of the same maths. The step graph is traced from
+            # the single-tensor implementation: it keeps Python-scalar semantics that guards handle
+            # exactly (foreach paths pass tensor lists where ATen wants scalars, and RAdam's capturable
+            # foreach path masks a NaN with torch.where, which poisons meta-gradients).
             if opts.get("fused"):
-                opts["fused"] = False  # fused kernels have no derivative; the foreach path computes the same
-            if "capturable" in opts and (opts.get("foreach") or kind.__name__ in _CAPTURABLE_ONLY):
+                opts["fused"] = False
+            if "foreach" in opts:
+                opts["foreach"] = False
+            if "capturable" in opts and kind.__name__ in _CAPTURABLE_ONLY:
                 # torch.optim's foreach paths accept tensor hyperparameters only when capturable. The
                 # single-tensor paths keep Python branches (RAdam's rectification), which guards handle
                 # exactly, where the capturable rewrite with torch.where yields NaN meta-gradients.

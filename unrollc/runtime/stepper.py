@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..capture import Captured, Signature, capture_step
 from ..errors import CaptureError
-from ..guards import Guard
+from ..guards import Guard, check_guards
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from .state import UnrollState, groups_to_hyper, hyper_to_groups
@@ -196,7 +196,7 @@ class Stepper:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
         for entry in entries:
-            if not entry.guards or all(g.holds(self._guard_env(entry.signature, state, groups)) for g in entry.guards):
+            if not entry.guards or check_guards(entry.guards, self._guard_env(entry.signature, state, groups)):
                 self._last = entry
                 return entry
         if len(entries) >= _MAX_TRACES_PER_LAYOUT:
@@ -221,17 +221,21 @@ class Stepper:
 
         trainable = self._used(state, batch, meta)
         args = (state.params, state.buffers, state.opt_state, groups, batch, meta, trainable)
-        try:
-            with recording_sources(self.model, self._spec.cls, self.loss_fn):  # source lines for unrollc.explain
-                captured = capture_step(self.model, self._spec, self.loss_fn, *args)
-        except CaptureError as error:
-            if not error.in_optimizer or self._spec.rewritten:
-                raise
-            # The optimizer reads data into Python (Adafactor: max(eps2, param.norm().item() ...)):
-            # trace a copy of its code with those reads kept as tensors (see unrollc.rewrite).
-            self._spec = self._spec.with_rewritten_branches()
-            with recording_sources(self.model, self._spec.cls, self.loss_fn):
-                captured = capture_step(self.model, self._spec, self.loss_fn, *args)
+        while True:
+            try:
+                with recording_sources(self.model, self._spec.cls, self.loss_fn):  # source lines for explain
+                    captured = capture_step(self.model, self._spec, self.loss_fn, *args)
+                break
+            except CaptureError as error:
+                if "capturable=False" in str(error) and not self._spec.capturable:
+                    # torch.optim's foreach paths take tensor hyperparameters only when capturable.
+                    self._spec = self._spec.with_capturable()
+                elif error.in_optimizer and not self._spec.rewritten:
+                    # The optimizer reads data into Python (Adafactor: max(eps2, param.norm().item() ...)):
+                    # trace a copy of its code with those reads kept as tensors (see unrollc.rewrite).
+                    self._spec = self._spec.with_rewritten_branches()
+                else:
+                    raise
         gm = captured.gm
         gm.meta["unrollc"] = {
             "signature": captured.signature,
