@@ -25,13 +25,14 @@ def state_bytes(state: UnrollState) -> int:
 
 
 def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> Plan:
-    """The plan ``stepper.unroll`` would execute (a Budget needs the step's saved bytes: one step is traced)."""
+    """The plan ``stepper.unroll`` would execute (a Budget needs the cost model: one step is traced)."""
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     kwargs: dict[str, int] = {}
     if type(policy).__name__ == "Budget":
-        from ..analysis.memory import saved_bytes_per_step
+        from ..analysis.cost import CostModel  # predicted from the step graph, nothing is run with grad
 
-        kwargs = {"state_bytes": state_bytes(state), "step_bytes": saved_bytes_per_step(stepper, state, batches[0], *meta)}
+        cost = CostModel.from_stepper(stepper, state, batches[0], *meta)
+        kwargs = {"state_bytes": cost.state_bytes, "step_bytes": cost.taped_step_bytes}
     return policy.plan(len(batches), **kwargs)
 
 
