@@ -28,7 +28,8 @@ def calls(gm: fx.GraphModule):
 
 def test_pipeline_is_the_documented_literal_tuple():
     assert [p.__name__ for p in PIPELINE] == [
-        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "eliminate_dead_code",
+        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "safe_sqrt",
+        "eliminate_dead_code",
     ]
 
 
@@ -104,3 +105,30 @@ def test_each_pass_is_idempotent_on_the_final_graph():
     for p in PIPELINE[2:]:
         gm = p(gm)
     assert gm.code == code
+
+
+def test_adam_meta_gradient_is_finite_with_dead_units(float64):
+    """Dead ReLU units keep Adam's exp_avg_sq at 0; sqrt'(0) = inf must not turn the meta-gradient into NaN."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # four units never fire
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(4)]
+    xv = torch.randn(5, 3)
+    W0 = model[2].weight.detach().clone()
+
+    def meta(W):
+        final = stepper.unroll(stepper.init(params={"2.weight": W}), batches)
+        return stepper.forward(final, xv).pow(2).mean()
+
+    W = W0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(meta(W), W)
+    assert torch.isfinite(g).all()
+    from oracles import central_difference
+
+    with torch.no_grad():
+        fd = central_difference(meta, W0)
+    assert ((g - fd).abs().max() / fd.abs().max()) < 1e-6
+    assert (g[0, :4] == 0).all()  # the dead units' outgoing weights get no meta-gradient
+    assert not any(n.target is torch.ops.aten.sqrt.default and "/optim/" in (n.meta.get("stack_trace") or "")
+                   and n.args[0].target is not torch.ops.aten.where.ScalarOther for n in stepper.graph.graph.nodes)

@@ -7,6 +7,7 @@ Read in order, it is the whole compiler after capture::
     strip_detach         autograd/optimizer detaches that cut second-order paths -> removed
     strip_profiler       record_function ranges of Optimizer.step -> removed
     remove_copies        clone / lift_fresh_copy / same-shape copy -> their source
+    safe_sqrt            the optimizer's sqrt -> same values, derivative 0 at 0 (no NaN meta-gradients)
     eliminate_dead_code  unused nodes -> removed
 
 ``run_pipeline`` keeps the graph after each pass (``"after lift_inputs"``, ...) for inspection, and with
@@ -24,6 +25,7 @@ from .dead_code import eliminate_dead_code
 from .functionalize import functionalize
 from .lift_inputs import lift_inputs
 from .remove_copies import remove_copies
+from .safe_sqrt import safe_sqrt
 from .strip_detach import strip_detach
 from .strip_profiler import strip_profiler
 
@@ -37,6 +39,7 @@ PIPELINE: tuple[Pass, ...] = (
     strip_detach,
     strip_profiler,
     remove_copies,
+    safe_sqrt,
     eliminate_dead_code,
 )
 
