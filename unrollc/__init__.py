@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import CaptureError
 from .optimizer_spec import UnsupportedOptimizerError
+from .higher import get_diff_optim, innerloop_ctx, monkeypatch
 from .runtime.schedules import Binomial, Budget, EveryK, NoCheckpoint, Sqrt
 from .runtime.state import UnrollState
 from .runtime.stepper import Stepper
@@ -30,6 +31,9 @@ __all__ = [
     "Sqrt",
     "Binomial",
     "Budget",
+    "innerloop_ctx",
+    "monkeypatch",
+    "get_diff_optim",
     "CaptureError",
     "UnsupportedOptimizerError",
 ]

@@ -17,6 +17,9 @@ from the user's own eager code (``torch.autograd.grad(loss, params, create_graph
    stale branch). The cache is shared by all instances (a new ``innerloop_ctx`` per outer step does
    not re-trace) and bounded.
 
+   The pipeline's ``safe_sqrt`` pass gives the optimizer's ``sqrt`` a zero derivative where its input is
+   exactly 0 (Adam's ``exp_avg_sq`` of an always-zero gradient entry), as ``higher`` does by masking.
+
 The graph is a pure function of tensors: autograd differentiates through it like any op.
 """
 
@@ -206,7 +209,7 @@ class CompiledUpdate:
                 p.grad = None
         sig = UpdateSignature(tuple(p_copy), state_in, tuple(state_out), tuple(n for n, _ in h_leaves), grad_names)
         gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples}
-        gm, _ = run_pipeline(gm)
+        gm, _ = run_pipeline(gm)  # includes safe_sqrt: no NaN meta-gradients where exp_avg_sq == 0
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1

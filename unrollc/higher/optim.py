@@ -64,7 +64,6 @@ class DifferentiableOptimizer:
     ) -> None:
         reference_params = list(reference_params)
         self._other = other
-        self._opt_cls = type(other)
         self.param_groups = [{k: v for k, v in g.items() if k != "params"} for g in other.param_groups]
         self._raw = [dict(g) for g in self.param_groups]  # the options as the user's optimizer has them
         self._group_to_param_list: list[list[int]] = []

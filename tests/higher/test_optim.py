@@ -1,0 +1,240 @@
+"""unrollc/higher/optim.py: differentiable optimizers are exactly torch.optim, and higher's API holds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import unrollc.higher as uh
+from unrollc.optimizer_spec import UnsupportedOptimizerError
+
+O = torch.optim
+OPTIMIZERS = [
+    (O.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (O.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=True)),
+    (O.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    (O.AdamW, dict(lr=0.01)),
+    (O.Adadelta, dict(lr=0.5)),
+    (O.Adagrad, dict(lr=0.1, lr_decay=0.01)),
+    (O.Adamax, dict(lr=0.01)),
+    (O.ASGD, dict(lr=0.01, t0=3)),
+    (O.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1)),
+    (O.RAdam, dict(lr=0.01)),
+    (O.RMSprop, dict(lr=0.01, centered=True, momentum=0.9)),
+    (O.Rprop, dict(lr=0.01)),
+]
+IDS = [f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw in OPTIMIZERS]
+
+
+def data():
+    return torch.randn(8, 4), torch.randn(8, 2)
+
+
+def loss_of(out, y):
+    return F.mse_loss(out, y)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_trajectory_equals_torch_optim(cls, kwargs):
+    model = nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    opt, twin_opt = cls(model.parameters(), **kwargs), cls(twin.parameters(), **kwargs)
+    x, y = data()
+    with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for step in range(7):  # RAdam switches its rectification on after 5 steps: a guard, a re-trace
+            diffopt.step(loss_of(fmodel(x), y))
+            twin_opt.zero_grad()
+            loss_of(twin(x), y).backward()
+            twin_opt.step()
+            for fast, ref in zip(fmodel.parameters(), twin.parameters(), strict=True):
+                torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        for i, p in enumerate(twin_opt.param_groups[0]["params"]):
+            for k, v in twin_opt.state[p].items():
+                torch.testing.assert_close(diffopt.state[0][i][k].float(), torch.as_tensor(v).float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [(O.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)), (O.SGD, dict(lr=0.2, momentum=0.5, dampening=0.3)), (O.Adagrad, dict(lr=0.1)), (O.RMSprop, dict(lr=0.01, momentum=0.5))])
+def test_meta_gradient_agrees_with_higher(cls, kwargs):
+    higher = pytest.importorskip("higher")
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = data()
+    grads = []
+    for lib in (uh, higher):
+        model.zero_grad()
+        with lib.innerloop_ctx(model, cls(model.parameters(), **kwargs), copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(loss_of(fmodel(x), y))
+            loss_of(fmodel(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adam_is_torch_adam_where_higher_differs():
+    higher = pytest.importorskip("higher")
+    model = nn.Linear(4, 2)
+    x, y = data()
+    ends = {}
+    for name, lib in (("unrollc", uh), ("higher", higher)):
+        with lib.innerloop_ctx(model, O.Adam(model.parameters(), lr=0.1, eps=0.5)) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(loss_of(fmodel(x), y))
+            ends[name] = fmodel.fast_params[0].detach()
+    twin = copy.deepcopy(model)
+    opt = O.Adam(twin.parameters(), lr=0.1, eps=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(twin(x), y).backward()
+        opt.step()
+    torch.testing.assert_close(ends["unrollc"], twin.weight.detach(), rtol=1e-5, atol=1e-6)
+    assert (ends["higher"] - twin.weight).abs().max() > 1e-3  # higher adds eps before the bias correction
+
+
+def test_maximize_is_honoured_where_higher_ignores_it():
+    higher = pytest.importorskip("higher")
+    model = nn.Linear(4, 2)
+    x, y = data()
+    moved = {}
+    for name, lib in (("unrollc", uh), ("higher", higher)):
+        with lib.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1, maximize=True)) as (fmodel, diffopt):
+            before = loss_of(fmodel(x), y)
+            diffopt.step(before)
+            moved[name] = (loss_of(fmodel(x), y) - before).item()
+    assert moved["unrollc"] > 0 > moved["higher"]
+
+
+def test_override_learning_rate_receives_exact_gradient(float64):
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    opt = O.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def meta_loss(lr):
+        with uh.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(loss_of(fmodel(x), y))
+            return loss_of(fmodel(x), y)
+
+    lr = torch.tensor(0.1, requires_grad=True)
+    (grad,) = torch.autograd.grad(meta_loss(lr), lr)
+    eps = 1e-6
+    numeric = (meta_loss(torch.tensor(0.1 + eps)) - meta_loss(torch.tensor(0.1 - eps))) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_per_group_override_and_step_override(lib):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = O.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}], lr=0.1)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    lrs = [torch.tensor(0.1, requires_grad=True), torch.tensor(0.2, requires_grad=True)]
+    with lib.innerloop_ctx(model, opt, override={"lr": lrs}) as (fmodel, diffopt):
+        diffopt.step(loss_of(fmodel(x), y))
+        diffopt.step(loss_of(fmodel(x), y), override={"lr": [torch.tensor(0.05)]})
+        assert diffopt.param_groups[1]["lr"].item() == pytest.approx(0.05)
+        loss = loss_of(fmodel(x), y)
+    g0, g1 = torch.autograd.grad(loss, lrs)
+    assert g0.abs() > 0 and g1.abs() > 0
+
+
+def test_trainable_opt_params_round_trip(lib):
+    model = nn.Linear(3, 1)
+    opt = O.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    override = lib.optim.get_trainable_opt_params(opt)
+    assert sorted(override) == sorted(uh.optim.get_trainable_opt_params(opt))
+    assert all(t.requires_grad for t in override["lr"])
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    with lib.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):
+        for _ in range(2):  # the first momentum buffer is the gradient: momentum acts from step 2
+            diffopt.step(loss_of(fmodel(x), y))
+        loss_of(fmodel(x), y).backward()
+    assert override["lr"][0].grad is not None and override["momentum"][0].grad is not None
+    with torch.no_grad():
+        override["lr"][0].sub_(0.05)
+    lib.optim.apply_trainable_opt_params(opt, override)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and isinstance(opt.param_groups[0]["lr"], float)
+
+
+def test_create_diff_optim_and_explicit_params(lib):
+    torch.manual_seed(0)
+    w = torch.randn(3, 1, requires_grad=True)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    diffopt = lib.optim.create_diff_optim(O.SGD, {"lr": 0.1, "momentum": 0.9}, params=[w])
+    params = [w]
+    for _ in range(3):
+        params = diffopt.step(loss_of(x @ params[0], y), params=params)
+    (g,) = torch.autograd.grad(loss_of(x @ params[0], y), w)
+    wr, buf = w, None  # eager reference with create_graph
+    for _ in range(3):
+        (gr,) = torch.autograd.grad(loss_of(x @ wr, y), wr, create_graph=True)
+        buf = gr if buf is None else 0.9 * buf + gr
+        wr = wr - 0.1 * buf
+    (ref,) = torch.autograd.grad(loss_of(x @ wr, y), w)
+    torch.testing.assert_close(g, ref)
+
+
+def test_step_without_params_or_fmodel_is_refused(lib):
+    w = torch.randn(3, requires_grad=True)
+    diffopt = lib.optim.get_diff_optim(O.SGD([w], lr=0.1), [w])
+    with pytest.raises(ValueError, match="params kwarg must be passed"):
+        diffopt.step(w.sum())
+
+
+def test_grad_callback(lib):
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(6, 3), 10 * torch.randn(6, 1)
+    clip = lambda grads: [g.clamp(-0.01, 0.01) for g in grads]  # noqa: E731
+    with lib.innerloop_ctx(model, O.SGD(model.parameters(), lr=1.0)) as (fmodel, diffopt):
+        start = [p.detach().clone() for p in fmodel.parameters()]
+        diffopt.step(loss_of(fmodel(x), y), grad_callback=clip)
+        for p, s in zip(fmodel.parameters(), start, strict=True):
+            assert (p - s).abs().max() <= 0.01 + 1e-7
+
+
+def test_register_optim_uses_a_hand_written_update(lib):
+    class Doubling(O.SGD):
+        pass
+
+    class DiffDoubling(lib.optim.DifferentiableOptimizer):
+        def _update(self, grouped_grads, **kwargs):
+            for group, grads in zip(self.param_groups, grouped_grads):
+                group["params"] = [p - 2 * group["lr"] * g for p, g in zip(group["params"], grads)]
+
+    lib.optim.register_optim(Doubling, DiffDoubling)
+    w = torch.ones(2, requires_grad=True)
+    diffopt = lib.optim.get_diff_optim(Doubling([w], lr=0.25), [w])
+    (new,) = diffopt.step((w * w).sum(), params=[w])
+    torch.testing.assert_close(new, torch.zeros(2))
+
+
+def test_utils(lib):
+    model = nn.Linear(3, 2)
+    assert lib.utils.flatten({"a": [1, (2, 3)], "b": 4}) == [1, 2, 3, 4]
+    copies = lib.utils.get_func_params(model)
+    assert all(c.requires_grad and c.is_leaf and c is not p and torch.equal(c, p) for c, p in zip(copies, model.parameters()))
+
+
+def test_unsupported_optimizer_error_says_why():
+    model = nn.Linear(3, 1)
+    with uh.innerloop_ctx(model, O.LBFGS(model.parameters())) as (fmodel, diffopt):
+        with pytest.raises(UnsupportedOptimizerError, match="LBFGS.*closure"):
+            diffopt.step(fmodel(torch.randn(2, 3)).sum())
+
+
+def test_adam_meta_gradient_is_finite_where_a_gradient_is_always_zero():
+    higher = pytest.importorskip("higher")
+    model = nn.Linear(3, 3)
+    x = torch.randn(5, 3)
+    x[:, 0] = 0  # weight[:, 0] never gets a gradient: Adam's sqrt(exp_avg_sq) is sqrt(0)
+    grads = []
+    for lib in (uh, higher):
+        model.zero_grad()
+        with lib.innerloop_ctx(model, O.Adam(model.parameters(), lr=0.1, eps=1e-8), copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(fmodel(x).pow(2).mean())
+            fmodel(torch.ones(5, 3)).pow(2).mean().backward()
+        grads.append(model.weight.grad.clone())
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)

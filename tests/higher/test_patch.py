@@ -1,0 +1,191 @@
+"""unrollc/higher/patch.py: the functional module, against higher's documented behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import unrollc.higher as uh
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    def embed(self, x):
+        return self.encoder(x)
+
+
+def test_forward_with_params_and_history(lib):
+    model = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    fmodel = lib.monkeypatch(model)
+    torch.testing.assert_close(fmodel(x), model(x))
+    new = [torch.randn(2, 3, requires_grad=True), torch.randn(2, requires_grad=True)]
+    torch.testing.assert_close(fmodel(x, params=new), F.linear(x, *new))
+    assert [p is q for p, q in zip(fmodel.parameters(), new, strict=True)] == [True, True]  # params= become fast weights
+    assert all(torch.equal(p, q) for p, q in zip(fmodel.parameters(time=0), model.parameters(), strict=True))
+    assert all(p is q for p, q in zip(fmodel.parameters(time=1), new, strict=True))
+    fmodel.fast_params = [t * 2 for t in new]
+    fmodel.update_params([t * 3 for t in new])
+    torch.testing.assert_close(list(fmodel.parameters(time=2))[1], new[1] * 2)
+    torch.testing.assert_close(fmodel.fast_params[1], new[1] * 3)
+    assert len(list(fmodel.parameters(time=-1))) == 2
+
+
+def test_copy_initial_weights_semantics(lib):
+    model = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    fcopy = lib.monkeypatch(model, copy_initial_weights=True)
+    fcopy(x).sum().backward()
+    assert model.weight.grad is None  # detached copies: gradients stop at time 0
+    assert next(fcopy.parameters(time=0)).grad is not None
+    flink = lib.monkeypatch(model, copy_initial_weights=False)
+    flink(x).sum().backward()
+    torch.testing.assert_close(model.weight.grad, x.sum(0, keepdim=True))  # clones: gradients reach the model
+
+
+def test_named_parameters_state_dict_and_buffers(lib):
+    model = Net()
+    x = torch.randn(16, 4)
+    fmodel = lib.monkeypatch(model)
+    assert [n for n, _ in fmodel.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(fmodel.state_dict()) == list(model.state_dict())
+    before = model.encoder[1].running_mean.clone()
+    fmodel(x)
+    buffers = dict(fmodel.named_buffers())
+    torch.testing.assert_close(model.encoder[1].running_mean, before)  # the model is untouched
+    assert not torch.equal(buffers["encoder.1.running_mean"], before)  # the copy's statistics advance
+    assert int(buffers["encoder.1.num_batches_tracked"]) == 1
+    torch.testing.assert_close(fmodel.state_dict()["encoder.1.running_mean"], buffers["encoder.1.running_mean"])
+    fmodel.eval()
+    assert not fmodel.training and model.training
+
+
+def test_direct_submodule_calls_use_fast_weights(lib):
+    model = Net()
+    x = torch.randn(6, 4)
+    fmodel = lib.monkeypatch(model)
+    fmodel.eval()
+    w = [p * 1.5 for p in fmodel.parameters()]
+    fmodel.update_params(w)
+    hidden = torch.tanh(F.batch_norm(F.linear(x, w[0], w[1]), model.encoder[1].running_mean, model.encoder[1].running_var, w[2], w[3]))
+    torch.testing.assert_close(fmodel.encoder(x), hidden)
+    torch.testing.assert_close(fmodel.head(hidden), F.linear(hidden, w[4], w[5]))
+    torch.testing.assert_close(fmodel.head.weight, w[4])
+
+
+def test_nested_indexing_and_methods_of_the_users_class():
+    # higher 0.2.1 fails here (AttributeError: '_refill_params_box' on fmodel[0][0], wrong weights on fmodel.encoder[0])
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2))
+    x = torch.randn(6, 4)
+    fmodel = uh.monkeypatch(model)
+    w = [p + 1 for p in fmodel.parameters()]
+    fmodel.update_params(w)
+    torch.testing.assert_close(fmodel[0][0](x), F.linear(x, w[0], w[1]))
+    torch.testing.assert_close(fmodel[0](x), F.relu(F.linear(x, w[0], w[1])))
+    assert len(fmodel) == 2 and len(list(iter(fmodel[0]))) == 2
+    assert [n for n, _ in fmodel[1].named_parameters()] == ["weight", "bias"]
+    net = Net().eval()
+    fnet = uh.monkeypatch(net)
+    fnet.update_params([p * 2 for p in fnet.parameters()])
+    torch.testing.assert_close(fnet.embed(x), fnet.encoder(x))
+
+
+def test_assigning_a_weight(lib):
+    model = nn.Linear(8, 2)
+    fmodel = lib.monkeypatch(model)
+    new = torch.zeros(2, 8, requires_grad=True)
+    fmodel.weight = new
+    assert list(fmodel.parameters())[0] is new
+    assert len(list(fmodel.parameters(time=1))) == 2  # the assignment is a new time step, as in higher
+    torch.testing.assert_close(fmodel(torch.randn(3, 8)), fmodel.bias.expand(3, 2))
+
+
+def test_assigning_a_submodule_weight():
+    # higher 0.2.1: AttributeError ('InnerFunctionalLinear' object has no attribute 'update_params')
+    fmodel = uh.monkeypatch(Net())
+    new = torch.zeros(2, 8, requires_grad=True)
+    fmodel.head.weight = new
+    assert list(fmodel.parameters())[4] is new
+    assert len(list(fmodel.parameters(time=1))) == 6
+    torch.testing.assert_close(fmodel(torch.randn(3, 4)), fmodel.head.bias.expand(3, 2))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.embed(idx)))
+
+
+def test_tied_weights_stay_tied(lib):
+    model = Tied()
+    idx = torch.randint(0, 10, (7,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with lib.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        assert len(list(fmodel.parameters())) == 1
+        for _ in range(2):
+            diffopt.step(F.cross_entropy(fmodel(idx), idx))
+        w = fmodel.fast_params[0]
+        torch.testing.assert_close(fmodel(idx), F.linear(torch.tanh(F.embedding(idx, w)), w))
+        F.cross_entropy(fmodel(idx), idx).backward()
+    # eager reference: the same two steps by hand with create_graph
+    w0 = model.embed.weight
+    ref_grad = model.embed.weight.grad.clone()
+    model.zero_grad()
+    w = w0.clone()
+    for _ in range(2):
+        (g,) = torch.autograd.grad(F.cross_entropy(F.linear(torch.tanh(F.embedding(idx, w)), w), idx), w, create_graph=True)
+        w = w - 0.5 * g
+    (ref,) = torch.autograd.grad(F.cross_entropy(F.linear(torch.tanh(F.embedding(idx, w)), w), idx), w0)
+    torch.testing.assert_close(ref_grad, ref)
+
+
+RNNS = [
+    (nn.RNN, lambda m, x: m(x)[0]),
+    (nn.LSTM, lambda m, x: m(x)[0]),
+    (nn.GRU, lambda m, x: m(x)[0]),
+    (nn.RNNCell, lambda m, x: m(x[:, 0])),
+    (nn.LSTMCell, lambda m, x: m(x[:, 0])[0]),
+    (nn.GRUCell, lambda m, x: m(x[:, 0])),
+]
+
+
+@pytest.mark.parametrize(("cls", "run"), RNNS, ids=[c.__name__ for c, _ in RNNS])
+def test_recurrent_modules_meta_gradient(cls, run):
+    import higher
+
+    torch.manual_seed(0)
+    kwargs = {"batch_first": True} if cls in (nn.RNN, nn.LSTM, nn.GRU) else {}
+    model = cls(3, 5, **kwargs)
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 5)
+    results = []
+    for library in (uh, higher):
+        model.zero_grad()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+        with library.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            torch.testing.assert_close(run(fmodel, x), run(model, x)) if library is uh else None
+            for _ in range(2):
+                diffopt.step(F.mse_loss(run(fmodel, x).reshape(4, -1)[:, -5:], y))
+            F.mse_loss(run(fmodel, x).reshape(4, -1)[:, -5:], y).backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_patching_a_patched_module_is_refused():
+    fmodel = uh.monkeypatch(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already a functional module"):
+        uh.monkeypatch(fmodel)
