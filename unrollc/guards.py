@@ -127,10 +127,62 @@ class Guard:
     def __str__(self) -> str:
         return f"{self.kind}({self.expr!r}) == {self.value!r}"
 
+    @property
+    def leaves(self) -> frozenset[str]:
+        """Names of the leaves the guard reads."""
+        return _leaf_names(self.expr)
+
+
+def _leaf_names(expr: Any) -> frozenset[str]:
+    if isinstance(expr, _Leaf):
+        return frozenset((expr.name,))
+    if isinstance(expr, _Item):
+        return _leaf_names(expr.call)
+    if isinstance(expr, _Call):
+        flat = tree_flatten((expr.args, expr.kwargs), is_leaf=_is_expr)[0]
+        return frozenset().union(*(_leaf_names(e) for e in flat))
+    return frozenset()
+
 
 def check_guards(guards: Sequence[Guard], env: Mapping[str, torch.Tensor]) -> bool:
     """True when every guard holds for ``env`` (leaf name -> current tensor value)."""
     return all(g.holds(env) for g in guards)
+
+
+class GuardSet:
+    """The guards of one traced graph, checked cheaply on every step.
+
+    Guards that read only values which are the very same tensor objects, unmodified (same ``_version``),
+    as at their last successful check are not evaluated again: hyperparameters are carried unchanged from
+    step to step, so e.g. SGD's ``momentum != 0`` is evaluated once, while RAdam's guard on the step
+    count is evaluated every step. The set holds references to the tensors it compared, so an ``id`` can
+    never be reused by a different tensor.
+    """
+
+    def __init__(self, guards: Sequence[Guard]) -> None:
+        unique: dict[str, Guard] = {}
+        for g in guards:
+            unique.setdefault(str(g), g)
+        self.guards = list(unique.values())
+        self.leaves = sorted(frozenset().union(*(g.leaves for g in self.guards))) if self.guards else []
+        self._seen: list[tuple[torch.Tensor, int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.guards)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.guards)
+
+    def holds(self, env: Mapping[str, torch.Tensor]) -> bool:
+        """Whether every guard holds for ``env``, skipping the work when the leaves are unchanged."""
+        if not self.guards:
+            return True
+        seen = [(env[name], env[name]._version) for name in self.leaves]
+        if self._seen is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(seen, self._seen, strict=True)):
+            return True
+        ok = check_guards(self.guards, env)
+        self._seen = seen if ok else None
+        return ok
 
 
 def _convert(tensor: torch.Tensor, kind: str) -> Any:

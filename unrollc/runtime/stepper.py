@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..capture import Captured, Signature, capture_step
 from ..errors import CaptureError
-from ..guards import Guard, check_guards
+from ..guards import Guard, GuardSet
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from .state import UnrollState, groups_to_hyper, hyper_to_groups
@@ -30,7 +30,7 @@ class CompiledStep:
 
     gm: fx.GraphModule
     signature: Signature
-    guards: list[Guard]
+    guards: GuardSet
     graphs: dict[str, fx.GraphModule]
     raw: Captured | None = None
 
@@ -167,7 +167,7 @@ class Stepper:
         """The guards of the most recent step graph (values the optimizer branched on)."""
         self.graph  # noqa: B018
         assert self._last is not None
-        return self._last.guards
+        return list(self._last.guards)
 
     # -------------------------------------------------------------------------------------- internal
     def _key(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> Any:
@@ -196,7 +196,7 @@ class Stepper:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
         for entry in entries:
-            if not entry.guards or check_guards(entry.guards, self._guard_env(entry.signature, state, groups)):
+            if not entry.guards or entry.guards.holds(self._guard_env(entry.signature, state, groups)):
                 self._last = entry
                 return entry
         if len(entries) >= _MAX_TRACES_PER_LAYOUT:
@@ -246,7 +246,7 @@ class Stepper:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        return CompiledStep(gm, captured.signature, captured.guards, graphs)
+        return CompiledStep(gm, captured.signature, GuardSet(captured.guards), graphs)
 
     def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
         """Trainable parameters the loss depends on (others get no gradient, as in eager torch.optim)."""
