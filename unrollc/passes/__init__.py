@@ -7,8 +7,9 @@ Read in order, it is the whole compiler after capture::
     strip_detach         autograd/optimizer detaches that cut second-order paths -> removed
     strip_profiler       record_function ranges of Optimizer.step -> removed
     remove_copies        clone / lift_fresh_copy / same-shape copy -> their source
-    safe_sqrt            the optimizer's sqrt -> same values, derivative 0 at 0 (no NaN meta-gradients)
     eliminate_dead_code  unused nodes -> removed
+    safe_sqrt            the optimizer's sqrt -> same values, derivative 0 at 0 (no NaN meta-gradients);
+                         last, so "after eliminate_dead_code" is the graph for steps that need no gradient
 
 ``run_pipeline`` keeps the graph after each pass (``"after lift_inputs"``, ...) for inspection, and with
 ``check=True`` verifies after each pass the guarantees stated above (:mod:`unrollc.inspect.lint`).
@@ -39,8 +40,8 @@ PIPELINE: tuple[Pass, ...] = (
     strip_detach,
     strip_profiler,
     remove_copies,
-    safe_sqrt,
     eliminate_dead_code,
+    safe_sqrt,
 )
 
 

@@ -127,7 +127,10 @@ class Stepper:
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         compiled = self._lookup(state, groups, batch, meta)
         flat = self._flatten(compiled.signature, state, groups, batch, meta)
-        outs = compiled.gm(*flat)
+        # Without grad (plain training, the forward sweep of a checkpointed unroll) the graph before
+        # safe_sqrt computes the same values with fewer ops.
+        gm = compiled.gm if torch.is_grad_enabled() else compiled.graphs.get("after eliminate_dead_code", compiled.gm)
+        outs = gm(*flat)
         return self._unflatten(compiled.signature, state, outs)
 
     def unroll(self, state: UnrollState, batches: Iterable[Any], *meta: Any, checkpoint: Any = None) -> UnrollState:
