@@ -28,8 +28,8 @@ def calls(gm: fx.GraphModule):
 
 def test_pipeline_is_the_documented_literal_tuple():
     assert [p.__name__ for p in PIPELINE] == [
-        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "safe_sqrt",
-        "eliminate_dead_code",
+        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "eliminate_dead_code",
+        "safe_sqrt",
     ]
 
 
