@@ -98,8 +98,9 @@ def test_final_graph_signature_and_no_view_copies():
     assert not any(t.endswith("_copy.default") for t in targets - {"aten._to_copy.default"})
 
 
-def test_each_pass_is_idempotent_on_the_final_graph():
-    stepper = compiled()
+@pytest.mark.parametrize("opt_cls,kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.01})])
+def test_each_pass_is_idempotent_on_the_final_graph(opt_cls, kwargs):
+    stepper = compiled(opt_cls, **kwargs)
     gm = stepper.graph
     code = gm.code
     for p in PIPELINE[2:]:

@@ -44,6 +44,8 @@ def safe_sqrt(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function" or node.target is not _aten.sqrt.default or not _from_optimizer(node):
             continue
         (v,) = node.args
+        if isinstance(v, fx.Node) and v.target is _aten.where.ScalarOther and v.args[2] == 1.0:
+            continue  # already rewritten: the pass is idempotent
         with graph.inserting_before(node):
             pos = graph.call_function(_aten.gt.Scalar, (v, 0))
             safe = graph.call_function(_aten.where.ScalarOther, (pos, v, 1.0))
