@@ -18,6 +18,7 @@ from torch import nn
 from .errors import CaptureError
 from .optimizer_spec import UnsupportedOptimizerError
 from .higher import get_diff_optim, innerloop_ctx, monkeypatch
+from .inspect import Report, explain
 from .runtime.schedules import Binomial, Budget, EveryK, NoCheckpoint, Sqrt
 from .runtime.state import UnrollState
 from .runtime.stepper import Stepper
@@ -31,6 +32,8 @@ __all__ = [
     "Sqrt",
     "Binomial",
     "Budget",
+    "explain",
+    "Report",
     "innerloop_ctx",
     "monkeypatch",
     "get_diff_optim",

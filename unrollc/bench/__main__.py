@@ -59,6 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.workload, args.n, args.repeats, args.slots, args.every_k = "mlp-small", [4, 8], 1, 3, 3
+        args.schedules = list(SCHEDULES)
         args.jobs = max(args.jobs, 2)
     return args
 

@@ -101,21 +101,22 @@ def _counts(c: Counter, order: tuple[str, ...]) -> str:
     return ", ".join(f"{c[k]} {k}" for k in order if c.get(k))
 
 
-def _wrap(text: str, indent: int, width: int = 100) -> str:
-    words, lines, line = text.split(" "), [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width - indent:
-            lines.append(line)
-            line = w
+def _wrap(text: str, indent: int, width: int = 100, sep: str = ", ") -> str:
+    """Wrap a ``sep``-separated list at item boundaries."""
+    items, lines, line = text.split(sep), [], ""
+    for item in items:
+        if line and len(line) + len(sep) + len(item) > width - indent:
+            lines.append(line + sep.rstrip())
+            line = item
         else:
-            line = f"{line} {w}" if line else w
+            line = f"{line}{sep}{item}" if line else item
     lines.append(line)
     return ("\n" + " " * indent).join(lines)
 
 
 def _guard_text(guards: list[str]) -> str:
     counts = Counter(guards)
-    return _wrap("; ".join(g if n == 1 else f"{g} (x{n})" for g, n in counts.items()), 11)
+    return _wrap("; ".join(g if n == 1 else f"{g} (x{n})" for g, n in counts.items()), 11, sep="; ")
 
 
 def _counter_text(c: Counter) -> str:
@@ -124,13 +125,15 @@ def _counter_text(c: Counter) -> str:
 
 def _pass_details(d: PassDiff) -> list[str]:
     out = []
-    for i, x in enumerate(d.lifted):
-        if i == _MAX_LIFTED_LINES:
-            out.append(f"... and {len(d.lifted) - i} more inputs")
-            break
+    shown = d.lifted[:_MAX_LIFTED_LINES]
+    w_name = max((len(x.name) for x in shown), default=0)
+    w_where = max((len(x.module) + 2 for x in shown if x.module), default=0)
+    for x in shown:
         where = f"[{x.module}]" if x.module else ""
         attrs = ", ".join(x.attributes) or "(new)"
-        out.append(f"{x.role:<9} {x.name:<24} {where:<16} {attrs} -> input {x.placeholder}")
+        out.append(f"{x.role:<9} {x.name:<{w_name}}  {where:<{w_where}}  {attrs} -> input {x.placeholder}")
+    if len(d.lifted) > len(shown):
+        out.append(f"... and {len(d.lifted) - len(shown)} more inputs")
     out += [f"in-place -> functional: {a} x{n} -> {b}" for a, n, b in d.rewritten]
     if d.removed:
         out.append("removed: " + _wrap(_counter_text(d.removed), 15))

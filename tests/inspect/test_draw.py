@@ -1,0 +1,61 @@
+"""Drawings of the step graph: DOT written and parseable, roles distinguished, collapsible by module."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+
+from unrollc.inspect import draw, to_dot
+from unrollc.inspect.draw import ROLE_COLORS
+
+from inspect_fixtures import tiny_stepper
+
+# pydot's DOT parser uses pyparsing names that newer pyparsing deprecates (not ours to fix).
+pytestmark = pytest.mark.filterwarnings("ignore:'[a-zA-Z]+' deprecated:DeprecationWarning")
+
+
+def test_missing_pydot_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydot", None)
+    with pytest.raises(ImportError, match=r"pip install 'unrollc\[draw\]'"):
+        to_dot(tiny_stepper(steps=1))
+
+
+def test_dot_file_is_written_and_parses(tmp_path):
+    pydot = pytest.importorskip("pydot")
+    stepper = tiny_stepper(torch.optim.Adam)
+    path = draw(stepper, tmp_path / "step.dot")
+    (graph,) = pydot.graph_from_dot_file(path)
+    nodes = {n.get_name(): n for n in graph.get_nodes()}
+    for sub in graph.get_subgraphs():
+        nodes.update({n.get_name(): n for n in sub.get_nodes()})
+    colors = {n.get_name(): (n.get("fillcolor") or "").strip('"') for n in nodes.values()}
+    assert colors["p_hidden_weight"] == ROLE_COLORS["param"]
+    assert colors["s_hidden_weight_exp_avg"] == ROLE_COLORS["opt_state"]
+    assert colors["h_lr"] == ROLE_COLORS["hyper"]
+    assert colors["batch_batch_0"] == ROLE_COLORS["batch"]
+    assert ROLE_COLORS["loss"] in colors.values()
+    labels = {(sub.get("label") or "").strip('"') for sub in graph.get_subgraphs()}
+    assert {"hidden: Linear", "out: Linear", "optimizer step", "backward (autograd)"} <= labels
+    n_ops = sum(1 for n in stepper.graph.graph.nodes if n.op == "call_function")
+    assert sum(len(sub.get_nodes()) for sub in graph.get_subgraphs()) == n_ops
+
+
+def test_collapse_draws_one_node_per_group(tmp_path):
+    pydot = pytest.importorskip("pydot")
+    stepper = tiny_stepper(torch.optim.Adam)
+    (full,) = pydot.graph_from_dot_data(to_dot(stepper).to_string())
+    (small,) = pydot.graph_from_dot_data(to_dot(stepper, collapse=True).to_string())
+    labels = [n.get("label") or "" for n in small.get_nodes()]
+    assert any("hidden: Linear" in label and "ops" in label for label in labels)
+    assert any("optimizer step" in label for label in labels)
+    assert len(small.get_nodes()) < 25 < len(full.to_string().splitlines())
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot program is not installed")
+def test_svg_is_rendered(tmp_path):
+    pytest.importorskip("pydot")
+    path = draw(tiny_stepper(), tmp_path / "step.svg", collapse=True)
+    assert open(path).read().lstrip().startswith(("<?xml", "<svg"))

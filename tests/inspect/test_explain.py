@@ -1,0 +1,79 @@
+"""unrollc.inspect.explain: the report of what each pass did (golden text for a tiny model) and its costs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from unrollc.inspect import Report, explain
+from unrollc.passes import PIPELINE
+
+from inspect_fixtures import tiny_stepper
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "explain_tiny_sgd.txt")
+
+
+def tiny_report() -> Report:
+    return explain(tiny_stepper(torch.optim.SGD, momentum=0.9))
+
+
+def test_explain_golden_text():
+    """The report without its bytes/FLOPs section; after a deliberate change, regenerate the file with
+    ``python tests/inspect/test_explain.py`` and review the diff."""
+    text = tiny_report().format(costs=False)
+    with open(GOLDEN) as f:
+        expected = f.read()
+    assert text == expected
+
+
+def test_every_pass_is_listed_in_order_with_node_counts():
+    report = tiny_report()
+    names = [d.name for d in report.passes]
+    assert names == [p.__name__ for p in PIPELINE]
+    for before, after in zip(report.passes, report.passes[1:]):
+        assert before.nodes_after == after.nodes_before
+    lifted = {x.name: x for x in report.passes[0].lifted}
+    assert lifted["hidden.weight"].placeholder == "p_hidden_weight" and lifted["hidden.weight"].module == "hidden: Linear"
+    assert lifted["out.bias.momentum_buffer"].role == "opt_state" and lifted["out.bias.momentum_buffer"].module == "out: Linear"
+    assert lifted["lr"].role == "hyper" and lifted["lr"].module is None
+    rewritten = {a: b for a, _, b in report.passes[1].rewritten}
+    assert rewritten["add_.Tensor"] == "add.Tensor"
+
+
+def test_cost_section_matches_the_cost_model():
+    cost = pytest.importorskip("unrollc.analysis.cost")
+    stepper = tiny_stepper(torch.optim.SGD, momentum=0.9)
+    report = explain(stepper)
+    model = cost.CostModel.from_graph(stepper.graph)
+    assert (report.state_bytes, report.saved_bytes, report.flops) == (
+        model.state_bytes, model.step_saved_bytes, model.flops_per_step,
+    )
+    # 4 params + 4 momentum buffers of TinyNet (2x3 + 3 + 3x1 + 1 floats each), float32
+    assert report.state_bytes == 2 * (6 + 3 + 3 + 1) * 4
+    text = str(report)
+    assert "carried state" in text and "saved for backward" in text and f"~{report.flops:,}" in text
+
+
+def test_notebook_renderings():
+    report = tiny_report()
+    assert report._repr_html_().startswith("<pre>") and "lift_inputs" in report._repr_html_()
+    assert report._repr_markdown_().startswith("```text\n")
+    assert repr(report) == str(report)
+
+
+def test_explain_traces_when_given_a_state_and_batch():
+    stepper = tiny_stepper(steps=0)
+    with pytest.raises(RuntimeError, match="no step has been traced"):
+        explain(stepper)
+    torch.manual_seed(0)
+    report = explain(stepper, stepper.init(), (torch.randn(4, 2), torch.randn(4, 1)))
+    assert report.inputs["param"] == 4
+
+
+if __name__ == "__main__":  # regenerate the golden file
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w") as f:
+        f.write(tiny_report().format(costs=False))
+    print(open(GOLDEN).read())
