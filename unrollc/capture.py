@@ -29,7 +29,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .errors import CaptureError, user_frame
+from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
 

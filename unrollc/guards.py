@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+import warnings
 from typing import Any
 
 import torch
@@ -147,6 +148,32 @@ def _leaf_names(expr: Any) -> frozenset[str]:
 def check_guards(guards: Sequence[Guard], env: Mapping[str, torch.Tensor]) -> bool:
     """True when every guard holds for ``env`` (leaf name -> current tensor value)."""
     return all(g.holds(env) for g in guards)
+
+
+# Traces of one input layout before re-tracing is refused (a value the optimizer branches on changes every step).
+MAX_TRACES_PER_LAYOUT = 16
+
+
+def lookup_or_trace(entries: list[Any], env_of: Callable[[Any], Mapping[str, torch.Tensor]], trace: Callable[[], Any], api: str) -> Any:
+    """The first of ``entries`` (traced graphs of one input layout, each with a ``guards`` GuardSet) whose
+    guards hold, or a new trace appended to ``entries``; warns when re-tracing often and refuses past
+    :data:`MAX_TRACES_PER_LAYOUT`. ``env_of(entry)`` gives the current leaf values for an entry."""
+    for entry in entries:
+        if not entry.guards or entry.guards.holds(env_of(entry)):
+            return entry
+    failed = [str(g) for g in entries[-1].guards] if entries else []
+    if len(entries) >= MAX_TRACES_PER_LAYOUT:
+        raise RuntimeError(
+            f"{api}: traced {len(entries)} graphs for the same input layout because values the optimizer "
+            f"branches on keep changing (guards: {failed}); this optimizer branches on a value that changes "
+            "every step and cannot be compiled."
+        )
+    if len(entries) >= 4:
+        warnings.warn(f"{api}: re-tracing for the {len(entries) + 1}th time with the same input layout; guards that "
+                      f"failed: {failed}", stacklevel=4)
+    entry = trace()
+    entries.append(entry)
+    return entry
 
 
 class GuardSet:

@@ -25,7 +25,6 @@ The graph is a pure function of tensors: autograd differentiates through it like
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +36,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .capture import NodeInfo, _compiling, hyper_leaves
 from .errors import CaptureError
-from .guards import Guard, ScalarTracker
+from .guards import GuardSet, ScalarTracker, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
 from .passes import run_pipeline
 
 __all__ = ["CompiledUpdate", "UpdateSignature"]
 
-_MAX_TRACES_PER_LAYOUT = 16
 _CACHE_SIZE = 128
 
 State = dict[str, dict[str, torch.Tensor]]
@@ -75,7 +73,7 @@ class UpdateSignature:
 class _Entry:
     gm: fx.GraphModule
     signature: UpdateSignature
-    guards: list[Guard]
+    guards: GuardSet
 
 
 _CACHE: OrderedDict[Any, list[_Entry]] = OrderedDict()
@@ -148,26 +146,13 @@ class CompiledUpdate:
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
         _CACHE.move_to_end(key)
-        for entry in entries:
-            if not entry.guards or all(g.holds(self._env(entry.signature, state, hyper)) for g in entry.guards):
-                self.last = entry
-                return entry
-        if len(entries) >= _MAX_TRACES_PER_LAYOUT:
-            raise RuntimeError(
-                f"unrollc: traced {len(entries)} update graphs of {self.spec.cls.__name__} for the same input layout "
-                f"because values it branches on keep changing (guards: {[str(g) for g in entries[-1].guards]}); "
-                "this optimizer branches on a value that changes every step and cannot be compiled."
-            )
-        if len(entries) >= 4:
-            warnings.warn(
-                f"unrollc: re-tracing the {self.spec.cls.__name__} update for the {len(entries) + 1}th time with the "
-                f"same input layout; guards that failed: {[str(g) for g in entries[-1].guards]}",
-                stacklevel=4,
-            )
-        entry = self._trace(params, grads, state, hyper)
-        entries.append(entry)
-        self.last = entry
-        return entry
+        self.last = lookup_or_trace(
+            entries,
+            lambda entry: self._env(entry.signature, state, hyper),
+            lambda: self._trace(params, grads, state, hyper),
+            f"unrollc.higher ({self.spec.cls.__name__} update)",
+        )
+        return self.last
 
     def _trace(self, params, grads, state, hyper) -> _Entry:  # noqa: ANN001
         detach = lambda t: t.detach().clone()  # noqa: E731
@@ -213,4 +198,4 @@ class CompiledUpdate:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        return _Entry(gm, sig, list(tracker.guards))
+        return _Entry(gm, sig, GuardSet(tracker.guards))

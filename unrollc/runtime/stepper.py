@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,14 +13,13 @@ from torch.utils._pytree import tree_flatten
 
 from ..capture import Captured, Signature, capture_step
 from ..errors import CaptureError
-from ..guards import Guard, GuardSet
+from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from .state import UnrollState, groups_to_hyper, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
 
-_MAX_TRACES_PER_LAYOUT = 16
 
 
 @dataclass
@@ -198,26 +196,13 @@ class Stepper:
     def _lookup(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
-        for entry in entries:
-            if not entry.guards or entry.guards.holds(self._guard_env(entry.signature, state, groups)):
-                self._last = entry
-                return entry
-        if len(entries) >= _MAX_TRACES_PER_LAYOUT:
-            raise RuntimeError(
-                f"Stepper.step: traced {len(entries)} graphs for the same input layout because values the "
-                f"optimizer branches on keep changing (guards: {[str(g) for g in entries[-1].guards]}); "
-                "this optimizer branches on a value that changes every step and cannot be compiled."
-            )
-        if len(entries) >= 4:
-            warnings.warn(
-                f"Stepper.step: re-tracing for the {len(entries) + 1}th time with the same input layout; guards that "
-                f"failed: {[str(g) for g in entries[-1].guards]}",
-                stacklevel=3,
-            )
-        entry = self._trace(state, groups, batch, meta)
-        entries.append(entry)
-        self._last = entry
-        return entry
+        self._last = lookup_or_trace(
+            entries,
+            lambda entry: self._guard_env(entry.signature, state, groups),
+            lambda: self._trace(state, groups, batch, meta),
+            "Stepper.step",
+        )
+        return self._last
 
     def _trace(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         from ..inspect.source import recording_sources
