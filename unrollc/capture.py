@@ -222,7 +222,9 @@ def capture_step(
     except CaptureError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
-        raise CaptureError.from_trace_failure(exc) from exc
+        error = CaptureError.from_trace_failure(exc)
+        error.trace_failure = exc  # torch's own traceback, for debugging unrollc itself
+        raise error from None
     finally:
         for p in p_copy.values():
             p.grad = None

@@ -30,10 +30,13 @@ class CaptureError(RuntimeError):
         location: the frame the message points at (the user's line, else the optimizer's), or None.
         in_optimizer: the failure is a data-dependent read inside ``torch.optim`` code, not the user's,
             which :mod:`unrollc.rewrite` may be able to rewrite.
+        trace_failure: the exception tracing raised; the error is raised ``from None`` so that the user
+            sees their own line instead of torch's internal traceback.
     """
 
     location: traceback.FrameSummary | None = None
     in_optimizer: bool = False
+    trace_failure: BaseException | None = None  # the tracing exception (its traceback is torch-internal)
 
     @classmethod
     def from_trace_failure(cls, exc: BaseException) -> "CaptureError":

@@ -91,6 +91,18 @@ def _no_dead_nodes(gm: fx.GraphModule) -> list[str]:
     return [f"`{n.name}` has no users" for n in gm.graph.nodes if n.op in ("call_function", "get_attr") and not n.users]
 
 
+def _safe_sqrts(gm: fx.GraphModule) -> list[str]:
+    from ..passes.strip_detach import written_by_user
+
+    bad = []
+    for node in _calls(gm):
+        if node.target is _aten.sqrt.default and not written_by_user(node):
+            arg = node.args[0]
+            if not (isinstance(arg, fx.Node) and arg.target is _aten.where.ScalarOther and arg.args[2] == 1.0):
+                bad.append(f"`{node.name}` = sqrt of an unguarded input: its derivative at 0 is inf (NaN meta-gradients)")
+    return bad
+
+
 GUARANTEES: tuple[Guarantee, ...] = (
     Guarantee("lift_inputs", "no parameter, buffer, optimizer-state or hyperparameter attribute is read (get_attr)", _no_lifted_attrs),
     Guarantee("lift_inputs", "inputs carry NodeInfo, ordered params, buffers, opt_state, hyper, batch, meta", _input_roles),
@@ -99,6 +111,7 @@ GUARANTEES: tuple[Guarantee, ...] = (
     Guarantee("strip_profiler", "no profiler op remains", _no_profiler),
     Guarantee("remove_copies", "no clone, lift_fresh_copy or same-layout copy remains", _no_copies),
     Guarantee("eliminate_dead_code", "every node is used", _no_dead_nodes),
+    Guarantee("safe_sqrt", "every sqrt outside the user's code has derivative 0 at 0", _safe_sqrts),
 )
 
 
