@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import unrollc
+import oracles
 from oracles import central_difference
 from test_optimizers import OPTIMIZERS, IDS
 
@@ -82,29 +83,6 @@ def test_sgd_momentum_first_step_carries_gradient(float64):
     assert rel(g, fd) < 1e-7
 
 
-def test_matches_hand_written_eager_unroll(float64):
-    """MAML-style: the meta-gradient of SGD-momentum equals an eager create_graph=True unroll."""
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
-    lr, mom = 0.1, 0.9
-    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=mom), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
-    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
-    xv = torch.randn(4, 3)
-    state = stepper.unroll(stepper.init(), batches)
-    ours = torch.autograd.grad(stepper.forward(state, xv).sum(), list(model.parameters()))
-
-    params = list(model.parameters())
-    bufs = [None] * len(params)
-    for x, y in batches:
-        out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], params)), (x,))
-        grads = torch.autograd.grad((out - y).pow(2).mean(), params, create_graph=True)
-        bufs = [g if b is None else mom * b + g for g, b in zip(grads, bufs)]
-        params = [p - lr * b for p, b in zip(params, bufs)]
-    out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], params)), (xv,))
-    ref = torch.autograd.grad(out.sum(), list(model.parameters()))
-    for a, b in zip(ours, ref, strict=True):
-        assert rel(a, b) < 1e-10
-
-
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
 def test_lr_meta_gradient_with_foreach(cls, kwargs, float64):
     """foreach=True gives the same differentiable graph (unrollc traces the single-tensor maths)."""
@@ -125,3 +103,30 @@ def test_lr_meta_gradient_with_foreach(cls, kwargs, float64):
         assert g is None or abs(fd.item()) < 1e-8
     else:
         assert rel(g, fd) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,update",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9), lambda: oracles.sgd_momentum(0.1, 0.9)),
+        (torch.optim.Adam, dict(lr=0.05), lambda: oracles.adam(0.05)),
+        (torch.optim.Adam, dict(lr=0.05, weight_decay=0.1), lambda: oracles.adam(0.05, weight_decay=0.1)),
+        (torch.optim.AdamW, dict(lr=0.05, weight_decay=0.1), lambda: oracles.adam(0.05, weight_decay=0.1, decoupled=True)),
+    ],
+    ids=["SGD-momentum", "Adam", "Adam-weight_decay", "AdamW"],
+)
+def test_meta_gradient_matches_hand_written_eager_optimizer(cls, kwargs, update, float64):
+    """The initial-weight meta-gradient equals a hand-written create_graph=True unroll of the same update."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    stepper = unrollc.compile(model, cls(model.parameters(), **kwargs), loss_fn)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
+    xv = torch.randn(4, 3)
+    final = stepper.unroll(stepper.init(), batches)
+    ours = torch.autograd.grad(stepper.forward(final, xv).sum(), list(model.parameters()))
+    params = oracles.eager_unroll(model, loss_fn, batches, update())
+    names = [n for n, _ in model.named_parameters()]
+    out = torch.func.functional_call(model, dict(zip(names, params)), (xv,))
+    ref = torch.autograd.grad(out.sum(), list(model.parameters()))
+    for a, b in zip(ours, ref, strict=True):
+        assert rel(a, b) < 1e-10
