@@ -94,13 +94,11 @@ def _no_dead_nodes(gm: fx.GraphModule) -> list[str]:
 def _safe_sqrts(gm: fx.GraphModule) -> list[str]:
     from ..passes.strip_detach import written_by_user
 
-    bad = []
-    for node in _calls(gm):
-        if node.target is _aten.sqrt.default and not written_by_user(node):
-            arg = node.args[0]
-            if not (isinstance(arg, fx.Node) and arg.target is _aten.where.ScalarOther and arg.args[2] == 1.0):
-                bad.append(f"`{node.name}` = sqrt of an unguarded input: its derivative at 0 is inf (NaN meta-gradients)")
-    return bad
+    return [
+        f"`{node.name}` = aten.sqrt outside the user's code: its derivative at 0 is inf (NaN meta-gradients)"
+        for node in _calls(gm)
+        if node.target is _aten.sqrt.default and not written_by_user(node)
+    ]
 
 
 GUARANTEES: tuple[Guarantee, ...] = (
