@@ -215,6 +215,11 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
     if state is not None and batch is not None:
         with torch.no_grad():
             stepper.step(state, batch, *meta)
+    if getattr(stepper, "_last", True) is None:
+        raise RuntimeError(
+            "unrollc.explain: the stepper has not traced a step yet (the graph depends on the batch's shapes); "
+            "call unrollc.explain(stepper, state, batch) to trace one, or run stepper.step(state, batch) first."
+        )
     graphs = stepper.graphs
     names = list(graphs)
     module_of = _owners(stepper)
