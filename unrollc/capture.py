@@ -33,7 +33,7 @@ from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
 
-__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo"]
+__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "fill_leaves", "input_layout"]
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,8 @@ def capture_step(
     state_out: list[tuple[str, str]] = []
 
     def step(*leaves: Any) -> list[torch.Tensor]:
-        b = tree_unflatten(_fill(batch_all, leaves[:n_batch]), batch_spec)
-        m = tree_unflatten(_fill(meta_all, leaves[n_batch:]), meta_spec)
+        b = tree_unflatten(fill_leaves(batch_all, leaves[:n_batch]), batch_spec)
+        m = tree_unflatten(fill_leaves(meta_all, leaves[n_batch:]), meta_spec)
 
         def loss_of(diff: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor]) -> torch.Tensor:
             weights = {**p_copy, **diff, **bufs}
@@ -243,7 +243,14 @@ def capture_step(
     return Captured(gm, signature, list(tracker.guards), constants, example_inputs)
 
 
-def _fill(template: list[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:
+def fill_leaves(template: list[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:
     """``template`` with its tensor leaves replaced, in order, by ``tensors`` (other leaves kept)."""
     it = iter(tensors)
     return [next(it) if isinstance(x, torch.Tensor) else x for x in template]
+
+
+def input_layout(x: Any) -> Any:
+    """What a traced graph assumes about an input: shape, dtype and device of a tensor, else its value."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device)
+    return ("value", x)

@@ -34,7 +34,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .capture import NodeInfo, _compiling, hyper_leaves
+from .capture import NodeInfo, _compiling, hyper_leaves, input_layout
 from .errors import CaptureError
 from .guards import GuardSet, ScalarTracker, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
@@ -79,12 +79,6 @@ class _Entry:
 _CACHE: OrderedDict[Any, list[_Entry]] = OrderedDict()
 
 
-def _layout(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device)
-    return ("value", x)
-
-
 class CompiledUpdate:
     """``torch.optim``'s update for ``spec``'s class and static options, as a differentiable function.
 
@@ -127,10 +121,10 @@ class CompiledUpdate:
 
     # ------------------------------------------------------------------------------------- internal
     def _key(self, params, grads, state, hyper) -> Any:  # noqa: ANN001
-        p = tuple((n, _layout(params[n]), n in grads) for n in self._names)
-        g = tuple(_layout(grads[n]) for n in self._names if n in grads)
-        s = tuple((n, k, _layout(v)) for n in sorted(state) for k, v in sorted(state[n].items()))
-        h = tuple((k, tuple(map(_layout, v)) if isinstance(v, tuple) else _layout(v)) for grp in hyper for k, v in sorted(grp.items()))
+        p = tuple((n, input_layout(params[n]), n in grads) for n in self._names)
+        g = tuple(input_layout(grads[n]) for n in self._names if n in grads)
+        s = tuple((n, k, input_layout(v)) for n in sorted(state) for k, v in sorted(state[n].items()))
+        h = tuple((k, tuple(map(input_layout, v)) if isinstance(v, tuple) else input_layout(v)) for grp in hyper for k, v in sorted(grp.items()))
         return (self.spec.cls, self.spec.group_params, self.spec.static, p, g, s, h)
 
     def _env(self, sig: UpdateSignature, state: State, hyper: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

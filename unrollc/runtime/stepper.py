@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten
 
-from ..capture import Captured, Signature, capture_step
+from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout
 from ..errors import CaptureError
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
@@ -31,12 +31,6 @@ class CompiledStep:
     guards: GuardSet
     graphs: dict[str, fx.GraphModule]
     raw: Captured | None = None
-
-
-def _layout(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device)
-    return ("value", x)
 
 
 class Stepper:
@@ -172,19 +166,17 @@ class Stepper:
 
     # -------------------------------------------------------------------------------------- internal
     def _key(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> Any:
-        p = tuple(_layout(state.params[n]) for n in self._param_names)
-        b = tuple(_layout(state.buffers[n]) for n in self._buffer_names)
-        s = tuple((n, k, _layout(v)) for n in sorted(state.opt_state) for k, v in sorted(state.opt_state[n].items()))
-        h = tuple((k, _layout(v) if not isinstance(v, tuple) else tuple(map(_layout, v))) for g in groups for k, v in sorted(g.items()))
+        p = tuple(input_layout(state.params[n]) for n in self._param_names)
+        b = tuple(input_layout(state.buffers[n]) for n in self._buffer_names)
+        s = tuple((n, k, input_layout(v)) for n in sorted(state.opt_state) for k, v in sorted(state.opt_state[n].items()))
+        h = tuple((k, input_layout(v) if not isinstance(v, tuple) else tuple(map(input_layout, v))) for g in groups for k, v in sorted(g.items()))
         batch_leaves, batch_spec = tree_flatten(batch)
         meta_leaves, meta_spec = tree_flatten(tuple(meta))
         modes = tuple(m.training for m in self.model.modules())
-        return (p, b, s, h, batch_spec, tuple(map(_layout, batch_leaves)), meta_spec, tuple(map(_layout, meta_leaves)), modes)
+        return (p, b, s, h, batch_spec, tuple(map(input_layout, batch_leaves)), meta_spec, tuple(map(input_layout, meta_leaves)), modes)
 
     def _guard_env(self, signature: Signature, state: UnrollState, groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         env = {}
-        from ..capture import hyper_leaves
-
         for name, value in hyper_leaves(groups, len(groups) == 1):
             env[f"hyper:{name}"] = value
         for n, k in signature.state_in:
@@ -262,8 +254,6 @@ class Stepper:
     def _flatten(
         self, sig: Signature, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple
     ) -> list[torch.Tensor]:
-        from ..capture import hyper_leaves
-
         flat = [state.params[n] for n in sig.params]
         flat += [state.buffers[n] for n in sig.buffers]
         flat += [state.opt_state[n][k] for n, k in sig.state_in]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..capture import fill_leaves
 from .checkpointed import checkpointed_unroll
 from .schedules import NoCheckpoint, Plan, resolve_checkpoint
 from .state import UnrollState
@@ -85,8 +86,8 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         hyper = tree_unflatten(list(c[: len(hyper_leaves)]), hyper_spec)
         leaves, spec = batch_trees[i]
         start, stop = batch_slices[i]
-        batch = tree_unflatten(_fill(leaves, c[start:stop]), spec)
-        m = tree_unflatten(_fill(meta_leaves, c[meta_start:]), meta_spec)
+        batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
+        m = tree_unflatten(fill_leaves(meta_leaves, c[meta_start:]), meta_spec)
         new = stepper.step(unpack(i, flat, hyper, state.t + i), batch, *m)
         layouts[i + 1] = _state_keys(new)
         return pack(new), new.loss
@@ -101,7 +102,3 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
 def _state_keys(state: UnrollState) -> tuple[tuple[str, str], ...]:
     return tuple((p, k) for p in state.opt_state for k in sorted(state.opt_state[p]))
 
-
-def _fill(template: list[Any], tensors: Any) -> list[Any]:
-    it = iter(tensors)
-    return [next(it) if isinstance(x, torch.Tensor) else x for x in template]
