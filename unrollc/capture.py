@@ -19,7 +19,7 @@ placeholders from the start. Inside the traced function:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
 
-__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "fill_leaves", "input_layout"]
+__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "ShadowOptimizer", "fill_leaves", "input_layout"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,78 @@ def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tu
     return out
 
 
+class ShadowOptimizer:
+    """A fresh optimizer of the user's class around private copies of the parameters, optimizer state and
+    hyperparameters, whose real ``step()`` is traced: shared by :func:`capture_step` (a whole training step)
+    and :class:`unrollc.update.CompiledUpdate` (the update alone, gradients as inputs).
+
+    The copies are closed over by the traced function, so ``make_fx`` records them as constants; their
+    positions in the lifted input list are given by :meth:`constants` (see ``passes.lift_inputs``).
+    Every Python value ``step()`` reads from a hyperparameter or a 0-dim state tensor is recorded as a
+    :class:`~unrollc.guards.Guard` by :attr:`tracker`.
+
+    Args:
+        spec: the optimizer's class, parameter names per group and static options.
+        params: parameters by name (the ones ``spec`` names, and possibly others that are only carried).
+        opt_state: optimizer state by parameter name (empty for a fresh optimizer).
+        hyper: per group, the float hyperparameters as 0-dim tensors (or tuples of them).
+    """
+
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        params: Mapping[str, torch.Tensor],
+        opt_state: Mapping[str, Mapping[str, torch.Tensor]],
+        hyper: Sequence[Mapping[str, Any]],
+    ) -> None:
+        copy = lambda t: t.detach().clone()  # noqa: E731
+        self.params = {n: copy(t) for n, t in params.items()}
+        self.state = {p: {k: copy(v) for k, v in st.items()} for p, st in opt_state.items()}
+        h_copy = [{k: tuple(map(copy, v)) if isinstance(v, tuple) else copy(v) for k, v in g.items()} for g in hyper]
+        self.hyper_leaves = hyper_leaves(h_copy, len(h_copy) == 1)
+        self.state_in = tuple((p, k) for p in self.state for k in sorted(self.state[p]))
+        self.state_out: list[tuple[str, str]] = []  # filled by step()
+        self.optimizer = spec.build([[self.params[n] for n in names] for names in spec.group_params], [dict(g) for g in h_copy])
+        for name, st in self.state.items():
+            self.optimizer.state[self.params[name]] = dict(st)
+        leaves = {f"hyper:{n}": t for n, t in self.hyper_leaves}
+        leaves.update({f"state:{p}.{k}": self.state[p][k] for p, k in self.state_in if self.state[p][k].dim() == 0})
+        self.tracker = ScalarTracker(leaves)
+
+    def constants(self, after_params: Sequence[torch.Tensor] = ()) -> tuple[dict[int, int], list[torch.Tensor]]:
+        """``(id(copy) -> input position, example inputs)`` for the inputs ``params, *after_params, opt_state,
+        hyper``, the order of both signatures."""
+        ordered = list(self.params.values()) + list(after_params)
+        ordered += [self.state[p][k] for p, k in self.state_in] + [t for _, t in self.hyper_leaves]
+        return {id(t): i for i, t in enumerate(ordered)}, [t.clone() for t in ordered]
+
+    def step(self, grads: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run the optimizer's real ``step()`` with these gradients (parameters without one are skipped, as
+        in torch.optim); return the new state tensors in :attr:`state_out` order."""
+        for n, p in self.params.items():
+            p.grad = grads.get(n)
+        with _compiling(), self.tracker:
+            self.optimizer.step()
+        new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
+        self.state_out[:] = [(n, k) for n in new for k in sorted(new[n]) if isinstance(new[n][k], torch.Tensor)]
+        return [new[n][k] for n, k in self.state_out]
+
+    def trace(self, fn: Callable[..., list[torch.Tensor]], inputs: Sequence[torch.Tensor], decompositions: Mapping | None = None) -> fx.GraphModule:
+        """``make_fx(fn)(*inputs)``; a failure becomes a :class:`CaptureError` naming the user's (or the
+        optimizer's) line, with torch's own exception on ``.trace_failure``."""
+        try:
+            return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
+        except CaptureError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
+            error = CaptureError.from_trace_failure(exc)
+            error.trace_failure = exc  # torch's own traceback, for debugging unrollc itself
+            raise error from None
+        finally:
+            for p in self.params.values():
+                p.grad = None
+
+
 def capture_step(
     model: nn.Module,
     spec: OptimizerSpec,
@@ -156,38 +228,18 @@ def capture_step(
     trainable: frozenset[str],
 ) -> Captured:
     """Trace one step for these example values (which are copied, never modified)."""
-    detach = lambda t: t.detach().clone()  # noqa: E731
-    p_copy = {n: detach(t) for n, t in params.items()}
-    b_copy = {n: detach(t) for n, t in buffers.items()}
-    s_copy = {p: {k: detach(v) for k, v in st.items()} for p, st in opt_state.items()}
-    h_copy = [{k: tuple(detach(x) for x in v) if isinstance(v, tuple) else detach(v) for k, v in g.items()} for g in hyper]
-    single = len(hyper) == 1
-    h_leaves = hyper_leaves(h_copy, single)
-    state_in = tuple((p, k) for p in s_copy for k in sorted(s_copy[p]))
+    shadow = ShadowOptimizer(spec, params, opt_state, hyper)
+    b_copy = {n: t.detach().clone() for n, t in buffers.items()}
 
     batch_all, batch_spec = tree_flatten(batch)
     meta_all, meta_spec = tree_flatten(tuple(meta))
     batch_leaves = [x.detach() for x in batch_all if isinstance(x, torch.Tensor)]
     meta_leaves = [x.detach() for x in meta_all if isinstance(x, torch.Tensor)]
     n_batch, n_meta = len(batch_leaves), len(meta_leaves)
-
-    # Positions of the closed-over copies in the lifted input list (see Signature).
-    ordered = list(p_copy.values()) + list(b_copy.values())
-    ordered += [s_copy[p][k] for p, k in state_in] + [t for _, t in h_leaves]
-    constants = {id(t): i for i, t in enumerate(ordered)}
-    example_inputs = [t.clone() for t in ordered] + [x.detach() for x in batch_leaves + meta_leaves]
-
-    shadow = spec.build(
-        [[p_copy[n] for n in names] for names in spec.group_params],
-        [dict(g) for g in h_copy],
-    )
-    for name, st in s_copy.items():
-        shadow.state[p_copy[name]] = dict(st)
-    guard_leaves = {f"hyper:{n}": t for n, t in h_leaves}
-    guard_leaves.update({f"state:{p}.{k}": s_copy[p][k] for p, k in state_in if s_copy[p][k].dim() == 0})
-    tracker = ScalarTracker(guard_leaves)
+    constants, example_inputs = shadow.constants(after_params=list(b_copy.values()))
+    example_inputs += batch_leaves + meta_leaves
+    p_copy = shadow.params
     diff_names = [n for n in p_copy if n in trainable]
-    state_out: list[tuple[str, str]] = []
 
     def step(*leaves: Any) -> list[torch.Tensor]:
         b = tree_unflatten(fill_leaves(batch_all, leaves[:n_batch]), batch_spec)
@@ -207,40 +259,23 @@ def capture_step(
 
         with _sdpa_math():
             grads, loss = torch.func.grad_and_value(loss_of)({n: p_copy[n] for n in diff_names}, b_copy)
-        for n, p in p_copy.items():
-            p.grad = grads.get(n)
-        with _compiling(), tracker:
-            shadow.step()
-        new_state = {name: shadow.state.get(p_copy[name], {}) for name in p_copy}
-        state_out.extend((p, k) for p in new_state for k in sorted(new_state[p]) if isinstance(new_state[p][k], torch.Tensor))
-        outs = list(p_copy.values()) + list(b_copy.values())
-        outs += [new_state[p][k] for p, k in state_out]
-        return outs + [loss]
+        new_state = shadow.step(grads)
+        return list(p_copy.values()) + list(b_copy.values()) + new_state + [loss]
 
-    try:
-        gm = make_fx(step, _DECOMPOSITIONS, record_stack_traces=True)(*batch_leaves, *meta_leaves)
-    except CaptureError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
-        error = CaptureError.from_trace_failure(exc)
-        error.trace_failure = exc  # torch's own traceback, for debugging unrollc itself
-        raise error from None
-    finally:
-        for p in p_copy.values():
-            p.grad = None
+    gm = shadow.trace(step, batch_leaves + meta_leaves, _DECOMPOSITIONS)
 
     signature = Signature(
         params=tuple(p_copy),
         buffers=tuple(b_copy),
-        state_in=state_in,
-        state_out=tuple(state_out),
-        hyper=tuple(n for n, _ in h_leaves),
+        state_in=shadow.state_in,
+        state_out=tuple(shadow.state_out),
+        hyper=tuple(n for n, _ in shadow.hyper_leaves),
         batch_spec=batch_spec,
         n_batch=n_batch,
         meta_spec=meta_spec,
         n_meta=n_meta,
     )
-    return Captured(gm, signature, list(tracker.guards), constants, example_inputs)
+    return Captured(gm, signature, list(shadow.tracker.guards), constants, example_inputs)
 
 
 def fill_leaves(template: list[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:

@@ -5,11 +5,9 @@
 only the real ``torch.optim`` ``step()``, with the gradients as inputs, so that the gradient can come
 from the user's own eager code (``torch.autograd.grad(loss, params, create_graph=True)``):
 
-1. private copies of the parameters, optimizer state and hyperparameters are closed over (the
-   gradients are the traced placeholders); a fresh optimizer of the user's class is built around
-   them (:meth:`OptimizerSpec.build`), its ``.grad`` s set to the traced gradients, and its real
-   ``step()`` runs under ``_compiling()`` and a :class:`~unrollc.guards.ScalarTracker`, exactly as in
-   :mod:`unrollc.capture`;
+1. a :class:`~unrollc.capture.ShadowOptimizer` (the same as :func:`~unrollc.capture.capture_step`'s)
+   closes over private copies of the parameters, optimizer state and hyperparameters; the gradients
+   are the traced placeholders, set as ``.grad`` before its real ``step()`` runs;
 2. the raw graph goes through the same pass pipeline (:data:`unrollc.passes.PIPELINE`): inputs are
    lifted (``p_*, s_*, h_*, g_*``), in-place updates become functional, optimizer detaches go;
 3. the result is cached by the layout of the inputs and the optimizer's static options, and reused
@@ -32,11 +30,9 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from .capture import NodeInfo, _compiling, hyper_leaves, input_layout
-from .errors import CaptureError
-from .guards import GuardSet, ScalarTracker, lookup_or_trace
+from .capture import NodeInfo, ShadowOptimizer, hyper_leaves, input_layout
+from .guards import GuardSet, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
 from .passes import run_pipeline
 
@@ -149,47 +145,21 @@ class CompiledUpdate:
         return self.last
 
     def _trace(self, params, grads, state, hyper) -> _Entry:  # noqa: ANN001
-        detach = lambda t: t.detach().clone()  # noqa: E731
-        p_copy = {n: detach(params[n]) for n in self._names}
-        s_copy = {n: {k: detach(v) for k, v in st.items()} for n, st in state.items()}
-        h_copy = [{k: tuple(map(detach, v)) if isinstance(v, tuple) else detach(v) for k, v in g.items()} for g in hyper]
-        h_leaves = hyper_leaves(h_copy, len(h_copy) == 1)
-        state_in = tuple((n, k) for n in s_copy for k in sorted(s_copy[n]))
+        shadow = ShadowOptimizer(self.spec, {n: params[n] for n in self._names}, state, hyper)
         grad_names = tuple(n for n in self._names if n in grads)
-
-        ordered = list(p_copy.values()) + [s_copy[n][k] for n, k in state_in] + [t for _, t in h_leaves]
-        constants = {id(t): i for i, t in enumerate(ordered)}
         grad_examples = [grads[n].detach() for n in grad_names]
-        examples = [t.clone() for t in ordered] + grad_examples
-
-        shadow = self.spec.build([[p_copy[n] for n in names] for names in self.spec.group_params], [dict(g) for g in h_copy])
-        for n, st in s_copy.items():
-            shadow.state[p_copy[n]] = dict(st)
-        leaves = {f"hyper:{n}": t for n, t in h_leaves}
-        leaves.update({f"state:{n}.{k}": s_copy[n][k] for n, k in state_in if s_copy[n][k].dim() == 0})
-        tracker = ScalarTracker(leaves)
-        state_out: list[tuple[str, str]] = []
+        constants, examples = shadow.constants()
 
         def update(*gs: torch.Tensor) -> list[torch.Tensor]:
-            for n, g in zip(grad_names, gs, strict=True):
-                p_copy[n].grad = g
-            with _compiling(), tracker:
-                shadow.step()
-            new = {n: shadow.state.get(p_copy[n], {}) for n in self._names}
-            state_out.extend((n, k) for n in self._names for k in sorted(new[n]) if isinstance(new[n][k], torch.Tensor))
-            return list(p_copy.values()) + [new[n][k] for n, k in state_out]
+            new_state = shadow.step(dict(zip(grad_names, gs, strict=True)))
+            return list(shadow.params.values()) + new_state
 
-        try:
-            gm = make_fx(update, record_stack_traces=True)(*grad_examples)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the optimizer's line
-            raise CaptureError.from_trace_failure(exc) from exc
-        finally:
-            for p in p_copy.values():
-                p.grad = None
-        sig = UpdateSignature(tuple(p_copy), state_in, tuple(state_out), tuple(n for n, _ in h_leaves), grad_names)
-        gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples}
+        gm = shadow.trace(update, grad_examples)
+        hyper_names = tuple(n for n, _ in shadow.hyper_leaves)
+        sig = UpdateSignature(tuple(shadow.params), shadow.state_in, tuple(shadow.state_out), hyper_names, grad_names)
+        gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples + grad_examples}
         gm, _ = run_pipeline(gm)  # includes safe_sqrt: no NaN meta-gradients where exp_avg_sq == 0
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        return _Entry(gm, sig, GuardSet(tracker.guards))
+        return _Entry(gm, sig, GuardSet(shadow.tracker.guards))
