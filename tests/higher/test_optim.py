@@ -157,6 +157,17 @@ def test_trainable_opt_params_round_trip(lib):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and isinstance(opt.param_groups[0]["lr"], float)
 
 
+def test_override_with_a_wrong_number_of_values_is_refused(lib):
+    model = nn.Linear(3, 1)
+    opt = O.SGD(model.parameters(), lr=0.1)
+    two = [torch.tensor(0.1), torch.tensor(0.2)]  # one group, two values
+    with pytest.raises(ValueError, match="Mismatch between the number of override tensors for optimizer parameter lr"):
+        with lib.innerloop_ctx(model, opt, override={"lr": two}):
+            pass
+    with pytest.raises(ValueError, match="Mismatch"):
+        lib.optim.apply_trainable_opt_params(opt, {"lr": two})
+
+
 def test_create_diff_optim_and_explicit_params(lib):
     torch.manual_seed(0)
     w = torch.randn(3, 1, requires_grad=True)

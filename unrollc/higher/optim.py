@@ -18,7 +18,7 @@ silently gives None); the weights keep ``.grad`` after ``backward()`` (``retain_
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -90,14 +90,8 @@ class DifferentiableOptimizer:
 
     # ----------------------------------------------------------------------------------- higher API
     def _apply_override(self, override: _OverrideType) -> None:
-        for k, v in override.items():
-            if len(v) != 1 and len(v) != len(self.param_groups):
-                raise ValueError(
-                    f"Mismatch between the number of override tensors for optimizer parameter {k} and the number "
-                    "of parameter groups."
-                )
-            for g, group in enumerate(self.param_groups):
-                group[k] = v[0] if len(v) == 1 else v[g]
+        for group, k, value in _per_group(override, self.param_groups):
+            group[k] = value
 
     def step(
         self,
@@ -400,14 +394,20 @@ def get_trainable_opt_params(opt: torch.optim.Optimizer, device: torch.device | 
 
 def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideType) -> None:
     r"""Write learned hyperparameters (an override dictionary) back into ``opt``'s parameter groups."""
+    for group, k, value in _per_group(override, opt.param_groups):
+        group[k] = _recursive_apply(value, group[k])
+
+
+def _per_group(override: _OverrideType, groups: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], str, Any]]:
+    """``(group, option, value)`` for every option of ``override`` and every group: one value serves all groups."""
     for k, v in override.items():
-        if len(v) != 1 and len(v) != len(opt.param_groups):
+        if len(v) != 1 and len(v) != len(groups):
             raise ValueError(
                 f"Mismatch between the number of override tensors for optimizer parameter {k} and the number of "
-                "parameter groups."
+                f"parameter groups: got {len(v)} values for {len(groups)} groups; pass one value or one per group."
             )
-        for g, group in enumerate(opt.param_groups):
-            group[k] = _recursive_apply(v[0] if len(v) == 1 else v[g], group[k])
+        for g, group in enumerate(groups):
+            yield group, k, v[0] if len(v) == 1 else v[g]
 
 
 def _recursive_apply(replacement: Any, target: Any) -> Any:
