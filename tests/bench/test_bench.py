@@ -64,3 +64,33 @@ def test_meta_gradients_agree(quick_run: tuple[subprocess.CompletedProcess[str],
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["label"]
         assert r["lr_grad"] == pytest.approx(ref["lr_grad"], rel=1e-4, abs=1e-7), r["label"]
         assert r["meta_loss"] == pytest.approx(ref["meta_loss"], rel=1e-5), r["label"]
+
+
+def test_flop_count_prices_forward_and_backward_matrix_products() -> None:
+    import torch
+
+    from unrollc.bench.memory import FlopCount
+
+    a = torch.randn(4, 5, requires_grad=True)
+    b = torch.randn(5, 6, requires_grad=True)
+    with FlopCount() as f:
+        (a @ b).relu().sum().backward()  # forward a@b; backward g@b.T and a.T@g: three products of 4*5*6 MACs
+    assert f.total == 3 * 2 * 4 * 5 * 6
+    assert set(f.by_op) == {"aten.mm"}
+
+
+def test_flops_grow_with_the_planned_recomputation(quick_run: tuple[subprocess.CompletedProcess[str], str]) -> None:
+    """A checkpointed unroll re-runs (evaluations - n) forward steps and nothing else: its extra FLOPs over the
+    unrollc/none run are the same per re-run step for every schedule and n; eager, higher and unrollc/none
+    execute the same products."""
+    _, out = quick_run
+    results = [r for r in _results(out) if r["status"] == "ok"]
+    per_step: dict[str, set[float]] = {}
+    for r in results:
+        none = next(o for o in results if o["label"] == "unrollc/none" and (o["optimizer"], o["n"]) == (r["optimizer"], r["n"]))
+        if r["method"] in ("eager", "higher"):
+            assert r["flops"] == none["flops"], r["label"]
+        elif r["evaluations"] > r["n"]:
+            extra = (r["flops"] - none["flops"]) / (r["evaluations"] - r["n"])
+            per_step.setdefault(r["optimizer"], set()).add(extra)
+    assert per_step and all(len(v) == 1 and min(v) > 0 for v in per_step.values()), per_step

@@ -1,4 +1,4 @@
-"""Measuring peak memory of one run: CPU resident set, CUDA allocator, and bytes saved for backward.
+"""Measuring one run: peak memory (CPU resident set, CUDA allocator), bytes saved for backward, FLOPs executed.
 
 CPU: glibc keeps freed memory in its arenas, so the worker process is started with
 ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` (large tensors are mmap'ed and returned on free).
@@ -11,6 +11,10 @@ CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, min
 Saved bytes: the peak, over the run, of the bytes held by autograd for backward (``saved_tensors_hooks``),
 each storage counted once while any saved reference to it lives. It covers what autograd keeps; checkpoint
 states kept by unrollc's executor outside autograd are not in it (the RSS peak covers everything).
+
+FLOPs: every ATen op executed in the run, forward and backward (recomputations included), priced with
+``torch.utils.flop_counter``'s formulas (mm, addmm, bmm, convolution, attention; elementwise ops count 0).
+On a CPU the matrix products are most of the time, so the FLOP ratio of two methods bounds their time ratio.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-__all__ = ["PeakMemory", "SavedBytes", "rss_bytes"]
+__all__ = ["FlopCount", "PeakMemory", "SavedBytes", "rss_bytes"]
 
 _STATUS = "/proc/self/status"
 
@@ -157,6 +163,31 @@ class SavedBytes:
         """Count inside the block (hooks apply to graphs built in it, including re-runs during backward)."""
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
+
+
+class FlopCount(TorchDispatchMode):
+    """``with FlopCount() as f: ...`` then ``f.total`` is the FLOPs of the matrix products (and convolutions,
+    attention) executed in the block, the backward included.
+
+    Unlike ``torch.utils.flop_counter.FlopCounterMode`` it does not track modules (whose backward hooks refuse
+    ``torch.autograd.grad`` on some graphs); it only prices each op with the same formulas.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            flops = int(formula(*args, **kwargs, out_val=out))
+            self.total += flops
+            name = str(func.overloadpacket)
+            self.by_op[name] = self.by_op.get(name, 0) + flops
+        return out
 
 
 def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float, PeakMemory]:

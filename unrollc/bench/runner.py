@@ -7,7 +7,7 @@ freed tensors leave the resident set (see :mod:`unrollc.bench.memory`), and coll
 In the worker (:func:`measure_config`): build the task and the method, run once as a warm-up (this traces
 unrollc's step graph; its time is ``warmup_s``), then ``repeats`` timed runs of unroll + meta-backward, each with
 its own peak-memory measurement (medians reported), then, unless disabled, one untimed run counting the bytes
-saved for backward. The meta-loss and the meta-gradient's norms come from the last timed run.
+saved for backward and the FLOPs executed (forward, backward and recomputation). The meta-loss and the meta-gradient's norms come from the last timed run.
 
 CPU runs use one intra-op thread by default (``Config.threads``): on a small shared machine, two OpenMP threads
 spin-wait whenever another process holds a core, and single runs were measured 10-30x slower at random.
@@ -72,6 +72,7 @@ class Result:
     memory_how: str = ""
     saved_peak_bytes: int | None = None
     saved_total_bytes: int | None = None
+    flops: int | None = None
     meta_loss: float | None = None
     grad_norm: float | None = None
     lr_grad: float | None = None
@@ -99,7 +100,7 @@ def measure_config(cfg: Config) -> Result:
     """Measure ``cfg`` in this process (the worker's job; call it in a fresh process for honest memory)."""
     import torch
 
-    from .memory import SavedBytes, measure
+    from .memory import FlopCount, SavedBytes, measure
     from .methods import MethodSpec, build, higher_available
     from .workloads import make_task
 
@@ -137,10 +138,11 @@ def measure_config(cfg: Config) -> Result:
     del out, grads
     if cfg.saved_bytes:
         gc.collect()
-        counter = SavedBytes()
-        with counter.counting():
+        counter, flops = SavedBytes(), FlopCount()
+        with counter.counting(), flops:
             run()
         res.saved_peak_bytes, res.saved_total_bytes = counter.peak, counter.total
+        res.flops = flops.total
     return res
 
 
