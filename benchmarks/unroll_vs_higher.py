@@ -1,9 +1,10 @@
-"""n=100 unroll with meta-gradient (w.r.t. initial weights and lr): unrollc (no checkpoint) vs higher.
+"""n-step unroll with meta-gradient (w.r.t. initial weights and lr): unrollc (each schedule) vs higher, paired.
 
-Both run in this one process, alternating, on the default MLP; medians of ``--repeats`` runs after a warm-up
-each (unrollc's warm-up traces its step graph). For memory, use ``python -m unrollc.bench`` (fresh processes).
+All methods run in this one process, alternating, on the default MLP; medians of ``--repeats`` runs after a
+warm-up each (unrollc's warm-up traces its step graph). Alternating makes the ratios robust to a shared machine's
+slow phases, which move fresh-process timings by 10-20%. For memory, use ``python -m unrollc.bench``.
 
-    python benchmarks/unroll_vs_higher.py [--optimizer sgd|adam] [--n 100] [--repeats 5] [--threads 1]
+    python benchmarks/unroll_vs_higher.py [--optimizer sgd|adam] [--n 100] [--schedules none sqrt] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
-from unrollc.bench.methods import MethodSpec, build, higher_available
+from unrollc.bench.methods import SCHEDULES, MethodSpec, build, higher_available
 from unrollc.bench.workloads import WORKLOADS, make_task
 
 
@@ -25,13 +27,16 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--schedules", nargs="+", default=["none"], choices=SCHEDULES)
+    p.add_argument("--matmul-share", action="store_true",
+                   help="also profile one run per method: the share of its CPU time spent in matrix products")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if (why := higher_available()) is not None:
         raise SystemExit(f"benchmarks/unroll_vs_higher.py: needs higher ({why}); pip install --no-deps higher==0.2.1")
     task = make_task("mlp", args.optimizer, args.n)
-    runners = {label: build(task, MethodSpec(*spec)) for label, spec in
-               (("unrollc", ("unrollc", "none")), ("higher", ("higher",)))}
+    specs = [MethodSpec("unrollc", s) for s in args.schedules] + [MethodSpec("higher")]
+    runners = {spec.label: build(task, spec) for spec in specs}
     times: dict[str, list[float]] = {label: [] for label in runners}
     norms: dict[str, float] = {}
     for run in runners.values():
@@ -46,8 +51,25 @@ def main() -> None:
     print(f"{WORKLOADS['mlp'].describe()}, {args.optimizer}, n={args.n}, {args.threads} thread(s), "
           f"median of {args.repeats}")
     for label in runners:
-        print(f"  {label:8s} {med[label]:7.3f} s   meta-grad norm {norms[label]:.6g}")
-    print(f"  unrollc / higher: {med['unrollc'] / med['higher']:.2f}x time")
+        print(f"  {label:14s} {med[label]:7.3f} s   meta-grad norm {norms[label]:.6g}")
+    if args.matmul_share:
+        for label, run in runners.items():
+            print(f"  {label:14s} matrix products: {100 * matmul_share(run):.0f}% of the profiled CPU time")
+    for label in runners:
+        if label != "higher":
+            print(f"  {label} / higher: {med[label] / med['higher']:.2f}x time")
+
+
+def matmul_share(run: Callable[[], object]) -> float:
+    """The fraction of ``run()``'s profiled self CPU time spent in ``mm``/``addmm``/``bmm``/``addbmm``/``baddbmm``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addbmm", "aten::baddbmm"}
+    return sum(e.self_cpu_time_total for e in events if e.key in products) / total
 
 
 if __name__ == "__main__":

@@ -94,3 +94,19 @@ def test_flops_grow_with_the_planned_recomputation(quick_run: tuple[subprocess.C
             extra = (r["flops"] - none["flops"]) / (r["evaluations"] - r["n"])
             per_step.setdefault(r["optimizer"], set()).add(extra)
     assert per_step and all(len(v) == 1 and min(v) > 0 for v in per_step.values()), per_step
+
+
+def test_time_and_memory_are_measured_apart() -> None:
+    """The time process does not measure memory (and is not run with the memory process's malloc settings);
+    the memory process does not time; merge() takes each from its own process."""
+    from unrollc.bench.runner import Config, measure_config, merge
+
+    cfg = Config("mlp-small", "sgd", 3, "unrollc", "sqrt", repeats=2)
+    timed, memory = measure_config(cfg, "time"), measure_config(cfg, "memory")
+    assert len(timed.times_s) == 2 and timed.peak_bytes is None and timed.flops is None
+    assert memory.times_s == [] and memory.peak_bytes is not None and memory.flops > 0
+    both = merge(timed, memory)
+    assert both.times_s == timed.times_s and both.peak_bytes == memory.peak_bytes and both.flops == memory.flops
+    assert both.grad_norm == timed.grad_norm == memory.grad_norm
+    with pytest.raises(ValueError, match="unknown part"):
+        measure_config(cfg, "speed")

@@ -3,8 +3,9 @@
 What the default runs (a few minutes on 2 CPU cores): the ``mlp`` workload (MLP 256-512-512-10, batch 256,
 cross-entropy, seeded random data) with SGD (lr 0.01, momentum 0.9), n = 16, 64, 160 unrolled steps, methods
 unrollc (schedules none, sqrt, binomial with 8 slots), higher and eager; one timed run after one warm-up
-(``--repeats`` for more), each configuration in a fresh process, one intra-op thread. Results go to ``bench_out/``
-(``results.json``, ``results.csv``, ``bench.png``) and a table is printed.
+(``--repeats`` for more), each configuration in two fresh processes (one times it, one measures its memory),
+one intra-op thread. Results go to ``bench_out/`` (``results.json``, ``results.csv``, ``bench.png``) and a table
+is printed.
 
 ``--figures`` runs the README's figure set instead: n=160 with SGD-momentum and Adam (unrollc none, unrollc
 sqrt, higher), and memory vs n (16 .. 1024) for unrollc sqrt and binomial(8 slots) with SGD-momentum.
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configs = figure_configs(args) if args.figures else default_configs(args)
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
-          f"{WORKLOADS[args.workload].describe()}, each in a fresh process", file=sys.stderr)
+          f"{WORKLOADS[args.workload].describe()}, each in fresh processes (time, then memory)", file=sys.stderr)
     start = time.perf_counter()
     results = run_configs(configs, timeout=args.timeout, jobs=args.jobs)
     seconds = time.perf_counter() - start

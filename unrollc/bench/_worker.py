@@ -1,4 +1,4 @@
-"""Entry point of one measurement process: ``python -m unrollc.bench._worker CONFIG_JSON OUT_PATH``."""
+"""Entry point of one measurement process: ``python -m unrollc.bench._worker CONFIG_JSON OUT_PATH [time|memory]``."""
 
 from __future__ import annotations
 

@@ -1,13 +1,18 @@
-"""Running configurations, each in a fresh subprocess, and what one run measures.
+"""Running configurations, each in fresh subprocesses, and what one run measures.
 
-A :class:`Config` is one (workload, optimizer, n, method, schedule, device). :func:`run_configs` starts
-``python -m unrollc.bench._worker`` for each, with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that
-freed tensors leave the resident set (see :mod:`unrollc.bench.memory`), and collects a :class:`Result`.
+A :class:`Config` is one (workload, optimizer, n, method, schedule, device). :func:`run_config` measures it in
+two fresh ``python -m unrollc.bench._worker`` processes and merges a :class:`Result`:
 
-In the worker (:func:`measure_config`): build the task and the method, run once as a warm-up (this traces
-unrollc's step graph; its time is ``warmup_s``), then ``repeats`` timed runs of unroll + meta-backward, each with
-its own peak-memory measurement (medians reported), then, unless disabled, one untimed run counting the bytes
-saved for backward and the FLOPs executed (forward, backward and recomputation). The meta-loss and the meta-gradient's norms come from the last timed run.
+* the **time** process runs with the allocator as users have it: a warm-up (this traces unrollc's step graph;
+  its time is ``warmup_s``), then ``repeats`` timed runs of unroll + meta-backward (median reported); the
+  meta-loss and the meta-gradient's norms come from its last run;
+* the **memory** process runs with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that freed tensors
+  leave the resident set (see :mod:`unrollc.bench.memory`): a warm-up, one run measuring the peak, then, unless
+  disabled, one run counting the bytes saved for backward and the FLOPs executed.
+
+Timing under those malloc settings would be wrong: every tensor of 64 KiB or more becomes a fresh ``mmap`` whose
+pages fault in on first touch, which was measured to add 40-70% to every method's time on the default workload
+(higher, SGD, n=160: 5.7 s vs 3.5 s), more for methods that allocate more. On CUDA both parts run the same way.
 
 CPU runs use one intra-op thread by default (``Config.threads``): on a small shared machine, two OpenMP threads
 spin-wait whenever another process holds a core, and single runs were measured 10-30x slower at random.
@@ -27,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Config", "Result", "measure_config", "run_config", "run_configs", "MALLOC_ENV"]
+__all__ = ["Config", "Result", "measure_config", "merge", "run_config", "run_configs", "MALLOC_ENV", "PARTS"]
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -96,14 +101,23 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------- in the worker
-def measure_config(cfg: Config) -> Result:
-    """Measure ``cfg`` in this process (the worker's job; call it in a fresh process for honest memory)."""
+PARTS = ("time", "memory")
+
+
+def measure_config(cfg: Config, part: str = "all") -> Result:
+    """Measure ``cfg`` in this process (the worker's job; call it in a fresh process for honest memory).
+
+    ``part`` is ``"time"`` (warm-up, ``repeats`` timed runs), ``"memory"`` (warm-up, one run for the peak, one
+    counting saved bytes and FLOPs) or ``"all"`` (both in this process; its times then carry the memory
+    process's allocator settings, if any)."""
     import torch
 
     from .memory import FlopCount, SavedBytes, measure
     from .methods import MethodSpec, build, higher_available
     from .workloads import make_task
 
+    if part not in (*PARTS, "all"):
+        raise ValueError(f"unrollc.bench: unknown part {part!r}; expected one of {[*PARTS, 'all']}.")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     res = Result(cfg, torch_version=torch.__version__, loadavg=_loadavg())
@@ -121,22 +135,24 @@ def measure_config(cfg: Config) -> Result:
         res.evaluations = schedule_policy(cfg.schedule, slots=cfg.slots, k=cfg.k).plan(cfg.n).evaluations  # type: ignore[attr-defined]
     _, res.warmup_s, _ = measure(run, cfg.device)
     out = None
-    for _ in range(cfg.repeats):
+    for _ in range(cfg.repeats if part != "memory" else 1):
         out = None
         gc.collect()
         out, seconds, mem = measure(run, cfg.device)
-        res.times_s.append(seconds)
-        res.peaks_bytes.append(int(mem.peak or 0))
-        res.memory_how = mem.how
+        if part != "memory":
+            res.times_s.append(seconds)
+        if part != "time":
+            res.peaks_bytes.append(int(mem.peak or 0))
+            res.memory_how = mem.how
     assert out is not None
     meta_loss, grads = out
-    res.time_s = statistics.median(res.times_s)
-    res.peak_bytes = int(statistics.median(res.peaks_bytes))
+    res.time_s = statistics.median(res.times_s) if res.times_s else None
+    res.peak_bytes = int(statistics.median(res.peaks_bytes)) if res.peaks_bytes else None
     res.meta_loss = float(meta_loss)
     res.lr_grad = float(grads[0])
     res.grad_norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads[1:]])))
     del out, grads
-    if cfg.saved_bytes:
+    if cfg.saved_bytes and part != "time":
         gc.collect()
         counter, flops = SavedBytes(), FlopCount()
         with counter.counting(), flops:
@@ -144,6 +160,18 @@ def measure_config(cfg: Config) -> Result:
         res.saved_peak_bytes, res.saved_total_bytes = counter.peak, counter.total
         res.flops = flops.total
     return res
+
+
+def merge(timed: Result, memory: Result) -> Result:
+    """The time process's result with the memory process's peak, saved bytes and FLOPs."""
+    if timed.status != "ok":
+        return timed
+    if memory.status != "ok":
+        return dataclasses.replace(timed, status=f"{memory.status} (memory process)")
+    return dataclasses.replace(
+        timed, peak_bytes=memory.peak_bytes, peaks_bytes=memory.peaks_bytes, memory_how=memory.memory_how,
+        saved_peak_bytes=memory.saved_peak_bytes, saved_total_bytes=memory.saved_total_bytes, flops=memory.flops,
+    )
 
 
 def _loadavg() -> float | None:
@@ -155,11 +183,11 @@ def _loadavg() -> float | None:
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m unrollc.bench._worker CONFIG_JSON OUT_PATH``: measure one config, write its result."""
-    cfg_json, out_path = argv
+    """``python -m unrollc.bench._worker CONFIG_JSON OUT_PATH [PART]``: measure one config, write its result."""
+    cfg_json, out_path, *part = argv
     cfg = Config(**json.loads(cfg_json))
     try:
-        res = measure_config(cfg)
+        res = measure_config(cfg, *part)
     except Exception as e:  # noqa: BLE001 - reported in the table, the other configs still run
         res = Result(cfg, status=f"error: {type(e).__name__}: {e}")
     with open(out_path, "w") as f:
@@ -169,20 +197,28 @@ def worker_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------- in the parent
 def run_config(cfg: Config, *, timeout: float | None = None) -> Result:
-    """Measure ``cfg`` in a fresh ``python -m unrollc.bench._worker`` process."""
-    env = {**os.environ, **MALLOC_ENV}
+    """Measure ``cfg``: its time in one fresh worker process, its memory in another (see the module docstring)."""
+    timed = _run_worker(cfg, "time", timeout)
+    if timed.status != "ok":
+        return timed
+    return merge(timed, _run_worker(cfg, "memory", timeout, MALLOC_ENV))
+
+
+def _run_worker(cfg: Config, part: str, timeout: float | None, extra_env: dict[str, str] | None = None) -> Result:
+    """``python -m unrollc.bench._worker CONFIG OUT PART`` in a fresh process."""
+    env = {**os.environ, **(extra_env or {})}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryDirectory(prefix="unrollc-bench-") as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "unrollc.bench._worker", json.dumps(dataclasses.asdict(cfg)), out]
+        cmd = [sys.executable, "-m", "unrollc.bench._worker", json.dumps(dataclasses.asdict(cfg)), out, part]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return Result(cfg, status=f"error: timed out after {timeout:.0f} s")
+            return Result(cfg, status=f"error: {part} process timed out after {timeout:.0f} s")
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return Result(cfg, status=f"error: worker exited with {proc.returncode}: {tail[0]}")
+            return Result(cfg, status=f"error: {part} worker exited with {proc.returncode}: {tail[0]}")
         with open(out) as f:
             return Result.from_dict(json.load(f))
 
