@@ -15,7 +15,8 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 
     Used by the ``safe_sqrt`` pass for the optimizer's square roots: ``d sqrt(v)/dv`` at ``v = 0`` is inf,
     and inf times the zero gradient that flows back there is NaN (Adam's ``exp_avg_sq`` of an
-    always-zero gradient entry). The backward is written in differentiable ATen ops.
+    always-zero gradient entry). The backward is written in differentiable ATen ops; where no result is 0 it is
+    exactly ATen's ``grad / (2 * result)``.
     """
     return torch.sqrt(x)
 
@@ -31,8 +32,13 @@ def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
     (out,) = ctx.saved_tensors
+    if out.numel() and bool(out.amin() > 0):
+        # No zero (nor NaN) anywhere: ATen's own sqrt backward, grad / (2 * result), bit for bit. The masked
+        # form below costs ~8x more on large tensors (bool masks, two wheres) and is rarely needed.
+        return grad / (out + out)
     positive = out > 0
-    return torch.where(positive, grad * 0.5 / torch.where(positive, out, torch.ones_like(out)), torch.zeros_like(grad))
+    # The inner where keeps the division finite where it is masked: the backward itself stays differentiable.
+    return torch.where(positive, grad / torch.where(positive, out + out, 1.0), 0.0)
 
 
 safe_sqrt.register_autograd(_backward, setup_context=_setup_context)
