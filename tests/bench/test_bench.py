@@ -110,3 +110,17 @@ def test_time_and_memory_are_measured_apart() -> None:
     assert both.grad_norm == timed.grad_norm == memory.grad_norm
     with pytest.raises(ValueError, match="unknown part"):
         measure_config(cfg, "speed")
+
+
+def test_rounds_time_every_config_in_turn_and_pool_the_runs() -> None:
+    from unrollc.bench.runner import Config, run_configs
+
+    cfgs = [Config("mlp-small", "sgd", 2, "unrollc", "none", repeats=2, saved_bytes=False),
+            Config("mlp-small", "sgd", 2, "eager", repeats=2, saved_bytes=False)]
+    results = run_configs(cfgs, progress=False, rounds=2)
+    assert [r.config for r in results] == cfgs
+    for r in results:
+        assert r.status == "ok" and len(r.times_s) == 4 and r.peak_bytes is not None
+        assert sorted(r.times_s)[1] <= r.time_s <= sorted(r.times_s)[2]
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        run_configs(cfgs, progress=False, rounds=0)

@@ -8,7 +8,8 @@ one intra-op thread. Results go to ``bench_out/`` (``results.json``, ``results.c
 is printed.
 
 ``--figures`` runs the README's figure set instead: n=160 with SGD-momentum and Adam (unrollc none, unrollc
-sqrt, higher), and memory vs n (16 .. 1024) for unrollc sqrt and binomial(8 slots) with SGD-momentum.
+sqrt, higher; timed in 3 alternating rounds of fresh processes, 3 runs each), and memory vs n (16 .. 1024) for
+unrollc sqrt and binomial(8 slots) with SGD-momentum.
 ``--quick`` runs a tiny workload for tests.
 """
 
@@ -28,6 +29,7 @@ from .workloads import OPTIMIZERS, WORKLOADS
 
 FIGURE_N = 160
 FIGURE_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
+FIGURE_ROUNDS = 3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -44,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every-k", type=int, default=10, help="segment length of the every-k schedule (default 10)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median reported; default 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration this many times in turn, each in a new process (default 1; "
+                        "--figures uses 3): robust ratios on a shared machine")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads in each worker (default 1: stable timings on a shared machine; 0 = torch's default)")
     p.add_argument("--no-saved-bytes", action="store_true", help="skip the extra run counting bytes saved for backward")
@@ -56,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="PNG path (default OUT_DIR/bench.png; needs matplotlib)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny workload (mlp-small, n 4 8, 1 repeat) for tests")
-    mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
+    mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~35 minutes on 2 cores)")
     args = p.parse_args(argv)
     if args.quick:
         args.workload, args.n, args.repeats, args.slots, args.every_k = "mlp-small", [4, 8], 1, 3, 3
@@ -89,6 +94,7 @@ def figure_configs(args: argparse.Namespace) -> list[Config]:
     args.workload = "mlp"
     out = [_config(args, opt, FIGURE_N, m, s, repeats=max(args.repeats, 3))
            for opt in ("sgd", "adam") for m, s in (("unrollc", "none"), ("unrollc", "sqrt"), ("higher", "-"))]
+    # The n=160 comparisons are timed in FIGURE_ROUNDS alternating rounds (see main); the sweeps once.
     out += [_config(args, "sgd", n, "unrollc", s, repeats=1)
             for s in ("sqrt", "binomial") for n in FIGURE_SWEEP]
     return out
@@ -135,7 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
           f"{WORKLOADS[args.workload].describe()}, each in fresh processes (time, then memory)", file=sys.stderr)
     start = time.perf_counter()
-    results = run_configs(configs, timeout=args.timeout, jobs=args.jobs)
+    if args.figures:  # the ratios to higher in rounds, the memory sweeps once
+        compared = [c for c in configs if c.n == FIGURE_N and c.repeats > 1]
+        rest = [c for c in configs if c not in compared]
+        results = run_configs(compared, timeout=args.timeout, jobs=args.jobs, rounds=max(args.rounds, FIGURE_ROUNDS))
+        results += run_configs(rest, timeout=args.timeout, jobs=args.jobs, rounds=args.rounds)
+    else:
+        results = run_configs(configs, timeout=args.timeout, jobs=args.jobs, rounds=args.rounds)
     seconds = time.perf_counter() - start
     print(table(results))
     if any(r.config.method == "higher" and r.config.optimizer == "adam" and r.status == "ok" for r in results):

@@ -28,11 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Config", "Result", "measure_config", "merge", "run_config", "run_configs", "MALLOC_ENV", "PARTS"]
+__all__ = ["Config", "Result", "combine", "measure_config", "merge", "run_config", "run_configs", "MALLOC_ENV", "PARTS"]
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -241,24 +241,59 @@ def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None], Ca
     return bar.set_description_str, lambda: bar.update(1), bar.close
 
 
+def combine(rounds: Sequence[Result]) -> Result:
+    """One result from several time processes of the same config: every timed run counts, the median is the time."""
+    for r in rounds:
+        if r.status != "ok":
+            return r
+    times = [t for r in rounds for t in r.times_s]
+    warmups = [r.warmup_s for r in rounds if r.warmup_s is not None]
+    return dataclasses.replace(
+        rounds[-1], times_s=times, time_s=statistics.median(times),
+        warmup_s=statistics.median(warmups) if warmups else None,
+    )
+
+
 def run_configs(
-    configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True, jobs: int = 1
+    configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True, jobs: int = 1, rounds: int = 1
 ) -> list[Result]:
-    """Measure every config, each in its own process; ``jobs`` > 1 runs that many at once (timings then compete
-    for the CPU: use it for smoke tests, not for numbers you report). Results keep the order of ``configs``."""
+    """Measure every config in fresh processes; results keep the order of ``configs``.
+
+    ``rounds`` > 1 times every config that many times in turn (config 1, 2, ..., then again), each in a new
+    process, before measuring memory: a slow phase of a shared machine then hits every method alike instead of
+    one method's only process (single fresh-process timings were seen to move by 10-20%). ``jobs`` > 1 runs that
+    many processes at once (timings then compete for the CPU: use it for smoke tests, not for numbers you report).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
+    if rounds < 1:
+        raise ValueError(f"unrollc.bench: rounds must be >= 1, got {rounds}.")
     configs = list(configs)
-    describe, advance, close = _progress(len(configs)) if progress else (lambda s: None, lambda: None, lambda: None)
+    steps = len(configs) * (rounds + 1)
+    describe, advance, close = _progress(steps) if progress else (lambda s: None, lambda: None, lambda: None)
 
-    def one(cfg: Config) -> Result:
-        describe(cfg.describe())
-        res = run_config(cfg, timeout=timeout)
-        advance()
-        return res
+    def part(name: str, r: int) -> Callable[[tuple[Config, Result | None]], Result]:
+        def one(item: tuple[Config, Result | None]) -> Result:
+            cfg, timed = item
+            describe(f"{cfg.describe()} ({name}{f' {r + 1}/{rounds}' if name == 'time' and rounds > 1 else ''})")
+            if timed is not None and timed.status != "ok":
+                res = timed  # no memory run for a config that failed
+            elif name == "time":
+                res = _run_worker(cfg, "time", timeout)
+            else:
+                res = merge(timed, _run_worker(cfg, "memory", timeout, MALLOC_ENV))  # type: ignore[arg-type]
+            advance()
+            return res
+
+        return one
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            return list(pool.map(one, configs))
+            timed: list[list[Result]] = [[] for _ in configs]
+            for r in range(rounds):
+                for runs, res in zip(timed, pool.map(part("time", r), [(c, None) for c in configs]), strict=True):
+                    runs.append(res)
+            combined = [combine(runs) for runs in timed]
+            return list(pool.map(part("memory", 0), list(zip(configs, combined, strict=True))))
     finally:
         close()
