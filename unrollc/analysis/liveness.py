@@ -36,7 +36,7 @@ import dataclasses
 import math
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,15 @@ from torch.utils import flop_counter
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
-    "GRAD_ROLES", "SavedStorage", "StepAnalysis", "analyze_step", "build_graph", "grad_sources",
+    "GRAD_ROLES", "SavedStorage", "StepAnalysis", "analyze_step", "build_graph", "grad_sources", "op_flops",
 ]
+
+def op_flops(op: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> int:
+    """FLOPs of one call of ``op`` by ``torch.utils.flop_counter``'s formulas (mm, addmm, bmm, convolution,
+    attention, ...); 0 for ops without a formula (elementwise ops, Python callables)."""
+    formula = flop_counter.flop_registry.get(getattr(op, "overloadpacket", None))
+    return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+
 
 #: Placeholder roles that require grad by default: what a meta-gradient is taken with respect to.
 GRAD_ROLES = ("param", "hyper", "meta")
@@ -217,8 +224,7 @@ def _probe(op: Any, args: tuple, kwargs: dict, leaves: list[_Out | None], node: 
             refs.append(("out", out_storage[key]))
         else:
             refs.append(("new", s.untyped_storage().nbytes()))
-    formula = flop_counter.flop_registry.get(getattr(op, "overloadpacket", None))
-    flops = int(formula(*call_args, **call_kwargs, out_val=out)) if formula is not None else 0
+    flops = op_flops(op, call_args, call_kwargs, out)
     unique = tuple(dict.fromkeys(r for r in refs if r[0] != "new")) + tuple(r for r in refs if r[0] == "new")
     return _Probe(tuple(outs), out_spec, unique, flops)
 

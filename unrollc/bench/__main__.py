@@ -89,15 +89,14 @@ def default_configs(args: argparse.Namespace) -> list[Config]:
     return out
 
 
-def figure_configs(args: argparse.Namespace) -> list[Config]:
-    """The figure set: n=160 with sgd and adam (unrollc none/sqrt, higher); sqrt and binomial vs n with sgd."""
+def figure_configs(args: argparse.Namespace) -> tuple[list[Config], list[Config]]:
+    """The figure set: ``(compared, sweeps)``. ``compared``: n=160 with sgd and adam (unrollc none/sqrt, higher),
+    timed in FIGURE_ROUNDS alternating rounds; ``sweeps``: sqrt and binomial vs n with sgd, timed once."""
     args.workload = "mlp"
-    out = [_config(args, opt, FIGURE_N, m, s, repeats=max(args.repeats, 3))
-           for opt in ("sgd", "adam") for m, s in (("unrollc", "none"), ("unrollc", "sqrt"), ("higher", "-"))]
-    # The n=160 comparisons are timed in FIGURE_ROUNDS alternating rounds (see main); the sweeps once.
-    out += [_config(args, "sgd", n, "unrollc", s, repeats=1)
-            for s in ("sqrt", "binomial") for n in FIGURE_SWEEP]
-    return out
+    compared = [_config(args, opt, FIGURE_N, m, s, repeats=max(args.repeats, 3))
+                for opt in ("sgd", "adam") for m, s in (("unrollc", "none"), ("unrollc", "sqrt"), ("higher", "-"))]
+    sweeps = [_config(args, "sgd", n, "unrollc", s, repeats=1) for s in ("sqrt", "binomial") for n in FIGURE_SWEEP]
+    return compared, sweeps
 
 
 def _meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
@@ -137,17 +136,13 @@ def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> l
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints the table and where the files went."""
     args = parse_args(argv)
-    configs = figure_configs(args) if args.figures else default_configs(args)
+    compared, sweeps = figure_configs(args) if args.figures else ([], default_configs(args))
+    configs = compared + sweeps
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
           f"{WORKLOADS[args.workload].describe()}, each in fresh processes (time, then memory)", file=sys.stderr)
     start = time.perf_counter()
-    if args.figures:  # the ratios to higher in rounds, the memory sweeps once
-        compared = [c for c in configs if c.n == FIGURE_N and c.repeats > 1]
-        rest = [c for c in configs if c not in compared]
-        results = run_configs(compared, timeout=args.timeout, jobs=args.jobs, rounds=max(args.rounds, FIGURE_ROUNDS))
-        results += run_configs(rest, timeout=args.timeout, jobs=args.jobs, rounds=args.rounds)
-    else:
-        results = run_configs(configs, timeout=args.timeout, jobs=args.jobs, rounds=args.rounds)
+    results = run_configs(compared, timeout=args.timeout, jobs=args.jobs, rounds=max(args.rounds, FIGURE_ROUNDS))
+    results += run_configs(sweeps, timeout=args.timeout, jobs=args.jobs, rounds=args.rounds)
     seconds = time.perf_counter() - start
     print(table(results))
     if any(r.config.method == "higher" and r.config.optimizer == "adam" and r.status == "ok" for r in results):

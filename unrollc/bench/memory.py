@@ -14,7 +14,8 @@ states kept by unrollc's executor outside autograd are not in it (the RSS peak c
 
 FLOPs: every ATen op executed in the run, forward and backward (recomputations included), priced with
 ``torch.utils.flop_counter``'s formulas (mm, addmm, bmm, convolution, attention; elementwise ops count 0).
-On a CPU the matrix products are most of the time, so the FLOP ratio of two methods bounds their time ratio.
+Where the matrix products are most of the time (SGD on the default MLP on CPU: 72-78%), the FLOP ratio of two
+methods bounds their time ratio.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+
+from ..analysis.liveness import op_flops
 
 __all__ = ["FlopCount", "PeakMemory", "SavedBytes", "rss_bytes"]
 
@@ -181,9 +183,7 @@ class FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func.overloadpacket)
-        if formula is not None:
-            flops = int(formula(*args, **kwargs, out_val=out))
+        if flops := op_flops(func, args, kwargs, out):
             self.total += flops
             name = str(func.overloadpacket)
             self.by_op[name] = self.by_op.get(name, 0) + flops

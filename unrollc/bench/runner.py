@@ -198,10 +198,7 @@ def worker_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------- in the parent
 def run_config(cfg: Config, *, timeout: float | None = None) -> Result:
     """Measure ``cfg``: its time in one fresh worker process, its memory in another (see the module docstring)."""
-    timed = _run_worker(cfg, "time", timeout)
-    if timed.status != "ok":
-        return timed
-    return merge(timed, _run_worker(cfg, "memory", timeout, MALLOC_ENV))
+    return run_configs([cfg], timeout=timeout, progress=False)[0]
 
 
 def _run_worker(cfg: Config, part: str, timeout: float | None, extra_env: dict[str, str] | None = None) -> Result:
@@ -269,6 +266,8 @@ def run_configs(
     if rounds < 1:
         raise ValueError(f"unrollc.bench: rounds must be >= 1, got {rounds}.")
     configs = list(configs)
+    if not configs:
+        return []
     steps = len(configs) * (rounds + 1)
     describe, advance, close = _progress(steps) if progress else (lambda s: None, lambda: None, lambda: None)
 
