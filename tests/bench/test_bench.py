@@ -117,10 +117,30 @@ def test_rounds_time_every_config_in_turn_and_pool_the_runs() -> None:
 
     cfgs = [Config("mlp-small", "sgd", 2, "unrollc", "none", repeats=2, saved_bytes=False),
             Config("mlp-small", "sgd", 2, "eager", repeats=2, saved_bytes=False)]
-    results = run_configs(cfgs, progress=False, rounds=2)
+    results = run_configs(cfgs, progress=False, rounds=2, memory_jobs=2)
     assert [r.config for r in results] == cfgs
     for r in results:
         assert r.status == "ok" and len(r.times_s) == 4 and r.peak_bytes is not None
         assert sorted(r.times_s)[1] <= r.time_s <= sorted(r.times_s)[2]
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         run_configs(cfgs, progress=False, rounds=0)
+
+
+@pytest.mark.parametrize("method,schedule", [("unrollc", "sqrt"), ("higher", "-"), ("eager", "-")])
+def test_a_runner_limited_to_k_steps_is_the_k_step_unroll(method: str, schedule: str) -> None:
+    """``run(steps=k)`` (the memory process's short warm-up) is the k-step task's meta-gradient, not a variant."""
+    import torch
+
+    from unrollc.bench.methods import MethodSpec, build, higher_available
+    from unrollc.bench.workloads import make_task
+
+    if method == "higher" and higher_available() is not None:
+        pytest.skip("higher is not installed")
+    spec = MethodSpec(method, schedule)
+    # n >= POOL (16): the tasks then draw the same batches and the same validation batch
+    short_loss, short = build(make_task("mlp-small", "sgd", 20), spec)(steps=17)
+    loss, full = build(make_task("mlp-small", "sgd", 17), spec)()
+    all_loss, _ = build(make_task("mlp-small", "sgd", 20), spec)()
+    assert torch.equal(short_loss, loss) and not torch.equal(short_loss, all_loss)
+    for a, b in zip(short, full, strict=True):
+        assert torch.equal(a, b)

@@ -3,8 +3,8 @@
 What the default runs (a few minutes on 2 CPU cores): the ``mlp`` workload (MLP 256-512-512-10, batch 256,
 cross-entropy, seeded random data) with SGD (lr 0.01, momentum 0.9), n = 16, 64, 160 unrolled steps, methods
 unrollc (schedules none, sqrt, binomial with 8 slots), higher and eager; one timed run after one warm-up
-(``--repeats`` for more), each configuration in two fresh processes (one times it, one measures its memory),
-one intra-op thread. Results go to ``bench_out/`` (``results.json``, ``results.csv``, ``bench.png``) and a table
+(``--repeats`` for more), each configuration in two fresh processes (one times it, one measures its memory;
+the timing processes run one at a time, the memory processes side by side), one intra-op thread. Results go to ``bench_out/`` (``results.json``, ``results.csv``, ``bench.png``) and a table
 is printed.
 
 ``--figures`` runs the README's figure set instead: n=160 with SGD-momentum and Adam (unrollc none, unrollc
@@ -24,7 +24,7 @@ from typing import Any
 
 from .methods import METHODS, SCHEDULES
 from .report import PlotUnavailable, plot, table, write_csv, write_json
-from .runner import Config, Result, run_configs
+from .runner import Config, Result, run_configs, usable_cpus
 from .workloads import OPTIMIZERS, WORKLOADS
 
 FIGURE_N = 160
@@ -54,6 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-saved-bytes", action="store_true", help="skip the extra run counting bytes saved for backward")
     p.add_argument("--jobs", type=int, default=1,
                    help="configurations run at once (default 1; more skews timings, --quick uses 2)")
+    p.add_argument("--memory-jobs", type=int, default=None,
+                   help="memory processes run at once (default: the usable CPUs, at most 4; they measure peaks, saved "
+                        "bytes and FLOPs, which CPU contention does not change)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--out-dir", default="bench_out", help="where results.json/.csv and bench.png go (default bench_out/)")
     p.add_argument("--csv", help="CSV path (default OUT_DIR/results.csv)")
@@ -103,15 +106,9 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
     import torch
 
     return {"argv": sys.argv[1:], "workload": WORKLOADS[args.workload].describe(), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": _cpus(),
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": usable_cpus(),
             "threads_per_worker": args.threads, "wall_s": round(seconds, 1),
             "optimizers": {k: v[1] for k, v in OPTIMIZERS.items()}}
-
-
-def _cpus() -> int | None:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> list[str]:
@@ -141,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
           f"{WORKLOADS[args.workload].describe()}, each in fresh processes (time, then memory)", file=sys.stderr)
     start = time.perf_counter()
-    results = run_configs(compared, timeout=args.timeout, jobs=args.jobs, rounds=max(args.rounds, FIGURE_ROUNDS))
-    results += run_configs(sweeps, timeout=args.timeout, jobs=args.jobs, rounds=args.rounds)
+    common = dict(timeout=args.timeout, jobs=args.jobs, memory_jobs=args.memory_jobs)
+    results = run_configs(compared, rounds=max(args.rounds, FIGURE_ROUNDS), **common)
+    results += run_configs(sweeps, rounds=args.rounds, **common)
     seconds = time.perf_counter() - start
     print(table(results))
     if any(r.config.method == "higher" and r.config.optimizer == "adam" and r.status == "ok" for r in results):

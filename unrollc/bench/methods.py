@@ -3,7 +3,8 @@
 The task: train ``task.model`` for ``n`` steps with the workload's optimizer, starting from the model's weights
 and with the learning rate a tensor ``lr``; the meta-loss is the cross-entropy on a validation batch after the
 last step; the meta-gradient is d meta-loss / d (lr, initial weights). Every method returns
-``(meta_loss, [d/d lr, d/d w_1, ...])``.
+``(meta_loss, [d/d lr, d/d w_1, ...])``; ``run(steps=k)`` unrolls only the first k batches (the memory process's
+short warm-up).
 
 * ``unrollc`` — ``unrollc.compile(model, opt, loss_fn).unroll(..., checkpoint=schedule)``;
 * ``higher`` — ``higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": [lr]})`` (0.2.1; its
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.func import functional_call
@@ -27,7 +29,13 @@ from .workloads import OPTIMIZERS, Task
 __all__ = ["METHODS", "SCHEDULES", "MetaResult", "Runner", "build", "higher_available", "schedule_policy"]
 
 MetaResult = tuple[torch.Tensor, list[torch.Tensor]]
-Runner = Callable[[], MetaResult]
+
+
+class Runner(Protocol):
+    """One method on one task: ``run()`` unrolls every batch; ``run(steps=k)`` only the first ``k``."""
+
+    def __call__(self, steps: int | None = None) -> MetaResult: ...
+
 
 METHODS = ("unrollc", "higher", "eager")
 SCHEDULES = ("none", "sqrt", "binomial", "every-k")
@@ -73,10 +81,10 @@ def unrollc_runner(task: Task, schedule: str, *, slots: int = BINOMIAL_SLOTS, k:
     stepper = unrollc.compile(task.model, task.new_optimizer(), task.loss_fn)
     policy = schedule_policy(schedule, slots=slots, k=k)
 
-    def run() -> MetaResult:
+    def run(steps: int | None = None) -> MetaResult:
         lr = _lr(task)
         state = stepper.init(hyper={"lr": lr})
-        state = stepper.unroll(state, task.batches, checkpoint=policy)
+        state = stepper.unroll(state, task.batches[:steps], checkpoint=policy)
         meta_loss = task.loss_fn(lambda x: stepper.forward(state, x), task.val)  # type: ignore[arg-type]
         return _meta_grads(meta_loss, lr, task)
 
@@ -88,11 +96,11 @@ def higher_runner(task: Task) -> Runner:
     """The meta-gradient with higher 0.2.1's differentiable optimizers."""
     import higher
 
-    def run() -> MetaResult:
+    def run(steps: int | None = None) -> MetaResult:
         lr = _lr(task)
         opt = task.new_optimizer()
         with higher.innerloop_ctx(task.model, opt, copy_initial_weights=False, override={"lr": [lr]}) as (fm, diffopt):
-            for batch in task.batches:
+            for batch in task.batches[:steps]:
                 diffopt.step(task.loss_fn(fm, batch))
             meta_loss = task.loss_fn(fm, task.val)
             return _meta_grads(meta_loss, lr, task)
@@ -107,11 +115,11 @@ def eager_runner(task: Task) -> Runner:
     kwargs = OPTIMIZERS[task.optimizer][1]
     update = _sgd_update(kwargs["momentum"]) if task.optimizer == "sgd" else _adam_update()
 
-    def run() -> MetaResult:
+    def run(steps: int | None = None) -> MetaResult:
         lr = _lr(task)
         params = list(task.model.parameters())
         state: list[dict[str, torch.Tensor]] = [{} for _ in params]
-        for t, batch in enumerate(task.batches, start=1):
+        for t, batch in enumerate(task.batches[:steps], start=1):
             loss = task.loss_fn(lambda x: functional_call(task.model, dict(zip(names, params)), (x,)), batch)  # type: ignore[arg-type]
             grads = torch.autograd.grad(loss, params, create_graph=True)
             params = [update(p, g, s, lr, t) for p, g, s in zip(params, grads, state, strict=True)]

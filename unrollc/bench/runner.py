@@ -7,8 +7,10 @@ two fresh ``python -m unrollc.bench._worker`` processes and merges a :class:`Res
   its time is ``warmup_s``), then ``repeats`` timed runs of unroll + meta-backward (median reported); the
   meta-loss and the meta-gradient's norms come from its last run;
 * the **memory** process runs with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that freed tensors
-  leave the resident set (see :mod:`unrollc.bench.memory`): a warm-up, one run measuring the peak, then, unless
-  disabled, one run counting the bytes saved for backward and the FLOPs executed.
+  leave the resident set (see :mod:`unrollc.bench.memory`): a short warm-up (the first ``WARMUP_STEPS`` batches:
+  it traces unrollc's step graph and runs every code path once), one run measuring the peak, then, unless
+  disabled, one run counting the bytes saved for backward and the FLOPs executed. Nothing it measures depends on
+  the CPU time it gets, so memory processes run several at once (``memory_jobs``).
 
 Timing under those malloc settings would be wrong: every tensor of 64 KiB or more becomes a fresh ``mmap`` whose
 pages fault in on first touch, which was measured to add 40-70% to every method's time on the default workload
@@ -35,6 +37,7 @@ from typing import Any
 __all__ = ["Config", "Result", "combine", "measure_config", "merge", "run_config", "run_configs", "MALLOC_ENV", "PARTS"]
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+WARMUP_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ PARTS = ("time", "memory")
 def measure_config(cfg: Config, part: str = "all") -> Result:
     """Measure ``cfg`` in this process (the worker's job; call it in a fresh process for honest memory).
 
-    ``part`` is ``"time"`` (warm-up, ``repeats`` timed runs), ``"memory"`` (warm-up, one run for the peak, one
-    counting saved bytes and FLOPs) or ``"all"`` (both in this process; its times then carry the memory
+    ``part`` is ``"time"`` (warm-up, ``repeats`` timed runs), ``"memory"`` (a ``WARMUP_STEPS``-step warm-up, one
+    run for the peak, one counting saved bytes and FLOPs) or ``"all"`` (both in this process; its times then carry the memory
     process's allocator settings, if any)."""
     import torch
 
@@ -133,7 +136,10 @@ def measure_config(cfg: Config, part: str = "all") -> Result:
         from .methods import schedule_policy
 
         res.evaluations = schedule_policy(cfg.schedule, slots=cfg.slots, k=cfg.k).plan(cfg.n).evaluations  # type: ignore[attr-defined]
-    _, res.warmup_s, _ = measure(run, cfg.device)
+    if part == "memory":
+        measure(lambda: run(steps=min(cfg.n, WARMUP_STEPS)), cfg.device)
+    else:
+        _, res.warmup_s, _ = measure(run, cfg.device)
     out = None
     for _ in range(cfg.repeats if part != "memory" else 1):
         out = None
@@ -172,6 +178,11 @@ def merge(timed: Result, memory: Result) -> Result:
         timed, peak_bytes=memory.peak_bytes, peaks_bytes=memory.peaks_bytes, memory_how=memory.memory_how,
         saved_peak_bytes=memory.saved_peak_bytes, saved_total_bytes=memory.saved_total_bytes, flops=memory.flops,
     )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _loadavg() -> float | None:
@@ -252,7 +263,8 @@ def combine(rounds: Sequence[Result]) -> Result:
 
 
 def run_configs(
-    configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True, jobs: int = 1, rounds: int = 1
+    configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True, jobs: int = 1, rounds: int = 1,
+    memory_jobs: int | None = None,
 ) -> list[Result]:
     """Measure every config in fresh processes; results keep the order of ``configs``.
 
@@ -260,11 +272,15 @@ def run_configs(
     process, before measuring memory: a slow phase of a shared machine then hits every method alike instead of
     one method's only process (single fresh-process timings were seen to move by 10-20%). ``jobs`` > 1 runs that
     many processes at once (timings then compete for the CPU: use it for smoke tests, not for numbers you report).
+    ``memory_jobs`` memory processes run at once (default: ``max(jobs, usable CPUs)``, at most 4); they measure
+    peaks, saved bytes and FLOPs, which do not depend on how much CPU a process gets.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     if rounds < 1:
         raise ValueError(f"unrollc.bench: rounds must be >= 1, got {rounds}.")
+    if memory_jobs is None:
+        memory_jobs = max(jobs, min(usable_cpus(), 4))
     configs = list(configs)
     if not configs:
         return []
@@ -287,12 +303,13 @@ def run_configs(
         return one
 
     try:
+        timed: list[list[Result]] = [[] for _ in configs]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            timed: list[list[Result]] = [[] for _ in configs]
             for r in range(rounds):
                 for runs, res in zip(timed, pool.map(part("time", r), [(c, None) for c in configs]), strict=True):
                     runs.append(res)
-            combined = [combine(runs) for runs in timed]
+        combined = [combine(runs) for runs in timed]
+        with ThreadPoolExecutor(max_workers=max(1, memory_jobs)) as pool:
             return list(pool.map(part("memory", 0), list(zip(configs, combined, strict=True))))
     finally:
         close()
