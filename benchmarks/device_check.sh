@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (device tool): the device tests, then the README's n=160 comparison on CUDA.
+#
+# The device image has its own torch (2.11 + CUDA 13, Python 3.12) and no network, so unrollc runs from the
+# checkout (PYTHONPATH) instead of `pip install -e .` (which would ask for torch==2.13.0), and higher comes
+# from a carried wheel. Before the run, on the CPU machine:
+#     pip download --no-deps higher==0.2.1 -d .device_wheels && echo /.device_wheels/ >> .git/info/exclude
+# then: run(command="bash benchmarks/device_check.sh", carry=[".device_wheels"], timeout_s=540).
+# Results land in $OUT (tests.txt, bench/results.{csv,json}, bench/bench.png, env.txt); about 4-6 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-device_out}"
+mkdir -p "$OUT/bench"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .device_wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install --quiet --no-deps .device_wheels/*.whl 2>&1 | tail -1
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0))"
+  python3 -c "import higher; print('higher', higher.__version__ if hasattr(higher, '__version__') else 'ok')" 2>&1 | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+# 1. correctness on the device (tests/test_device.py), then the GPU-independent core as a smoke check
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_api.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+# 2. the README's comparison on CUDA (memory: torch.cuda.max_memory_allocated); medians of 3 runs
+timeout 300 python3 -m unrollc.bench --device cuda --optimizer sgd adam --n 160 --methods unrollc higher \
+    --schedules none sqrt --repeats 3 --threads 0 --no-saved-bytes --out-dir "$OUT/bench" 2>/dev/null | tee "$OUT/bench.txt"
