@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="PNG path (default OUT_DIR/bench.png; needs matplotlib)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny workload (mlp-small, n 4 8, 1 repeat) for tests")
-    mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~35 minutes on 2 cores)")
+    mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~22 minutes on 2 cores)")
     args = p.parse_args(argv)
     if args.quick:
         args.workload, args.n, args.repeats, args.slots, args.every_k = "mlp-small", [4, 8], 1, 3, 3
