@@ -144,3 +144,12 @@ def test_a_runner_limited_to_k_steps_is_the_k_step_unroll(method: str, schedule:
     assert torch.equal(short_loss, loss) and not torch.equal(short_loss, all_loss)
     for a, b in zip(short, full, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from unrollc.bench.__main__ import main
+
+    assert main(["--device", "cuda", "--workload", "mlp-small", "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "torch.cuda.is_available() is False" in err and "--device cpu" in err

@@ -133,6 +133,14 @@ def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> l
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints the table and where the files went."""
     args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"python -m unrollc.bench: --device cuda, but this torch ({torch.__version__}) sees no CUDA device "
+                  "(torch.cuda.is_available() is False); install a CUDA build of torch on a machine with a GPU, "
+                  "or use --device cpu.", file=sys.stderr)
+            return 2
     compared, sweeps = figure_configs(args) if args.figures else ([], default_configs(args))
     configs = compared + sweeps
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
