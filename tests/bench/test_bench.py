@@ -153,3 +153,16 @@ def test_cuda_without_a_gpu_is_refused_at_once(capsys: pytest.CaptureFixture[str
     assert main(["--device", "cuda", "--workload", "mlp-small", "--n", "4"]) == 2
     err = capsys.readouterr().err
     assert "torch.cuda.is_available() is False" in err and "--device cpu" in err
+
+
+def test_figure_set_compares_at_160_and_sweeps_every_method_over_n() -> None:
+    from unrollc.bench.__main__ import FIGURE_SWEEP, figure_configs, parse_args
+
+    compared, sweeps = figure_configs(parse_args(["--figures"]))
+    assert {(c.optimizer, c.n, c.method, c.schedule) for c in compared} == {
+        (o, 160, m, s) for o in ("sgd", "adam") for m, s in (("unrollc", "none"), ("unrollc", "sqrt"), ("higher", "-"))}
+    assert all(c.repeats >= 3 for c in compared)
+    labels = {(c.method, c.schedule) for c in sweeps}
+    assert labels == {("unrollc", "none"), ("unrollc", "sqrt"), ("unrollc", "binomial"), ("higher", "-")}
+    for label in labels:
+        assert sorted(c.n for c in sweeps if (c.method, c.schedule) == label) == sorted(FIGURE_SWEEP)

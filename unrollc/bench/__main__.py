@@ -8,8 +8,8 @@ the timing processes run one at a time, the memory processes side by side), one 
 is printed.
 
 ``--figures`` runs the README's figure set instead: n=160 with SGD-momentum and Adam (unrollc none, unrollc
-sqrt, higher; timed in 3 alternating rounds of fresh processes, 3 runs each), and memory vs n (16 .. 1024) for
-unrollc sqrt and binomial(8 slots) with SGD-momentum.
+sqrt, higher; timed in 3 alternating rounds of fresh processes, 3 runs each), and memory and time vs n
+(16 .. 1024) for unrollc none, sqrt, binomial(8 slots) and higher with SGD-momentum.
 ``--quick`` runs a tiny workload for tests.
 """
 
@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="PNG path (default OUT_DIR/bench.png; needs matplotlib)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny workload (mlp-small, n 4 8, 1 repeat) for tests")
-    mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~22 minutes on 2 cores)")
+    mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     args = p.parse_args(argv)
     if args.quick:
         args.workload, args.n, args.repeats, args.slots, args.every_k = "mlp-small", [4, 8], 1, 3, 3
@@ -94,11 +94,13 @@ def default_configs(args: argparse.Namespace) -> list[Config]:
 
 def figure_configs(args: argparse.Namespace) -> tuple[list[Config], list[Config]]:
     """The figure set: ``(compared, sweeps)``. ``compared``: n=160 with sgd and adam (unrollc none/sqrt, higher),
-    timed in FIGURE_ROUNDS alternating rounds; ``sweeps``: sqrt and binomial vs n with sgd, timed once."""
+    timed in FIGURE_ROUNDS alternating rounds; ``sweeps``: every method vs n with sgd (unrollc none, sqrt and
+    binomial, higher: the linear growth next to the schedules'), timed once."""
     args.workload = "mlp"
     compared = [_config(args, opt, FIGURE_N, m, s, repeats=max(args.repeats, 3))
                 for opt in ("sgd", "adam") for m, s in (("unrollc", "none"), ("unrollc", "sqrt"), ("higher", "-"))]
-    sweeps = [_config(args, "sgd", n, "unrollc", s, repeats=1) for s in ("sqrt", "binomial") for n in FIGURE_SWEEP]
+    methods = (("unrollc", "none"), ("unrollc", "sqrt"), ("unrollc", "binomial"), ("higher", "-"))
+    sweeps = [_config(args, "sgd", n, m, s, repeats=1) for m, s in methods for n in FIGURE_SWEEP if n != FIGURE_N]
     return compared, sweeps
 
 
