@@ -4,8 +4,8 @@ What the default runs (a few minutes on 2 CPU cores): the ``mlp`` workload (MLP 
 cross-entropy, seeded random data) with SGD (lr 0.01, momentum 0.9), n = 16, 64, 160 unrolled steps, methods
 unrollc (schedules none, sqrt, binomial with 8 slots), higher and eager; one timed run after one warm-up
 (``--repeats`` for more), each configuration in two fresh processes (one times it, one measures its memory;
-the timing processes run one at a time, the memory processes side by side), one intra-op thread. Results go to ``bench_out/`` (``results.json``, ``results.csv``, ``bench.png``) and a table
-is printed.
+the timing processes run one at a time, the memory processes side by side), one intra-op thread. Results go to
+``bench_out/`` (``results.json``, ``results.csv``, ``bench.png``) and a table is printed.
 
 ``--figures`` runs the README's figure set instead: n=160 with SGD-momentum and Adam (unrollc none, unrollc
 sqrt, higher; timed in 3 alternating rounds of fresh processes, 3 runs each), and memory and time vs n
