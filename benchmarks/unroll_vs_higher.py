@@ -5,6 +5,7 @@ warm-up each (unrollc's warm-up traces its step graph). Alternating makes the ra
 slow phases, which move fresh-process timings by 10-20%. For memory, use ``python -m unrollc.bench``.
 
     python benchmarks/unroll_vs_higher.py [--optimizer sgd|adam] [--n 100] [--schedules none sqrt] [--repeats 5]
+                                          [--matmul-share] [--phases]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from unrollc.bench.methods import SCHEDULES, MethodSpec, build, higher_available
-from unrollc.bench.workloads import WORKLOADS, make_task
+from unrollc.bench.workloads import WORKLOADS, Task, make_task
 
 
 def main() -> None:
@@ -30,6 +31,8 @@ def main() -> None:
     p.add_argument("--schedules", nargs="+", default=["none"], choices=SCHEDULES)
     p.add_argument("--matmul-share", action="store_true",
                    help="also profile one run per method: the share of its CPU time spent in matrix products")
+    p.add_argument("--phases", action="store_true",
+                   help="also time unrollc's phases: the no-grad sweep, the taped forward, and the meta-backward")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if (why := higher_available()) is not None:
@@ -55,9 +58,48 @@ def main() -> None:
     if args.matmul_share:
         for label, run in runners.items():
             print(f"  {label:14s} matrix products: {100 * matmul_share(run):.0f}% of the profiled CPU time")
+    if args.phases:
+        phases = phase_times(task, args.repeats)
+        for name, seconds in phases.items():
+            print(f"  unrollc phase  {name:28s} {seconds:7.3f} s")
     for label in runners:
         if label != "higher":
             print(f"  {label} / higher: {med[label] / med['higher']:.2f}x time")
+
+
+def phase_times(task: Task, repeats: int) -> dict[str, float]:
+    """Medians of unrollc's phases on ``task``, alternating: the forward sweep without a graph (what checkpointing
+    runs first), the forward with its graph (what it re-runs), the whole unroll + meta-backward without
+    checkpointing, and the meta-backward alone (the difference of the last two)."""
+    import unrollc
+
+    stepper = unrollc.compile(task.model, task.new_optimizer(), task.loss_fn)
+
+    def sweep() -> None:
+        with torch.no_grad():
+            stepper.unroll(stepper.init(), task.batches)
+
+    def taped() -> object:
+        return stepper.unroll(stepper.init(hyper={"lr": torch.tensor(task.lr, requires_grad=True)}), task.batches)
+
+    def whole() -> None:
+        lr = torch.tensor(task.lr, requires_grad=True)
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), task.batches)
+        meta_loss = task.loss_fn(lambda x: stepper.forward(state, x), task.val)  # type: ignore[arg-type]
+        torch.autograd.grad(meta_loss, [lr, *task.model.parameters()])
+
+    runs = {"forward sweep, no graph": sweep, "forward with graph": taped, "forward + meta-backward": whole}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up (traces the step graph)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med["meta-backward (difference)"] = med["forward + meta-backward"] - med["forward with graph"]
+    return med
 
 
 def matmul_share(run: Callable[[], object]) -> float:
