@@ -82,13 +82,8 @@ def phase_times(task: Task, repeats: int) -> dict[str, float]:
     def taped() -> object:
         return stepper.unroll(stepper.init(hyper={"lr": torch.tensor(task.lr, requires_grad=True)}), task.batches)
 
-    def whole() -> None:
-        lr = torch.tensor(task.lr, requires_grad=True)
-        state = stepper.unroll(stepper.init(hyper={"lr": lr}), task.batches)
-        meta_loss = task.loss_fn(lambda x: stepper.forward(state, x), task.val)  # type: ignore[arg-type]
-        torch.autograd.grad(meta_loss, [lr, *task.model.parameters()])
-
-    runs = {"forward sweep, no graph": sweep, "forward with graph": taped, "forward + meta-backward": whole}
+    runs = {"forward sweep, no graph": sweep, "forward with graph": taped,
+            "forward + meta-backward": build(task, MethodSpec("unrollc", "none"))}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run()  # warm-up (traces the step graph)

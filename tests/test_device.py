@@ -21,7 +21,8 @@ from torch import nn
 
 import oracles
 import unrollc
-from test_optimizers import max_rel
+from test_metagrad import weighted_mse
+from test_optimizers import assert_same_trajectory, max_rel, mse
 
 DEVICE = os.environ.get("UNROLLC_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA (or UNROLLC_TEST_DEVICE=cpu)")
@@ -42,16 +43,6 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.BatchNorm1d(8), nn.Linear(8, 2)).to(DEVICE)
 
 
-def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-
-
-def weighted_mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    x, y = batch
-    return (((model(x) - y) ** 2).mean(1) * weights).mean()
-
-
 def _batches(n: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 3, device=DEVICE, dtype=dtype), torch.randn(8, 2, device=DEVICE, dtype=dtype))
             for _ in range(n)]
@@ -64,21 +55,7 @@ def _on_device(t: torch.Tensor) -> bool:
 @pytest.mark.parametrize("cls,kwargs", TRAJECTORY_OPTIMIZERS, ids=[c.__name__ for c, _ in TRAJECTORY_OPTIMIZERS])
 def test_trajectory_matches_torch_optim_on_the_device(cls, kwargs):
     model = _net()
-    opt = cls(model.parameters(), **kwargs)
-    batches = _batches(20)
-    ref = oracles.eager_trajectory(model, opt, mse, batches)
-    stepper = unrollc.compile(model, opt, mse)
-    state = stepper.init()
-    with torch.no_grad():
-        for i, batch in enumerate(batches):
-            state = stepper.step(state, batch)
-            params, buffers, opt_state = ref[i]
-            for n, v in [*params.items(), *buffers.items()]:
-                got = state.params.get(n, state.buffers.get(n))
-                assert _on_device(got) and max_rel(got, v) < 1e-5, (i, n)
-            for n, st in opt_state.items():
-                for k, v in st.items():
-                    assert max_rel(state.opt_state[n][k].to(v.device), v) < 1e-5, (i, n, k)
+    _, state = assert_same_trajectory(model, cls(model.parameters(), **kwargs), mse, _batches(20), tol=1e-5)
     assert all(_on_device(t) for t in [*state.params.values(), *state.buffers.values()])
     assert all(_on_device(t) for st in state.opt_state.values() for k, t in st.items() if k != "step")
     assert _on_device(state.loss)

@@ -43,7 +43,9 @@ def mse(model, batch):
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30)).item()
+    """max |a - b| / max |b|, in float64 on the CPU (eager torch.optim keeps step counters there even for GPU params)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / (b.abs().max() + 1e-30)).item()
 
 
 def assert_same_trajectory(model, opt, loss_fn, batches, tol):

@@ -138,9 +138,10 @@ def test_a_runner_limited_to_k_steps_is_the_k_step_unroll(method: str, schedule:
         pytest.skip("higher is not installed")
     spec = MethodSpec(method, schedule)
     # n >= POOL (16): the tasks then draw the same batches and the same validation batch
-    short_loss, short = build(make_task("mlp-small", "sgd", 20), spec)(steps=17)
+    run = build(make_task("mlp-small", "sgd", 20), spec)
+    short_loss, short = run(steps=17)
     loss, full = build(make_task("mlp-small", "sgd", 17), spec)()
-    all_loss, _ = build(make_task("mlp-small", "sgd", 20), spec)()
+    all_loss, _ = run()
     assert torch.equal(short_loss, loss) and not torch.equal(short_loss, all_loss)
     for a, b in zip(short, full, strict=True):
         assert torch.equal(a, b)

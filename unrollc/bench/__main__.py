@@ -100,7 +100,7 @@ def figure_configs(args: argparse.Namespace) -> tuple[list[Config], list[Config]
     compared = [_config(args, opt, FIGURE_N, m, s, repeats=max(args.repeats, 3))
                 for opt in ("sgd", "adam") for m, s in (("unrollc", "none"), ("unrollc", "sqrt"), ("higher", "-"))]
     methods = (("unrollc", "none"), ("unrollc", "sqrt"), ("unrollc", "binomial"), ("higher", "-"))
-    sweeps = [_config(args, "sgd", n, m, s, repeats=1) for m, s in methods for n in FIGURE_SWEEP if n != FIGURE_N]
+    sweeps = [_config(args, "sgd", n, m, s, repeats=1) for m, s in methods for n in FIGURE_SWEEP]
     return compared, sweeps
 
 

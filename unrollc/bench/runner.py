@@ -111,8 +111,8 @@ def measure_config(cfg: Config, part: str = "all") -> Result:
     """Measure ``cfg`` in this process (the worker's job; call it in a fresh process for honest memory).
 
     ``part`` is ``"time"`` (warm-up, ``repeats`` timed runs), ``"memory"`` (a ``WARMUP_STEPS``-step warm-up, one
-    run for the peak, one counting saved bytes and FLOPs) or ``"all"`` (both in this process; its times then carry the memory
-    process's allocator settings, if any)."""
+    run for the peak, one counting saved bytes and FLOPs) or ``"all"`` (both in this process; its times then carry
+    the memory process's allocator settings, if any)."""
     import torch
 
     from .memory import FlopCount, SavedBytes, measure
