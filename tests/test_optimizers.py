@@ -94,6 +94,24 @@ def test_trajectory_float64(cls, kwargs, float64):
     assert_same_trajectory(model, opt, mse, batches, tol=1e-10)
 
 
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=IDS)
+def test_hyper_override_is_an_input_not_a_constant(cls, kwargs, float64):
+    """One compiled stepper, lr given at init(): the trajectory equals eager torch.optim built with that lr,
+    for two different values (a value read once and frozen into the graph, as Rprop's full_like(grad, lr)
+    would be, gives the compile-time lr's trajectory instead)."""
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    stepper = unrollc.compile(model, cls(model.parameters(), **kwargs), mse)
+    for scale in (1.0, 3.0):
+        lr = kwargs["lr"] * scale
+        ref = eager_trajectory(model, cls(model.parameters(), **{**kwargs, "lr": lr}), mse, batches)
+        with torch.no_grad():
+            state = stepper.unroll(stepper.init(hyper={"lr": torch.tensor(lr)}), batches)
+        params = ref[-1][0]
+        for n in params:
+            assert max_rel(state.params[n], params[n]) < 1e-10, (lr, n)
+
+
 def test_two_param_groups_with_different_hyperparameters():
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
     opt = O.SGD(

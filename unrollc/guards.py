@@ -228,6 +228,21 @@ def _convert(tensor: torch.Tensor, kind: str) -> Any:
 _POSITIONAL_SCALAR = {"add": (2, "alpha"), "sub": (2, "alpha"), "addcmul": (3, "value"), "addcdiv": (3, "value")}
 
 
+def _full_like_tensor(input: torch.Tensor, fill_value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``torch.full_like(input, fill_value)`` that stays differentiable in a 0-dim tensor ``fill_value``:
+    ``0 + fill_value`` rounds to the target dtype exactly as ATen's fill does."""
+    return torch.zeros_like(input, **kwargs) + fill_value
+
+
+def _full_tensor(size: Sequence[int], fill_value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``torch.full(size, fill_value)`` that stays differentiable in a 0-dim tensor ``fill_value``."""
+    return torch.zeros(size, **kwargs) + fill_value
+
+
+# Factories that read a tensor fill value as a Python scalar, and the differentiable twin used instead.
+_FILL_TWIN: dict[Callable, Callable] = {torch.full_like: _full_like_tensor, torch.full: _full_tensor}
+
+
 # Per-tensor ops that take no Python scalar, and the op that does the same with one.
 _SCALAR_TWIN = {"maximum": "clamp_min", "minimum": "clamp_max"}
 
@@ -336,7 +351,15 @@ class ScalarTracker(TorchFunctionMode):
         return None if inplace else results
 
     def _scalars_to_tensors(self, func: Callable, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
-        """Step 3 of the module docstring: ``alpha=``/``value=`` tensors become a multiplication."""
+        """Step 3 of the module docstring: ``alpha=``/``value=`` tensors become a multiplication, and a
+        tracked fill value of ``full_like``/``full`` an addition (Rprop's first ``step_size`` is
+        ``full_like(grad, lr)``: ATen would read ``lr`` once and freeze it into the graph)."""
+        fill_twin = _FILL_TWIN.get(func)
+        if fill_twin is not None:
+            fill = args[1] if len(args) > 1 else kwargs.get("fill_value")
+            if isinstance(fill, torch.Tensor) and fill in self.exprs:
+                kwargs.pop("fill_value", None)
+                return fill_twin, (args[0], fill), kwargs
         name = getattr(func, "__name__", "").lstrip("_").removeprefix("foreach_").rstrip("_")
         for kw, names in _SCALED_KWARG.items():
             scale = kwargs.get(kw)
