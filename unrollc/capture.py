@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
@@ -158,6 +158,7 @@ class ShadowOptimizer:
         params: parameters by name (the ones ``spec`` names, and possibly others that are only carried).
         opt_state: optimizer state by parameter name (empty for a fresh optimizer).
         hyper: per group, the float hyperparameters as 0-dim tensors (or tuples of them).
+        api: the entry point named in a :class:`CaptureError` (``unrollc.compile`` or the higher layer).
     """
 
     def __init__(
@@ -166,7 +167,9 @@ class ShadowOptimizer:
         params: Mapping[str, torch.Tensor],
         opt_state: Mapping[str, Mapping[str, torch.Tensor]],
         hyper: Sequence[Mapping[str, Any]],
+        api: str = "unrollc.compile",
     ) -> None:
+        self.api = api
         copy = lambda t: t.detach().clone()  # noqa: E731
         self.params = {n: copy(t) for n, t in params.items()}
         self.state = {p: {k: copy(v) for k, v in st.items()} for p, st in opt_state.items()}
@@ -207,12 +210,32 @@ class ShadowOptimizer:
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
-            error = CaptureError.from_trace_failure(exc)
+            error = CaptureError.from_trace_failure(exc, self.api)
             error.trace_failure = exc  # torch's own traceback, for debugging unrollc itself
             raise error from None
         finally:
             for p in self.params.values():
                 p.grad = None
+
+
+T = TypeVar("T")
+
+
+def trace_with_fallbacks(spec: OptimizerSpec, trace: Callable[[OptimizerSpec], T]) -> tuple[T, OptimizerSpec]:
+    """``trace(spec)``, retried with the variants of the optimizer that torch.optim's code needs:
+    ``capturable=True`` when its foreach path refuses tensor hyperparameters, and its source rewritten
+    (:mod:`unrollc.rewrite`) when it reads data into Python (Adafactor's ``param.norm().item()``).
+    Returns the result and the spec that traced, which later traces should start from."""
+    while True:
+        try:
+            return trace(spec), spec
+        except CaptureError as error:
+            if "capturable=False" in str(error) and not spec.capturable:
+                spec = spec.with_capturable()
+            elif error.in_optimizer and not spec.rewritten:
+                spec = spec.with_rewritten_branches()
+            else:
+                raise
 
 
 def capture_step(

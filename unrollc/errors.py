@@ -39,8 +39,9 @@ class CaptureError(RuntimeError):
     trace_failure: BaseException | None = None  # the tracing exception (its traceback is torch-internal)
 
     @classmethod
-    def from_trace_failure(cls, exc: BaseException) -> "CaptureError":
-        """Turn a tracing exception into a message about the user's code."""
+    def from_trace_failure(cls, exc: BaseException, api: str = "unrollc.compile") -> "CaptureError":
+        """Turn a tracing exception into a message about the user's code; ``api`` names the entry point
+        that traced (``unrollc.compile``, or the ``unrollc.higher`` update)."""
         frames = traceback.extract_tb(exc.__traceback__)
         user = user_frame(frames)
         where = user or _optimizer_frame(frames)
@@ -58,7 +59,7 @@ class CaptureError(RuntimeError):
             )
         else:
             hint = f"{type(exc).__name__}: {text}"
-        error = cls(f"unrollc.compile: could not capture the training step{location}: {hint}.")
+        error = cls(f"{api}: could not capture the training step{location}: {hint}.")
         error.location = where
         error.in_optimizer = data_dependent and user is None and where is not None
         return error

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import NodeInfo, ShadowOptimizer, hyper_leaves, input_layout
+from .capture import NodeInfo, ShadowOptimizer, hyper_leaves, input_layout, trace_with_fallbacks
 from .guards import GuardSet, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
 from .passes import run_pipeline
@@ -85,6 +85,7 @@ class CompiledUpdate:
 
     def __init__(self, spec: OptimizerSpec) -> None:
         self.spec = spec
+        self._cache_spec = spec  # the cache key: the user's optimizer, before any fallback variant
         self._names = tuple(n for names in spec.group_params for n in names)
         self.trace_count = 0
         self.last: _Entry | None = None
@@ -121,7 +122,7 @@ class CompiledUpdate:
         g = tuple(input_layout(grads[n]) for n in self._names if n in grads)
         s = tuple((n, k, input_layout(v)) for n in sorted(state) for k, v in sorted(state[n].items()))
         h = tuple((k, tuple(map(input_layout, v)) if isinstance(v, tuple) else input_layout(v)) for grp in hyper for k, v in sorted(grp.items()))
-        return (self.spec.cls, self.spec.group_params, self.spec.static, p, g, s, h)
+        return (self._cache_spec.cls, self._cache_spec.group_params, self._cache_spec.static, p, g, s, h)
 
     def _env(self, sig: UpdateSignature, state: State, hyper: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         env = {f"hyper:{n}": v for n, v in hyper_leaves(hyper, len(hyper) == 1)}
@@ -145,16 +146,21 @@ class CompiledUpdate:
         return self.last
 
     def _trace(self, params, grads, state, hyper) -> _Entry:  # noqa: ANN001
-        shadow = ShadowOptimizer(self.spec, {n: params[n] for n in self._names}, state, hyper)
         grad_names = tuple(n for n in self._names if n in grads)
         grad_examples = [grads[n].detach() for n in grad_names]
-        constants, examples = shadow.constants()
+        api = f"unrollc.higher ({self._cache_spec.cls.__name__} update)"
 
-        def update(*gs: torch.Tensor) -> list[torch.Tensor]:
-            new_state = shadow.step(dict(zip(grad_names, gs, strict=True)))
-            return list(shadow.params.values()) + new_state
+        def trace(spec: OptimizerSpec) -> tuple[fx.GraphModule, ShadowOptimizer, tuple[dict[int, int], list[torch.Tensor]]]:
+            shadow = ShadowOptimizer(spec, {n: params[n] for n in self._names}, state, hyper, api=api)
+            constants = shadow.constants()  # before step() updates the copies in place
 
-        gm = shadow.trace(update, grad_examples)
+            def update(*gs: torch.Tensor) -> list[torch.Tensor]:
+                new_state = shadow.step(dict(zip(grad_names, gs, strict=True)))
+                return list(shadow.params.values()) + new_state
+
+            return shadow.trace(update, grad_examples), shadow, constants
+
+        (gm, shadow, (constants, examples)), self.spec = trace_with_fallbacks(self.spec, trace)
         hyper_names = tuple(n for n, _ in shadow.hyper_leaves)
         sig = UpdateSignature(tuple(shadow.params), shadow.state_in, tuple(shadow.state_out), hyper_names, grad_names)
         gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples + grad_examples}

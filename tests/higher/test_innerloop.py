@@ -89,6 +89,31 @@ def test_first_order_keeps_grad_on_the_fast_weights(lib):
         assert all(p.grad_fn is None or p.grad_fn.next_functions for p in fmodel.parameters())
 
 
+def test_first_order_from_passed_weights_reaches_them_not_the_model():
+    model, x, y, xq, yq = make()
+    meta_init = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1), copy_initial_weights=False, track_higher_grads=False) as (fmodel, diffopt):
+        fast = [w * 1.0 for w in meta_init]
+        for _ in range(2):
+            fast = diffopt.step(F.mse_loss(fmodel(x, params=fast), y), params=fast)
+        final = fast
+        F.mse_loss(fmodel(xq, params=fast), yq).backward()
+    assert all(p.grad is None for p in model.parameters())  # the model's weights were never used
+    for w, f in zip(meta_init, final, strict=True):
+        torch.testing.assert_close(w.grad, f.grad)  # first order: d query / d final weights, delivered to w_0
+
+
+def test_first_order_inner_steps_leave_no_grad_on_the_weights():
+    model, x, y, xq, yq = make()
+    with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1), track_higher_grads=False) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(x), y))
+        after_one = list(fmodel.parameters())
+        diffopt.step(F.mse_loss(fmodel(x), y))  # differentiates the loss by after_one
+        assert all(p.grad is None for p in after_one)
+        F.mse_loss(fmodel(xq), yq).backward()
+        assert all(p.grad is not None for p in fmodel.parameters())
+
+
 def test_first_order_in_higher_gives_none():
     higher = pytest.importorskip("higher")
     model, *batch = make()

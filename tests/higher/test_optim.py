@@ -26,6 +26,7 @@ OPTIMIZERS = [
     (O.RAdam, dict(lr=0.01)),
     (O.RMSprop, dict(lr=0.01, centered=True, momentum=0.9)),
     (O.Rprop, dict(lr=0.01)),
+    (O.Adafactor, dict(lr=0.01)),  # reads param.norm().item(): traced from its rewritten source
 ]
 IDS = [f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw in OPTIMIZERS]
 
@@ -38,8 +39,12 @@ def loss_of(out, y):
     return F.mse_loss(out, y)
 
 
+@pytest.mark.parametrize("lr_scale", [1, 3])
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
-def test_trajectory_equals_torch_optim(cls, kwargs):
+def test_trajectory_equals_torch_optim(cls, kwargs, lr_scale):
+    """Also with 3x the lr, after the 1x run in the same process: compiled updates are cached across
+    contexts, so a hyperparameter frozen into a graph (Rprop's full_like(grad, lr)) would show here."""
+    kwargs = {**kwargs, "lr": kwargs["lr"] * lr_scale}
     model = nn.Linear(4, 2)
     twin = copy.deepcopy(model)
     opt, twin_opt = cls(model.parameters(), **kwargs), cls(twin.parameters(), **kwargs)
@@ -202,6 +207,14 @@ def test_grad_callback(lib):
         diffopt.step(loss_of(fmodel(x), y), grad_callback=clip)
         for p, s in zip(fmodel.parameters(), start, strict=True):
             assert (p - s).abs().max() <= 0.01 + 1e-7
+
+
+def test_grad_callback_gets_a_tuple(lib):
+    model = nn.Linear(3, 1)
+    seen = []
+    with lib.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        diffopt.step(loss_of(fmodel(torch.randn(6, 3)), torch.randn(6, 1)), grad_callback=lambda g: seen.append(g) or g)
+    assert type(seen[0]) is tuple and len(seen[0]) == 2  # what torch.autograd.grad returns, as in higher
 
 
 def test_register_optim_uses_a_hand_written_update(lib):

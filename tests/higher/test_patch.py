@@ -185,6 +185,21 @@ def test_recurrent_modules_meta_gradient(cls, run):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_make_functional_takes_weights_per_call(lib):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))  # no buffers: higher's needs buffer_sync
+    x = torch.randn(5, 4)
+    calls = []
+    fmodule = lib.patch.make_functional(model, encapsulator=lambda f, m: calls.append(m))
+    assert calls == [model]
+    with pytest.raises(Exception):  # noqa: B017 - no fast weights yet: higher raises ValueError too
+        fmodule(x)
+    weights = [2 * p.detach() for p in model.parameters()]
+    out = fmodule(x, params=weights)
+    ref = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], weights, strict=True)), (x,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(fmodule(x), ref)  # the weights passed last are kept
+
+
 def test_patching_a_patched_module_is_refused():
     fmodel = uh.monkeypatch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="already a functional module"):

@@ -117,6 +117,7 @@ class DifferentiableOptimizer:
         """
         if override is not None:
             self._apply_override(override)
+        explicit = params is not None
         if self._fmodel is None or self._fmodel.fast_params is None:
             if params is None:
                 raise ValueError(
@@ -127,13 +128,19 @@ class DifferentiableOptimizer:
             params = self._fmodel.fast_params if params is None else params
         params = list(params)
         if self._first_order_links is None and not self._track_higher_grads:
-            start = self._fmodel.init_fast_params if self._fmodel is not None and self._fmodel.fast_params is not None else params
+            # The weights the first step starts from: the ones passed in, else the functional module's initial ones.
+            start = self._fmodel.init_fast_params if self._fmodel is not None and not explicit else params
             self._first_order_links = [p - p.detach() if p.requires_grad and torch.is_grad_enabled() else None for p in start]
         targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
-        all_grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
+        # First-order weights retain .grad (as higher's detached leaves have it after backward); autograd.grad
+        # fills retained grads too, so the inner gradient must not stay on them.
+        held = [t.grad if t.retains_grad else None for t in targets]
+        all_grads = torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True)
+        for t, g in zip(targets, held, strict=True):
+            if t.retains_grad:
+                t.grad = g
         callback = grad_callback if grad_callback is not None else self._grad_callback
-        if callback is not None:
-            all_grads = list(callback(all_grads))
+        all_grads = list(callback(all_grads) if callback is not None else all_grads)  # a tuple, as in higher
         grouped = []
         for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
             grads = []

@@ -35,7 +35,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import utils as _utils
 
-__all__ = ["monkeypatch", "FunctionalModule"]
+__all__ = ["monkeypatch", "make_functional", "buffer_sync", "FunctionalModule"]
 
 _INTERNAL = frozenset(
     {"_module", "_original", "_param_names", "_fast_params", "_bufs", "_track_higher_grads", "_released", "training"}
@@ -335,6 +335,35 @@ def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.devi
     r"""One off sync (copy) of buffers in ``fmodule`` with those from ``module``."""
     for n, b in module.named_buffers():
         fmodule._bufs[n] = b.clone().detach() if device is None else b.clone().detach().to(device)
+
+
+def make_functional(
+    module: nn.Module,
+    encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None,
+) -> FunctionalModule:
+    r"""Return a stateless version of ``module`` that holds no fast weights yet (``higher``'s
+    ``make_functional``, the building block of :func:`monkeypatch`).
+
+    Pass the weights to its first call, ``fmodule(x, params=[...])`` (ordered like ``module.parameters()``),
+    or set them with ``fmodule.update_params(...)``. Its buffers are the module's own (BatchNorm's running
+    statistics advance in ``module``) until :func:`buffer_sync` gives it copies.
+
+    Args:
+        module: a ``torch.nn.Module`` instance; its parameters are never modified.
+        encapsulator (optional): called as ``encapsulator(fmodule, module)`` on the new functional module,
+            e.g. to give it initial fast weights (this is how ``monkeypatch`` is built in ``higher``).
+
+    Returns:
+        ``fmodule``: call it as ``fmodule(x, params=fast_weights)``.
+    """
+    if isinstance(module, FunctionalModule):
+        raise ValueError(
+            "unrollc.higher.make_functional: the module is already a functional module; pass the original module."
+        )
+    fmodule = FunctionalModule(module, {}, track_higher_grads=True)
+    if encapsulator is not None:
+        encapsulator(fmodule, module)
+    return fmodule
 
 
 def monkeypatch(

@@ -11,8 +11,7 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten
 
-from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout
-from ..errors import CaptureError
+from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
@@ -201,21 +200,12 @@ class Stepper:
 
         trainable = self._used(state, batch, meta)
         args = (state.params, state.buffers, state.opt_state, groups, batch, meta, trainable)
-        while True:
-            try:
-                with recording_sources(self.model, self._spec.cls, self.loss_fn):  # source lines for explain
-                    captured = capture_step(self.model, self._spec, self.loss_fn, *args)
-                break
-            except CaptureError as error:
-                if "capturable=False" in str(error) and not self._spec.capturable:
-                    # torch.optim's foreach paths take tensor hyperparameters only when capturable.
-                    self._spec = self._spec.with_capturable()
-                elif error.in_optimizer and not self._spec.rewritten:
-                    # The optimizer reads data into Python (Adafactor: max(eps2, param.norm().item() ...)):
-                    # trace a copy of its code with those reads kept as tensors (see unrollc.rewrite).
-                    self._spec = self._spec.with_rewritten_branches()
-                else:
-                    raise
+
+        def trace(spec: OptimizerSpec) -> Captured:
+            with recording_sources(self.model, spec.cls, self.loss_fn):  # source lines for explain
+                return capture_step(self.model, spec, self.loss_fn, *args)
+
+        captured, self._spec = trace_with_fallbacks(self._spec, trace)
         gm = captured.gm
         gm.meta["unrollc"] = {
             "signature": captured.signature,
