@@ -24,6 +24,21 @@ def test_stepper_methods_match_the_contract():
     assert params["checkpoint"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
+def test_trace_makes_the_graph_without_running_a_step():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    state = stepper.init()
+    stats = state.buffers["1.running_mean"].clone()
+    calls = []
+    step = stepper.step
+    stepper.step = lambda *a: calls.append(1) or step(*a)  # type: ignore[method-assign]
+    gm = stepper.trace(state, torch.randn(5, 3))
+    assert isinstance(gm, torch.fx.GraphModule) and stepper.graph is gm and not calls
+    assert torch.equal(state.buffers["1.running_mean"], stats) and state.t == 0
+    assert stepper.trace(state, torch.randn(5, 3)) is gm and stepper.trace_count == 1  # same layout: cached
+    assert "Adam" in str(unrollc.explain(stepper))
+
+
 def test_state_fields_and_keys():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())

@@ -30,6 +30,34 @@ def test_budget_picks_a_fitting_plan_and_keeps_the_gradient(float64):
     assert torch.allclose(grad(budget), grad(None), rtol=1e-10, atol=0)
 
 
+def test_budget_runs_exactly_its_plan():
+    """Choosing the schedule (the cost model reads the step graph) runs no step of its own."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(20)]
+    cost = CostModel.from_stepper(stepper, stepper.init(), batches[0])  # a fresh stepper: traces, runs nothing
+    budget = unrollc.Budget(cost.predict(unrollc.NoCheckpoint(), 20).peak_bytes // 3)
+    plan = plan_unroll(stepper, stepper.init(), batches, (), budget)
+    calls = []
+    step = stepper.step
+    stepper.step = lambda *args: calls.append(1) or step(*args)  # type: ignore[method-assign]
+    final = stepper.unroll(stepper.init(), batches, checkpoint=budget)
+    final.params["0.weight"].sum().backward()
+    assert len(calls) == plan.evaluations > 20
+
+
+def test_unroll_under_the_users_saved_tensors_hooks():
+    """Tracing a new graph inside the user's saved_tensors_hooks works (torch.func refuses to trace under
+    them): the hooks are suspended while tracing and see the steps that run."""
+    model = nn.Linear(3, 1)
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        final = stepper.unroll(stepper.init(), [torch.randn(5, 3) for _ in range(4)], checkpoint=2)
+        final.params["weight"].sum().backward()
+    assert packed and model.weight.grad is not None
+
+
 def test_impossible_budget_says_how_much_is_needed():
     model = nn.Linear(4, 1)
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())

@@ -124,3 +124,34 @@ def test_meta_gradient_matches_hand_written_eager_optimizer(cls, kwargs, update,
     ref = torch.autograd.grad(out.sum(), list(model.parameters()))
     for a, b in zip(ours, ref, strict=True):
         assert rel(a, b) < 1e-10
+
+
+def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(float64):
+    """Recomputed steps replay the dropout masks of the forward sweep (the generators' state is stored with
+    every checkpoint), and tracing draws nothing: under one seed, every schedule gives the eager unroll's
+    meta-gradient, and leaves the generator where eager leaves it."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 1))
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(9)]
+    xv = torch.randn(5, 3)
+    names = [n for n, _ in model.named_parameters()]
+
+    def val_loss(params):
+        model.eval()
+        try:
+            return torch.func.functional_call(model, dict(zip(names, params)), (xv,)).pow(2).mean()
+        finally:
+            model.train()
+
+    torch.manual_seed(3)
+    final = oracles.eager_unroll(model, loss_fn, batches, oracles.sgd_momentum(0.1, 0.9))
+    ref = torch.autograd.grad(val_loss(final), list(model.parameters()))
+    ref_next = torch.rand(2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    for checkpoint in [None, 2, "sqrt", "binomial", unrollc.Binomial(slots=2)]:
+        torch.manual_seed(3)
+        state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+        got = torch.autograd.grad(val_loss([state.params[n] for n in names]), list(model.parameters()))
+        for a, b in zip(got, ref, strict=True):
+            assert rel(a, b) < 1e-10, checkpoint
+        assert torch.equal(torch.rand(2), ref_next), checkpoint

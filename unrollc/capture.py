@@ -206,7 +206,8 @@ class ShadowOptimizer:
         """``make_fx(fn)(*inputs)``; a failure becomes a :class:`CaptureError` naming the user's (or the
         optimizer's) line, with torch's own exception on ``.trace_failure``."""
         try:
-            return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
+            with _saved_tensors_hooks_suspended():
+                return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
@@ -219,6 +220,29 @@ class ShadowOptimizer:
 
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _saved_tensors_hooks_suspended() -> Iterator[None]:
+    """Run the body without the user's ``torch.autograd.graph.saved_tensors_hooks`` (restored afterwards).
+
+    Tracing differentiates the loss with ``torch.func``, which refuses to run under saved-tensor hooks; the
+    hooks would only see tracing's throw-away tensors anyway. The steps that run the traced graph, under the
+    same hooks, are seen by them as usual."""
+    autograd = torch._C._autograd
+    top, pop, push = (getattr(autograd, f"_{n}_saved_tensors_default_hooks", None) for n in ("top", "pop", "push"))
+    if top is None or pop is None or push is None:  # a torch without these internals: leave the hooks alone
+        yield
+        return
+    suspended = []
+    while (hooks := top(False)) is not None:
+        suspended.append(hooks)
+        pop()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(suspended):
+            push(pack, unpack)
 
 
 def trace_with_fallbacks(spec: OptimizerSpec, trace: Callable[[OptimizerSpec], T]) -> tuple[T, OptimizerSpec]:

@@ -106,6 +106,30 @@ def test_gradients_and_counts_match_the_plain_loop(policy, n: int) -> None:
     assert stats.peak_taped_steps <= plan.peak_taped_steps
 
 
+def noisy_step_fn(i: int, state, consts):
+    """step_fn on inputs with random noise (dropout-like): a recomputed step must draw the same noise."""
+    lr, momentum, xs, ys, perm = consts
+    noisy = xs * (torch.rand(xs.shape) > 0.3) + 0.1 * torch.randn(xs.shape)
+    return step_fn(i, state, (lr, momentum, noisy, ys, perm))
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+def test_random_draws_are_replayed_and_the_generator_is_left_alone(policy) -> None:
+    n = 9
+    state0, consts = make_inputs()
+    torch.manual_seed(1)
+    ref_final, ref_losses = plain_unroll(n, state0, consts, step=noisy_step_fn)
+    ref_grads = grads_of(ref_final, ref_losses, state0, consts)
+    ref_next = torch.rand(3)  # the generator after the unroll and its backward
+
+    torch.manual_seed(1)
+    final, losses = checkpointed_unroll(noisy_step_fn, n, state0, consts, policy.plan(n))
+    grads = grads_of(final, losses, state0, consts)
+    for got, want in zip((*final, *losses, *grads), (*ref_final, *ref_losses, *ref_grads), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.rand(3), ref_next, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("use", ["final", "losses", "one_loss"])
 def test_partial_objectives(use: str) -> None:
     """Gradients when only the final state, only the losses, or a single early loss is used."""

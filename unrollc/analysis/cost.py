@@ -91,13 +91,11 @@ class CostModel:
     def from_stepper(cls, stepper: "Stepper", state: "UnrollState", batch: Any, *meta: Any) -> "CostModel":
         """The cost model of ``stepper``'s step for this state's and batch's layout.
 
-        Runs one step without grad to make sure the graph for this layout is traced and current (the
-        predictions themselves run nothing); inputs of ``state``/``batch``/``meta`` that require grad (e.g. a
-        learned ``lr``) are sources of requires_grad, as they would be in the unroll.
+        Traces the graph for this layout if it is new (``stepper.trace``); no step is run. Inputs of
+        ``state``/``batch``/``meta`` that require grad (e.g. a learned ``lr``) are sources of requires_grad,
+        as they would be in the unroll.
         """
-        with torch.no_grad():
-            stepper.step(state, batch, *meta)
-        gm = stepper.graph
+        gm = stepper.trace(state, batch, *meta)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         flat = _flat_inputs(stepper, state, batch, meta)
         if len(flat) != len(placeholders):

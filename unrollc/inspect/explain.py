@@ -207,14 +207,13 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
 
     Args:
         stepper: a :class:`unrollc.Stepper` (``unrollc.compile``) that has run a step, or give ``state``
-            and ``batch`` (and ``*meta``) and one step is run without grad to trace the graph.
+            and ``batch`` (and ``*meta``) to trace the graph for their layout (``stepper.trace``; no step is run).
 
     Returns:
         A :class:`Report`: ``print(report)`` in a terminal; notebooks render it (``_repr_html_``).
     """
     if state is not None and batch is not None:
-        with torch.no_grad():
-            stepper.step(state, batch, *meta)
+        stepper.trace(state, batch, *meta)
     if getattr(stepper, "_last", True) is None:
         raise RuntimeError(
             "unrollc.explain: the stepper has not traced a step yet (the graph depends on the batch's shapes); "

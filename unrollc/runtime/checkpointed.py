@@ -11,9 +11,11 @@ if the steps had run in a plain autograd loop, but keeps only what the plan says
    the state gradient at the tape's end plus the loss gradients of its steps, accumulates the gradients of
    ``consts`` and carries the state gradient back to the tape's start.
 
-The step function must be a pure function of (i, state, consts): deterministic (no RNG drawn inside a step,
-since recomputed steps would draw different numbers) and without in-place updates of its inputs (stored
-states are reused). Double backward is not supported (``once_differentiable``); a second backward through
+The step function must be a function of (i, state, consts) and the random generators only, without in-place
+updates of its inputs (stored states are reused). Random draws (dropout) are replayed exactly: every stored
+state keeps the generators' state of its moment (:class:`~unrollc.runtime.rng.RngState`), restored with it,
+so a recomputed step draws what it drew in the forward sweep; the backward sweep leaves the user's
+generators as it found them. Double backward is not supported (``once_differentiable``); a second backward through
 the same unroll (``retain_graph=True``) replays the forward sweep first (``plan.evaluations`` more calls).
 """
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from unrollc.errors import InternalError
+from unrollc.runtime.rng import RngState, fork_rng
 from unrollc.runtime.schedules import Advance, Backprop, Free, Plan, Restore, Return, Store, Tape
 
 __all__ = ["ExecutionStats", "StepFn", "checkpointed_unroll"]
@@ -70,6 +73,8 @@ class _Runner:
         self.cur: State = ()
         self.cur_index: int | None = 0
         self.stored: dict[int, State] = {}
+        self.rng: dict[int, RngState] = {}                  # the generators' state at each stored state
+        self.rng_tensors: State = consts                    # whose CUDA devices' generators are kept
         self.tape: _Tape | None = None
         self.losses: list[Tensor | None] = [None] * n      # recorded once, by the forward sweep, detached
         self.state_grad: list[Tensor | None] = []           # gradient of the state at the live tape's end
@@ -99,11 +104,14 @@ class _Runner:
         for action in actions:
             if isinstance(action, Store):
                 self.stored[action.index] = self.cur
+                self.rng[action.index] = RngState.now((*self.cur, *self.rng_tensors))
                 self.stats.peak_states = max(self.stats.peak_states, len(self.stored))
             elif isinstance(action, Restore):
                 self.cur, self.cur_index = self.stored[action.index], action.index
+                self.rng[action.index].restore()
             elif isinstance(action, Free):
                 del self.stored[action.index]
+                del self.rng[action.index]
             elif isinstance(action, Advance):
                 self._check_at(action.start)
                 with torch.no_grad():
@@ -187,6 +195,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
     def forward(ctx, step_fn: StepFn, plan: Plan, stats: ExecutionStats, n_state: int,
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         const_needs = ctx.needs_input_grad[4 + n_state:]
+        ctx.rng0 = RngState.now(tensors)  # a second backward replays the sweep from here
         runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs)
         ctx.save_for_backward(*tensors)     # version counters: in-place changes to inputs are caught
         ctx.runner, ctx.args = runner, (step_fn, plan, stats, n_state, const_needs)
@@ -200,12 +209,14 @@ class _CheckpointedUnroll(torch.autograd.Function):
         step_fn, plan, stats, n_state, const_needs = ctx.args
         saved = ctx.saved_tensors
         runner, ctx.runner = ctx.runner, None   # the backward sweep consumes the stored states and the tape
-        if runner is None:                      # a second backward (retain_graph=True): replay the forward sweep
-            runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs)
-        elif 0 in runner.stored:
-            runner.stored[0] = saved[:n_state]
-        runner.state_grad, runner.loss_grads = list(grads[:-1]), grads[-1]
-        runner.run(plan.backward_actions)
+        with fork_rng(saved):                   # recomputation restores stored generator states: undo that after
+            if runner is None:                  # a second backward (retain_graph=True): replay the forward sweep
+                ctx.rng0.restore()
+                runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs)
+            elif 0 in runner.stored:
+                runner.stored[0] = saved[:n_state]
+            runner.state_grad, runner.loss_grads = list(grads[:-1]), grads[-1]
+            runner.run(plan.backward_actions)
         if len(runner.state_grad) != n_state:
             raise InternalError("unrollc.checkpointed_unroll: the backward sweep did not end at state 0")
         return (None, None, None, None, *runner.state_grad, *runner.const_grads)

@@ -15,6 +15,7 @@ from ..capture import Captured, Signature, capture_step, hyper_leaves, input_lay
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
+from .rng import fork_rng
 from .state import UnrollState, groups_to_hyper, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
@@ -116,13 +117,20 @@ class Stepper:
     def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
         """One differentiable training step: forward, gradient and the optimizer's update."""
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
-        compiled = self._lookup(state, groups, batch, meta)
+        compiled = self._lookup(state, groups, batch, meta)  # traces without drawing from the user's RNG
         flat = self._flatten(compiled.signature, state, groups, batch, meta)
         # Without grad (plain training, the forward sweep of a checkpointed unroll) the graph before
         # safe_sqrt computes the same values with fewer ops.
         gm = compiled.gm if torch.is_grad_enabled() else compiled.graphs.get("after eliminate_dead_code", compiled.gm)
         outs = gm(*flat)
         return self._unflatten(compiled.signature, state, outs)
+
+    def trace(self, state: UnrollState, batch: Any, *meta: Any) -> fx.GraphModule:
+        """The step graph for the layout (shapes, dtypes, devices, requires_grad) of ``state``, ``batch`` and
+        ``meta``, traced now if it is new, without running a step (tracing draws no random numbers either).
+        :attr:`graph`, :attr:`graphs` and ``unrollc.explain(stepper)`` then show it."""
+        groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
+        return self._lookup(state, groups, batch, meta).gm
 
     def unroll(self, state: UnrollState, batches: Iterable[Any], *meta: Any, checkpoint: Any = None) -> UnrollState:
         """``len(batches)`` steps, one per batch; ``checkpoint`` trades memory for recomputation
@@ -187,15 +195,18 @@ class Stepper:
     def _lookup(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
-        self._last = lookup_or_trace(
-            entries,
-            lambda entry: self._guard_env(entry.signature, state, groups),
-            lambda: self._trace(state, groups, batch, meta),
-            "Stepper.step",
-        )
+
+        def trace() -> CompiledStep:
+            # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
+            # generators, or a seeded run would differ between the first unroll and later ones, and a
+            # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
+            with fork_rng(_tensors_of(state.params, state.buffers, batch, meta)):
+                return self._capture(state, groups, batch, meta)
+
+        self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
         return self._last
 
-    def _trace(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
+    def _capture(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         from ..inspect.source import recording_sources
 
         trainable = self._used(state, batch, meta)
@@ -280,3 +291,8 @@ def _detached(tree: Any) -> Any:
     from torch.utils._pytree import tree_map
 
     return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _tensors_of(*trees: Any) -> list[torch.Tensor]:
+    """The tensors in ``trees`` (a state's dicts, a batch, meta)."""
+    return [x for x in tree_flatten(trees)[0] if isinstance(x, torch.Tensor)]

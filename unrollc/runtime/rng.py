@@ -1,0 +1,50 @@
+"""Random-number generator states, so that recomputed steps draw the numbers their first run drew.
+
+A step with dropout draws from the CPU generator (and from the generator of each CUDA device its tensors
+live on). A checkpointed unroll runs some steps twice: once in the forward sweep and again when the
+backward pass recomputes them from a stored state. :class:`RngState` is taken with every stored state
+and restored with it, so the replay sees the same masks, as ``torch.utils.checkpoint`` does for one
+segment. :func:`fork_rng` runs code (tracing, the backward sweep) without moving the user's generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RngState", "fork_rng"]
+
+
+def _cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
+    return sorted({t.device.index for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda and t.device.index is not None})
+
+
+@dataclass(frozen=True)
+class RngState:
+    """The CPU generator's state and those of the CUDA devices the unroll's tensors live on."""
+
+    cpu: torch.Tensor
+    devices: tuple[int, ...]
+    device_states: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def now(cls, tensors: Iterable[torch.Tensor]) -> "RngState":
+        """The generators' states at this moment (CUDA devices: those of ``tensors``)."""
+        devices = _cuda_devices(tensors)
+        return cls(torch.get_rng_state(), tuple(devices), tuple(torch.cuda.get_rng_state(d) for d in devices))
+
+    def restore(self) -> None:
+        """Set the generators back to this state."""
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.devices, self.device_states, strict=True):
+            torch.cuda.set_rng_state(state, device)
+
+
+@contextlib.contextmanager
+def fork_rng(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Run the body with the generators (CPU and ``tensors``' CUDA devices) restored afterwards."""
+    with torch.random.fork_rng(devices=_cuda_devices(tensors)):
+        yield
