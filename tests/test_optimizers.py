@@ -65,6 +65,7 @@ def assert_same_trajectory(model, opt, loss_fn, batches, tol):
                 assert set(state.opt_state[n]) == set(st), (i, n)
                 for k in st:
                     assert max_rel(state.opt_state[n][k], st[k]) < tol, (i, n, k)
+                    assert state.opt_state[n][k].dtype == st[k].dtype, (i, n, k)  # ASGD's eta stays float32
     return stepper, state
 
 

@@ -266,6 +266,15 @@ def _in_float64(func: Callable) -> Callable:
     return promoted
 
 
+# Functions that copy or convert a tensor rather than compute with it: their result keeps the dtype they are
+# given (ASGD's ``eta = as_tensor(lr, dtype=float32).clone()`` stays float32, as in eager torch.optim).
+_DTYPE_KEEPING = frozenset({"clone", "detach", "to", "type", "contiguous", "as_tensor", "zeros_like", "ones_like", "empty_like"})
+
+
+def _is_arithmetic(func: Callable) -> bool:
+    return getattr(func, "__name__", "") not in _DTYPE_KEEPING
+
+
 def _is_inplace(func: Callable) -> bool:
     # Python-level torch functions carry no schema; in-place methods follow the trailing-underscore rule.
     name = getattr(func, "__name__", "")
@@ -300,7 +309,7 @@ class ScalarTracker(TorchFunctionMode):
         if name.startswith("_foreach_") and _per_tensor_op(name) is not None:
             return self._unroll_foreach(func, name, args, kwargs)
         func, args, kwargs = self._scalars_to_tensors(func, args, kwargs)
-        if not _is_inplace(func) and self._all_tracked_scalars((args, kwargs)):
+        if not _is_inplace(func) and self._all_tracked_scalars((args, kwargs)) and _is_arithmetic(func):
             func = _in_float64(func)
         elif _is_inplace(func) and args and isinstance(args[0], torch.Tensor):
             args, kwargs = self._cast_scalars_to(args[0].dtype, args, kwargs)
