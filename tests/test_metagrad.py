@@ -155,3 +155,22 @@ def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(f
         for a, b in zip(got, ref, strict=True):
             assert rel(a, b) < 1e-10, checkpoint
         assert torch.equal(torch.rand(2), ref_next), checkpoint
+
+
+def test_radam_capturable_meta_gradient_has_no_nan(float64):
+    """RAdam's capturable path selects its rectification with torch.where over a NaN before step 5, which
+    poisons where's backward; unrollc traces the equivalent non-capturable maths (a guard on rho_t)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    stepper = unrollc.compile(model, torch.optim.RAdam(model.parameters(), lr=0.01, capturable=True), weighted_mse)
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(8)]  # rectification switches on at step 6
+    w = torch.ones(6)
+
+    def meta(lr):
+        return stepper.forward(stepper.unroll(stepper.init(hyper={"lr": lr}), batches, w), batches[0][0]).pow(2).mean()
+
+    lr0 = torch.tensor(0.01)
+    lr = lr0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(meta(lr), lr)
+    with torch.no_grad():
+        fd = central_difference(meta, lr0)
+    assert rel(g, fd) < 1e-6

@@ -28,6 +28,12 @@ _REFUSED = {
 # ``mu.item() != 1``), which would pin a guard to one step; their capturable path is branch-free.
 _CAPTURABLE_ONLY = frozenset({"ASGD"})
 
+# Optimizers whose capturable path selects with torch.where between a branch and a value that is NaN where
+# the branch is not taken (RAdam's rectification term before step 5): the NaN reaches the meta-gradient
+# through where's backward. Their non-capturable path computes the same numbers with a Python branch,
+# which a guard handles exactly, so a user's capturable=True is traced as capturable=False.
+_NOT_CAPTURABLE = frozenset({"RAdam"})
+
 
 class UnsupportedOptimizerError(TypeError):
     """The optimizer cannot be captured as one differentiable step graph."""
@@ -117,6 +123,8 @@ class OptimizerSpec:
                 opts["fused"] = False
             if "foreach" in opts:
                 opts["foreach"] = False
+            if opts.get("capturable") and any(b.__name__ in _NOT_CAPTURABLE for b in kind.__mro__):
+                opts["capturable"] = False
             if "capturable" in opts and kind.__name__ in _CAPTURABLE_ONLY:
                 # torch.optim's foreach paths accept tensor hyperparameters only when capturable. The
                 # single-tensor paths keep Python branches (RAdam's rectification), which guards handle
