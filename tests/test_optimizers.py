@@ -160,6 +160,28 @@ def test_warm_optimizer_continues_from_its_state():
     assert state.opt_state["0.weight"]["step"].item() == 13
 
 
+def test_init_reads_the_optimizer_as_it_is_now(float64):
+    """Compiled first, then trained eagerly with an lr scheduler: init() starts from the optimizer's current
+    lr, state and step count (as it does from the model's current weights)."""
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = O.Adam(model.parameters(), lr=0.01)
+    stepper = unrollc.compile(model, opt, mse)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model, (torch.randn(8, 3), torch.randn(8, 2))).backward()
+        opt.step()
+        sched.step()
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    state = stepper.init()
+    assert state.t == 3 and state.hyper["lr"].item() == pytest.approx(0.00125)
+    ref = eager_trajectory(model, opt, mse, batches)
+    with torch.no_grad():
+        state = stepper.unroll(state, batches)
+    for n, p in ref[-1][0].items():
+        assert max_rel(state.params[n], p) < 1e-12, n
+
+
 @pytest.mark.parametrize("cls", [O.LBFGS, O.SparseAdam])
 def test_refused_optimizers_name_themselves_and_say_why(cls):
     """Adafactor is not refused: its data-dependent reads are rewritten (unrollc.rewrite)."""

@@ -61,10 +61,8 @@ class Stepper:
         self._spec = OptimizerSpec.from_optimizer(opt, ids)
         in_opt = {n for names in self._spec.group_params for n in names}
         self._trainable = frozenset(n for n in in_opt if named[n].requires_grad)
-        self._opt_state = {
-            ids[id(p)]: {k: _as_tensor(v) for k, v in st.items()} for p, st in opt.state.items() if id(p) in ids and st
-        }
-        self._t0 = max((int(st["step"]) for st in self._opt_state.values() if "step" in st), default=0)
+        self._opt = opt  # read (never stepped) by init(): its current hyperparameters and state
+        self._param_ids = ids
         self._cache: dict[Any, list[CompiledStep]] = {}
         self._last: CompiledStep | None = None
         self.trace_count = 0
@@ -80,7 +78,8 @@ class Stepper:
 
         By default the parameters ARE the model's ``nn.Parameter`` s (so a meta-loss's ``backward()``
         fills ``model.weight.grad``), the buffers and optimizer state are copies of the model's and the
-        optimizer's, and the hyperparameters are the optimizer's, as tensors.
+        optimizer's, and the hyperparameters are the optimizer's, as tensors — all as they are when
+        ``init`` is called (after eager training steps or an lr scheduler, their current values).
 
         Args:
             params: overrides by name (tensors may require grad); unnamed parameters keep the model's.
@@ -99,8 +98,14 @@ class Stepper:
             if n not in b:
                 raise KeyError(f"Stepper.init: no buffer named {n!r}; the model has {sorted(b)}.")
             b[n] = v
+        if len(self._opt.param_groups) != len(self._spec.hyper):
+            raise RuntimeError(
+                f"Stepper.init: the optimizer has {len(self._opt.param_groups)} parameter groups now but had "
+                f"{len(self._spec.hyper)} at unrollc.compile; compile again after add_param_group."
+            )
         groups = [
-            {k: _hyper_tensor(v) for k, v in g.items()} for g in self._spec.hyper
+            {k: _hyper_tensor(group.get(k, v)) for k, v in g.items()}
+            for g, group in zip(self._spec.hyper, self._opt.param_groups, strict=True)
         ]
         for g, override in zip(groups, hyper_to_groups(hyper or {}, len(groups)), strict=True):
             for k, v in override.items():
@@ -110,8 +115,13 @@ class Stepper:
                         f"it has {sorted(g)}."
                     )
                 g[k] = _hyper_tensor(v)
-        state = {n: {k: v.detach().clone() for k, v in st.items()} for n, st in self._opt_state.items()}
-        return UnrollState(p, b, state, groups_to_hyper(groups), t=self._t0)
+        ids = self._param_ids
+        state = {
+            ids[id(q)]: {k: _as_tensor(v).detach().clone() for k, v in st.items()}
+            for q, st in self._opt.state.items() if id(q) in ids and st
+        }
+        t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
+        return UnrollState(p, b, state, groups_to_hyper(groups), t=t0)
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
