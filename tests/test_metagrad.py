@@ -174,3 +174,37 @@ def test_radam_capturable_meta_gradient_has_no_nan(float64):
     with torch.no_grad():
         fd = central_difference(meta, lr0)
     assert rel(g, fd) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,key",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9), "weight_decay"),
+        (torch.optim.SGD, dict(lr=0.1), "momentum"),
+        (torch.optim.Adam, dict(lr=0.01), "weight_decay"),
+        (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.0), "weight_decay"),
+        (torch.optim.RMSprop, dict(lr=0.01), "momentum"),
+    ],
+    ids=["SGD-weight_decay", "SGD-momentum", "Adam-weight_decay", "AdamW-weight_decay", "RMSprop-momentum"],
+)
+def test_a_learned_hyperparameter_starting_at_zero_gets_its_gradient(cls, kwargs, key, float64):
+    """torch.optim skips the term when the value is 0 (``if weight_decay != 0``); a hyperparameter that
+    requires grad takes the general branch instead, which gives the same values at 0 and the derivative."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    stepper = unrollc.compile(model, cls(model.parameters(), **kwargs), weighted_mse)
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(STEPS)]
+    w = torch.ones(6)
+    xv = torch.randn(5, 3)
+
+    def meta(v):
+        return stepper.forward(stepper.unroll(stepper.init(hyper={key: v}), batches, w), xv).pow(2).mean()
+
+    v = torch.tensor(0.0, requires_grad=True)
+    learned = meta(v)
+    (g,) = torch.autograd.grad(learned, v)
+    h = 1e-5
+    with torch.no_grad():
+        at = [meta(torch.tensor(x)) for x in (0.0, h, 2 * h)]  # one-sided: torch.optim refuses negative values
+    fd = (-3 * at[0] + 4 * at[1] - at[2]) / (2 * h)
+    assert rel(g, fd) < 1e-5
+    assert rel(learned.detach(), at[0]) < 1e-13  # the general branch gives the same values at 0

@@ -171,6 +171,7 @@ class ShadowOptimizer:
     ) -> None:
         self.api = api
         copy = lambda t: t.detach().clone()  # noqa: E731
+        learned = frozenset(f"hyper:{n}" for n, t in hyper_leaves(hyper, len(hyper) == 1) if isinstance(t, torch.Tensor) and t.requires_grad)
         self.params = {n: copy(t) for n, t in params.items()}
         self.state = {p: {k: copy(v) for k, v in st.items()} for p, st in opt_state.items()}
         h_copy = [{k: tuple(map(copy, v)) if isinstance(v, tuple) else copy(v) for k, v in g.items()} for g in hyper]
@@ -182,7 +183,7 @@ class ShadowOptimizer:
             self.optimizer.state[self.params[name]] = dict(st)
         leaves = {f"hyper:{n}": t for n, t in self.hyper_leaves}
         leaves.update({f"state:{p}.{k}": self.state[p][k] for p, k in self.state_in if self.state[p][k].dim() == 0})
-        self.tracker = ScalarTracker(leaves)
+        self.tracker = ScalarTracker(leaves, learned)
 
     def constants(self, after_params: Sequence[torch.Tensor] = ()) -> tuple[dict[int, int], list[torch.Tensor]]:
         """``(id(copy) -> input position, example inputs)`` for the inputs ``params, *after_params, opt_state,

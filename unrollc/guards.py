@@ -113,20 +113,28 @@ def _is_expr(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class Guard:
-    """A Python value the traced optimizer read from guarded scalars: valid while it re-evaluates equal."""
+    """A Python value the traced optimizer read from guarded scalars: valid while it re-evaluates equal.
+
+    ``learned`` names a hyperparameter leaf whose ``!= 0`` test was answered True although it was 0,
+    because it requires grad (see :class:`ScalarTracker`): the guard also holds whenever that leaf
+    requires grad."""
 
     expr: Any
     kind: str
     value: Any
+    learned: str | None = None
 
     def holds(self, env: Mapping[str, torch.Tensor]) -> bool:
         """Whether the expression gives the same Python value for the leaf values in ``env``."""
+        if self.learned is not None and env[self.learned].requires_grad:
+            return True
         with torch.no_grad():
             tensor = _evaluate(self.expr, env, {})
             return _convert(tensor, self.kind) == self.value
 
     def __str__(self) -> str:
-        return f"{self.kind}({self.expr!r}) == {self.value!r}"
+        learned = f" or {self.learned} requires grad" if self.learned else ""
+        return f"{self.kind}({self.expr!r}) == {self.value!r}{learned}"
 
     @property
     def leaves(self) -> frozenset[str]:
@@ -271,6 +279,10 @@ def _in_float64(func: Callable) -> Callable:
 _DTYPE_KEEPING = frozenset({"clone", "detach", "to", "type", "contiguous", "as_tensor", "zeros_like", "ones_like", "empty_like"})
 
 
+# Comparisons with 0 that torch.optim uses to skip a term: ``if weight_decay != 0``, ``if momentum > 0``.
+_ZERO_TESTS = frozenset({"__ne__", "ne", "__gt__", "gt"})
+
+
 def _is_arithmetic(func: Callable) -> bool:
     return getattr(func, "__name__", "") not in _DTYPE_KEEPING
 
@@ -284,10 +296,11 @@ def _is_inplace(func: Callable) -> bool:
 class ScalarTracker(TorchFunctionMode):
     """Tracks tensors computed from guarded leaves and records :class:`Guard` s (see module docstring)."""
 
-    def __init__(self, leaves: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, leaves: Mapping[str, torch.Tensor], learned: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.exprs: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.guards: list[Guard] = []
+        self.learned = learned  # leaves whose original tensor requires grad (a learned hyperparameter)
         for name, tensor in leaves.items():
             self.exprs[tensor] = _Leaf(name)
 
@@ -303,7 +316,11 @@ class ScalarTracker(TorchFunctionMode):
         if kind is not None and isinstance(args[0], torch.Tensor) and args[0] in self.exprs:
             with disable_proxy_modes_tracing():
                 value = _convert(args[0], kind)
-            self.guards.append(Guard(self.exprs[args[0]], kind, value))
+            expr = self.exprs[args[0]]
+            learned = self._learned_zero_test(expr) if kind == "bool" and value is False else None
+            if learned is not None:
+                value = True  # take the branch that uses the learned hyperparameter (see the class docstring)
+            self.guards.append(Guard(expr, kind, value, learned))
             return value
         name = getattr(func, "__name__", "")
         if name.startswith("_foreach_") and _per_tensor_op(name) is not None:
@@ -316,6 +333,24 @@ class ScalarTracker(TorchFunctionMode):
         out = func(*args, **kwargs)
         self._track(func, args, kwargs, out)
         return out
+
+    def _learned_zero_test(self, expr: Any) -> str | None:
+        """The learned leaf ``h`` if ``expr`` is ``h != 0`` or ``h > 0`` (through dtype conversions), else None.
+
+        ``torch.optim`` skips a term whose coefficient is 0 (``if weight_decay != 0``, ``if momentum != 0``),
+        so a learned hyperparameter that starts at 0 would get no gradient. When it requires grad, the
+        tracker answers True: the general branch computes the same values at 0 (``grad + 0 * param``) and
+        carries the derivative."""
+        if not isinstance(expr, _Call) or len(expr.args) != 2 or getattr(expr.func, "__name__", "") not in _ZERO_TESTS:
+            return None
+        operand, other = expr.args
+        if isinstance(other, bool) or not isinstance(other, (int, float)) or other != 0:
+            return None
+        while isinstance(operand, _Call) and getattr(operand.func, "__name__", "") in _DTYPE_KEEPING and operand.args:
+            operand = operand.args[0]
+        if isinstance(operand, _Leaf) and operand.name in self.learned:
+            return operand.name
+        return None
 
     def _any_tracked(self, tree: Any) -> bool:
         return any(isinstance(x, torch.Tensor) and x in self.exprs for x in tree_flatten(tree)[0])
