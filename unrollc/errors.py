@@ -50,7 +50,16 @@ class CaptureError(RuntimeError):
         if where is not None and where.name and where.name != "<module>":
             location += f" in {where.name}"
         data_dependent = "_local_scalar_dense" in str(exc) or "data-dependent" in str(exc)
-        if data_dependent:
+        inner = _nn_frame(frames) if user is not None else None  # torch.nn code the user's line called
+        if inner is not None:
+            location += f", inside torch.nn at {os.path.relpath(inner.filename, _TORCH_DIR)}:{inner.lineno} (`{inner.line}`)"
+        if data_dependent and inner is not None and "num_batches_tracked" in (inner.line or ""):
+            hint = (
+                "BatchNorm with momentum=None (a cumulative average) reads its batch count into Python on every "
+                "step, which cannot be part of one step graph; give it a fixed momentum (e.g. momentum=0.1), or "
+                "unroll with the model in eval() mode"
+            )
+        elif data_dependent:
             hint = _data_dependent_hint((where.line or "") if where else "")
         elif user is None and where is not None:
             hint = (
@@ -76,6 +85,15 @@ def _data_dependent_hint(line: str) -> str:
         "tensor ops instead, e.g. torch.where(cond, a, b) for a branch, or keep the value a tensor "
         "(x / y.abs().max() instead of x / float(y.abs().max()))"
     )
+
+
+def _nn_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    """The innermost frame in ``torch.nn``'s modules or functional code (not its Module.__call__ plumbing)."""
+    nn_dir = os.path.join(_TORCH_DIR, "nn") + os.sep
+    for frame in reversed(frames):
+        if frame.filename.startswith(nn_dir) and not frame.filename.endswith(os.path.join("modules", "module.py")):
+            return frame
+    return None
 
 
 def _optimizer_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:

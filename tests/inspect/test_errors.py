@@ -52,3 +52,10 @@ def test_data_dependent_branch_names_file_line_and_suggests_torch_where():
 def test_item_in_forward_names_file_and_line():
     message = str(_capture(UsesItem()))
     assert f"{__file__}:{_line('ITEM')}" in message and ".item()" in message and "keep the value a tensor" in message
+
+
+def test_batchnorm_cumulative_average_names_torch_nn_line_and_the_fix():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))
+    message = str(_capture(model))
+    assert "inside torch.nn at" in message and "batchnorm.py" in message and "num_batches_tracked" in message
+    assert "momentum=0.1" in message and "torch.where" not in message
