@@ -2,6 +2,7 @@
 
 import inspect
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,3 +54,37 @@ def test_state_fields_and_keys():
     assert isinstance(stepper.graph, torch.fx.GraphModule)
     out = stepper.forward(state, torch.randn(5, 3))
     assert out.shape == (5, 4)
+
+
+def test_wrong_inputs_are_refused_with_the_api_and_the_fix():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batch = (torch.randn(5, 4), torch.randn(5, 1))
+    linear = nn.Linear(4, 1)
+    other = unrollc.compile(linear, torch.optim.SGD(linear.parameters(), lr=0.1), lambda m, b: m(b).sum())
+    cases = [
+        (lambda: stepper.init(params={"0.weight": torch.randn(3, 3)}), ValueError, r"params\['0.weight'\] has shape \(3, 3\) but the model's has \(8, 4\)"),
+        (lambda: stepper.init(params=[torch.randn(8, 4)]), TypeError, "expected `params` to be a mapping"),
+        (lambda: stepper.init(hyper={"lr": [0.1]}), TypeError, "'lr' must be a float or a 0-dim tensor, got list"),
+        (lambda: stepper.init(hyper={"lr": torch.tensor([0.1, 0.2])}), ValueError, "'lr' must be a scalar .* shape \\(2,\\)"),
+        (lambda: stepper.step({"params": {}}, batch), TypeError, "Stepper.step: expected an UnrollState"),
+        (lambda: stepper.unroll(stepper.init(), 5), TypeError, "Stepper.unroll: expected `batches`, an iterable"),
+        (lambda: stepper.forward(other.init(), batch[0]), ValueError, "not those of this stepper's model"),
+        (lambda: unrollc.explain(model), TypeError, "unrollc.explain: expected the Stepper"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    one_argument = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda b: b[0].sum())
+    with pytest.raises(TypeError, match=r"loss_fn must accept \(model, batch, \*meta\)"):
+        one_argument.step(one_argument.init(), batch)
+    assert stepper.init(hyper={"lr": torch.tensor([0.05])}).hyper["lr"].shape == ()  # one element: a scalar
+
+
+def test_an_error_in_loss_fn_notes_the_batch_it_got():
+    model = nn.Linear(4, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    x, y = torch.randn(5, 4), torch.randn(5, 1)
+    with pytest.raises(RuntimeError) as info:  # one batch passed where unroll wants a list of batches
+        stepper.unroll(stepper.init(), (x, y))
+    assert any("batch = Tensor(5, 1)" in note and "one batch per step" in note for note in info.value.__notes__)

@@ -212,6 +212,13 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
     Returns:
         A :class:`Report`: ``print(report)`` in a terminal; notebooks render it (``_repr_html_``).
     """
+    from ..runtime.stepper import Stepper
+
+    if not isinstance(stepper, Stepper):
+        raise TypeError(
+            f"unrollc.explain: expected the Stepper returned by unrollc.compile(model, opt, loss_fn), got "
+            f"{type(stepper).__name__}."
+        )
     if state is not None and batch is not None:
         stepper.trace(state, batch, *meta)
     if getattr(stepper, "_last", True) is None:

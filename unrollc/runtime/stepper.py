@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
@@ -89,32 +90,32 @@ class Stepper:
         """
         named = dict(self.model.named_parameters())
         p = dict(named)
-        for n, v in (params or {}).items():
+        for n, v in _mapping("params", params).items():
             if n not in named:
                 raise KeyError(f"Stepper.init: no parameter named {n!r}; the model has {sorted(named)}.")
-            p[n] = v
+            p[n] = _same_shape("params", n, v, named[n])
         b = {n: t.detach().clone() for n, t in self.model.named_buffers()}
-        for n, v in (buffers or {}).items():
+        for n, v in _mapping("buffers", buffers).items():
             if n not in b:
                 raise KeyError(f"Stepper.init: no buffer named {n!r}; the model has {sorted(b)}.")
-            b[n] = v
+            b[n] = _same_shape("buffers", n, v, b[n])
         if len(self._opt.param_groups) != len(self._spec.hyper):
             raise RuntimeError(
                 f"Stepper.init: the optimizer has {len(self._opt.param_groups)} parameter groups now but had "
                 f"{len(self._spec.hyper)} at unrollc.compile; compile again after add_param_group."
             )
         groups = [
-            {k: _hyper_tensor(group.get(k, v)) for k, v in g.items()}
+            {k: _hyper_tensor(k, group.get(k, v)) for k, v in g.items()}
             for g, group in zip(self._spec.hyper, self._opt.param_groups, strict=True)
         ]
-        for g, override in zip(groups, hyper_to_groups(hyper or {}, len(groups)), strict=True):
+        for g, override in zip(groups, hyper_to_groups(_mapping("hyper", hyper), len(groups)), strict=True):
             for k, v in override.items():
                 if k not in g:
                     raise KeyError(
                         f"Stepper.init: {self._spec.cls.__name__} has no float hyperparameter {k!r}; "
                         f"it has {sorted(g)}."
                     )
-                g[k] = _hyper_tensor(v)
+                g[k] = _hyper_tensor(k, v, g[k])
         ids = self._param_ids
         state = {
             ids[id(q)]: {k: _as_tensor(v).detach().clone() for k, v in st.items()}
@@ -126,6 +127,7 @@ class Stepper:
     # ------------------------------------------------------------------------------------------ step
     def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
         """One differentiable training step: forward, gradient and the optimizer's update."""
+        self._check_state("Stepper.step", state)
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         compiled = self._lookup(state, groups, batch, meta)  # traces without drawing from the user's RNG
         flat = self._flatten(compiled.signature, state, groups, batch, meta)
@@ -147,10 +149,17 @@ class Stepper:
         (``None``: keep every step's graph; ``k``, ``"sqrt"``, ``"binomial"`` or a policy object)."""
         from .unroll import run_unroll
 
+        self._check_state("Stepper.unroll", state)
+        if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+            raise TypeError(
+                f"Stepper.unroll: expected `batches`, an iterable with one batch per step (a list, a generator, a "
+                f"DataLoader), got {type(batches).__name__}; for n steps on one batch pass [batch] * n."
+            )
         return run_unroll(self, state, list(batches), meta, checkpoint)
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""
+        self._check_state("Stepper.forward", state)
         weights = {**state.params, **{n: b.clone() for n, b in state.buffers.items()}}
         with _reparametrize_module(self.model, weights, tie_weights=True, strict=False):
             return self.model(*args, **kwargs)
@@ -182,6 +191,36 @@ class Stepper:
         return list(self._last.guards)
 
     # -------------------------------------------------------------------------------------- internal
+    def _check_arity(self, batch: Any, meta: tuple) -> None:
+        """``loss_fn`` accepts ``(model, batch, *meta)``: refused early, with the contract, when it cannot."""
+        try:
+            signature = inspect.signature(self.loss_fn)
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+            return
+        try:
+            signature.bind(self.model, batch, *meta)
+        except TypeError as exc:
+            raise TypeError(
+                f"unrollc: loss_fn must accept (model, batch, *meta), here {2 + len(meta)} positional arguments "
+                f"(the model, the batch and {len(meta)} meta argument(s) given to step/unroll), but its signature is "
+                f"{getattr(self.loss_fn, '__name__', 'loss_fn')}{signature} ({exc}); e.g. def loss_fn(model, batch): "
+                "x, y = batch; return F.mse_loss(model(x), y)."
+            ) from None
+
+    def _check_state(self, api: str, state: Any) -> None:
+        """``state`` is an :class:`UnrollState` of this stepper's model (cheap: names only)."""
+        if not isinstance(state, UnrollState):
+            raise TypeError(
+                f"{api}: expected an UnrollState as `state` (from stepper.init(), step() or unroll()), got "
+                f"{type(state).__name__}."
+            )
+        if state.params.keys() != set(self._param_names) or state.buffers.keys() != set(self._buffer_names):
+            raise ValueError(
+                f"{api}: the state's parameters {sorted(state.params)} and buffers {sorted(state.buffers)} are not "
+                f"those of this stepper's model ({sorted(self._param_names)}, {sorted(self._buffer_names)}); "
+                "start from this stepper's init()."
+            )
+
     def _key(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> Any:
         p = tuple(input_layout(state.params[n]) for n in self._param_names)
         b = tuple(input_layout(state.buffers[n]) for n in self._buffer_names)
@@ -249,8 +288,17 @@ class Stepper:
             bs = {n: t.detach().clone() for n, t in state.buffers.items()}
             b = _detached(batch)
             m = _detached(meta)
-            with _reparametrize_module(self.model, {**ps, **bs}, tie_weights=True, strict=False):
-                loss = self.loss_fn(self.model, b, *m)
+            self._check_arity(batch, meta)
+            try:
+                with _reparametrize_module(self.model, {**ps, **bs}, tie_weights=True, strict=False):
+                    loss = self.loss_fn(self.model, b, *m)
+            except Exception as exc:
+                exc.add_note(
+                    f"unrollc: raised by loss_fn(model, batch, *meta) with batch = {_describe(batch)}"
+                    + (f" and meta = {_describe(meta)}" if meta else "")
+                    + "; Stepper.step takes one batch, Stepper.unroll a list with one batch per step."
+                )
+                raise
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(
                     "unrollc: loss_fn(model, batch, *meta) must return a scalar tensor, got "
@@ -289,12 +337,58 @@ def _as_tensor(v: Any) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
-def _hyper_tensor(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return tuple(_hyper_tensor(x) for x in v)
+def _hyper_tensor(key: str, v: Any, like: Any = None) -> Any:
+    """A hyperparameter as a 0-dim tensor (a tuple of them for ``betas``); refuses anything else."""
+    if isinstance(like, tuple) or (like is None and isinstance(v, tuple)):
+        if not isinstance(v, (tuple, list)) or (like is not None and len(v) != len(like)):
+            raise TypeError(
+                f"Stepper.init: hyperparameter {key!r} is a tuple of {len(like) if like else len(v)} numbers, got "
+                f"{type(v).__name__}; pass e.g. hyper={{{key!r}: (b1, b2)}} with floats or 0-dim tensors."
+            )
+        return tuple(_hyper_tensor(f"{key}[{i}]", x) for i, x in enumerate(v))
     if isinstance(v, torch.Tensor):
-        return v
+        if v.numel() != 1:
+            raise ValueError(
+                f"Stepper.init: hyperparameter {key!r} must be a scalar (a float or a one-element tensor), got a "
+                f"tensor of shape {tuple(v.shape)}; for one learning rate per parameter, give every parameter its "
+                "own parameter group in the optimizer (hyper keys '0.lr', '1.lr', ...)."
+            )
+        return v.reshape(()) if v.dim() else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(
+            f"Stepper.init: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
+        )
     return torch.tensor(float(v), dtype=torch.float64)
+
+
+def _describe(tree: Any) -> str:
+    """A short description of a batch: its structure with tensors as ``Tensor(shape)``."""
+    leaves, spec = tree_flatten(tree)
+    shown = [f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves]
+    text = str(tree_unflatten(shown, spec)).replace("'", "")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _mapping(name: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"Stepper.init: expected `{name}` to be a mapping from names to tensors, e.g. {{'0.weight': w}}, got "
+            f"{type(value).__name__}."
+        )
+    return value
+
+
+def _same_shape(kind: str, name: str, value: Any, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Stepper.init: {kind}[{name!r}] must be a tensor, got {type(value).__name__}.")
+    if value.shape != like.shape:
+        raise ValueError(
+            f"Stepper.init: {kind}[{name!r}] has shape {tuple(value.shape)} but the model's has {tuple(like.shape)}; "
+            "pass a tensor of the model's shape."
+        )
+    return value
 
 
 def _detached(tree: Any) -> Any:
