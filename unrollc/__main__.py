@@ -83,7 +83,13 @@ def run_explain(args: argparse.Namespace) -> int:
         )
     if rest and len(rest) < 2:
         raise SystemExit("python -m unrollc explain: a returned tuple must be (stepper, state, batch, *meta).")
-    report = explain(stepper, *rest)
+    try:
+        report = explain(stepper, *rest)
+    except RuntimeError as exc:  # a bare stepper that has not run a step: say what to return instead
+        raise SystemExit(
+            f"python -m unrollc explain: {exc} From the command line: return (stepper, state, batch, *meta) from "
+            f"{args.target.rsplit(':', 1)[-1]}(), or run one step before returning the stepper."
+        ) from None
     print(report)
     if args.graph:
         if args.graph not in stepper.graphs:

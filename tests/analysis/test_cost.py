@@ -50,7 +50,23 @@ def conv_batchnorm():
     return model, opt, cross_entropy, lambda: (torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))
 
 
-CASES = {"mlp-sgd-momentum": mlp_sgd_momentum, "mlp-adam": mlp_adam, "conv-batchnorm": conv_batchnorm}
+class _LastStep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def lstm():
+    """mkldnn_rnn_layer's meta kernel gives its workspace (the saved gates) size 0: probed on the CPU."""
+    model = _LastStep()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, cross_entropy, lambda: (torch.randn(8, 5, 8), torch.randint(0, 10, (8,)))
+
+
+CASES = {"mlp-sgd-momentum": mlp_sgd_momentum, "mlp-adam": mlp_adam, "conv-batchnorm": conv_batchnorm, "lstm": lstm}
 
 
 _STEPPERS: dict[str, tuple] = {}

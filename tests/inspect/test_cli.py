@@ -23,6 +23,9 @@ SCRIPT = textwrap.dedent(
 
     def not_a_stepper():
         return 3
+
+    def untraced_stepper():
+        return make()[0]
     """
 )
 
@@ -43,6 +46,8 @@ def test_explain_refuses_what_is_not_a_stepper(tmp_path):
         main(["explain", f"{script}:not_a_stepper"])
     with pytest.raises(SystemExit, match="path/to/script.py:function"):
         main(["explain", str(script)])
+    with pytest.raises(SystemExit, match=r"has not traced a step.*return \(stepper, state, batch, \*meta\) from untraced_stepper"):
+        main(["explain", f"{script}:untraced_stepper"])
 
 
 def test_demo_prints_the_meta_gradient_and_the_report(capsys):

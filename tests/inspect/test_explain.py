@@ -72,6 +72,18 @@ def test_explain_traces_when_given_a_state_and_batch():
     assert report.inputs["param"] == 4
 
 
+
+def test_first_step_lists_lifted_inputs_under_lift_inputs_only():
+    """A fresh Adam's first graph keeps other constants (its new step counters) after lift_inputs: later passes
+    must not list the lifted inputs again."""
+    text = tiny_report_of(tiny_stepper(torch.optim.Adam, steps=1, lr=0.01))
+    assert text.count("-> input p_") == 4  # TinyNet's four parameters, once
+
+
+def tiny_report_of(stepper) -> str:
+    return explain(stepper).format(costs=False)
+
+
 if __name__ == "__main__":  # regenerate the golden file
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
     with open(GOLDEN, "w") as f:

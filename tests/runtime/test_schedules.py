@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import pytest
 import sympy
 from hypothesis import given, settings
@@ -151,6 +152,7 @@ def test_budget_examples_and_errors() -> None:
 @pytest.mark.parametrize("value, expected", [
     (None, NoCheckpoint()), (1, EveryK(1)), (5, EveryK(5)), ("sqrt", Sqrt()), ("binomial", Binomial()),
     (Binomial(slots=3), Binomial(slots=3)), (Budget(10), Budget(10)), (EveryK(2), EveryK(2)),
+    (np.int64(4), EveryK(4)),  # an integer from numpy (e.g. int(np.sqrt(n)) forgotten) is an int
 ])
 def test_resolve_checkpoint(value: object, expected: object) -> None:
     assert resolve_checkpoint(value) == expected

@@ -61,6 +61,7 @@ def op_flops(op: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> 
 GRAD_ROLES = ("param", "hyper", "meta")
 
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,15 @@ def _differentiable(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _meta_like(layout: _Out, requires_grad: bool) -> torch.Tensor:
-    t = torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype, device=_META)
+# Ops whose meta kernel gives a workspace output of the wrong size (mkldnn_rnn_layer: (0,) on meta, the LSTM's
+# saved gates on CPU): probed on small real CPU tensors of the same layout instead.
+_REAL_PROBE = frozenset({torch.ops.aten.mkldnn_rnn_layer.default})
+
+
+def _meta_like(layout: _Out, requires_grad: bool, device: torch.device = _META) -> torch.Tensor:
+    t = torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype, device=device)
+    if device != _META:
+        t.zero_()
     return t.requires_grad_(requires_grad and _differentiable(t))
 
 
@@ -176,12 +184,13 @@ def _storage_bytes(t: torch.Tensor) -> int:
 def _probe(op: Any, args: tuple, kwargs: dict, leaves: list[_Out | None], node: fx.Node) -> _Probe:
     """Run ``op`` once on fresh meta tensors shaped like ``leaves`` and record what autograd saves."""
     arg_leaves, spec = tree_flatten((args, kwargs))
-    metas = [_meta_like(layout, layout.requires_grad) if layout is not None else None for layout in leaves]
+    device = _CPU if op in _REAL_PROBE else _META
+    metas = [_meta_like(layout, layout.requires_grad, device) if layout is not None else None for layout in leaves]
     call_args, call_kwargs = tree_unflatten(
         [m if m is not None else a for m, a in zip(metas, arg_leaves, strict=True)], spec
     )
     if "device" in call_kwargs or (not any(m is not None for m in metas) and _has_arg(op, "device")):
-        call_kwargs = {**call_kwargs, "device": _META}
+        call_kwargs = {**call_kwargs, "device": device}
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:

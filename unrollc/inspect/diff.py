@@ -110,10 +110,14 @@ def diff_pass(name: str, before: fx.GraphModule, after: fx.GraphModule, module_o
     hb, ha = op_histogram(before), op_histogram(after)
     removed, added = hb - ha, ha - hb
     diff = PassDiff(name, len(before.graph.nodes), len(after.graph.nodes))
-    if any(n.op == "get_attr" for n in before.graph.nodes) and before.meta.get("unrollc", {}).get("constants"):
+    constants = before.meta.get("unrollc", {}).get("constants") or {}
+
+    def closed_over(gm: fx.GraphModule) -> int:  # get_attr nodes that read a tensor lift_inputs turns into an input
+        return sum(id(getattr(gm, str(n.target), None)) in constants for n in gm.graph.find_nodes(op="get_attr"))
+
+    n_lifted = closed_over(before) - closed_over(after) if constants else 0
+    if n_lifted > 0:  # only the pass that lifted them (later passes still see other constants, e.g. Adam's step)
         diff.lifted = _lifted(before, after, module_of or {})
-        constants = before.meta["unrollc"]["constants"]
-        n_lifted = sum(id(getattr(before, str(n.target), None)) in constants for n in before.graph.find_nodes(op="get_attr"))
         removed["get_attr"] -= min(removed["get_attr"], n_lifted)
         removed = +removed
     mutating = _mutating_names(before) - _mutating_names(after)

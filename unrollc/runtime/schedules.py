@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -183,14 +184,15 @@ def _build_plan(policy: "Policy", resolved: "Policy", n: int, actions: list[Acti
 
 
 def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """An integer >= minimum: Python's or numpy's (``numbers.Integral``), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
 def _require_int(api: str, name: str, value: object, minimum: int, what: str) -> int:
-    """``value`` if it is an int >= minimum (bools refused), else a ValueError naming the API and the fix."""
+    """``value`` as an int if it is an integer >= minimum (bools refused), else a ValueError naming the API and the fix."""
     if not _is_int(value, minimum):
         raise ValueError(f"{api}: {name}={value!r} is not {what}; expected an int {name} >= {minimum}.")
-    return value  # type: ignore[return-value]
+    return int(value)  # type: ignore[call-overload]
 
 
 def _check_n(api: str, n: object) -> int:
@@ -420,8 +422,8 @@ def resolve_checkpoint(checkpoint: object, *, api: str = "unrollc.unroll") -> Po
     if isinstance(checkpoint, _POLICY_TYPES):
         return checkpoint
     if _is_int(checkpoint, 1):
-        return EveryK(checkpoint)
+        return EveryK(int(checkpoint))  # type: ignore[call-overload]
     if isinstance(checkpoint, str) and checkpoint in ("sqrt", "binomial"):
         return Sqrt() if checkpoint == "sqrt" else Binomial()
-    error = ValueError if isinstance(checkpoint, (str, int)) and not isinstance(checkpoint, bool) else TypeError
+    error = ValueError if isinstance(checkpoint, (str, numbers.Integral)) and not isinstance(checkpoint, bool) else TypeError
     raise error(f"{api}: checkpoint={checkpoint!r} is not a known schedule; expected one of {_ALLOWED}.")
