@@ -48,7 +48,7 @@ def test_cost_section_matches_the_cost_model():
     report = explain(stepper)
     model = cost.CostModel.from_graph(stepper.graph)
     assert (report.state_bytes, report.saved_bytes, report.flops) == (
-        model.state_bytes, model.step_saved_bytes, model.flops_per_step,
+        model.state_bytes, model.taped_step_bytes, model.flops_per_step,
     )
     # 4 params + 4 momentum buffers of TinyNet (2x3 + 3 + 3x1 + 1 floats each), float32
     assert report.state_bytes == 2 * (6 + 3 + 3 + 1) * 4

@@ -71,7 +71,7 @@ class Report:
                 "",
                 "One step:",
                 f"  carried state          {_fmt_bytes(self.state_bytes)}  (params + buffers + optimizer state)",
-                f"  saved for backward     {saved} per step",
+                f"  saved for backward     {saved} per taped step (params and optimizer state requiring grad)",
                 f"  FLOPs                  ~{flops} per step",
             ]
             if self.cost_note:
@@ -162,7 +162,7 @@ def step_costs(gm: fx.GraphModule) -> tuple[int, int | None, int | None, str]:
     if CostModel is not None:
         try:
             cm = CostModel.from_graph(gm)
-            return cm.state_bytes, cm.step_saved_bytes, cm.flops_per_step, ""
+            return cm.state_bytes, cm.taped_step_bytes, cm.flops_per_step, ""
         except Exception as exc:  # noqa: BLE001 - the report must not fail on an analysis problem
             note = f"unrollc.analysis.cost failed ({type(exc).__name__}: {exc}); rough estimate"
     else:
