@@ -178,7 +178,16 @@ class ShadowOptimizer:
         self.hyper_leaves = hyper_leaves(h_copy, len(h_copy) == 1)
         self.state_in = tuple((p, k) for p in self.state for k in sorted(self.state[p]))
         self.state_out: list[tuple[str, str]] = []  # filled by step()
-        self.optimizer = spec.build([[self.params[n] for n in names] for names in spec.group_params], [dict(g) for g in h_copy])
+        # torch.optim's constructors refuse a learning rate that is not one number; a per-element lr
+        # (Meta-SGD, from unrollc.higher) is set after construction, where the step broadcasts it.
+        scalar = lambda v: v.flatten()[0] if isinstance(v, torch.Tensor) and v.dim() else v  # noqa: E731
+        self.optimizer = spec.build(
+            [[self.params[n] for n in names] for names in spec.group_params],
+            [{k: scalar(v) for k, v in g.items()} for g in h_copy],
+        )
+        for group, g in zip(self.optimizer.param_groups, h_copy, strict=True):
+            # requires_grad selects SGD's tensor-lr path (addcmul_(grad, lr, value=-1)), which broadcasts.
+            group.update({k: v.requires_grad_() for k, v in g.items() if isinstance(v, torch.Tensor) and v.dim()})
         for name, st in self.state.items():
             self.optimizer.state[self.params[name]] = dict(st)
         leaves = {f"hyper:{n}": t for n, t in self.hyper_leaves}

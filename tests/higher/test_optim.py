@@ -262,3 +262,39 @@ def test_adam_meta_gradient_is_finite_where_a_gradient_is_always_zero():
         grads.append(model.weight.grad.clone())
     assert torch.isfinite(grads[0]).all()
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+
+
+def test_meta_sgd_per_element_learning_rates(lib):
+    """Meta-SGD (Li et al. 2017): SGD with one learned lr per weight element, one group per parameter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = data()
+    xq, yq = data()
+    lrs = [torch.full_like(p, 0.1).add_(0.01 * torch.rand_like(p)).requires_grad_() for p in model.parameters()]
+    opt = O.SGD([{"params": [p]} for p in model.parameters()], lr=0.1)
+    with lib.innerloop_ctx(model, opt, override={"lr": lrs}) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(loss_of(fmodel(x), y))
+        query = loss_of(fmodel(xq), yq)
+    grads = torch.autograd.grad(query, lrs)
+
+    fast = list(model.parameters())  # the same unroll written out
+    names = [n for n, _ in model.named_parameters()]
+    run = lambda w, inp: torch.func.functional_call(model, dict(zip(names, w)), (inp,))  # noqa: E731
+    for _ in range(3):
+        g = torch.autograd.grad(loss_of(run(fast, x), y), fast, create_graph=True)
+        fast = [w - lr * gw for w, lr, gw in zip(fast, lrs, g, strict=True)]
+    ref = torch.autograd.grad(loss_of(run(fast, xq), yq), lrs)
+    torch.testing.assert_close(query, loss_of(run(fast, xq), yq))
+    for a, b in zip(grads, ref, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_per_element_lr_is_refused_for_other_optimizers():
+    model = nn.Linear(4, 2)
+    opt = O.Adam([{"params": [p]} for p in model.parameters()], lr=0.1)
+    x, y = data()
+    with uh.innerloop_ctx(model, opt, override={"lr": [torch.full_like(p, 0.1) for p in model.parameters()]}) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match="per element .* torch.optim.SGD \\(Meta-SGD\\); Adam takes one learning rate per parameter"):
+            diffopt.step(loss_of(fmodel(x), y))

@@ -214,6 +214,13 @@ class DifferentiableOptimizer:
                         static[k] = value
             statics.append(tuple(sorted(static.items())))
             hypers.append(hyper)
+            lr = hyper.get("lr")
+            if isinstance(lr, torch.Tensor) and lr.dim() and not issubclass(base.cls, torch.optim.SGD):
+                raise ValueError(
+                    f"unrollc.higher: a learning rate per element (shape {tuple(lr.shape)} in group {g}) is supported "
+                    f"with torch.optim.SGD (Meta-SGD); {base.cls.__name__} takes one learning rate per parameter "
+                    "group: give each parameter its own group and pass one scalar lr per group."
+                )
         return OptimizerSpec(base.cls, base.group_params, tuple(statics), tuple(hypers)), hypers
 
     def _release(self) -> None:
@@ -253,9 +260,12 @@ def _hyper(key: str, v: Any) -> Any:
         return tuple(_hyper(key, x) for x in v)
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
+            if key == "lr" and v.is_floating_point():
+                return v  # one learning rate per element (Meta-SGD): broadcast against its group's parameter
             raise ValueError(
                 f"unrollc.higher: the optimizer option {key!r} must be a scalar (a float or a one-element tensor), "
-                f"got a tensor of shape {tuple(v.shape)}; use one parameter group per learning rate instead."
+                f"got a tensor of shape {tuple(v.shape)}; only 'lr' may be a tensor per element (Meta-SGD), with one "
+                "parameter group per parameter."
             )
         v = v.reshape(())
         return v if v.is_floating_point() else v.double()
