@@ -79,6 +79,9 @@ def test_wrong_inputs_are_refused_with_the_api_and_the_fix():
     with pytest.raises(TypeError, match=r"loss_fn must accept \(model, batch, \*meta\)"):
         one_argument.step(one_argument.init(), batch)
     assert stepper.init(hyper={"lr": torch.tensor([0.05])}).hyper["lr"].shape == ()  # one element: a scalar
+    adagrad = unrollc.compile(model, torch.optim.Adagrad(model.parameters(), lr=0.1), lambda m, b: m(b[0]).sum())
+    with pytest.raises(ValueError, match="reads 'initial_accumulator_value' only in its constructor"):
+        adagrad.init(hyper={"initial_accumulator_value": 1.0})
 
 
 def test_an_error_in_loss_fn_notes_the_batch_it_got():

@@ -115,6 +115,12 @@ class Stepper:
                         f"Stepper.init: {self._spec.cls.__name__} has no float hyperparameter {k!r}; "
                         f"it has {sorted(g)}."
                     )
+                if k in _READ_AT_CONSTRUCTION:
+                    raise ValueError(
+                        f"Stepper.init: {self._spec.cls.__name__} reads {k!r} only in its constructor (it fills the "
+                        "optimizer state), so overriding it here would change nothing; build the optimizer with "
+                        f"{k}=... and compile that one."
+                    )
                 g[k] = _hyper_tensor(k, v, g[k])
         ids = self._param_ids
         state = {
@@ -359,6 +365,10 @@ def _hyper_tensor(key: str, v: Any, like: Any = None) -> Any:
             f"Stepper.init: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
         )
     return torch.tensor(float(v), dtype=torch.float64)
+
+
+# Options torch.optim reads only when it builds the optimizer (Adagrad fills state["sum"] with it there).
+_READ_AT_CONSTRUCTION = frozenset({"initial_accumulator_value"})
 
 
 def _describe(tree: Any) -> str:
