@@ -208,3 +208,69 @@ def test_a_learned_hyperparameter_starting_at_zero_gets_its_gradient(cls, kwargs
     fd = (-3 * at[0] + 4 * at[1] - at[2]) / (2 * h)
     assert rel(g, fd) < 1e-5
     assert rel(learned.detach(), at[0]) < 1e-13  # the general branch gives the same values at 0
+
+
+def test_tensors_closed_over_by_loss_fn(float64):
+    """Class weights captured by loss_fn are graph constants read by reference; a closed-over tensor that requires
+    grad gets its gradient in a plain unroll, and a checkpointed unroll (which differentiates its inputs only)
+    refuses it with the fix instead of dropping the gradient."""
+    model = nn.Linear(3, 4)
+    class_weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    scale = torch.tensor(2.0, requires_grad=True)
+    loss_fn = lambda m, b: scale * nn.functional.cross_entropy(m(b[0]), b[1], weight=class_weights)  # noqa: E731
+    batches = [(torch.randn(6, 3), torch.randint(0, 4, (6,))) for _ in range(4)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    final = stepper.unroll(stepper.init(), batches)
+    (g,) = torch.autograd.grad(final.params["weight"].sum(), scale)
+    fast = oracles.eager_unroll(model, loss_fn, batches, oracles.sgd_momentum(0.1, 0.9))
+    assert rel(final.params["weight"], fast[0]) < 1e-12
+    (ref,) = torch.autograd.grad(fast[0].sum(), scale)
+    assert rel(g, ref) < 1e-10
+    with pytest.raises(ValueError, match="requires grad through a closure .* Pass it as a meta argument"):
+        stepper.unroll(stepper.init(), batches, checkpoint="sqrt")
+
+
+def test_learned_buffer_gets_the_same_gradient_with_checkpointing(float64):
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            self.register_buffer("scale", torch.ones(3))
+
+        def forward(self, x):
+            return self.lin(x * self.scale)
+
+    model = Scaled()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(5, 3), torch.randn(5, 1)) for _ in range(5)]
+    grads = []
+    for checkpoint in (None, 2, "sqrt"):
+        scale = torch.full((3,), 1.5, requires_grad=True)
+        final = stepper.unroll(stepper.init(buffers={"scale": scale}), batches, checkpoint=checkpoint)
+        (g,) = torch.autograd.grad(stepper.forward(final, batches[0][0]).sum(), scale)
+        grads.append(g)
+    assert rel(grads[1], grads[0]) < 1e-12 and rel(grads[2], grads[0]) < 1e-12
+
+
+def test_create_graph_through_a_checkpointed_unroll_is_refused(float64):
+    """Second derivatives (d2/dlr2 of the meta-loss) work with checkpoint=None; a checkpointed unroll refuses
+    create_graph=True instead of returning a gradient without its graph."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(6)]
+
+    def meta(lr, checkpoint=None):
+        final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        return stepper.forward(final, batches[0][0]).pow(2).mean() + lr**2
+
+    def grad_at(v):
+        v = v.clone().requires_grad_()
+        return torch.autograd.grad(meta(v), v)[0]
+
+    lr = torch.tensor(0.1, requires_grad=True)
+    (g,) = torch.autograd.grad(meta(lr), lr, create_graph=True)
+    (h,) = torch.autograd.grad(g, lr)
+    fd = central_difference(grad_at, lr.detach())
+    assert rel(h, fd) < 1e-6
+    with pytest.raises(RuntimeError, match="differentiable once; create_graph=True .* checkpoint=None"):
+        torch.autograd.grad(meta(lr, "sqrt"), lr, create_graph=True)

@@ -204,3 +204,45 @@ def test_patching_a_patched_module_is_refused():
     fmodel = uh.monkeypatch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="already a functional module"):
         uh.monkeypatch(fmodel)
+
+
+class WithContext(nn.Module):
+    """CAVIA-style: a plain tensor attribute and a float the forward reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.scale = 1.0
+        self.context = torch.zeros(3)
+
+    def forward(self, x):
+        return self.lin(x + self.context) * self.scale
+
+
+def test_attributes_are_shared_and_settable_as_in_higher(lib):
+    torch.manual_seed(0)
+    model = WithContext()
+    x = torch.randn(4, 3)
+    fmodel = lib.monkeypatch(model)
+    before = fmodel(x).sum().item()
+    fmodel.scale = 5.0
+    context = torch.ones(3, requires_grad=True)
+    fmodel.context = context
+    out = fmodel(x).sum()
+    out.backward()
+    ref = (model.lin(x + context.detach()) * 5.0).sum()
+    assert out.item() != before and torch.allclose(out, ref)
+    assert context.grad is not None and fmodel.scale == 5.0
+
+
+def test_modules_and_apply_reach_the_layers(lib):
+    """The usual "freeze BatchNorm" pattern: fmodel.apply(fn) with isinstance checks on the layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
+    fmodel = lib.monkeypatch(model)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in fmodel.modules())
+    assert len(list(fmodel.children())) == 3
+    fmodel.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm1d) else None)
+    fmodel(torch.randn(8, 4))
+    running_mean = dict(fmodel.named_buffers())["1.running_mean"]
+    assert torch.equal(running_mean, torch.zeros(3))  # eval mode: the running statistics did not move

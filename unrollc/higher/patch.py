@@ -53,6 +53,12 @@ class FunctionalModule(nn.Module):
         super().__init__()
         names = [n for n, _ in module.named_parameters()]  # same order as module.parameters()
         shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        for sub in module.modules():
+            for attr, value in vars(sub).items():
+                if not attr.startswith("_") and not isinstance(value, nn.Module):
+                    # The user's own attributes (a context tensor, a config dict, helper modules in a list) are
+                    # aliased, as in higher: gradients reach them and later changes are seen by the forward.
+                    shared[id(value)] = value
         try:
             structure = copy.deepcopy(module, memo=dict(shared))
         except Exception:  # noqa: BLE001 - an uncopyable module: reparametrize the original in place
@@ -244,8 +250,33 @@ class FunctionalModule(nn.Module):
         return self._resolve("", name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _INTERNAL or name == "track_higher_grads" or not self._assign("", name, value):
-            super().__setattr__(name, value)
+        if name in _INTERNAL or isinstance(getattr(type(self), name, None), property):
+            super().__setattr__(name, value)  # fast_params, track_higher_grads: this module's own properties
+        elif not self._assign("", name, value):
+            setattr(self._module, name, value)  # seen by the forward, as on higher's patched module
+
+    # ----------------------------------------------------------------------------- module tree
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        """This functional module, then the submodules the forward runs (``modules()``, ``apply()`` and
+        ``isinstance`` checks see the real layer types; their weights are swapped in during a call)."""
+        for name, module in self._module.named_modules(memo, prefix, remove_duplicate):
+            yield name, (self if module is self._module else module)
+
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        return self._module.named_children()
+
+    def children(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        return self._module.children()
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self if target == "" else self._module.get_submodule(target)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "FunctionalModule":  # type: ignore[override]
+        raise RuntimeError(
+            "unrollc.higher: .to()/.cuda()/.float() on a functional module would convert the original model's "
+            "parameters, which it shares; convert the model before patching it, or pass device= to monkeypatch "
+            "/ innerloop_ctx."
+        )
 
     def __getitem__(self, index: Any) -> "SubmoduleView":
         return SubmoduleView(self, "")[index]

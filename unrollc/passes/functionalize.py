@@ -45,9 +45,12 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
         with fx_traceback.preserve_node_meta():
             return fx.Interpreter(gm).run(*args)
 
-    new = make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake", record_stack_traces=True)(
-        *examples
-    )
+    # Tensors the user's code closes over (a loss's class weights, a plain tensor attribute of the model) stay
+    # constants of the graph: real tensors, which the fake-mode re-trace must accept.
+    new = make_fx(
+        torch.func.functionalize(run, remove="mutations"), tracing_mode="fake", record_stack_traces=True,
+        _allow_non_fake_inputs=True,
+    )(*examples)
     # Step 2: drop the copy-back epilogue into inputs.
     for node in list(new.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder":

@@ -15,7 +15,7 @@ The step function must be a function of (i, state, consts) and the random genera
 updates of its inputs (stored states are reused). Random draws (dropout) are replayed exactly: every stored
 state keeps the generators' state of its moment (:class:`~unrollc.runtime.rng.RngState`), restored with it,
 so a recomputed step draws what it drew in the forward sweep; the backward sweep leaves the user's
-generators as it found them. Double backward is not supported (``once_differentiable``); a second backward through
+generators as it found them. Double backward is not supported (``create_graph=True`` raises); a second backward through
 the same unroll (``retain_graph=True``) replays the forward sweep first (``plan.evaluations`` more calls).
 """
 
@@ -26,7 +26,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from unrollc.errors import InternalError
 from unrollc.runtime.rng import RngState, fork_rng
@@ -204,8 +203,13 @@ class _CheckpointedUnroll(torch.autograd.Function):
         return (*final, torch.stack(runner.losses))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself would have to be differentiable
+            raise RuntimeError(
+                "unrollc: a checkpointed unroll is differentiable once; create_graph=True through it (Hessian-vector "
+                "products, gradient penalties on the meta-gradient) is not supported. Unroll with checkpoint=None "
+                "for higher-order derivatives."
+            )
         step_fn, plan, stats, n_state, const_needs = ctx.args
         saved = ctx.saved_tensors
         runner, ctx.runner = ctx.runner, None   # the backward sweep consumes the stored states and the tape

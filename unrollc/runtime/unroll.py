@@ -48,6 +48,8 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
             losses.append(state.loss)
         return state.replace(losses=losses)
     plan = plan_unroll(stepper, state, batches, meta, policy)
+    if torch.is_grad_enabled():
+        _refuse_hidden_learned_tensors(stepper.trace(state, batches[0], *meta))
 
     # The executor sees flat tuples: state = params + buffers + optimizer state (whose keys appear after
     # the first step of a fresh optimizer), consts = hyperparameters + every batch's tensors + meta tensors.
@@ -92,11 +94,32 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         layouts[i + 1] = _state_keys(new)
         return pack(new), new.loss
 
-    step_fn.constant_positions = frozenset(range(len(param_names), len(param_names) + len(buffer_names)))  # type: ignore[attr-defined]
+    # Buffers are carried without gradient (BatchNorm's running stats), unless the user made one a learned
+    # input (init(buffers={name: tensor requiring grad})): then it is differentiated like a parameter.
+    learned = {k for k, v in state.buffers.items() if v.requires_grad}
+    step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
+        len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
+    )
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
     out = unpack(n, final, state.hyper, state.t + n)
-    out = out.replace(buffers={k: v.detach() for k, v in out.buffers.items()})  # running stats: no gradient
+    out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
+
+
+def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule) -> None:
+    """A tensor that requires grad but reaches the step only through a closure or an attribute (not through
+    ``state``, ``batch`` or ``*meta``) is a constant of the graph: autograd reaches it when the graph runs under
+    a plain unroll, but a checkpointed unroll differentiates its inputs only, so its gradient would be lost."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = getattr(gm, str(node.target), None)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ValueError(
+                f"Stepper.unroll: the step reads a tensor of shape {tuple(value.shape)} that requires grad through "
+                "a closure or a module attribute (not through state, batch or *meta); a checkpointed unroll would "
+                "lose its gradient. Pass it as a meta argument: stepper.unroll(state, batches, w, checkpoint=...) "
+                "with loss_fn(model, batch, w) (for a learned loss module, pass dict(net.named_parameters()) and "
+                "call torch.func.functional_call(net, params, ...)), or use checkpoint=None."
+            )
 
 
 def _state_keys(state: UnrollState) -> tuple[tuple[str, str], ...]:
