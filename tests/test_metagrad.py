@@ -274,3 +274,24 @@ def test_create_graph_through_a_checkpointed_unroll_is_refused(float64):
     assert rel(h, fd) < 1e-6
     with pytest.raises(RuntimeError, match="differentiable once; create_graph=True .* checkpoint=None"):
         torch.autograd.grad(meta(lr, "sqrt"), lr, create_graph=True)
+
+
+def test_a_learned_loss_module_passed_as_meta(float64):
+    """loss_fn(model, batch, loss_net): the module's parameters are meta tensors, so every schedule gives them
+    the eager unroll's meta-gradient."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    loss_net = nn.Sequential(nn.Linear(1, 4), nn.Softplus(), nn.Linear(4, 1))
+    loss_fn = lambda m, b, net: net((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(7)]
+    xv, yv = torch.randn(5, 3), torch.randn(5, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    fast = oracles.eager_unroll(model, lambda m, b: loss_fn(m, b, loss_net), batches, oracles.sgd_momentum(0.1, 0.9))
+    names = [n for n, _ in model.named_parameters()]
+    val = (torch.func.functional_call(model, dict(zip(names, fast)), (xv,)) - yv).pow(2).mean()
+    net_params = list(loss_net.parameters())[:3]  # the last bias shifts the loss by a constant: no gradient
+    ref = torch.autograd.grad(val, net_params)
+    for checkpoint in (None, "sqrt", "binomial"):
+        final = stepper.unroll(stepper.init(), batches, loss_net, checkpoint=checkpoint)
+        got = torch.autograd.grad((stepper.forward(final, xv) - yv).pow(2).mean(), net_params)
+        for a, b in zip(got, ref, strict=True):
+            assert rel(a, b) < 1e-10, checkpoint

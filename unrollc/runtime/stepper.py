@@ -16,6 +16,7 @@ from ..capture import Captured, Signature, capture_step, hyper_leaves, input_lay
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
+from .meta import bind_modules
 from .rng import fork_rng
 from .state import UnrollState, groups_to_hyper, hyper_to_groups
 
@@ -134,6 +135,7 @@ class Stepper:
     def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
         """One differentiable training step: forward, gradient and the optimizer's update."""
         self._check_state("Stepper.step", state)
+        meta = bind_modules(meta)
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         compiled = self._lookup(state, groups, batch, meta)  # traces without drawing from the user's RNG
         flat = self._flatten(compiled.signature, state, groups, batch, meta)
@@ -147,6 +149,7 @@ class Stepper:
         """The step graph for the layout (shapes, dtypes, devices, requires_grad) of ``state``, ``batch`` and
         ``meta``, traced now if it is new, without running a step (tracing draws no random numbers either).
         :attr:`graph`, :attr:`graphs` and ``unrollc.explain(stepper)`` then show it."""
+        meta = bind_modules(meta)
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         return self._lookup(state, groups, batch, meta).gm
 
@@ -161,7 +164,7 @@ class Stepper:
                 f"Stepper.unroll: expected `batches`, an iterable with one batch per step (a list, a generator, a "
                 f"DataLoader), got {type(batches).__name__}; for n steps on one batch pass [batch] * n."
             )
-        return run_unroll(self, state, list(batches), meta, checkpoint)
+        return run_unroll(self, state, list(batches), bind_modules(meta), checkpoint)
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""

@@ -117,8 +117,7 @@ def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule) -> None:
                 f"Stepper.unroll: the step reads a tensor of shape {tuple(value.shape)} that requires grad through "
                 "a closure or a module attribute (not through state, batch or *meta); a checkpointed unroll would "
                 "lose its gradient. Pass it as a meta argument: stepper.unroll(state, batches, w, checkpoint=...) "
-                "with loss_fn(model, batch, w) (for a learned loss module, pass dict(net.named_parameters()) and "
-                "call torch.func.functional_call(net, params, ...)), or use checkpoint=None."
+                "with loss_fn(model, batch, w) (a learned loss module can be passed itself), or use checkpoint=None."
             )
 
 
