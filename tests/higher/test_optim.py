@@ -298,3 +298,19 @@ def test_per_element_lr_is_refused_for_other_optimizers():
     with uh.innerloop_ctx(model, opt, override={"lr": [torch.full_like(p, 0.1) for p in model.parameters()]}) as (fmodel, diffopt):
         with pytest.raises(ValueError, match="per element .* torch.optim.SGD \\(Meta-SGD\\); Adam takes one learning rate per parameter"):
             diffopt.step(loss_of(fmodel(x), y))
+
+
+def test_highers_private_helpers_for_copied_optimizers(lib):
+    """Custom DifferentiableOptimizers copied from higher's source import its arithmetic helpers."""
+    t, a, b = torch.randn(3), torch.randn(3), torch.rand(3) + 1
+    assert torch.equal(lib.optim._add(t, 0.5, a), t + 0.5 * a) and torch.equal(lib.optim._add(t, a), t + a)
+    assert torch.equal(lib.optim._addcdiv(t, 0.5, a, b), t + 0.5 * (a / b))
+    assert torch.equal(lib.optim._addcmul(t, 0.5, a, b), t + 0.5 * a * b)
+    w = torch.randn(3, requires_grad=True)
+    y = w * 1.0
+    lib.optim._maybe_mask(y, torch.tensor([True, False, True]))
+    y.sum().backward()
+    assert w.grad.tolist() == [0.0, 1.0, 0.0]
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].weight = model[0].weight
+    assert lib.utils._get_param_mapping(model, [], []) == [0, 1, 0, 2]

@@ -246,6 +246,43 @@ class DifferentiableOptimizer:
                     }
 
 
+# higher's arithmetic helpers, for DifferentiableOptimizer subclasses copied from higher's source.
+def _add(tensor: torch.Tensor, a1: float | torch.Tensor, a2: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor + a1`` or, with ``a2``, ``tensor + a1 * a2`` (out of place, differentiable)."""
+    value, other = (1.0, a1) if a2 is None else (a1, a2)
+    return tensor + value * other
+
+
+def _addcdiv(tensor: torch.Tensor, a1: float | torch.Tensor, a2: torch.Tensor, a3: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor + a1 / a2`` or, with ``a3``, ``tensor + a1 * (a2 / a3)``."""
+    value, t1, t2 = (1.0, a1, a2) if a3 is None else (a1, a2, a3)
+    return tensor + value * (t1 / t2)
+
+
+def _addcmul(tensor: torch.Tensor, a1: float | torch.Tensor, a2: torch.Tensor, a3: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor + a1 * a2`` or, with ``a3``, ``tensor + a1 * a2 * a3``."""
+    value, t1, t2 = (1.0, a1, a2) if a3 is None else (a1, a2, a3)
+    return tensor + (value * t1 * t2)
+
+
+def _get_mask_closure(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook that zeroes the gradient where ``mask`` is True (and keeps doing so at higher orders)."""
+
+    def closure(grad: torch.Tensor) -> torch.Tensor:
+        grad = torch.where(mask, torch.zeros_like(grad), grad)
+        if grad.requires_grad:
+            grad.register_hook(_get_mask_closure(mask))
+        return grad
+
+    return closure
+
+
+def _maybe_mask(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero the gradient of ``tensor`` where ``mask`` is True (higher's guard against NaN from sqrt at 0)."""
+    if tensor.requires_grad:
+        tensor.register_hook(_get_mask_closure(mask))
+
+
 def _as_tensor(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v

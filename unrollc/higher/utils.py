@@ -42,6 +42,24 @@ def _find_param_in_list(param: torch.Tensor, seq: Iterable[torch.Tensor]) -> int
     return None
 
 
+def _get_param_mapping(module: torch.nn.Module, seen: list[torch.Tensor], mapping: list[int]) -> list[int]:
+    """higher's helper: for every parameter slot of ``module`` (depth first, shared ones repeated), its index in
+    the list of distinct parameters ``seen`` (both lists are filled in place and ``mapping`` is returned)."""
+    for param in module._parameters.values():
+        if param is None:
+            continue
+        found = _find_param_in_list(param, seen)
+        if found is None:
+            mapping.append(len(seen))
+            seen.append(param)
+        else:
+            mapping.append(found)
+    for child in module._modules.values():
+        if child is not None:
+            _get_param_mapping(child, seen, mapping)
+    return mapping
+
+
 def flatten(x: Any) -> list[Any]:
     r"""Returns a flattened list of objects from a nested structure."""
     out: list[Any] = []
