@@ -158,18 +158,18 @@ class _LiveBytes:
 
     def __init__(self, stepper, exclude):
         self.exclude, self.saved, self.states, self.peak = exclude, {}, {}, 0
-        step = stepper.step
+        step = stepper._step  # the per-step path of Stepper.unroll
 
-        def tracked_step(state, batch, *meta):
+        def tracked_step(state, batch, meta):
             self.sample()
-            new = step(state, batch, *meta)
+            new = step(state, batch, meta)
             for t in [*new.params.values(), *new.buffers.values(), *(v for d in new.opt_state.values() for v in d.values())]:
                 storage = t.untyped_storage()
                 self.states.setdefault(storage.data_ptr(), ([], storage.nbytes()))[0].append(weakref.ref(t))
             self.sample()
             return new
 
-        stepper.step = tracked_step      # an instance attribute, removed by the caller
+        stepper._step = tracked_step     # an instance attribute, removed by the caller
 
     def sample(self):
         for p in [p for p, (refs, _) in self.states.items() if all(r() is None for r in refs)]:
@@ -223,7 +223,7 @@ def test_unroll_peak_bytes_match_measurement(case, policy):
             meta_loss = out.loss + sum(p.square().sum() for p in out.params.values())
             meta_loss.backward()
     finally:
-        del stepper.step
+        del stepper._step
     assert state.hyper["lr"].grad is not None
     assert abs(live.peak - predicted.peak_bytes) <= 2 * model.state_bytes, (live.peak, predicted)
 

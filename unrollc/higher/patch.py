@@ -387,10 +387,14 @@ def make_functional(
     Returns:
         ``fmodule``: call it as ``fmodule(x, params=fast_weights)``.
     """
+    return _make_functional(module, encapsulator, "unrollc.higher.make_functional")
+
+
+def _make_functional(
+    module: nn.Module, encapsulator: Callable[[FunctionalModule, nn.Module], None] | None, api: str
+) -> FunctionalModule:
     if isinstance(module, FunctionalModule):
-        raise ValueError(
-            "unrollc.higher.make_functional: the module is already a functional module; pass the original module."
-        )
+        raise ValueError(f"{api}: the module is already a functional module; pass the original module.")
     fmodule = FunctionalModule(module, {}, track_higher_grads=True)
     if encapsulator is not None:
         encapsulator(fmodule, module)
@@ -417,15 +421,15 @@ def monkeypatch(
     Returns:
         ``fmodel``: call it as ``fmodel(x)`` or ``fmodel(x, params=fast_weights)``.
     """
-    if isinstance(module, FunctionalModule):
-        raise ValueError(
-            "unrollc.higher.monkeypatch: the module is already a functional module; patch the original module."
-        )
-    if copy_initial_weights:
-        params = _utils.get_func_params(module, device=device)
-    else:
-        params = [p.clone() if device is None else p.clone().to(device) for p in module.parameters()]
-    fmodel = FunctionalModule(module, {}, track_higher_grads)
-    buffer_sync(module, fmodel, device)
-    fmodel.update_params(params)
+
+    def encapsulator(fmodel: FunctionalModule, module: nn.Module) -> None:
+        if copy_initial_weights:
+            params = _utils.get_func_params(module, device=device)
+        else:
+            params = [p.clone() if device is None else p.clone().to(device) for p in module.parameters()]
+        buffer_sync(module, fmodel, device)
+        fmodel.update_params(params)
+
+    fmodel = _make_functional(module, encapsulator, "unrollc.higher.monkeypatch")
+    fmodel.track_higher_grads = track_higher_grads
     return fmodel

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from unrollc.errors import InternalError
-from unrollc.runtime.rng import RngState, fork_rng
+from unrollc.runtime.rng import RngState, cuda_devices, fork_rng
 from unrollc.runtime.schedules import Advance, Backprop, Free, Plan, Restore, Return, Store, Tape
 
 __all__ = ["ExecutionStats", "StepFn", "checkpointed_unroll"]
@@ -73,7 +73,7 @@ class _Runner:
         self.cur_index: int | None = 0
         self.stored: dict[int, State] = {}
         self.rng: dict[int, RngState] = {}                  # the generators' state at each stored state
-        self.rng_tensors: State = consts                    # whose CUDA devices' generators are kept
+        self.rng_devices: tuple[int, ...] = ()              # CUDA devices whose generators are kept too
         self.tape: _Tape | None = None
         self.losses: list[Tensor | None] = [None] * n      # recorded once, by the forward sweep, detached
         self.state_grad: list[Tensor | None] = []           # gradient of the state at the live tape's end
@@ -103,7 +103,7 @@ class _Runner:
         for action in actions:
             if isinstance(action, Store):
                 self.stored[action.index] = self.cur
-                self.rng[action.index] = RngState.now((*self.cur, *self.rng_tensors))
+                self.rng[action.index] = RngState.now(self.rng_devices)
                 self.stats.peak_states = max(self.stats.peak_states, len(self.stored))
             elif isinstance(action, Restore):
                 self.cur, self.cur_index = self.stored[action.index], action.index
@@ -179,6 +179,7 @@ def _forward_sweep(step_fn: StepFn, plan: Plan, stats: ExecutionStats, state0: S
     """Run the plan's forward actions; the runner keeps the stored states and the last tape for backward."""
     const_leaves = tuple(_leaf(c, need) for c, need in zip(consts, const_needs, strict=True))
     runner = _Runner(step_fn, plan.n, consts, const_leaves, stats)
+    runner.rng_devices = cuda_devices((*state0, *consts))  # once: stores happen up to n times
     runner.cur = state0
     runner.run(plan.forward_actions)
     if runner.cur_index != plan.n or any(loss is None for loss in runner.losses):
@@ -194,7 +195,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
     def forward(ctx, step_fn: StepFn, plan: Plan, stats: ExecutionStats, n_state: int,
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         const_needs = ctx.needs_input_grad[4 + n_state:]
-        ctx.rng0 = RngState.now(tensors)  # a second backward replays the sweep from here
+        ctx.rng0 = RngState.now(cuda_devices(tensors))  # a second backward replays the sweep from here
         runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs)
         ctx.save_for_backward(*tensors)     # version counters: in-place changes to inputs are caught
         ctx.runner, ctx.args = runner, (step_fn, plan, stats, n_state, const_needs)
@@ -213,7 +214,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         step_fn, plan, stats, n_state, const_needs = ctx.args
         saved = ctx.saved_tensors
         runner, ctx.runner = ctx.runner, None   # the backward sweep consumes the stored states and the tape
-        with fork_rng(saved):                   # recomputation restores stored generator states: undo that after
+        with fork_rng(ctx.rng0.devices):        # recomputation restores stored generator states: undo that after
             if runner is None:                  # a second backward (retain_graph=True): replay the forward sweep
                 ctx.rng0.restore()
                 runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RngState", "fork_rng"]
+__all__ = ["RngState", "cuda_devices", "fork_rng"]
 
 
-def _cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
-    return sorted({t.device.index for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda and t.device.index is not None})
+def cuda_devices(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
+    """The CUDA devices ``tensors`` live on (whose generators a step may draw from), sorted."""
+    return tuple(sorted({t.device.index for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda and t.device.index is not None}))
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,9 @@ class RngState:
     device_states: tuple[torch.Tensor, ...]
 
     @classmethod
-    def now(cls, tensors: Iterable[torch.Tensor]) -> "RngState":
-        """The generators' states at this moment (CUDA devices: those of ``tensors``)."""
-        devices = _cuda_devices(tensors)
-        return cls(torch.get_rng_state(), tuple(devices), tuple(torch.cuda.get_rng_state(d) for d in devices))
+    def now(cls, devices: tuple[int, ...]) -> "RngState":
+        """The generators' states at this moment: the CPU's and those of the CUDA ``devices``."""
+        return cls(torch.get_rng_state(), devices, tuple(torch.cuda.get_rng_state(d) for d in devices))
 
     def restore(self) -> None:
         """Set the generators back to this state."""
@@ -44,7 +44,7 @@ class RngState:
 
 
 @contextlib.contextmanager
-def fork_rng(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Run the body with the generators (CPU and ``tensors``' CUDA devices) restored afterwards."""
-    with torch.random.fork_rng(devices=_cuda_devices(tensors)):
+def fork_rng(devices: tuple[int, ...]) -> Iterator[None]:
+    """Run the body with the generators (the CPU's and those of the CUDA ``devices``) restored afterwards."""
+    with torch.random.fork_rng(devices=list(devices)):
         yield

@@ -17,7 +17,7 @@ from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from .meta import bind_modules
-from .rng import fork_rng
+from .rng import cuda_devices, fork_rng
 from .state import UnrollState, groups_to_hyper, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
@@ -59,6 +59,7 @@ class Stepper:
         named = dict(model.named_parameters())
         self._param_names = tuple(named)
         self._buffer_names = tuple(n for n, _ in model.named_buffers())
+        self._param_set, self._buffer_set = frozenset(self._param_names), frozenset(self._buffer_names)
         ids = {id(p): n for n, p in named.items()}
         self._spec = OptimizerSpec.from_optimizer(opt, ids)
         in_opt = {n for names in self._spec.group_params for n in names}
@@ -135,7 +136,10 @@ class Stepper:
     def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
         """One differentiable training step: forward, gradient and the optimizer's update."""
         self._check_state("Stepper.step", state)
-        meta = bind_modules(meta)
+        return self._step(state, batch, bind_modules(meta))
+
+    def _step(self, state: UnrollState, batch: Any, meta: tuple) -> UnrollState:
+        """:meth:`step` for a state and meta already checked and bound (the unroll's per-step path)."""
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         compiled = self._lookup(state, groups, batch, meta)  # traces without drawing from the user's RNG
         flat = self._flatten(compiled.signature, state, groups, batch, meta)
@@ -146,8 +150,8 @@ class Stepper:
         return self._unflatten(compiled.signature, state, outs)
 
     def trace(self, state: UnrollState, batch: Any, *meta: Any) -> fx.GraphModule:
-        """The step graph for the layout (shapes, dtypes, devices, requires_grad) of ``state``, ``batch`` and
-        ``meta``, traced now if it is new, without running a step (tracing draws no random numbers either).
+        """The step graph for the layout (shapes, dtypes, devices) of ``state``, ``batch`` and ``meta``,
+        traced now if it is new, without running a step (tracing draws no random numbers either).
         :attr:`graph`, :attr:`graphs` and ``unrollc.explain(stepper)`` then show it."""
         meta = bind_modules(meta)
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
@@ -223,7 +227,7 @@ class Stepper:
                 f"{api}: expected an UnrollState as `state` (from stepper.init(), step() or unroll()), got "
                 f"{type(state).__name__}."
             )
-        if state.params.keys() != set(self._param_names) or state.buffers.keys() != set(self._buffer_names):
+        if state.params.keys() != self._param_set or state.buffers.keys() != self._buffer_set:
             raise ValueError(
                 f"{api}: the state's parameters {sorted(state.params)} and buffers {sorted(state.buffers)} are not "
                 f"those of this stepper's model ({sorted(self._param_names)}, {sorted(self._buffer_names)}); "
@@ -258,7 +262,7 @@ class Stepper:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
-            with fork_rng(_tensors_of(state.params, state.buffers, batch, meta)):
+            with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))):
                 return self._capture(state, groups, batch, meta)
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")

@@ -38,13 +38,14 @@ def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta
 
 
 def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> UnrollState:
-    """Apply ``stepper.step`` once per batch; with a checkpoint policy, keep only the states it plans."""
+    """Apply the step once per batch; with a checkpoint policy, keep only the states it plans. ``state`` and
+    ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``."""
     n = len(batches)
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     if n == 0 or isinstance(policy, NoCheckpoint):
         losses = []
         for batch in batches:
-            state = stepper.step(state, batch, *meta)
+            state = stepper._step(state, batch, meta)  # state and meta checked and bound by Stepper.unroll
             losses.append(state.loss)
         return state.replace(losses=losses)
     plan = plan_unroll(stepper, state, batches, meta, policy)
@@ -90,7 +91,7 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         start, stop = batch_slices[i]
         batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
         m = tree_unflatten(fill_leaves(meta_leaves, c[meta_start:]), meta_spec)
-        new = stepper.step(unpack(i, flat, hyper, state.t + i), batch, *m)
+        new = stepper._step(unpack(i, flat, hyper, state.t + i), batch, m)
         layouts[i + 1] = _state_keys(new)
         return pack(new), new.loss
 
