@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .analysis import CostModel
 from .errors import CaptureError
 from .optimizer_spec import UnsupportedOptimizerError
 from .higher import get_diff_optim, innerloop_ctx, monkeypatch
@@ -32,6 +33,7 @@ __all__ = [
     "Sqrt",
     "Binomial",
     "Budget",
+    "CostModel",
     "explain",
     "Report",
     "innerloop_ctx",

@@ -254,3 +254,13 @@ def test_budget_prediction_fits_and_str():
         model.expressions(unrollc.runtime.schedules.Budget(budget))
     text = str(model)
     assert "saved for backward" in text and "Sqrt()" in text
+
+
+def test_cost_model_is_public_and_binomial_needs_slots_for_expressions():
+    assert unrollc.CostModel is CostModel and "CostModel" in unrollc.__all__
+    assert unrollc.analysis.CostModel is CostModel
+    stepper, state, make_batch = _warm("mlp-sgd-momentum", lr_requires_grad=False)
+    model = unrollc.CostModel.from_stepper(stepper, state, make_batch())
+    with pytest.raises(ValueError, match=r"CostModel\.expressions: Binomial\(\) chooses its number of slots"):
+        model.expressions("binomial")
+    assert model.plan("binomial", 50) == unrollc.Binomial().plan(50)  # no Budget: bytes play no part

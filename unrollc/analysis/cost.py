@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from ..errors import InternalError
-from ..runtime.schedules import N, Binomial, Budget, Policy, resolve_checkpoint
+from ..runtime.schedules import N, Binomial, Budget, Plan, Policy, resolve_checkpoint
 from .liveness import StepAnalysis, analyze_step
 
 if TYPE_CHECKING:
@@ -110,9 +110,10 @@ class CostModel:
         return cls.from_graph(gm, requires_grad=grad)
 
     # ----------------------------------------------------------------------------------------- predict
-    def plan(self, policy: Any, n: int):
-        """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps."""
-        policy = resolve_checkpoint(policy, api="unrollc.CostModel.predict")
+    def plan(self, policy: Any, n: int) -> Plan:
+        """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps; a ``Budget`` is
+        resolved with this model's bytes (``plan.resolved`` is the schedule it picks)."""
+        policy = resolve_checkpoint(policy, api="unrollc.CostModel.plan")
         return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes)
 
     def predict(self, policy: Any, n: int) -> Prediction:
@@ -132,6 +133,11 @@ class CostModel:
             raise ValueError(
                 "unrollc.CostModel.expressions: Budget(...) picks a schedule per n and has no closed form; ask "
                 "for the expressions of the schedule it picks: CostModel.plan(Budget(b), n).resolved."
+            )
+        if isinstance(policy, Binomial) and policy.slots is None:
+            raise ValueError(
+                "unrollc.CostModel.expressions: Binomial() chooses its number of slots from n, so it has no single "
+                "expression in n; give the slots: CostModel.expressions(unrollc.Binomial(slots=8))."
             )
         c = policy.cost_expr()
         peak = c.peak_states * self.state_bytes + c.peak_taped_steps * self.taped_step_bytes
