@@ -84,6 +84,35 @@ def test_wrong_inputs_are_refused_with_the_api_and_the_fix():
         adagrad.init(hyper={"initial_accumulator_value": 1.0})
 
 
+def test_a_state_with_changed_hyperparameters_is_checked():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    stepper = unrollc.compile(model, opt, lambda m, b: m(b).pow(2).mean())
+    state, batch = stepper.init(), torch.randn(4, 3)
+    cases = [  # a state changed with replace(hyper=...): a lost key would silently step with another value
+        ({"lr": state.hyper["lr"]}, ValueError, r"Stepper.step: the state's hyperparameters are not SGD's: missing \['dampening', 'momentum', 'weight_decay'\]"),
+        ({**state.hyper, "lrr": torch.tensor(0.1)}, ValueError, r"unknown \['lrr'\] .*state.replace\(hyper=\{\*\*state.hyper"),
+        ({**state.hyper, "lr": 0.3}, TypeError, r"hyperparameter 'lr' in the state is 0.3, a float; .*torch.tensor"),
+        ({**state.hyper, "2.lr": torch.tensor(0.1)}, KeyError, r"Stepper.step: hyperparameter '2.lr' names parameter group 2, .* use '0.lr' or a bare 'lr'"),
+    ]
+    for hyper, error, match in cases:
+        with pytest.raises(error, match=match):
+            stepper.step(state.replace(hyper=hyper), batch)
+        with pytest.raises(error, match=match.replace("Stepper.step", "Stepper.unroll")):
+            stepper.unroll(state.replace(hyper=hyper), [batch])
+    lr = torch.tensor(0.3, requires_grad=True)  # changing a value, keeping the keys, is how to set one
+    new = stepper.step(state.replace(hyper={**state.hyper, "lr": lr}), batch)
+    ref = stepper.step(stepper.init(hyper={"lr": 0.3}), batch)
+    assert torch.equal(new.params["weight"], ref.params["weight"]) and new.params["weight"].grad_fn is not None
+    with pytest.raises(TypeError, match=r"e.g. \{'lr': torch.tensor"):
+        stepper.init(hyper=0.1)
+    with pytest.raises(RuntimeError, match=r"stepper.trace\(state, batch\)"):
+        unrollc.compile(model, opt, lambda m, b: m(b).sum()).graph
+    with pytest.raises(KeyError, match=r"no graph 'after functionalise'; the keys are \['captured'"):
+        stepper.graphs["after functionalise"]  # noqa: B018
+    assert stepper.graphs["after functionalize"] is not None
+
+
 def test_an_error_in_loss_fn_notes_the_batch_it_got():
     model = nn.Linear(4, 1)
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())

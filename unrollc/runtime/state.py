@@ -46,17 +46,19 @@ def groups_to_hyper(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return {f"{i}.{k}": v for i, g in enumerate(groups) for k, v in g.items()}
 
 
-def hyper_to_groups(hyper: Mapping[str, Any], n_groups: int) -> list[dict[str, Any]]:
-    """The user-facing dict -> per-group dicts. Bare keys apply to every group, ``"i.key"`` to group i."""
+def hyper_to_groups(hyper: Mapping[str, Any], n_groups: int, api: str = "unrollc") -> list[dict[str, Any]]:
+    """The user-facing dict -> per-group dicts. Bare keys apply to every group, ``"i.key"`` to group i
+    (``api`` names the caller in the error for a group the optimizer does not have)."""
     groups: list[dict[str, Any]] = [{} for _ in range(n_groups)]
     for key, value in hyper.items():
         head, dot, rest = key.partition(".")
         if dot and head.isdigit():
             index = int(head)
             if index >= n_groups:
+                keys = f"'0.{rest}'" if n_groups == 1 else f"'0.{rest}' .. '{n_groups - 1}.{rest}'"
                 raise KeyError(
-                    f"unrollc: hyperparameter {key!r} names parameter group {index}, but the optimizer has "
-                    f"{n_groups} group(s); use keys '0.{rest}' .. '{n_groups - 1}.{rest}' or a bare {rest!r}."
+                    f"{api}: hyperparameter {key!r} names parameter group {index}, but the optimizer has "
+                    f"{n_groups} group(s); use {keys} or a bare {rest!r} (every group)."
                 )
             groups[index][rest] = value
         else:

@@ -110,7 +110,8 @@ class Stepper:
             {k: _hyper_tensor(k, group.get(k, v)) for k, v in g.items()}
             for g, group in zip(self._spec.hyper, self._opt.param_groups, strict=True)
         ]
-        for g, override in zip(groups, hyper_to_groups(_mapping("hyper", hyper), len(groups)), strict=True):
+        overrides = hyper_to_groups(_mapping("hyper", hyper), len(groups), api="Stepper.init")
+        for g, override in zip(groups, overrides, strict=True):
             for k, v in override.items():
                 if k not in g:
                     raise KeyError(
@@ -185,7 +186,7 @@ class Stepper:
         if self._last is None:
             raise RuntimeError(
                 "Stepper.graph: no step has been traced yet; the graph depends on the batch's shapes, so call "
-                "stepper.step(state, batch) once first."
+                "stepper.trace(state, batch) (traces without running a step) or stepper.step(state, batch) first."
             )
         return self._last.gm
 
@@ -194,7 +195,7 @@ class Stepper:
         """The graph after each pass of the most recent trace: ``"captured"``, ``"after lift_inputs"``, ..."""
         self.graph  # noqa: B018 - raises the helpful error
         assert self._last is not None
-        return self._last.graphs
+        return PassGraphs(self._last.graphs)
 
     @property
     def guards(self) -> list[Guard]:
@@ -233,6 +234,34 @@ class Stepper:
                 f"those of this stepper's model ({sorted(self._param_names)}, {sorted(self._buffer_names)}); "
                 "start from this stepper's init()."
             )
+        self._check_hyper(api, state.hyper)
+
+    def _check_hyper(self, api: str, hyper: Any) -> None:
+        """The state's hyperparameters are this optimizer's, every one a tensor (a state changed with
+        ``state.replace(hyper=...)`` may have lost, misspelt or un-tensored one)."""
+        if not isinstance(hyper, Mapping):
+            raise TypeError(f"{api}: expected `state.hyper` to be a dict of tensors, got {type(hyper).__name__}.")
+        groups = hyper_to_groups(hyper, len(self._spec.hyper), api=api)
+        for i, (got, want) in enumerate(zip(groups, self._spec.hyper, strict=True)):
+            where = "" if len(groups) == 1 else f" of parameter group {i}"
+            if got.keys() != want.keys():
+                missing, unknown = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+                raise ValueError(
+                    f"{api}: the state's hyperparameters{where} are not {self._spec.cls.__name__}'s: "
+                    + (f"missing {missing}" if missing else "")
+                    + ("; " if missing and unknown else "")
+                    + (f"unknown {unknown}" if unknown else "")
+                    + f" (expected {sorted(want)}). Change values, keeping every key: "
+                    "state.replace(hyper={**state.hyper, 'lr': torch.tensor(0.3)}), or start from stepper.init(hyper=...)."
+                )
+            for k, v in got.items():
+                leaves = v if isinstance(v, tuple) else (v,)
+                if not all(isinstance(x, torch.Tensor) for x in leaves):
+                    raise TypeError(
+                        f"{api}: hyperparameter {k!r}{where} in the state is {v!r}, a {type(v).__name__}; a state holds "
+                        f"hyperparameters as tensors: state.replace(hyper={{**state.hyper, {k!r}: torch.tensor(...)}}), "
+                        f"or stepper.init(hyper={{{k!r}: ...}}), which converts floats."
+                    )
 
     def _key(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> Any:
         p = tuple(input_layout(state.params[n]) for n in self._param_names)
@@ -386,12 +415,24 @@ def _describe(tree: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+class PassGraphs(dict):
+    """``Stepper.graphs``: a dict whose missing keys are reported with the keys it has."""
+
+    def __missing__(self, key: Any) -> fx.GraphModule:
+        raise KeyError(
+            f"Stepper.graphs: no graph {key!r}; the keys are {list(self)} (one per pass of unrollc.passes.PIPELINE)."
+        )
+
+
+_EXAMPLES = {"params": "{'0.weight': w}", "buffers": "{'1.running_mean': m}", "hyper": "{'lr': torch.tensor(0.1, requires_grad=True)}"}
+
+
 def _mapping(name: str, value: Any) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise TypeError(
-            f"Stepper.init: expected `{name}` to be a mapping from names to tensors, e.g. {{'0.weight': w}}, got "
+            f"Stepper.init: expected `{name}` to be a mapping from names to tensors, e.g. {_EXAMPLES[name]}, got "
             f"{type(value).__name__}."
         )
     return value
