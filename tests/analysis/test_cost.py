@@ -264,3 +264,15 @@ def test_cost_model_is_public_and_binomial_needs_slots_for_expressions():
     with pytest.raises(ValueError, match=r"CostModel\.expressions: Binomial\(\) chooses its number of slots"):
         model.expressions("binomial")
     assert model.plan("binomial", 50) == unrollc.Binomial().plan(50)  # no Budget: bytes play no part
+
+
+def test_budget_unrolls_analyze_the_step_graph_once(monkeypatch):
+    stepper, state, make_batch = _warm("mlp-sgd-momentum", lr_requires_grad=False)
+    calls = []
+    analyze = CostModel._analyze.__func__
+    monkeypatch.setattr(CostModel, "_analyze", classmethod(lambda cls, *a: calls.append(1) or analyze(cls, *a)))
+    batches = [make_batch() for _ in range(6)]
+    budget = unrollc.Budget(10 * 2**20)
+    for _ in range(3):
+        stepper.unroll(stepper.init(), batches, checkpoint=budget).loss.backward()
+    assert len(calls) == 1

@@ -167,3 +167,70 @@ def test_figure_set_compares_at_160_and_sweeps_every_method_over_n() -> None:
     assert labels == {("unrollc", "none"), ("unrollc", "sqrt"), ("unrollc", "binomial"), ("higher", "-")}
     for label in labels:
         assert sorted(c.n for c in sweeps if (c.method, c.schedule) == label) == sorted(FIGURE_SWEEP)
+
+
+def test_adam_reference_is_finite_and_agrees_with_unrollc() -> None:
+    """The eager Adam differentiates sqrt(v) at v == 0 (a weight behind a dead ReLU) with derivative 0, as
+    unrollc's safe_sqrt does: plain sqrt made the reference NaN while the row still said "ok"."""
+    import torch
+
+    from unrollc.bench.runner import Config, measure_config
+
+    eager = measure_config(Config("mlp", "adam", 2, "eager", repeats=1, saved_bytes=False), "time")
+    ours = measure_config(Config("mlp", "adam", 2, "unrollc", "none", repeats=1, saved_bytes=False), "time")
+    assert eager.status == ours.status == "ok"
+    assert eager.grad_norm == pytest.approx(ours.grad_norm, rel=1e-3) and torch.isfinite(torch.tensor(eager.grad_norm))
+
+
+def test_a_nan_meta_gradient_is_an_error_and_json_stays_valid(tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from unrollc.bench import methods
+    from unrollc.bench.report import read_json, write_json
+    from unrollc.bench.runner import Config, Result, measure_config
+
+    monkeypatch.setattr(methods, "_safe_sqrt", torch.sqrt)  # the reference as it was: NaN behind dead units
+    res = measure_config(Config("mlp", "adam", 2, "eager", repeats=1, saved_bytes=False), "time")
+    assert res.status == "error: the meta-gradient has NaN or inf entries"
+    path = str(tmp_path) + "/r.json"
+    write_json([res, Result(Config("mlp-small", "sgd", 2, "eager"), grad_norm=float("inf"))], path)
+    def strict(constant: str) -> None:
+        raise AssertionError(f"results.json holds {constant}, which is not JSON")
+
+    with open(path) as f:
+        json.load(f, parse_constant=strict)
+    assert read_json(path)[1].grad_norm is None
+
+
+def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture[str]) -> None:
+    from unrollc.bench.__main__ import parse_args
+
+    for argv, message in [
+        (["--n", "0"], "argument --n: must be >= 1, got 0"),
+        (["--rounds", "0"], "argument --rounds: must be >= 1"),
+        (["--repeats", "-1"], "argument --repeats: must be >= 1"),
+        (["--slots", "0"], "argument --slots: must be >= 1"),
+        (["--plot", "x.txt"], "cannot write a plot to 'x.txt': matplotlib writes"),
+        (["--figures", "--n", "4", "--optimizer", "adam"], "leave out --optimizer --n"),
+    ]:
+        if "--plot" in argv:
+            pytest.importorskip("matplotlib")
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err, argv
+    args = parse_args(["--quick", "--n", "5", "5", "--schedules", "none", "--slots", "2"])  # explicit options win
+    assert (args.workload, args.n, args.schedules, args.slots, args.every_k) == ("mlp-small", [5], ["none"], 2, 3)
+    assert parse_args(["--plot", "out/fig"]).plot == "out/fig.png"  # the path the plot is written to
+    assert parse_args([]).n == [16, 64, 160] and parse_args([]).workload == "mlp"
+
+
+def test_budget_schedule_runs_the_schedule_its_plan_picks() -> None:
+    from unrollc.bench.report import table
+    from unrollc.bench.runner import Config, measure_config
+
+    res = measure_config(Config("mlp-small", "sgd", 6, "unrollc", "budget", repeats=1, saved_bytes=False,
+                                budget_mib=0.2), "time")
+    assert res.status == "ok" and res.resolved.startswith("Binomial(slots=") and res.evaluations > 6
+    assert f"budget: {res.resolved}" in table([res])
+    with pytest.raises(ValueError, match="schedule 'budget' for method 'eager'"):
+        Config("mlp-small", "sgd", 6, "eager", "budget")

@@ -18,6 +18,7 @@ every schedule and not included). ``CostModel.expressions(policy)`` gives the sa
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["CostExprs", "CostModel", "Prediction"]
 
 _STATE_ROLES = ("param", "buffer", "opt_state")
+_CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, dict[frozenset[str], CostModel]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,16 @@ class CostModel:
     # ------------------------------------------------------------------------------------------- build
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, *, requires_grad: frozenset[str] = frozenset()) -> "CostModel":
-        """From a step graph alone; ``requires_grad`` names extra placeholders that require grad (e.g. ``h_lr``)."""
+        """From a step graph alone; ``requires_grad`` names extra placeholders that require grad (e.g. ``h_lr``).
+        Cached per graph (an unroll under ``Budget`` asks for it every time)."""
+        per_graph = _CACHE.setdefault(gm, {})
+        key = frozenset(requires_grad)
+        if key not in per_graph:
+            per_graph[key] = cls._analyze(gm, key)
+        return per_graph[key]
+
+    @classmethod
+    def _analyze(cls, gm: fx.GraphModule, requires_grad: frozenset[str]) -> "CostModel":
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         params = {n.name for n in placeholders if _role(n) == "param"} | set(requires_grad)
         taped = {n.name for n in placeholders if _role(n) in _STATE_ROLES} | set(requires_grad)

@@ -16,14 +16,15 @@ sqrt, higher; timed in 3 alternating rounds of fresh processes, 3 runs each), an
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .methods import METHODS, SCHEDULES
-from .report import PlotUnavailable, plot, table, write_csv, write_json
+from .report import PlotUnavailable, plot, plot_path, table, write_csv, write_json
 from .runner import Config, Result, run_configs, usable_cpus
 from .workloads import OPTIMIZERS, WORKLOADS
 
@@ -32,51 +33,89 @@ FIGURE_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
 FIGURE_ROUNDS = 3
 
 
+DEFAULTS: dict[str, Any] = {
+    "workload": "mlp", "optimizer": ["sgd"], "n": [16, 64, 160], "methods": list(METHODS),
+    "schedules": ["none", "sqrt", "binomial"], "slots": 8, "every_k": 10, "budget_mib": 64.0, "repeats": 1, "jobs": 1,
+}
+QUICK: dict[str, Any] = {
+    "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
+}
+FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules")
+
+
+def _at_least(lowest: float, kind: type = int) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line (see the module docstring for what the defaults run)."""
-    p = argparse.ArgumentParser(prog="python -m unrollc.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="mlp", choices=sorted(WORKLOADS))
-    p.add_argument("--optimizer", nargs="+", default=["sgd"], choices=sorted(OPTIMIZERS))
-    p.add_argument("--n", nargs="+", type=int, default=[16, 64, 160], help="unrolled steps (default 16 64 160)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--schedules", nargs="+", default=["none", "sqrt", "binomial"], choices=SCHEDULES,
+    """The command line (see the module docstring for what the defaults run). ``--quick`` changes the defaults of
+    the options it sets, not options given explicitly; ``--figures`` runs a fixed set and refuses the options that
+    would change it."""
+    p = argparse.ArgumentParser(prog="python -m unrollc.bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    positive, positive_float = _at_least(1), _at_least(1e-9, float)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), help=f"default {DEFAULTS['workload']}")
+    p.add_argument("--optimizer", nargs="+", choices=sorted(OPTIMIZERS), help="default sgd")
+    p.add_argument("--n", nargs="+", type=positive, help="unrolled steps (default 16 64 160)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default {' '.join(METHODS)}")
+    p.add_argument("--schedules", nargs="+", choices=SCHEDULES,
                    help="unrollc checkpoint schedules (default none sqrt binomial)")
-    p.add_argument("--slots", type=int, default=8, help="stored states of the binomial schedule (default 8)")
-    p.add_argument("--every-k", type=int, default=10, help="segment length of the every-k schedule (default 10)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median reported; default 1)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="time every configuration this many times in turn, each in a new process (default 1; "
-                        "--figures uses 3): robust ratios on a shared machine")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--slots", type=positive, help="stored states of the binomial schedule (default 8)")
+    p.add_argument("--every-k", type=positive, help="segment length of the every-k schedule (default 10)")
+    p.add_argument("--budget-mib", type=positive_float,
+                   help="memory budget of the budget schedule, unrollc.Budget, in MiB (default 64)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
+    p.add_argument("--repeats", type=positive, help="timed runs after the warm-up (median reported; default 1)")
+    p.add_argument("--rounds", type=positive, default=1,
+                   help="time every configuration this many times in turn, each in a new process "
+                        "(default 1; --figures uses 3): robust ratios on a shared machine")
+    p.add_argument("--threads", type=_at_least(0), default=1,
                    help="torch intra-op threads in each worker (default 1: stable timings on a shared machine; 0 = torch's default)")
     p.add_argument("--no-saved-bytes", action="store_true", help="skip the extra run counting bytes saved for backward")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=positive,
                    help="configurations run at once (default 1; more skews timings, --quick uses 2)")
-    p.add_argument("--memory-jobs", type=int, default=None,
+    p.add_argument("--memory-jobs", type=positive,
                    help="memory processes run at once (default: the usable CPUs, at most 4; they measure peaks, saved "
                         "bytes and FLOPs, which CPU contention does not change)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per worker process (default 1800)")
     p.add_argument("--out-dir", default="bench_out", help="where results.json/.csv and bench.png go (default bench_out/)")
     p.add_argument("--csv", help="CSV path (default OUT_DIR/results.csv)")
     p.add_argument("--json", help="JSON path (default OUT_DIR/results.json)")
-    p.add_argument("--plot", help="PNG path (default OUT_DIR/bench.png; needs matplotlib)")
+    p.add_argument("--plot", help="plot path, .png unless another suffix matplotlib writes (default OUT_DIR/bench.png)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny workload (mlp-small, n 4 8, 1 repeat) for tests")
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     args = p.parse_args(argv)
+    if args.figures and (fixed := [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]):
+        p.error(f"--figures runs a fixed set of configurations (see --help); leave out {' '.join(fixed)}, or run "
+                "without --figures to choose them.")
+    for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
-        args.workload, args.n, args.repeats, args.slots, args.every_k = "mlp-small", [4, 8], 1, 3, 3
-        args.schedules = list(SCHEDULES)
         args.jobs = max(args.jobs, 2)
+    args.n = list(dict.fromkeys(args.n))  # --n 4 4 runs n=4 once
+    try:
+        args.plot = plot_path(args.plot or os.path.join(args.out_dir, "bench.png"))
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def _config(args: argparse.Namespace, optimizer: str, n: int, method: str, schedule: str = "-", **kw: Any) -> Config:
     fields: dict[str, Any] = dict(workload=args.workload, optimizer=optimizer, n=n, method=method, schedule=schedule,
                                   device=args.device, repeats=args.repeats, slots=args.slots, k=args.every_k,
-                                  saved_bytes=not args.no_saved_bytes, threads=args.threads)
+                                  saved_bytes=not args.no_saved_bytes, threads=args.threads, budget_mib=args.budget_mib)
     fields.update(kw)
     return Config(**fields)
 
@@ -122,7 +161,7 @@ def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> l
     write_json(results, json_path, _meta(args, seconds))
     write_csv(results, csv_path)
     paths += [json_path, csv_path]
-    png = args.plot or os.path.join(args.out_dir, "bench.png")
+    png = args.plot
     try:
         plot([r for r in results if r.config.optimizer == "sgd"] if args.figures else results, png,
              title=f"{WORKLOADS[args.workload].describe()}, meta-gradient w.r.t. initial weights and lr")

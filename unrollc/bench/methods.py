@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from .workloads import OPTIMIZERS, Task
 
-__all__ = ["METHODS", "SCHEDULES", "MetaResult", "Runner", "build", "higher_available", "schedule_policy"]
+__all__ = ["METHODS", "SCHEDULES", "MetaResult", "MethodSpec", "Runner", "build", "higher_available", "schedule_policy"]
 
 MetaResult = tuple[torch.Tensor, list[torch.Tensor]]
 
@@ -34,13 +34,16 @@ MetaResult = tuple[torch.Tensor, list[torch.Tensor]]
 class Runner(Protocol):
     """One method on one task: ``run()`` unrolls every batch; ``run(steps=k)`` only the first ``k``."""
 
-    def __call__(self, steps: int | None = None) -> MetaResult: ...
+    def __call__(self, steps: int | None = None) -> MetaResult:
+        """Unroll the first ``steps`` batches (all if None); ``(meta_loss, [d/d lr, d/d w_1, ...])``."""
+        ...
 
 
 METHODS = ("unrollc", "higher", "eager")
-SCHEDULES = ("none", "sqrt", "binomial", "every-k")
+SCHEDULES = ("none", "sqrt", "binomial", "every-k", "budget")
 BINOMIAL_SLOTS = 8
 EVERY_K = 10
+BUDGET_MIB = 64.0
 
 
 def higher_available() -> str | None:
@@ -54,11 +57,13 @@ def higher_available() -> str | None:
     return None
 
 
-def schedule_policy(schedule: str, *, slots: int = BINOMIAL_SLOTS, k: int = EVERY_K) -> object:
-    """The unrollc checkpoint policy for a schedule name (binomial uses a fixed number of slots)."""
-    from unrollc.runtime.schedules import Binomial, EveryK, NoCheckpoint, Sqrt
+def schedule_policy(schedule: str, *, slots: int = BINOMIAL_SLOTS, k: int = EVERY_K, budget_mib: float = BUDGET_MIB) -> object:
+    """The unrollc checkpoint policy for a schedule name (binomial uses a fixed number of slots; budget is
+    ``unrollc.Budget`` of ``budget_mib`` MiB: the cheapest schedule whose predicted peak fits)."""
+    from unrollc.runtime.schedules import Binomial, Budget, EveryK, NoCheckpoint, Sqrt
 
-    policies = {"none": NoCheckpoint(), "sqrt": Sqrt(), "binomial": Binomial(slots=slots), "every-k": EveryK(k)}
+    policies = {"none": NoCheckpoint(), "sqrt": Sqrt(), "binomial": Binomial(slots=slots), "every-k": EveryK(k),
+                "budget": Budget(int(budget_mib * 2**20))}
     if schedule not in policies:
         raise ValueError(f"unrollc.bench: unknown schedule {schedule!r}; expected one of {list(policies)}.")
     return policies[schedule]
@@ -74,12 +79,16 @@ def _meta_grads(meta_loss: torch.Tensor, lr: torch.Tensor, task: Task) -> MetaRe
 
 
 # ----------------------------------------------------------------------------------------------- unrollc
-def unrollc_runner(task: Task, schedule: str, *, slots: int = BINOMIAL_SLOTS, k: int = EVERY_K) -> Runner:
-    """The meta-gradient with unrollc; the step graph is traced by the first call."""
+def unrollc_runner(
+    task: Task, schedule: str, *, slots: int = BINOMIAL_SLOTS, k: int = EVERY_K, budget_mib: float = BUDGET_MIB
+) -> Runner:
+    """The meta-gradient with unrollc; the step graph is traced by the first call. ``run.plan(steps)`` is the
+    plan the unroll executes (a budget's needs the step graph's bytes, so it is asked of the stepper)."""
     import unrollc
+    from unrollc.runtime.unroll import plan_unroll
 
     stepper = unrollc.compile(task.model, task.new_optimizer(), task.loss_fn)
-    policy = schedule_policy(schedule, slots=slots, k=k)
+    policy = schedule_policy(schedule, slots=slots, k=k, budget_mib=budget_mib)
 
     def run(steps: int | None = None) -> MetaResult:
         lr = _lr(task)
@@ -88,6 +97,11 @@ def unrollc_runner(task: Task, schedule: str, *, slots: int = BINOMIAL_SLOTS, k:
         meta_loss = task.loss_fn(lambda x: stepper.forward(state, x), task.val)  # type: ignore[arg-type]
         return _meta_grads(meta_loss, lr, task)
 
+    def plan(steps: int | None = None) -> object:
+        state = stepper.init(hyper={"lr": _lr(task)})
+        return plan_unroll(stepper, state, task.batches[:steps], (), policy)
+
+    run.plan = plan  # type: ignore[attr-defined]
     return run
 
 
@@ -146,10 +160,18 @@ def _adam_update(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -
     def update(p: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: torch.Tensor, t: int) -> torch.Tensor:
         s["m"] = (1 - b1) * g if t == 1 else s["m"] * b1 + (1 - b1) * g
         s["v"] = (1 - b2) * g * g if t == 1 else s["v"] * b2 + (1 - b2) * g * g
-        denom = s["v"].sqrt() / math.sqrt(1 - b2**t) + eps
+        denom = _safe_sqrt(s["v"]) / math.sqrt(1 - b2**t) + eps
         return p - (lr / (1 - b1**t)) * (s["m"] / denom)
 
     return update
+
+
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrt with derivative 0 where v == 0 (a weight whose gradient has been exactly 0, e.g. behind a dead ReLU):
+    plain sqrt's infinite derivative there makes the meta-gradient NaN. unrollc's safe_sqrt pass and higher's
+    Adam do the same."""
+    positive = v > 0
+    return torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
 
 
 # ------------------------------------------------------------------------------------------------- build
@@ -166,10 +188,12 @@ class MethodSpec:
         return self.method if self.schedule == "-" else f"{self.method}/{self.schedule}"
 
 
-def build(task: Task, spec: MethodSpec, *, slots: int = BINOMIAL_SLOTS, k: int = EVERY_K) -> Runner:
+def build(
+    task: Task, spec: MethodSpec, *, slots: int = BINOMIAL_SLOTS, k: int = EVERY_K, budget_mib: float = BUDGET_MIB
+) -> Runner:
     """The runner of ``spec`` on ``task``."""
     if spec.method == "unrollc":
-        return unrollc_runner(task, spec.schedule, slots=slots, k=k)
+        return unrollc_runner(task, spec.schedule, slots=slots, k=k, budget_mib=budget_mib)
     if spec.method == "higher":
         return higher_runner(task)
     if spec.method == "eager":

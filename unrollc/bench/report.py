@@ -19,7 +19,7 @@ from typing import Any
 
 from .runner import Result
 
-__all__ = ["table", "write_csv", "write_json", "read_json", "plot", "ratio", "reference", "PlotUnavailable"]
+__all__ = ["table", "write_csv", "write_json", "read_json", "plot", "plot_path", "ratio", "reference", "PlotUnavailable"]
 
 MIB = 2**20
 
@@ -45,7 +45,7 @@ def ratio(results: Sequence[Result], r: Result, attr: str, method: str = "higher
     """``r.attr / ref.attr`` against ``method`` in the same group (None if either is missing)."""
     ref = reference(results, r, method)
     a, b = getattr(r, attr), getattr(ref, attr) if ref else None
-    if a is None or not b:
+    if not a or not b:  # missing, or a peak of 0 bytes: below what RSS resolves (small workloads)
         return None
     return a / b
 
@@ -62,6 +62,22 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _schedule(r: Result) -> str:
+    """The schedule column: a budget shows the schedule it picked (``budget: Binomial(slots=19)``)."""
+    return f"{r.config.schedule}: {r.resolved}" if r.config.schedule == "budget" and r.resolved else r.config.schedule
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: they become null (strict parsers reject Python's bare ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def table(results: Sequence[Result]) -> str:
     """A plain-text table, one row per configuration."""
     head = ["workload", "opt", "method", "schedule", "n", "time (s)", "peak (MiB)", "saved (MiB)",
@@ -70,7 +86,7 @@ def table(results: Sequence[Result]) -> str:
     for r in results:
         c = r.config
         rows.append([
-            c.workload, c.optimizer, c.method, c.schedule, str(c.n),
+            c.workload, c.optimizer, c.method, _schedule(r), str(c.n),
             _fmt(r.time_s, ".3f"),
             _fmt(None if r.peak_bytes is None else r.peak_bytes / MIB, ".1f"),
             _fmt(None if r.saved_peak_bytes is None else r.saved_peak_bytes / MIB, ".1f"),
@@ -106,7 +122,7 @@ def write_json(results: Sequence[Result], path: str, meta: dict[str, Any] | None
     """``{"meta": ..., "results": [...]}`` with ratios included."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"meta": meta or {}, "results": _records(results)}, f, indent=1)
+        json.dump(_finite({"meta": meta or {}, "results": _records(results)}), f, indent=1, allow_nan=False)
 
 
 def read_json(path: str) -> list[Result]:
@@ -128,6 +144,25 @@ def write_csv(results: Sequence[Result], path: str) -> None:
             w.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in rec.items()})
 
 
+def plot_path(path: str) -> str:
+    """The file :func:`plot` will write for ``path``: ``.png`` is added to a path without a suffix; a suffix
+    matplotlib cannot write raises ValueError (checked before a run, not after it)."""
+    root, ext = os.path.splitext(path)
+    if not ext:
+        return path + ".png"
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:  # plot() says what to install
+        return path
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if ext[1:].lower() not in formats:
+        raise ValueError(
+            f"unrollc.bench: cannot write a plot to {path!r}: matplotlib writes {', '.join(sorted(formats))}; "
+            f"use e.g. {root}.png or {root}.svg."
+        )
+    return path
+
+
 def plot(results: Sequence[Result], path: str, title: str = "") -> None:
     """Two log-log panels, peak memory vs n and time vs n, one line per (optimizer, method, schedule)."""
     try:
@@ -137,8 +172,8 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise PlotUnavailable(
-            "unrollc.bench --plot: matplotlib is not installed; install it with `pip install matplotlib` "
-            "(or `pip install unrollc[bench]`), or leave out --plot."
+            "unrollc.bench: no plot written: matplotlib is not installed; install it with `pip install matplotlib` "
+            "(or `pip install 'unrollc[bench]'`). The table, CSV and JSON do not need it."
         ) from e
     lines: dict[str, list[Result]] = {}
     opts = {r.config.optimizer for r in results}
@@ -149,16 +184,18 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r.config.n)
-        ns = [r.config.n for r in rs]
-        ax_mem.plot(ns, [max(r.peak_bytes or 0, 1) / MIB for r in rs], marker="o", label=key)
-        ax_time.plot(ns, [r.time_s for r in rs], marker="o", label=key)
+        # a peak of 0 bytes is below what peak RSS resolves on a small workload: no point, not a fake 1 byte
+        mem = [(r.config.n, r.peak_bytes / MIB) for r in rs if r.peak_bytes]
+        ax_mem.plot([n for n, _ in mem], [m for _, m in mem], marker="o", label=key)
+        ax_time.plot([r.config.n for r in rs], [r.time_s for r in rs], marker="o", label=key)
     for ax, what in ((ax_mem, "peak memory (MiB)"), (ax_time, "unroll + meta-backward (s)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("unrolled steps n")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
-    ax_time.legend(fontsize=8)
+    if lines:
+        ax_time.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -55,6 +55,32 @@ class Config:
     k: int = 10
     saved_bytes: bool = True
     threads: int = 1
+    budget_mib: float = 64.0
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS, SCHEDULES
+        from .workloads import OPTIMIZERS, WORKLOADS
+
+        choices = {"workload": WORKLOADS, "optimizer": OPTIMIZERS, "method": METHODS, "device": ("cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"unrollc.bench.Config: unknown {name} {getattr(self, name)!r}; expected one of {sorted(allowed)}."
+                )
+        allowed_schedules = SCHEDULES if self.method == "unrollc" else ("-",)
+        if self.schedule not in allowed_schedules:
+            raise ValueError(
+                f"unrollc.bench.Config: schedule {self.schedule!r} for method {self.method!r}; expected one of "
+                f"{list(allowed_schedules)} (schedules are unrollc's checkpoint policies, '-' for the others)."
+            )
+        for name in ("n", "repeats", "slots", "k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"unrollc.bench.Config: {name} must be an int >= 1, got {getattr(self, name)!r}.")
+        if self.threads < 0 or not self.budget_mib > 0:
+            raise ValueError(
+                f"unrollc.bench.Config: expected threads >= 0 (0: torch's default) and budget_mib > 0, got "
+                f"threads={self.threads!r}, budget_mib={self.budget_mib!r}."
+            )
 
     @property
     def label(self) -> str:
@@ -68,7 +94,8 @@ class Config:
 
 @dataclass
 class Result:
-    """What one configuration measured. ``status`` is ``"ok"``, ``"not installed"`` or an error message."""
+    """What one configuration measured. ``status`` is ``"ok"``, ``"not installed"`` or an error message;
+    ``resolved`` is the schedule unrollc's plan implements (``Budget`` picks one, ``"sqrt"`` is ``EveryK(k)``)."""
 
     config: Config
     status: str = "ok"
@@ -85,6 +112,7 @@ class Result:
     grad_norm: float | None = None
     lr_grad: float | None = None
     evaluations: int | None = None
+    resolved: str = ""
     loadavg: float | None = None
     torch_version: str = ""
 
@@ -131,11 +159,10 @@ def measure_config(cfg: Config, part: str = "all") -> Result:
         res.status = "cuda not available"
         return res
     task = make_task(cfg.workload, cfg.optimizer, cfg.n, cfg.device)
-    run = build(task, MethodSpec(cfg.method, cfg.schedule), slots=cfg.slots, k=cfg.k)
+    run = build(task, MethodSpec(cfg.method, cfg.schedule), slots=cfg.slots, k=cfg.k, budget_mib=cfg.budget_mib)
     if cfg.method == "unrollc":
-        from .methods import schedule_policy
-
-        res.evaluations = schedule_policy(cfg.schedule, slots=cfg.slots, k=cfg.k).plan(cfg.n).evaluations  # type: ignore[attr-defined]
+        plan = run.plan()  # type: ignore[attr-defined]
+        res.evaluations, res.resolved = plan.evaluations, repr(plan.resolved)
     if part == "memory":
         measure(lambda: run(steps=min(cfg.n, WARMUP_STEPS)), cfg.device)
     else:
@@ -157,6 +184,9 @@ def measure_config(cfg: Config, part: str = "all") -> Result:
     res.meta_loss = float(meta_loss)
     res.lr_grad = float(grads[0])
     res.grad_norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads[1:]])))
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        res.status = "error: the meta-gradient has NaN or inf entries"
+        return res
     del out, grads
     if cfg.saved_bytes and part != "time":
         gc.collect()
@@ -272,7 +302,7 @@ def run_configs(
     process, before measuring memory: a slow phase of a shared machine then hits every method alike instead of
     one method's only process (single fresh-process timings were seen to move by 10-20%). ``jobs`` > 1 runs that
     many processes at once (timings then compete for the CPU: use it for smoke tests, not for numbers you report).
-    ``memory_jobs`` memory processes run at once (default: ``max(jobs, usable CPUs)``, at most 4); they measure
+    ``memory_jobs`` memory processes run at once (default: ``max(jobs, min(usable CPUs, 4))``); they measure
     peaks, saved bytes and FLOPs, which do not depend on how much CPU a process gets.
     """
     from concurrent.futures import ThreadPoolExecutor
