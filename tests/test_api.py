@@ -120,3 +120,96 @@ def test_an_error_in_loss_fn_notes_the_batch_it_got():
     with pytest.raises(RuntimeError) as info:  # one batch passed where unroll wants a list of batches
         stepper.unroll(stepper.init(), (x, y))
     assert any("batch = Tensor(5, 1)" in note and "one batch per step" in note for note in info.value.__notes__)
+
+
+def test_a_batch_with_other_strides_gets_its_own_graph():
+    """A graph traced on a contiguous batch may view it; a channels_last batch of the same shape cannot be
+    viewed that way, so the layout (strides included) selects the graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    x = torch.randn(2, 3, 8, 8)
+    state = stepper.step(stepper.init(), x)
+    last = stepper.step(state, x.to(memory_format=torch.channels_last))
+    ref = stepper.step(state, x)
+    assert stepper.trace_count == 2
+    for name in ref.params:
+        assert torch.allclose(last.params[name], ref.params[name], atol=1e-6)
+
+
+def test_an_autograd_gradient_inside_loss_fn_is_refused_with_the_torch_func_way():
+    model = nn.Linear(4, 1)
+
+    def penalty(m, b):
+        x = b.clone().requires_grad_()
+        gx, = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        return m(x).pow(2).mean() + gx.pow(2).mean()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), penalty)
+    with pytest.raises(unrollc.CaptureError, match=r"write that inner derivative with torch.func"):
+        stepper.step(stepper.init(), torch.randn(5, 4))
+
+
+def test_freezing_a_layer_after_compile_takes_effect_as_in_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    stepper = unrollc.compile(model, opt, lambda m, b: m(b).pow(2).mean())
+    x = torch.randn(8, 4)
+    model[0].requires_grad_(False)
+    state = stepper.init()
+    frozen = stepper.step(state, x)
+    assert torch.equal(frozen.params["0.weight"], model[0].weight) and "0.weight" not in frozen.opt_state
+    assert not torch.equal(frozen.params["2.weight"], model[2].weight)
+    model[0].requires_grad_(True)
+    thawed = stepper.step(state, x)
+    eager = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).pow(2).mean().backward()
+    eager.step()
+    assert torch.allclose(thawed.params["0.weight"], model[0].weight, atol=1e-7)
+
+
+def test_python_values_the_graph_read_are_guarded_and_reassigned_buffers_advance():
+    torch.manual_seed(0)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+            self.scale = 1.0
+            self.register_buffer("ema", torch.zeros(2))
+
+        def forward(self, x):
+            out = self.l(x) * self.scale
+            self.ema = 0.9 * self.ema + 0.1 * out.detach().mean(0)  # re-assigned, not updated in place
+            return out
+
+    config = {"T": 1.0}
+    offset = torch.tensor(0.0)
+
+    def loss_fn(m, b):
+        return ((m(b) - offset) / config["T"]).pow(2).mean()
+
+    model = Scaled()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    x = torch.randn(5, 3)
+
+    def eager_loss() -> float:
+        return loss_fn(model, x).item()
+
+    def ours() -> "unrollc.UnrollState":
+        return stepper.step(stepper.init(), x)
+
+    state = ours()
+    assert torch.allclose(state.buffers["ema"], 0.1 * (model.l(x) * model.scale).detach().mean(0))
+    assert torch.equal(model.ema, torch.zeros(2))  # the model itself is not modified
+    for change in (lambda: setattr(model, "scale", 3.0), lambda: config.update(T=2.0),
+                   lambda: globals().update(_unused=None)):
+        change()
+        model.ema = torch.zeros(2)
+        assert ours().loss.item() == pytest.approx(eager_loss(), rel=1e-6)
+    offset = torch.tensor(1.0)  # noqa: F841 - a closure variable re-bound to another tensor
+    assert ours().loss.item() == pytest.approx(eager_loss(), rel=1e-6)
+    traces = stepper.trace_count
+    ours()
+    assert stepper.trace_count == traces  # nothing changed: the graph is reused

@@ -295,3 +295,100 @@ def test_a_learned_loss_module_passed_as_meta(float64):
         got = torch.autograd.grad((stepper.forward(final, xv) - yv).pow(2).mean(), net_params)
         for a, b in zip(got, ref, strict=True):
             assert rel(a, b) < 1e-10, checkpoint
+
+
+def _eager_meta_gradient(model, batches, meta_loss_of, lr):
+    """A hand-written SGD unroll with autograd.grad(create_graph=True) through functional_call; BatchNorm's
+    running stats and spectral_norm's power-iteration vectors advance in the buffers, without gradient."""
+    from torch.func import functional_call
+
+    params = {n: p for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    for x, y in batches:
+        loss = ((functional_call(model, {**params, **buffers}, (x,)) - y) ** 2).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {n: p - lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
+    return meta_loss_of(lambda x: functional_call(model, {**params, **buffers}, (x,)))
+
+
+def test_no_grad_blocks_in_forward_are_constants_as_in_eager(float64):
+    """spectral_norm's power iteration runs under torch.no_grad(): eager autograd does not differentiate it,
+    so the meta-gradient must not either (it did, through the recorded ops, before capture detached them)."""
+    from torch.nn.utils import parametrizations
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(4, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                scale = self.l.weight.norm()
+            return self.o(torch.tanh(self.l(x) / scale))
+
+    snorm = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    parametrizations.spectral_norm(snorm[0])
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(5)]
+    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
+    for model in (Scaled(), snorm):
+        meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
+        lr = torch.tensor(0.1, requires_grad=True)
+        ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+        for checkpoint in (None, 2, "sqrt"):
+            state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+            got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
+            for a, b in zip(got, ref, strict=True):
+                assert rel(a, b) < 1e-10, (type(model).__name__, checkpoint)
+
+
+def test_checkpointed_steps_are_recomputed_in_the_mode_they_ran_in(float64):
+    """model.eval() between the unroll and backward() (the usual validation loss) must not make the backward
+    pass recompute eval-mode steps: BatchNorm would normalise with running stats instead of batch stats."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
+    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    grads = {}
+    for checkpoint in (None, 2, "binomial"):
+        model.train()
+        lr = torch.tensor(0.1, requires_grad=True)
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        model.eval()
+        meta_loss = ((stepper.forward(state, xv) - yv) ** 2).mean()
+        grads[checkpoint] = torch.autograd.grad(meta_loss, [lr, *model.parameters()])
+    model.train()
+    for checkpoint in (2, "binomial"):
+        for a, b in zip(grads[checkpoint], grads[None], strict=True):
+            assert rel(a, b) < 1e-10, checkpoint
+    assert all(m.training for m in model.modules())  # the model's modes are the user's again
+
+
+def test_a_buffer_updated_differentiably_carries_its_gradient_under_checkpointing(float64):
+    """A running feature mean updated outside torch.no_grad() is a function of the weights: the eager unroll
+    differentiates through it into later steps, so every schedule must (checkpointing treated it as a constant)."""
+
+    class RunningMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(4, 3), nn.Linear(3, 1)
+            self.register_buffer("ema", torch.zeros(3))
+
+        def forward(self, x):
+            h = torch.tanh(self.l(x))
+            if self.training:
+                self.ema.mul_(0.5).add_(0.5 * h.mean(0))
+            return self.o(h - self.ema)
+
+    model = RunningMean()
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
+    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
+    meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
+    lr = torch.tensor(0.1, requires_grad=True)
+    ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    for checkpoint in (None, 2, "sqrt", "binomial"):
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
+        for a, b in zip(got, ref, strict=True):
+            assert rel(a, b) < 1e-10, checkpoint

@@ -33,7 +33,7 @@ from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
 
-__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "ShadowOptimizer", "fill_leaves", "input_layout"]
+__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "NoGradRegions", "ShadowOptimizer", "fill_leaves", "input_layout", "stops_gradient"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,47 @@ class ShadowOptimizer:
 T = TypeVar("T")
 
 
+class NoGradRegions(torch.overrides.TorchFunctionMode):
+    """While the model and ``loss_fn`` are traced: the results of ops run with grad disabled (a
+    ``torch.no_grad()`` block, e.g. spectral_norm's power iteration) are detached in the graph.
+
+    Eager autograd treats them as constants. ``torch.func`` honours the block in the traced inner gradient,
+    but the recorded ops carry no trace of it: when the step graph is differentiated again (the meta-gradient),
+    autograd would differentiate through them. The ``detach`` nodes added here are kept by ``strip_detach``
+    (see :func:`stops_gradient`). In-place ops are left alone: their operands already carry the detach."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled() or getattr(func, "__name__", "").endswith("_"):
+            return out
+        return _stop_gradient(out)
+
+
+_NO_GRAD = {"unrollc": "no_grad block"}  # node.meta["custom"], which passes that re-trace keep (fx's _COPY_META_FIELDS)
+
+
+def _stop_gradient(out: Any) -> Any:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    from torch.utils._pytree import tree_map_only
+
+    mode = get_proxy_mode()
+
+    def detach(t: torch.Tensor) -> torch.Tensor:
+        d = t.detach()  # the mode is off inside its own handler: no recursion
+        if mode is not None:  # mark the node make_fx just recorded, so that strip_detach keeps it
+            node = next(iter(reversed(mode.tracer.graph.nodes)), None)
+            if node is not None and node.target in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+                node.meta["custom"] = {**node.meta.get("custom", {}), **_NO_GRAD}
+        return d
+
+    return tree_map_only(torch.Tensor, detach, out)
+
+
+def stops_gradient(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``detach`` that :class:`NoGradRegions` added for a no-grad block of the user's."""
+    return node.meta.get("custom", {}).get("unrollc") == _NO_GRAD["unrollc"]
+
+
 @contextlib.contextmanager
 def _saved_tensors_hooks_suspended() -> Iterator[None]:
     """Run the body without the user's ``torch.autograd.graph.saved_tensors_hooks`` (restored afterwards).
@@ -302,22 +343,28 @@ def capture_step(
         b = tree_unflatten(fill_leaves(batch_all, leaves[:n_batch]), batch_spec)
         m = tree_unflatten(fill_leaves(meta_all, leaves[n_batch:]), meta_spec)
 
-        def loss_of(diff: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+        def loss_of(diff: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
             weights = {**p_copy, **diff, **bufs}
-            with _reparametrize_module(model, weights, tie_weights=True, strict=False):
+            with _reparametrize_module(model, weights, tie_weights=True, strict=False), NoGradRegions():
                 loss = loss_fn(model, b, *m)
+                # a buffer the forward re-assigned (self.ema = 0.9 * self.ema + ...) instead of updating it in
+                # place: its new value is the step's output for it, as in eager training
+                reassigned = {n: model.get_buffer(n) for n in bufs if model.get_buffer(n) is not bufs[n]}
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise CaptureError(
                     "unrollc.compile: loss_fn(model, batch, *meta) must return a scalar tensor, got "
                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; "
                     "reduce it, e.g. with .mean()."
                 )
-            return loss.reshape(())
+            return loss.reshape(()), reassigned
 
         with _sdpa_math():
-            grads, loss = torch.func.grad_and_value(loss_of)({n: p_copy[n] for n in diff_names}, b_copy)
+            grads, (loss, reassigned) = torch.func.grad_and_value(loss_of, has_aux=True)(
+                {n: p_copy[n] for n in diff_names}, b_copy
+            )
         new_state = shadow.step(grads)
-        return list(p_copy.values()) + list(b_copy.values()) + new_state + [loss]
+        new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]
+        return list(p_copy.values()) + new_buffers + new_state + [loss]
 
     gm = shadow.trace(step, batch_leaves + meta_leaves, _DECOMPOSITIONS)
 
@@ -342,7 +389,8 @@ def fill_leaves(template: list[Any], tensors: Sequence[torch.Tensor]) -> list[An
 
 
 def input_layout(x: Any) -> Any:
-    """What a traced graph assumes about an input: shape, dtype and device of a tensor, else its value."""
+    """What a traced graph assumes about an input: shape, strides, dtype and device of a tensor, else its
+    value (a graph traced on a contiguous batch may ``view`` it, which a channels_last batch cannot take)."""
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device)
+        return (tuple(x.shape), x.stride(), x.dtype, x.device)
     return ("value", x)

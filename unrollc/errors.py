@@ -61,6 +61,13 @@ class CaptureError(RuntimeError):
             )
         elif data_dependent:
             hint = _data_dependent_hint((where.line or "") if where else "")
+        elif "inside of a function being transformed by a functorch transform" in text:
+            hint = (
+                "loss_fn differentiates inside the step with torch.autograd (requires_grad_() or "
+                "torch.autograd.grad, e.g. a gradient penalty), which cannot be traced inside the step's own "
+                "torch.func gradient; write that inner derivative with torch.func, e.g. "
+                "gx = torch.func.grad(lambda x: model(x).sum())(x)"
+            )
         elif user is None and where is not None:
             hint = (
                 f"the optimizer's step could not be traced ({type(exc).__name__}: {text}); try the optimizer with "

@@ -12,7 +12,8 @@ Meta-gradients must flow through them, so each such node is replaced by its inpu
 
     clone = aten.clone(grad);  ...  return [..., clone]
 
-A ``.detach()`` in the user's ``forward`` or ``loss_fn`` is a deliberate stop-gradient and stays.
+A ``.detach()`` in the user's ``forward`` or ``loss_fn`` is a deliberate stop-gradient and stays, and so do
+the detaches capture adds after the ops of a ``torch.no_grad()`` block in them (``capture.NoGradRegions``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import traceback
 import torch
 from torch import fx
 
+from ..capture import stops_gradient
 from ..errors import user_frame
 
 __all__ = ["strip_detach", "written_by_user"]
@@ -52,7 +54,7 @@ def _parse(trace: str) -> list[traceback.FrameSummary]:
 def strip_detach(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace autograd- and optimizer-inserted ``detach``/``alias`` nodes by their input."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _DETACH and not written_by_user(node):
+        if node.op == "call_function" and node.target in _DETACH and not written_by_user(node) and not stops_gradient(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.graph.lint()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +65,13 @@ class Stepper:
         ids = {id(p): n for n, p in named.items()}
         self._spec = OptimizerSpec.from_optimizer(opt, ids)
         in_opt = {n for names in self._spec.group_params for n in names}
-        self._trainable = frozenset(n for n in in_opt if named[n].requires_grad)
+        self._in_opt = frozenset(in_opt)
+        self._model_params = tuple(named.values())
         self._opt = opt  # read (never stepped) by init(): its current hyperparameters and state
         self._param_ids = ids
         self._cache: dict[Any, list[CompiledStep]] = {}
         self._last: CompiledStep | None = None
+        self._pinned_modes: Modes | None = None  # see _modes_pinned
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
@@ -186,7 +190,8 @@ class Stepper:
         if self._last is None:
             raise RuntimeError(
                 "Stepper.graph: no step has been traced yet; the graph depends on the batch's shapes, so call "
-                "stepper.trace(state, batch) (traces without running a step) or stepper.step(state, batch) first."
+                "stepper.step(state, batch) once first, or stepper.trace(state, batch), which traces without "
+                "running a step."
             )
         return self._last.gm
 
@@ -270,7 +275,7 @@ class Stepper:
         h = tuple((k, input_layout(v) if not isinstance(v, tuple) else tuple(map(input_layout, v))) for g in groups for k, v in sorted(g.items()))
         batch_leaves, batch_spec = tree_flatten(batch)
         meta_leaves, meta_spec = tree_flatten(tuple(meta))
-        modes = tuple(m.training for m in self.model.modules())
+        modes = self._modes()
         return (p, b, s, h, batch_spec, tuple(map(input_layout, batch_leaves)), meta_spec, tuple(map(input_layout, meta_leaves)), modes)
 
     def _guard_env(self, signature: Signature, state: UnrollState, groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -292,10 +297,34 @@ class Stepper:
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))):
-                return self._capture(state, groups, batch, meta)
+                with _training_modes(self.model, self._pinned_modes):
+                    return self._capture(state, groups, batch, meta)
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
         return self._last
+
+    def _modes(self) -> "Modes":
+        """What a step graph is traced for besides its inputs, as it is now: ``module.training`` of every module,
+        the trainable parameters (in the optimizer, requiring grad: freezing a layer after compile takes effect,
+        as in eager training), and the Python values the model and ``loss_fn`` may read (see
+        :func:`_python_values`), which the graph holds as constants."""
+        if self._pinned_modes is not None:
+            return self._pinned_modes
+        trainable = frozenset(
+            n for n, p in zip(self._param_names, self._model_params, strict=True) if n in self._in_opt and p.requires_grad
+        )
+        return tuple(m.training for m in self.model.modules()), trainable, _python_values(self.model, self.loss_fn)
+
+    @contextlib.contextmanager
+    def _modes_pinned(self, modes: "Modes") -> Iterator[None]:
+        """Steps run inside use graphs traced with the model's modules in ``modes`` (train/eval, trainable
+        parameters), whatever the model's are now: a checkpointed unroll recomputes steps in the backward pass,
+        often after the user called ``model.eval()`` for a validation loss, and must recompute the steps it ran."""
+        previous, self._pinned_modes = self._pinned_modes, modes
+        try:
+            yield
+        finally:
+            self._pinned_modes = previous
 
     def _capture(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         from ..inspect.source import recording_sources
@@ -322,11 +351,12 @@ class Stepper:
 
     def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
         """Trainable parameters the loss depends on (others get no gradient, as in eager torch.optim)."""
-        names = [n for n in self._param_names if n in self._trainable]
+        trainable = self._modes()[1]
+        names = [n for n in self._param_names if n in trainable]
         if not names:
             return frozenset()
         with torch.enable_grad():
-            ps = {n: t.detach().clone().requires_grad_(n in self._trainable) for n, t in state.params.items()}
+            ps = {n: t.detach().clone().requires_grad_(n in trainable) for n, t in state.params.items()}
             bs = {n: t.detach().clone() for n, t in state.buffers.items()}
             b = _detached(batch)
             m = _detached(meta)
@@ -413,6 +443,76 @@ def _describe(tree: Any) -> str:
     shown = [f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves]
     text = str(tree_unflatten(shown, spec)).replace("'", "")
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
+_SKIP = object()
+
+
+def _value_key(v: Any) -> Any:
+    """A comparable stand-in for a value a traced graph may have baked in, or _SKIP for what is not one."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v.hex()  # NaN equals itself
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v))  # read by reference: re-binding the name to another tensor re-traces
+    if isinstance(v, (tuple, list)) and len(v) <= 8:
+        keys = tuple(_value_key(x) for x in v)
+        return _SKIP if any(k is _SKIP for k in keys) else keys
+    if isinstance(v, dict) and len(v) <= 16:  # a config dict of numbers
+        items = tuple((k, _value_key(x)) for k, x in v.items() if isinstance(k, (str, int)))
+        return _SKIP if len(items) != len(v) or any(k is _SKIP for _, k in items) else ("dict", items)
+    return _SKIP
+
+
+def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
+    """The plain values a step graph bakes in when it is traced: public attributes of the model's modules
+    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` closes over or
+    reads as globals. A change re-traces, as torch.compile's guards would; values read elsewhere (a helper
+    function's globals, attributes of other objects) stay as traced."""
+    out: list[Any] = []
+    for prefix, module in model.named_modules():
+        for name, v in vars(module).items():
+            if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP:
+                out.append((prefix, name, key))
+    fn, extra = loss_fn, ()
+    if isinstance(fn, functools.partial):
+        fn, extra = fn.func, (*fn.args, *fn.keywords.values())
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
+        found = [(n, c.cell_contents) for n, c in cells if _cell_has_value(c)]
+        scope = getattr(fn, "__globals__", {})
+        found += [(n, scope[n]) for n in code.co_names if n in scope]
+        out += [("loss_fn", n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
+    out += [("loss_fn", i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
+    return tuple(out)
+
+
+def _cell_has_value(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an unfilled cell raises
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _training_modes(model: nn.Module, modes: Modes | None) -> Iterator[None]:
+    """Set every module's ``training`` flag to ``modes`` for the body (nothing if None); restored after."""
+    if modes is None:
+        yield
+        return
+    modules = list(model.modules())
+    saved = [m.training for m in modules]
+    try:
+        for m, mode in zip(modules, modes[0], strict=True):
+            m.training = mode
+        yield
+    finally:
+        for m, mode in zip(modules, saved, strict=True):
+            m.training = mode
 
 
 class PassGraphs(dict):

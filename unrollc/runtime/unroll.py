@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,14 +45,16 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     if n == 0 or isinstance(policy, NoCheckpoint):
         losses = []
-        for batch in batches:
-            state = stepper._step(state, batch, meta)  # state and meta checked and bound by Stepper.unroll
-            losses.append(state.loss)
+        with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
+            for batch in batches:
+                state = stepper._step(state, batch, meta)  # state and meta checked and bound by Stepper.unroll
+                losses.append(state.loss)
         return state.replace(losses=losses)
     plan = plan_unroll(stepper, state, batches, meta, policy)
     if torch.is_grad_enabled():
         _refuse_hidden_learned_tensors(stepper.trace(state, batches[0], *meta))
 
+    modes = stepper._modes()
     # The executor sees flat tuples: state = params + buffers + optimizer state (whose keys appear after
     # the first step of a fresh optimizer), consts = hyperparameters + every batch's tensors + meta tensors.
     param_names, buffer_names = tuple(state.params), tuple(state.buffers)
@@ -91,13 +94,16 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         start, stop = batch_slices[i]
         batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
         m = tree_unflatten(fill_leaves(meta_leaves, c[meta_start:]), meta_spec)
-        new = stepper._step(unpack(i, flat, hyper, state.t + i), batch, m)
+        with stepper._modes_pinned(modes):  # recomputed in backward after a model.eval(): still the train graph
+            new = stepper._step(unpack(i, flat, hyper, state.t + i), batch, m)
         layouts[i + 1] = _state_keys(new)
         return pack(new), new.loss
 
     # Buffers are carried without gradient (BatchNorm's running stats), unless the user made one a learned
-    # input (init(buffers={name: tensor requiring grad})): then it is differentiated like a parameter.
+    # input (init(buffers={name: tensor requiring grad})) or the step computes it differentiably from the
+    # weights (a running mean updated outside torch.no_grad): then it is differentiated like a parameter.
     learned = {k for k, v in state.buffers.items() if v.requires_grad}
+    learned |= differentiated_buffers(stepper, state, batches[0], meta) if torch.is_grad_enabled() else set()
     step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
         len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
     )
@@ -105,6 +111,43 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     out = unpack(n, final, state.hyper, state.t + n)
     out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
+
+
+_DIFFERENTIATED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset[str], frozenset[str]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def differentiated_buffers(stepper: "Stepper", state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
+    """Buffers whose new value the step computes differentiably from what requires grad in the unroll (the
+    weights, the optimizer state, learned inputs, and — from the next step on — such buffers themselves): an
+    eager unroll carries their gradient to later steps, so a checkpointed one must too. BatchNorm's running
+    stats and anything updated under ``torch.no_grad()`` are not among them. From the step graph, cached."""
+    from ..analysis.cost import _flat_inputs
+    from ..analysis.liveness import analyze_step, grad_sources
+
+    gm = stepper.trace(state, batch, *meta)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    flat = _flat_inputs(stepper, state, batch, meta)
+    sources = grad_sources(gm, ("param", "opt_state")) | {
+        p.name for p, t in zip(placeholders, flat, strict=True) if isinstance(t, torch.Tensor) and t.requires_grad
+    }
+    per_graph = _DIFFERENTIATED.setdefault(gm, {})
+    if frozenset(sources) not in per_graph:
+        n_params, names = len(state.params), list(state.buffers)
+        buffer_inputs = placeholders[n_params : n_params + len(names)]
+        buffer_outputs = list(gm.graph.output_node().args[0])[n_params : n_params + len(names)]
+        found, grows = set(sources), True
+        while grows:  # a buffer that carries gradient makes later steps' buffers carry it too
+            requires_grad = analyze_step(gm, requires_grad=frozenset(found)).requires_grad
+            new = {p.name for p, out in zip(buffer_inputs, buffer_outputs, strict=True)
+                   if isinstance(out, torch.fx.Node) and out.name in requires_grad}
+            grows = not new <= found
+            found |= new
+        per_graph[frozenset(sources)] = frozenset(
+            name for name, p in zip(names, buffer_inputs, strict=True) if p.name in found and p.name not in sources
+        )
+    return per_graph[frozenset(sources)]
 
 
 def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule) -> None:
