@@ -98,7 +98,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.draw:
         try:
             print(f"wrote {draw(stepper, args.draw, collapse=args.collapse)}")
-        except (ImportError, RuntimeError) as exc:
+        except (ImportError, RuntimeError, ValueError) as exc:  # no pydot / no Graphviz / a suffix it cannot write
             print(exc, file=sys.stderr)
             return 1
     return 0

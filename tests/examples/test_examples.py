@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ["maml_sinusoid", "fewshot_digits", "learn_lr", "reweight_noisy", "distill"]
+EXAMPLES = ["maml_sinusoid", "fewshot_digits", "learn_lr", "reweight_noisy", "distill", "higher_maml"]
 NEEDS_SKLEARN = {"fewshot_digits", "learn_lr", "reweight_noisy", "distill"}
 
 

@@ -236,5 +236,5 @@ def test_example_maml_learns():
     finally:
         sys.path.pop(0)
     assert higher_maml.higher is uh
-    before, after = higher_maml.main(meta_steps=40, verbose=False, meta_lr=1e-2, eval_tasks=8)
+    before, after, _ = higher_maml.main(meta_steps=40, verbose=False, meta_lr=1e-2, eval_tasks=8)
     assert after < 0.9 * before

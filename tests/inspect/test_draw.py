@@ -59,3 +59,14 @@ def test_svg_is_rendered(tmp_path):
     pytest.importorskip("pydot")
     path = draw(tiny_stepper(), tmp_path / "step.svg", collapse=True)
     assert open(path).read().lstrip().startswith(("<?xml", "<svg"))
+
+
+def test_annotated_code_takes_a_stepper_and_draw_refuses_unknown_suffixes(tmp_path):
+    from unrollc.inspect import annotated_code
+
+    stepper = tiny_stepper()
+    assert annotated_code(stepper) == annotated_code(stepper.graph)
+    with pytest.raises(TypeError, match=r"unrollc.inspect.annotated_code: expected a Stepper or an fx.GraphModule"):
+        annotated_code(None)
+    with pytest.raises(ValueError, match=r"cannot tell the format of .* use one of \.dot"):
+        draw(stepper, tmp_path / "step.jpgx")

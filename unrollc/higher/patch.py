@@ -75,10 +75,12 @@ class FunctionalModule(nn.Module):
     # ----------------------------------------------------------------------------- fast weights
     @property
     def track_higher_grads(self) -> bool:
+        """Whether new fast weights keep their graph to the earlier ones (higher's flag; False: first order)."""
         return self._track_higher_grads
 
     @track_higher_grads.setter
     def track_higher_grads(self, value: bool) -> None:
+        """Switch higher-order tracking on or off (a bool, as in higher)."""
         if not isinstance(value, bool):
             raise ValueError(f"Expected boolean argument. Got: {type(value)}.")
         object.__setattr__(self, "_track_higher_grads", value)
@@ -128,9 +130,11 @@ class FunctionalModule(nn.Module):
         return iter([(dot + n, p) for n, p in zip(self._param_names, self._latest(), strict=True)])
 
     def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        """The buffers the forward uses (copies of the module's; BatchNorm's running stats advance here)."""
         return iter(list(self._bufs.values()))
 
     def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:  # type: ignore[override]
+        """``(name, buffer)`` pairs of :meth:`buffers`, named as in the module."""
         dot = f"{prefix}." if prefix else ""
         return iter([(dot + n, b) for n, b in self._bufs.items()])
 
@@ -182,6 +186,7 @@ class FunctionalModule(nn.Module):
             self._bufs[n] = weights[n]
 
     def forward(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        """The module's forward with the fast weights (or ``params``, which become the fast weights, as in higher)."""
         if params is not None:
             self.fast_params = params
         with self._reparametrized():
@@ -201,6 +206,7 @@ class FunctionalModule(nn.Module):
         return call
 
     def train(self, mode: bool = True) -> "FunctionalModule":
+        """Set train/eval mode on the functional module and the layers its forward runs."""
         self._module.train(mode)
         object.__setattr__(self, "training", mode)
         return self
@@ -263,12 +269,15 @@ class FunctionalModule(nn.Module):
             yield name, (self if module is self._module else module)
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        """The immediate layers the forward runs, with their names."""
         return self._module.named_children()
 
     def children(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        """The immediate layers the forward runs."""
         return self._module.children()
 
     def get_submodule(self, target: str) -> nn.Module:
+        """The layer at ``target`` (``""``: this functional module)."""
         return self if target == "" else self._module.get_submodule(target)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "FunctionalModule":  # type: ignore[override]
@@ -299,6 +308,7 @@ class FunctionalModule(nn.Module):
                 named[n].copy_(b)
 
     def extra_repr(self) -> str:
+        """What ``repr`` shows after the class name."""
         return f"functional view of {type(self._original).__name__}, track_higher_grads={self.track_higher_grads}"
 
 
@@ -320,6 +330,7 @@ class SubmoduleView:
         return self._root._call_in(self._path, self._target)(*args, params=params, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The submodule's forward, run with the root's fast weights."""
         return self._root._call_in(self._path, self._target.forward)(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -46,13 +46,17 @@ def _pydot() -> Any:
     return pydot
 
 
-def _graph_of(obj: Any) -> fx.GraphModule:
+def _graph_of(obj: Any, api: str = "unrollc.inspect.to_dot") -> fx.GraphModule:
+    """The step graph of a Stepper (its latest) or a GraphModule itself."""
     if isinstance(obj, fx.GraphModule):
         return obj
-    graph = getattr(obj, "graph", None)
+    graph = getattr(obj, "graph", None)  # a Stepper without a traced step raises its own helpful error here
     if isinstance(graph, fx.GraphModule):
         return graph
-    raise TypeError(f"unrollc.inspect.to_dot: expected a Stepper or an fx.GraphModule, got {type(obj).__name__}.")
+    raise TypeError(
+        f"{api}: expected a Stepper or an fx.GraphModule (stepper.graph, stepper.graphs['after functionalize']), "
+        f"got {type(obj).__name__}."
+    )
 
 
 def _group(node: fx.Node, depth: int | None) -> tuple[str, str]:
@@ -182,6 +186,9 @@ def _op_label(node: fx.Node) -> str:
     return f"{node.name}\n{op_name(node)}"
 
 
+_FORMATS = ("dot", "gv", "svg", "png", "pdf", "jpg", "jpeg", "ps", "eps")
+
+
 def draw(graph: Any, path: str | os.PathLike, *, collapse: bool = False, depth: int | None = None) -> str:
     """Write a drawing of the step graph; the format follows the suffix (``.dot``, ``.svg``, ``.png``, ``.pdf``).
 
@@ -189,7 +196,12 @@ def draw(graph: Any, path: str | os.PathLike, *, collapse: bool = False, depth: 
         The path written.
     """
     path = os.fspath(path)
-    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "dot"
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in _FORMATS:
+        raise ValueError(
+            f"unrollc.inspect.draw: cannot tell the format of {path!r} from its suffix; use one of "
+            f"{', '.join('.' + f for f in _FORMATS)} (e.g. step.svg)."
+        )
     dot = to_dot(graph, collapse=collapse, depth=depth)
     if fmt in ("dot", "gv"):
         with open(path, "w") as f:

@@ -210,8 +210,12 @@ def _header(src: SourceLine | None, node: fx.Node) -> str:
     return where
 
 
-def annotated_code(gm: fx.GraphModule, name: str = "step") -> str:
-    """The graph as readable Python, each run of nodes headed by the source line it came from."""
+def annotated_code(gm: fx.GraphModule | Any, name: str = "step") -> str:
+    """The graph (a GraphModule, e.g. ``stepper.graphs["after functionalize"]``, or a Stepper: its latest graph)
+    as readable Python, each run of nodes headed by the source line it came from; returned as a string."""
+    from .draw import _graph_of
+
+    gm = _graph_of(gm, api="unrollc.inspect.annotated_code")
     lines = [f"def {name}("]
     for node in gm.graph.nodes:
         if node.op == "placeholder":
