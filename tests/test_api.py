@@ -213,3 +213,27 @@ def test_python_values_the_graph_read_are_guarded_and_reassigned_buffers_advance
     traces = stepper.trace_count
     ours()
     assert stepper.trace_count == traces  # nothing changed: the graph is reused
+
+
+def test_attributes_the_forward_writes_do_not_retrace_every_step():
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.calls, self.scale = nn.Linear(3, 2), 0, 2.0
+
+        def forward(self, x):
+            self.calls += 1  # written by every forward: not a value the graph is keyed on
+            out = self.l(x) * self.scale
+            self.last = out.detach()
+            return out
+
+    model = Recording()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    state, x = stepper.init(), torch.randn(4, 3)
+    for _ in range(5):
+        state = stepper.step(state, x)
+    stepper.unroll(state, [x] * 5)
+    assert stepper.trace_count <= 2
+    model.scale = 3.0  # read, never written, by the forward: still re-traces
+    stepper.step(state, x)
+    assert stepper.trace_count == 3

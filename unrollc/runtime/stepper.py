@@ -72,6 +72,7 @@ class Stepper:
         self._cache: dict[Any, list[CompiledStep]] = {}
         self._last: CompiledStep | None = None
         self._pinned_modes: Modes | None = None  # see _modes_pinned
+        self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
@@ -296,9 +297,15 @@ class Stepper:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
+            before = _python_values(self.model, self.loss_fn)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))):
                 with _training_modes(self.model, self._pinned_modes):
-                    return self._capture(state, groups, batch, meta)
+                    compiled = self._capture(state, groups, batch, meta)
+            # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
+            # part of the key they would re-trace every step, so they are left out (and stay as traced).
+            after = _python_values(self.model, self.loss_fn)
+            self._volatile |= {item[:2] for item in set(before) ^ set(after)}
+            return compiled
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
         return self._last
@@ -313,7 +320,8 @@ class Stepper:
         trainable = frozenset(
             n for n, p in zip(self._param_names, self._model_params, strict=True) if n in self._in_opt and p.requires_grad
         )
-        return tuple(m.training for m in self.model.modules()), trainable, _python_values(self.model, self.loss_fn)
+        values = tuple(v for v in _python_values(self.model, self.loss_fn) if v[:2] not in self._volatile)
+        return tuple(m.training for m in self.model.modules()), trainable, values
 
     @contextlib.contextmanager
     def _modes_pinned(self, modes: "Modes") -> Iterator[None]:
