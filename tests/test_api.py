@@ -237,3 +237,28 @@ def test_attributes_the_forward_writes_do_not_retrace_every_step():
     model.scale = 3.0  # read, never written, by the forward: still re-traces
     stepper.step(state, x)
     assert stepper.trace_count == 3
+
+
+mean = 0  # a global that shares its name with an attribute loss_fn reads (.mean()): not a guard
+
+
+def test_the_value_guard_reads_globals_not_attribute_names_and_holds_tensors():
+    global mean  # noqa: PLW0603
+    model = nn.Linear(3, 1)
+    model.temp = torch.tensor(2.0)
+
+    def loss_fn(m, b):
+        return (m(b) / float(m.temp)).pow(2).mean()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    x = torch.randn(4, 3)
+    stepper.step(stepper.init(), x)
+    for i in range(3):
+        mean = i  # `mean` is only an attribute name in loss_fn: no re-trace
+        stepper.step(stepper.init(), x)
+    assert stepper.trace_count == 1
+    old = id(model.temp)
+    model.temp = torch.tensor(4.0)  # re-bound; the key holds the old tensor, so its id is not reused
+    loss = stepper.step(stepper.init(), x).loss
+    assert id(model.temp) != old and stepper.trace_count == 2
+    assert loss.item() == pytest.approx((model(x) / 4.0).pow(2).mean().item(), rel=1e-6)

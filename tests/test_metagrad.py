@@ -392,3 +392,32 @@ def test_a_buffer_updated_differentiably_carries_its_gradient_under_checkpointin
         got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
         for a, b in zip(got, ref, strict=True):
             assert rel(a, b) < 1e-10, checkpoint
+
+
+@pytest.mark.parametrize("expr", ["h[:, :1]", "2 - h", "h.T.T", "h.contiguous()", "h.to(h.dtype)"])
+def test_no_grad_results_are_constants_exactly_where_eager_makes_them_so(expr, float64):
+    """Indexing, reflected operators and property getters in a no_grad block give constants; an op that returns
+    its argument itself (contiguous, a no-op to()) gives that tensor back, gradient and all, as in eager."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(4, 2), nn.Linear(2, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.l(x))
+            with torch.no_grad():
+                c = eval(expr, {}, {"h": h})  # noqa: S307 - the parametrized expression
+            return self.o(h * c)
+
+    model = Mixed()
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
+    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
+    meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
+    lr = torch.tensor(0.1, requires_grad=True)
+    ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches)
+    got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
+    for a, b in zip(got, ref, strict=True):
+        assert rel(a, b) < 1e-10, expr

@@ -239,25 +239,45 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
     Eager autograd treats them as constants. ``torch.func`` honours the block in the traced inner gradient,
     but the recorded ops carry no trace of it: when the step graph is differentiated again (the meta-gradient),
     autograd would differentiate through them. The ``detach`` nodes added here are kept by ``strip_detach``
-    (see :func:`stops_gradient`). In-place ops are left alone: their operands already carry the detach."""
+    (see :func:`stops_gradient`). In-place ops are left alone (their operands already carry the detach), and so
+    is a result that *is* one of the op's arguments (``h.contiguous()``, ``h.to(h.dtype)``): eager returns the
+    tensor itself, gradient and all.
+
+    Not covered: a ``torch.func`` transform called inside the block (its body runs with grad enabled); detach
+    its result yourself."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        if torch.is_grad_enabled() or getattr(func, "__name__", "").endswith("_"):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if torch.is_grad_enabled() or _in_place(func):
             return out
-        return _stop_gradient(out)
+        from torch.utils._pytree import tree_leaves
+
+        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        return _stop_gradient(out, inputs)
+
+
+def _in_place(func: Any) -> bool:
+    """``add_``, ``copy_``, ``__setitem__``, ``__iadd__``: ops that write into an argument and return it (not
+    ``__getitem__``, ``__rsub__`` or a property's ``__get__``, whose names also end in ``_``)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__") and name.endswith("__"):
+        return name == "__setitem__" or (name.startswith("__i") and name not in ("__init__", "__index__", "__int__", "__invert__", "__iter__"))
+    return name.endswith("_")
 
 
 _NO_GRAD = {"unrollc": "no_grad block"}  # node.meta["custom"], which passes that re-trace keep (fx's _COPY_META_FIELDS)
 
 
-def _stop_gradient(out: Any) -> Any:
+def _stop_gradient(out: Any, inputs: set[int]) -> Any:
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
     from torch.utils._pytree import tree_map_only
 
     mode = get_proxy_mode()
 
     def detach(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in inputs:  # the op returned its argument itself: eager keeps its gradient
+            return t
         d = t.detach()  # the mode is off inside its own handler: no recursion
         if mode is not None:  # mark the node make_fx just recorded, so that strip_detach keeps it
             node = next(iter(reversed(mode.tracer.graph.nodes)), None)

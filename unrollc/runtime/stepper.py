@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dis
 import functools
 import inspect
+import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +72,7 @@ class Stepper:
         self._model_params = tuple(named.values())
         self._opt = opt  # read (never stepped) by init(): its current hyperparameters and state
         self._param_ids = ids
-        self._cache: dict[Any, list[CompiledStep]] = {}
+        self._cache: OrderedDict[Any, list[CompiledStep]] = OrderedDict()  # least recently used first
         self._last: CompiledStep | None = None
         self._pinned_modes: Modes | None = None  # see _modes_pinned
         self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
@@ -292,6 +295,9 @@ class Stepper:
     def _lookup(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
+        self._cache.move_to_end(key)
+        while len(self._cache) > _CACHE_SIZE:  # a long run over ever new layouts or values keeps only the recent
+            self._cache.popitem(last=False)
 
         def trace() -> CompiledStep:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
@@ -453,6 +459,7 @@ def _describe(tree: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+_CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
 Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
 _SKIP = object()
 
@@ -464,7 +471,7 @@ def _value_key(v: Any) -> Any:
     if isinstance(v, float):
         return v.hex()  # NaN equals itself
     if isinstance(v, torch.Tensor):
-        return ("tensor", id(v))  # read by reference: re-binding the name to another tensor re-traces
+        return _Same(v)  # read by reference: re-binding the name to another tensor re-traces
     if isinstance(v, (tuple, list)) and len(v) <= 8:
         keys = tuple(_value_key(x) for x in v)
         return _SKIP if any(k is _SKIP for k in keys) else keys
@@ -472,6 +479,32 @@ def _value_key(v: Any) -> Any:
         items = tuple((k, _value_key(x)) for k, x in v.items() if isinstance(k, (str, int)))
         return _SKIP if len(items) != len(v) or any(k is _SKIP for _, k in items) else ("dict", items)
     return _SKIP
+
+
+class _Same:
+    """A key part equal only to the same object; it holds the object, so its id cannot be reused meanwhile."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+@functools.lru_cache(maxsize=256)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The globals ``code`` reads (LOAD_GLOBAL, in nested comprehensions and lambdas too), not the attribute
+    names that share ``co_names`` with them."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_global_names(const))
+    return tuple(sorted(names))
 
 
 def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
@@ -492,7 +525,7 @@ def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
         cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
         found = [(n, c.cell_contents) for n, c in cells if _cell_has_value(c)]
         scope = getattr(fn, "__globals__", {})
-        found += [(n, scope[n]) for n in code.co_names if n in scope]
+        found += [(n, scope[n]) for n in _global_names(code) if n in scope]
         out += [("loss_fn", n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
     out += [("loss_fn", i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
     return tuple(out)
