@@ -63,3 +63,24 @@ def test_impossible_budget_says_how_much_is_needed():
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
     with pytest.raises(ValueError, match="Budget"):
         stepper.unroll(stepper.init(), [torch.randn(3, 4)] * 4, checkpoint=unrollc.Budget(1))
+
+
+@pytest.mark.parametrize("checkpoint", [None, 3, "sqrt", "binomial", unrollc.Binomial(slots=2)])
+def test_a_forward_hook_on_the_step_graph_counts_the_planned_evaluations(checkpoint):
+    """Users (and tests) may count step evaluations by hooking ``stepper.graph``: the no-grad sweep of a
+    checkpointed unroll then runs that graph too, so the count is the plan's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    batches = [torch.randn(5, 3) for _ in range(10)]
+    state = stepper.step(stepper.init(), batches[0])  # a fresh Adam has no state: its first step has its own graph
+    state = stepper.step(state, batches[0])  # stepper.graph is now the graph of every following step
+    calls = []
+    handle = stepper.graph.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = stepper.unroll(state, batches, checkpoint=checkpoint)
+        out.params["0.weight"].sum().backward()
+    finally:
+        handle.remove()
+    expected = 10 if checkpoint is None else unrollc.runtime.schedules.resolve_checkpoint(checkpoint).plan(10).evaluations
+    assert len(calls) == expected

@@ -153,8 +153,11 @@ class Stepper:
         compiled = self._lookup(state, groups, batch, meta)  # traces without drawing from the user's RNG
         flat = self._flatten(compiled.signature, state, groups, batch, meta)
         # Without grad (plain training, the forward sweep of a checkpointed unroll) the graph before
-        # safe_sqrt computes the same values with fewer ops.
-        gm = compiled.gm if torch.is_grad_enabled() else compiled.graphs.get("after eliminate_dead_code", compiled.gm)
+        # safe_sqrt computes the same values with fewer ops, unless the final graph is instrumented (a forward
+        # hook or a wrapped forward counting evaluations): then every evaluation goes through it.
+        gm = compiled.gm
+        if not torch.is_grad_enabled() and not _instrumented(gm):
+            gm = compiled.graphs.get("after eliminate_dead_code", gm)
         outs = gm(*flat)
         return self._unflatten(compiled.signature, state, outs)
 
@@ -479,6 +482,16 @@ def _value_key(v: Any) -> Any:
         items = tuple((k, _value_key(x)) for k, x in v.items() if isinstance(k, (str, int)))
         return _SKIP if len(items) != len(v) or any(k is _SKIP for _, k in items) else ("dict", items)
     return _SKIP
+
+
+def _instrumented(gm: fx.GraphModule) -> bool:
+    """Whether calling ``gm`` runs something besides its code: its own or global forward hooks, a patched forward."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        gm._forward_hooks or gm._forward_pre_hooks or "forward" in vars(gm)
+        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+    )
 
 
 class _Same:
