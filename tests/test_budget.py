@@ -84,3 +84,18 @@ def test_a_forward_hook_on_the_step_graph_counts_the_planned_evaluations(checkpo
         handle.remove()
     expected = 10 if checkpoint is None else unrollc.runtime.schedules.resolve_checkpoint(checkpoint).plan(10).evaluations
     assert len(calls) == expected
+
+
+@pytest.mark.parametrize("checkpoint", [None, 4, "binomial"])
+def test_a_wrapped_stepper_step_sees_every_evaluation(checkpoint):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda m, b, w: (w * m(b)).pow(2).mean())
+    batches = [torch.randn(5, 3) for _ in range(9)]
+    w = torch.tensor(1.5, requires_grad=True)
+    calls = []
+    step = stepper.step
+    stepper.step = lambda *args: calls.append(1) or step(*args)  # type: ignore[method-assign]
+    out = stepper.unroll(stepper.init(), batches, w, checkpoint=checkpoint)
+    out.params["0.weight"].sum().backward()
+    expected = 9 if checkpoint is None else unrollc.runtime.schedules.resolve_checkpoint(checkpoint).plan(9).evaluations
+    assert len(calls) == expected and w.grad is not None

@@ -43,11 +43,12 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``."""
     n = len(batches)
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+    advance = _advance(stepper)
     if n == 0 or isinstance(policy, NoCheckpoint):
         losses = []
         with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
             for batch in batches:
-                state = stepper._step(state, batch, meta)  # state and meta checked and bound by Stepper.unroll
+                state = advance(state, batch, meta)
                 losses.append(state.loss)
         return state.replace(losses=losses)
     plan = plan_unroll(stepper, state, batches, meta, policy)
@@ -95,7 +96,7 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
         m = tree_unflatten(fill_leaves(meta_leaves, c[meta_start:]), meta_spec)
         with stepper._modes_pinned(modes):  # recomputed in backward after a model.eval(): still the train graph
-            new = stepper._step(unpack(i, flat, hyper, state.t + i), batch, m)
+            new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
         layouts[i + 1] = _state_keys(new)
         return pack(new), new.loss
 
@@ -148,6 +149,15 @@ def differentiated_buffers(stepper: "Stepper", state: UnrollState, batch: Any, m
             name for name, p in zip(names, buffer_inputs, strict=True) if p.name in found and p.name not in sources
         )
     return per_graph[frozenset(sources)]
+
+
+def _advance(stepper: "Stepper") -> Any:
+    """One step of the unroll: ``Stepper._step`` (state and meta were checked and bound once by
+    ``Stepper.unroll``), or ``Stepper.step`` where the user wrapped it on the instance (counting or logging
+    evaluations), so that the wrapper sees every evaluation the plan makes."""
+    if "step" in vars(stepper):
+        return lambda state, batch, meta: stepper.step(state, batch, *meta)
+    return stepper._step
 
 
 def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule) -> None:
