@@ -386,9 +386,16 @@ class Budget:
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None) -> Plan:
         """Choose a schedule from closed-form costs, then build its plan."""
         n = _check_n("Budget", n)
+        if state_bytes is None or step_bytes is None:
+            raise ValueError(
+                "unrollc.Budget.plan: a memory budget is planned from the bytes of one stored state and of one taped "
+                "step's graph, which come from the step graph; got state_bytes="
+                f"{state_bytes!r}, step_bytes={step_bytes!r}. Use unrollc.CostModel.from_stepper(stepper, state, "
+                f"batch).plan({self!r}, {n}), pass Budget.plan(n, state_bytes=..., step_bytes=...), or let "
+                f"stepper.unroll(state, batches, checkpoint={self!r}) plan it."
+            )
         for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes)):
-            _require_int("unrollc.Budget.plan", name, value, 0, "known; a memory budget needs the bytes of one "
-                         "stored state (state_bytes) and of one taped step's graph (step_bytes)")
+            _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
         S, B = state_bytes, step_bytes
         # (evaluations, bytes, policy) for every candidate, from the closed forms the plans are tested against;
         # among Binomial(s), the largest s that fits is the cheapest.
