@@ -262,3 +262,24 @@ def test_the_value_guard_reads_globals_not_attribute_names_and_holds_tensors():
     loss = stepper.step(stepper.init(), x).loss
     assert id(model.temp) != old and stepper.trace_count == 2
     assert loss.item() == pytest.approx((model(x) / 4.0).pow(2).mean().item(), rel=1e-6)
+
+
+def test_the_config_of_a_loss_object_is_guarded_like_a_closure():
+    class Weighted:
+        def __init__(self):
+            self.alpha = 1.0
+
+        def __call__(self, m, b):
+            return m(b).pow(2).mean() * self.alpha
+
+        def method(self, m, b):
+            return m(b).pow(2).mean() * self.alpha
+
+    x = torch.randn(4, 3)
+    for make in (lambda loss: loss, lambda loss: loss.method):
+        loss = Weighted()
+        model = nn.Linear(3, 1)
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), make(loss))
+        before = stepper.step(stepper.init(), x).loss
+        loss.alpha = 3.0
+        assert stepper.step(stepper.init(), x).loss.item() == pytest.approx(3 * before.item(), rel=1e-6)

@@ -533,6 +533,15 @@ def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
     fn, extra = loss_fn, ()
     if isinstance(fn, functools.partial):
         fn, extra = fn.func, (*fn.args, *fn.keywords.values())
+    owner = getattr(fn, "__self__", None)  # a bound method's object: its config (self.alpha) is read too
+    if owner is None and not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        owner, fn = fn, getattr(type(fn), "__call__", fn)  # a callable object (a loss class)
+        if isinstance(owner, nn.Module):
+            fn = getattr(type(owner), "forward", fn)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        for name, v in getattr(owner, "__dict__", {}).items():
+            if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP:
+                out.append(("loss_fn.self", name, key))
     code = getattr(fn, "__code__", None)
     if code is not None:
         cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
