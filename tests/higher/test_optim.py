@@ -314,3 +314,30 @@ def test_highers_private_helpers_for_copied_optimizers(lib):
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     model[1].weight = model[0].weight
     assert lib.utils._get_param_mapping(model, [], []) == [0, 1, 0, 2]
+
+
+def test_create_diff_optim_takes_parameter_groups():
+    """Documented ("weights or parameter groups"); higher 0.2.1 itself raises TypeError on groups."""
+    import unrollc.higher as uh
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": list(model[2].parameters()), "lr": 0.2, "momentum": 0.3}]
+
+    def meta_grads(make):
+        fmodel = uh.monkeypatch(model, copy_initial_weights=False)
+        lrs = [torch.tensor(0.1, requires_grad=True), torch.tensor(0.3, requires_grad=True)]
+        diffopt = make(fmodel, lrs)
+        for _ in range(3):
+            diffopt.step(torch.nn.functional.mse_loss(fmodel(x), y))
+        meta = torch.nn.functional.mse_loss(fmodel(x), y)
+        return torch.autograd.grad(meta, [*lrs, *model.parameters()])
+
+    created = meta_grads(lambda fm, lrs: uh.optim.create_diff_optim(
+        torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, params=groups, fmodel=fm, override={"lr": lrs}))
+    real = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                            {"params": model[2].parameters(), "lr": 0.2, "momentum": 0.3}], lr=0.1, momentum=0.9)
+    wrapped = meta_grads(lambda fm, lrs: uh.get_diff_optim(real, model.parameters(), fmodel=fm, override={"lr": lrs}))
+    for a, b in zip(created, wrapped, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)

@@ -265,6 +265,11 @@ def _addcmul(tensor: torch.Tensor, a1: float | torch.Tensor, a2: torch.Tensor, a
     return tensor + (value * t1 * t2)
 
 
+def _as_list(params: Any) -> list[torch.Tensor]:
+    """A param group's ``"params"``: one tensor or an iterable of them, as torch.optim accepts."""
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
 def _get_mask_closure(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """A gradient hook that zeroes the gradient where ``mask`` is True (and keeps doing so at higher orders)."""
 
@@ -409,7 +414,8 @@ def create_diff_optim(
     if params is not None:
         params = list(params)
         if params and isinstance(params[0], dict):
-            dummy = [{k: torch.zeros_like(v, requires_grad=True) if k == "params" else v for k, v in g.items()} for g in params]
+            # (higher 0.2.1 applies zeros_like to a group's whole "params" list here and raises TypeError)
+            dummy = [{**g, "params": [torch.zeros_like(p, requires_grad=True) for p in _as_list(g["params"])]} for g in params]
             reference = [p for g in dummy for p in g["params"]]
         else:
             dummy = reference = [torch.zeros_like(p, requires_grad=True) for p in params]
