@@ -8,7 +8,7 @@ Usage::
     python -m unrollc explain script.py:make --draw step.svg [--collapse]    # + a drawing (needs unrollc[draw])
 
 ``make`` takes no arguments and returns either a :class:`unrollc.Stepper` that has run a step, or a tuple
-``(stepper, state, batch, *meta)``: then one step is run without grad to trace the graph first.
+``(stepper, state, batch, *meta)``: then the step graph is traced for them (``Stepper.trace``; no step is run).
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ def load(target: str) -> Any:
         raise SystemExit(f"python -m unrollc explain: expected path/to/script.py:function, got {target!r}.")
     if not os.path.exists(path):
         raise SystemExit(f"python -m unrollc explain: no such file {path!r}.")
+    if not os.path.isfile(path) or not path.endswith(".py"):
+        raise SystemExit(f"python -m unrollc explain: {path!r} is not a Python file; expected path/to/script.py:function.")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"python -m unrollc explain: cannot load {path!r} as a Python module.")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     spec.loader.exec_module(module)
@@ -98,7 +101,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.draw:
         try:
             print(f"wrote {draw(stepper, args.draw, collapse=args.collapse)}")
-        except (ImportError, RuntimeError, ValueError) as exc:  # no pydot / no Graphviz / a suffix it cannot write
+        except (ImportError, OSError, RuntimeError, ValueError) as exc:  # no pydot / Graphviz / folder; a bad suffix
             print(exc, file=sys.stderr)
             return 1
     return 0

@@ -341,3 +341,51 @@ def test_create_diff_optim_takes_parameter_groups():
     wrapped = meta_grads(lambda fm, lrs: uh.get_diff_optim(real, model.parameters(), fmodel=fm, override={"lr": lrs}))
     for a, b in zip(created, wrapped, strict=True):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def _sgd_meta(model, x, y, toggle=False):
+    with uh.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (fm, do):
+        do.step(F.mse_loss(fm(x), y))
+        first = [p.detach() for p in fm.fast_params]
+        if toggle:
+            fm.track_higher_grads = False
+        do.step(F.mse_loss(fm(x), y))
+        second = [p.detach() for p in fm.fast_params]
+        if toggle:
+            fm.track_higher_grads = True
+        do.step(F.mse_loss(fm(x), y))
+        meta = F.mse_loss(fm(x), y)
+        return first, second, torch.autograd.grad(meta, list(model.parameters()))
+
+
+def test_toggling_track_higher_grads_mid_loop_keeps_every_step():
+    """higher 0.2.1's setter overwrites its weight history, losing a step; unrollc keeps it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    first, second, toggled = _sgd_meta(model, x, y, toggle=True)
+    _, _, plain = _sgd_meta(model, x, y)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    for a, b in zip(toggled, plain, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+def test_hook_based_weight_norm_meta_gradient_equals_eager():
+    """torch.nn.utils.weight_norm (a forward pre-hook): the eager unroll's meta-gradient (higher's differs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    names, params = zip(*model.named_parameters())
+    current = list(params)
+    for _ in range(3):
+        loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, current)), (x,)), y)
+        grads = torch.autograd.grad(loss, current, create_graph=True)
+        current = [p - 0.1 * g for p, g in zip(current, grads, strict=True)]
+    ref = torch.autograd.grad(F.mse_loss(torch.func.functional_call(model, dict(zip(names, current)), (x,)), y), params)
+    with uh.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (fm, do):
+        for _ in range(3):
+            do.step(F.mse_loss(fm(x), y))
+        got = torch.autograd.grad(F.mse_loss(fm(x), y), params)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

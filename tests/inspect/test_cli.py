@@ -55,3 +55,11 @@ def test_demo_prints_the_meta_gradient_and_the_report(capsys):
     out = capsys.readouterr().out
     assert "d loss / d lr" in out and "|d loss / d initial weights|" in out
     assert "Passes (nodes before -> after):" in out
+
+
+def test_a_target_that_is_not_a_python_file_is_refused_with_a_message(tmp_path):
+    text = tmp_path / "make.txt"
+    text.write_text("def make(): pass\n")
+    for target in (f"{tmp_path}:make", f"{text}:make"):
+        with pytest.raises(SystemExit, match="is not a Python file"):
+            main(["explain", target])

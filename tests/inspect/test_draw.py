@@ -70,3 +70,16 @@ def test_annotated_code_takes_a_stepper_and_draw_refuses_unknown_suffixes(tmp_pa
         annotated_code(None)
     with pytest.raises(ValueError, match=r"cannot tell the format of .* use one of \.dot"):
         draw(stepper, tmp_path / "step.jpgx")
+
+
+def test_check_passes_with_a_no_grad_block_inside_torch_nn_and_draw_names_a_missing_folder(tmp_path):
+    """spectral_norm's power iteration runs under torch.no_grad() inside torch.nn: its detaches are kept by
+    strip_detach, and the lint accepts them (it refused every detach not written in the user's own file)."""
+    import unrollc
+    from torch import nn
+
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 1)))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean(), check=True)
+    stepper.step(stepper.init(), torch.randn(3, 4))
+    with pytest.raises(FileNotFoundError, match="no folder .* create it first"):
+        draw(stepper, tmp_path / "missing" / "step.dot")

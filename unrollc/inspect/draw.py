@@ -202,6 +202,9 @@ def draw(graph: Any, path: str | os.PathLike, *, collapse: bool = False, depth: 
             f"unrollc.inspect.draw: cannot tell the format of {path!r} from its suffix; use one of "
             f"{', '.join('.' + f for f in _FORMATS)} (e.g. step.svg)."
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"unrollc.inspect.draw: no folder {folder!r} to write {os.path.basename(path)!r} into; create it first.")
     dot = to_dot(graph, collapse=collapse, depth=depth)
     if fmt in ("dot", "gv"):
         with open(path, "w") as f:

@@ -72,9 +72,13 @@ def _no_mutation(gm: fx.GraphModule) -> list[str]:
 
 
 def _only_user_detach(gm: fx.GraphModule) -> list[str]:
+    from ..capture import stops_gradient
     from ..passes.strip_detach import _DETACH, written_by_user
 
-    return [f"`{n.name}` ({n.target}) was not written by the user" for n in _calls(gm) if n.target in _DETACH and not written_by_user(n)]
+    return [
+        f"`{n.name}` ({n.target}) was not written by the user nor ends a no_grad block"
+        for n in _calls(gm) if n.target in _DETACH and not written_by_user(n) and not stops_gradient(n)
+    ]
 
 
 def _no_profiler(gm: fx.GraphModule) -> list[str]:
@@ -105,7 +109,7 @@ GUARANTEES: tuple[Guarantee, ...] = (
     Guarantee("lift_inputs", "no parameter, buffer, optimizer-state or hyperparameter attribute is read (get_attr)", _no_lifted_attrs),
     Guarantee("lift_inputs", "inputs carry NodeInfo, ordered params, buffers, opt_state, hyper, batch, meta", _input_roles),
     Guarantee("functionalize", "no operator writes to an argument (schema alias_info.is_write)", _no_mutation),
-    Guarantee("strip_detach", "every detach was written by the user", _only_user_detach),
+    Guarantee("strip_detach", "every detach was written by the user or ends a torch.no_grad() block", _only_user_detach),
     Guarantee("strip_profiler", "no profiler op remains", _no_profiler),
     Guarantee("remove_copies", "no clone, lift_fresh_copy or same-layout copy remains", _no_copies),
     Guarantee("eliminate_dead_code", "every node is used", _no_dead_nodes),
