@@ -90,3 +90,17 @@ if __name__ == "__main__":  # regenerate the golden file
         f.write(tiny_report().format(costs=False))
     print(open(GOLDEN).read())
 
+
+
+def test_a_guard_on_every_parameters_state_is_shown_once():
+    """RAdam's rho_t > 5 is read from each parameter's step counter: one line naming the parameters, not one each."""
+    import unrollc
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    stepper = unrollc.compile(model, torch.optim.RAdam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    state = stepper.step(stepper.init(), torch.randn(2, 3))
+    stepper.step(state, torch.randn(2, 3))
+    text = str(unrollc.explain(stepper))
+    assert len(stepper.guards) >= 4
+    assert text.count("5.0)) == False") == 1 and "state:*.step" in text
+    assert "(for each of 4 parameters: 0.weight, 0.bias, 1.weight, 1.bias)" in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -114,9 +115,26 @@ def _wrap(text: str, indent: int, width: int = 100, sep: str = ", ") -> str:
     return ("\n" + " " * indent).join(lines)
 
 
+_STATE_REF = re.compile(r"state:(?P<param>[\w.]+)\.(?P<key>\w+)")
+
+
 def _guard_text(guards: list[str]) -> str:
-    counts = Counter(guards)
-    return _wrap("; ".join(g if n == 1 else f"{g} (x{n})" for g, n in counts.items()), 11, sep="; ")
+    """Guards, each once; the same guard on every parameter's state (RAdam's ``rho_t > 5`` per step counter)
+    is shown once with ``state:*`` and the parameters it holds for."""
+    groups: dict[str, list[str]] = {}
+    for g in guards:
+        params = {m.group("param") for m in _STATE_REF.finditer(g)}
+        template = _STATE_REF.sub(lambda m: f"state:*.{m.group('key')}", g) if len(params) == 1 else g
+        groups.setdefault(template, []).append(next(iter(params)) if len(params) == 1 else "")
+    parts = []
+    for template, owners in groups.items():
+        named = list(dict.fromkeys(o for o in owners if o))
+        if len(named) > 1:
+            parts.append(f"{template} (for each of {len(named)} parameters: {', '.join(named)})")
+        else:
+            original = _STATE_REF.sub(lambda m: f"state:{named[0]}.{m.group('key')}", template) if named else template
+            parts.append(original if len(owners) == 1 else f"{original} (x{len(owners)})")
+    return _wrap("; ".join(parts), 11, sep="; ")
 
 
 def _counter_text(c: Counter) -> str:
