@@ -311,6 +311,22 @@ def _eager_meta_gradient(model, batches, meta_loss_of, lr):
     return meta_loss_of(lambda x: functional_call(model, {**params, **buffers}, (x,)))
 
 
+def _assert_sgd_meta_gradient_is_eager(model, steps, checkpoints, label):
+    """The meta-gradient (w.r.t. lr and the initial weights) of a validation loss after ``steps`` SGD steps on
+    4 -> 1 regression batches equals :func:`_eager_meta_gradient`'s under every schedule in ``checkpoints``."""
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(steps)]
+    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
+    meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
+    lr = torch.tensor(0.1, requires_grad=True)
+    ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    for checkpoint in checkpoints:
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
+        for a, b in zip(got, ref, strict=True):
+            assert rel(a, b) < 1e-10, (label, checkpoint)
+
+
 def test_no_grad_blocks_in_forward_are_constants_as_in_eager(float64):
     """spectral_norm's power iteration runs under torch.no_grad(): eager autograd does not differentiate it,
     so the meta-gradient must not either (it did, through the recorded ops, before capture detached them)."""
@@ -328,18 +344,8 @@ def test_no_grad_blocks_in_forward_are_constants_as_in_eager(float64):
 
     snorm = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     parametrizations.spectral_norm(snorm[0])
-    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(5)]
-    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
     for model in (Scaled(), snorm):
-        meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
-        lr = torch.tensor(0.1, requires_grad=True)
-        ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
-        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
-        for checkpoint in (None, 2, "sqrt"):
-            state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
-            got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
-            for a, b in zip(got, ref, strict=True):
-                assert rel(a, b) < 1e-10, (type(model).__name__, checkpoint)
+        _assert_sgd_meta_gradient_is_eager(model, 5, (None, 2, "sqrt"), type(model).__name__)
 
 
 def test_checkpointed_steps_are_recomputed_in_the_mode_they_ran_in(float64):
@@ -380,18 +386,7 @@ def test_a_buffer_updated_differentiably_carries_its_gradient_under_checkpointin
                 self.ema.mul_(0.5).add_(0.5 * h.mean(0))
             return self.o(h - self.ema)
 
-    model = RunningMean()
-    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
-    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
-    meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
-    lr = torch.tensor(0.1, requires_grad=True)
-    ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
-    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
-    for checkpoint in (None, 2, "sqrt", "binomial"):
-        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
-        got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
-        for a, b in zip(got, ref, strict=True):
-            assert rel(a, b) < 1e-10, checkpoint
+    _assert_sgd_meta_gradient_is_eager(RunningMean(), 6, (None, 2, "sqrt", "binomial"), "running mean")
 
 
 @pytest.mark.parametrize("expr", ["h[:, :1]", "2 - h", "h.T.T", "h.contiguous()", "h.to(h.dtype)"])
@@ -410,14 +405,4 @@ def test_no_grad_results_are_constants_exactly_where_eager_makes_them_so(expr, f
                 c = eval(expr, {}, {"h": h})  # noqa: S307 - the parametrized expression
             return self.o(h * c)
 
-    model = Mixed()
-    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
-    xv, yv = torch.randn(16, 4), torch.randn(16, 1)
-    meta = lambda f: ((f(xv) - yv) ** 2).mean()  # noqa: E731
-    lr = torch.tensor(0.1, requires_grad=True)
-    ref = torch.autograd.grad(_eager_meta_gradient(model, batches, meta, lr), [lr, *model.parameters()])
-    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
-    state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches)
-    got = torch.autograd.grad(meta(lambda x: stepper.forward(state, x)), [lr, *model.parameters()])
-    for a, b in zip(got, ref, strict=True):
-        assert rel(a, b) < 1e-10, expr
+    _assert_sgd_meta_gradient_is_eager(Mixed(), 3, (None,), expr)

@@ -33,7 +33,7 @@ from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
 
-__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "NoGradRegions", "ShadowOptimizer", "fill_leaves", "input_layout", "stops_gradient"]
+__all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "DETACH_OPS", "NoGradRegions", "ShadowOptimizer", "fill_leaves", "input_layout", "stops_gradient"]
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,7 @@ def _in_place(func: Any) -> bool:
     return name.endswith("_")
 
 
+DETACH_OPS = frozenset({torch.ops.aten.detach.default, torch.ops.aten.alias.default})  # what .detach() records
 _NO_GRAD = {"unrollc": "no_grad block"}  # node.meta["custom"], which passes that re-trace keep (fx's _COPY_META_FIELDS)
 
 
@@ -281,7 +282,7 @@ def _stop_gradient(out: Any, inputs: set[int]) -> Any:
         d = t.detach()  # the mode is off inside its own handler: no recursion
         if mode is not None:  # mark the node make_fx just recorded, so that strip_detach keeps it
             node = next(iter(reversed(mode.tracer.graph.nodes)), None)
-            if node is not None and node.target in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            if node is not None and node.target in DETACH_OPS:
                 node.meta["custom"] = {**node.meta.get("custom", {}), **_NO_GRAD}
         return d
 

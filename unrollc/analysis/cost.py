@@ -106,18 +106,7 @@ class CostModel:
         ``state``/``batch``/``meta`` that require grad (e.g. a learned ``lr``) are sources of requires_grad,
         as they would be in the unroll.
         """
-        gm = stepper.trace(state, batch, *meta)
-        placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        flat = _flat_inputs(stepper, state, batch, meta)
-        if len(flat) != len(placeholders):
-            raise InternalError(
-                f"unrollc.analysis.cost: the step graph has {len(placeholders)} inputs but the state, batch and meta "
-                f"give {len(flat)}; this is an unrollc bug, please report it with the model and optimizer."
-            )
-        grad = frozenset(
-            p.name for p, t in zip(placeholders, flat, strict=True)
-            if t.requires_grad
-        )
+        gm, grad = traced_with_grad_inputs(stepper, state, batch, meta)
         return cls.from_graph(gm, requires_grad=grad)
 
     # ----------------------------------------------------------------------------------------- predict
@@ -189,6 +178,22 @@ class CostModel:
 def _role(node: fx.Node) -> str | None:
     info = node.meta.get("unrollc")
     return getattr(info, "role", None)
+
+
+def traced_with_grad_inputs(
+    stepper: "Stepper", state: "UnrollState", batch: Any, meta: tuple
+) -> tuple[fx.GraphModule, frozenset[str]]:
+    """The step graph for this layout (``stepper.trace``) and the names of its placeholders whose inputs here
+    (parameters, a learned ``lr``, batch or meta tensors) require grad."""
+    gm = stepper.trace(state, batch, *meta)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    flat = _flat_inputs(stepper, state, batch, meta)
+    if len(flat) != len(placeholders):
+        raise InternalError(
+            f"unrollc.analysis.cost: the step graph has {len(placeholders)} inputs but the state, batch and meta "
+            f"give {len(flat)}; this is an unrollc bug, please report it with the model and optimizer."
+        )
+    return gm, frozenset(p.name for p, t in zip(placeholders, flat, strict=True) if t.requires_grad)
 
 
 def _flat_inputs(stepper: "Stepper", state: "UnrollState", batch: Any, meta: tuple) -> list[torch.Tensor]:

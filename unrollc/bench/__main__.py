@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .methods import METHODS, SCHEDULES
+from .methods import BINOMIAL_SLOTS, BUDGET_MIB, EVERY_K, METHODS, SCHEDULES
 from .report import PlotUnavailable, plot, plot_path, table, write_csv, write_json
 from .runner import Config, Result, run_configs, usable_cpus
 from .workloads import OPTIMIZERS, WORKLOADS
@@ -35,7 +35,7 @@ FIGURE_ROUNDS = 3
 
 DEFAULTS: dict[str, Any] = {
     "workload": "mlp", "optimizer": ["sgd"], "n": [16, 64, 160], "methods": list(METHODS),
-    "schedules": ["none", "sqrt", "binomial"], "slots": 8, "every_k": 10, "budget_mib": 64.0, "repeats": 1, "jobs": 1,
+    "schedules": ["none", "sqrt", "binomial"], "slots": BINOMIAL_SLOTS, "every_k": EVERY_K, "budget_mib": BUDGET_MIB, "repeats": 1, "jobs": 1,
 }
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import traceback
 
-import torch
 from torch import fx
 
-from ..capture import stops_gradient
+from ..capture import DETACH_OPS, stops_gradient
 from ..errors import user_frame
 
 __all__ = ["strip_detach", "written_by_user"]
 
-_DETACH = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+_DETACH = DETACH_OPS
 
 
 def written_by_user(node: fx.Node) -> bool:

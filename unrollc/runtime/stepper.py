@@ -326,11 +326,16 @@ class Stepper:
         :func:`_python_values`), which the graph holds as constants."""
         if self._pinned_modes is not None:
             return self._pinned_modes
-        trainable = frozenset(
+        values = tuple(v for v in _python_values(self.model, self.loss_fn) if v[:2] not in self._volatile)
+        return tuple(m.training for m in self.model.modules()), self._trainable(), values
+
+    def _trainable(self) -> frozenset[str]:
+        """The parameters the optimizer updates: in one of its groups and requiring grad (pinned, if pinned)."""
+        if self._pinned_modes is not None:
+            return self._pinned_modes[1]
+        return frozenset(
             n for n, p in zip(self._param_names, self._model_params, strict=True) if n in self._in_opt and p.requires_grad
         )
-        values = tuple(v for v in _python_values(self.model, self.loss_fn) if v[:2] not in self._volatile)
-        return tuple(m.training for m in self.model.modules()), trainable, values
 
     @contextlib.contextmanager
     def _modes_pinned(self, modes: "Modes") -> Iterator[None]:
@@ -368,7 +373,7 @@ class Stepper:
 
     def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
         """Trainable parameters the loss depends on (others get no gradient, as in eager torch.optim)."""
-        trainable = self._modes()[1]
+        trainable = self._trainable()
         names = [n for n in self._param_names if n in trainable]
         if not names:
             return frozenset()
@@ -525,11 +530,7 @@ def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
     (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` closes over or
     reads as globals. A change re-traces, as torch.compile's guards would; values read elsewhere (a helper
     function's globals, attributes of other objects) stay as traced."""
-    out: list[Any] = []
-    for prefix, module in model.named_modules():
-        for name, v in vars(module).items():
-            if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP:
-                out.append((prefix, name, key))
+    out = [item for prefix, module in model.named_modules() for item in _public_values(prefix, module)]
     fn, extra = loss_fn, ()
     if isinstance(fn, functools.partial):
         fn, extra = fn.func, (*fn.args, *fn.keywords.values())
@@ -539,9 +540,7 @@ def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
         if isinstance(owner, nn.Module):
             fn = getattr(type(owner), "forward", fn)
     if owner is not None and not isinstance(owner, types.ModuleType):
-        for name, v in getattr(owner, "__dict__", {}).items():
-            if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP:
-                out.append(("loss_fn.self", name, key))
+        out += _public_values("loss_fn.self", owner)
     code = getattr(fn, "__code__", None)
     if code is not None:
         cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
@@ -551,6 +550,14 @@ def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
         out += [("loss_fn", n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
     out += [("loss_fn", i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
     return tuple(out)
+
+
+def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:
+    """``(where, attribute, key)`` for the public attributes of ``obj`` that :func:`_value_key` can key on."""
+    return [
+        (where, name, key) for name, v in getattr(obj, "__dict__", {}).items()
+        if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP
+    ]
 
 
 def _cell_has_value(cell: Any) -> bool:

@@ -124,15 +124,12 @@ def differentiated_buffers(stepper: "Stepper", state: UnrollState, batch: Any, m
     weights, the optimizer state, learned inputs, and — from the next step on — such buffers themselves): an
     eager unroll carries their gradient to later steps, so a checkpointed one must too. BatchNorm's running
     stats and anything updated under ``torch.no_grad()`` are not among them. From the step graph, cached."""
-    from ..analysis.cost import _flat_inputs
+    from ..analysis.cost import traced_with_grad_inputs
     from ..analysis.liveness import analyze_step, grad_sources
 
-    gm = stepper.trace(state, batch, *meta)
+    gm, grad_inputs = traced_with_grad_inputs(stepper, state, batch, meta)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    flat = _flat_inputs(stepper, state, batch, meta)
-    sources = grad_sources(gm, ("param", "opt_state")) | {
-        p.name for p, t in zip(placeholders, flat, strict=True) if isinstance(t, torch.Tensor) and t.requires_grad
-    }
+    sources = grad_sources(gm, ("param", "opt_state")) | grad_inputs
     per_graph = _DIFFERENTIATED.setdefault(gm, {})
     if frozenset(sources) not in per_graph:
         n_params, names = len(state.params), list(state.buffers)
