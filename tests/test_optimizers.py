@@ -66,6 +66,7 @@ def assert_same_trajectory(model, opt, loss_fn, batches, tol):
                 for k in st:
                     assert max_rel(state.opt_state[n][k], st[k]) < tol, (i, n, k)
                     assert state.opt_state[n][k].dtype == st[k].dtype, (i, n, k)  # ASGD's eta stays float32
+                    assert state.opt_state[n][k].device == st[k].device, (i, n, k)  # NAdam's mu_product: CPU
     return stepper, state
 
 
