@@ -25,7 +25,7 @@ cat "$OUT/env.txt"
 timeout 270 python3 -m unrollc.bench --device cuda --optimizer sgd adam --n 160 --methods unrollc higher \
     --schedules none sqrt --repeats 3 --threads 0 --no-saved-bytes --out-dir "$OUT/bench" 2>/tmp/bench.err | tee "$OUT/bench.txt"
 # 2. correctness on the device (tests/test_device.py), then the GPU-independent core as a smoke check
-timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_api.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout 140 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_device.py tests/test_api.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 # 3. memory against n on CUDA: binomial with fixed slots and sqrt, n = 64 and 1024 (one run each)
 timeout 130 python3 -m unrollc.bench --device cuda --optimizer sgd --n 64 1024 --methods unrollc \
     --schedules sqrt binomial --repeats 1 --threads 0 --no-saved-bytes --out-dir "$OUT/growth" 2>/tmp/growth.err | tee "$OUT/growth.txt"
