@@ -4,7 +4,7 @@ All methods run in this one process, alternating, on the default MLP; medians of
 warm-up each (unrollc's warm-up traces its step graph). Alternating makes the ratios robust to a shared machine's
 slow phases, which move fresh-process timings by 10-20%. For memory, use ``python -m unrollc.bench``.
 
-    python benchmarks/unroll_vs_higher.py [--optimizer sgd|adam] [--n 100] [--schedules none sqrt] [--repeats 5]
+    python benchmarks/unroll_vs_higher.py [--workload mlp|mlp-small] [--optimizer sgd|adam] [--n 100] [--schedules none sqrt] [--repeats 5]
                                           [--matmul-share] [--phases]
 """
 
@@ -24,6 +24,8 @@ from unrollc.bench.workloads import WORKLOADS, Task, make_task
 def main() -> None:
     """Print each method's median time, meta-gradient norm and the ratio unrollc / higher."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="mlp", choices=sorted(WORKLOADS),
+                   help="mlp (FLOP-bound on a CPU) or mlp-small (overhead-bound, like mlp on a GPU)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
@@ -37,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if (why := higher_available()) is not None:
         raise SystemExit(f"benchmarks/unroll_vs_higher.py: needs higher ({why}); pip install --no-deps higher==0.2.1")
-    task = make_task("mlp", args.optimizer, args.n)
+    task = make_task(args.workload, args.optimizer, args.n)
     specs = [MethodSpec("unrollc", s) for s in args.schedules] + [MethodSpec("higher")]
     runners = {spec.label: build(task, spec) for spec in specs}
     times: dict[str, list[float]] = {label: [] for label in runners}
@@ -51,7 +53,7 @@ def main() -> None:
             times[label].append(time.perf_counter() - start)
             norms[label] = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads[1:]])))
     med = {label: statistics.median(ts) for label, ts in times.items()}
-    print(f"{WORKLOADS['mlp'].describe()}, {args.optimizer}, n={args.n}, {args.threads} thread(s), "
+    print(f"{WORKLOADS[args.workload].describe()}, {args.optimizer}, n={args.n}, {args.threads} thread(s), "
           f"median of {args.repeats}")
     for label in runners:
         print(f"  {label:14s} {med[label]:7.3f} s   meta-grad norm {norms[label]:.6g}")

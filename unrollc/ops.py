@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["safe_sqrt"]
+__all__ = ["safe_sqrt", "safe_sqrt_masked"]
 
 
 @torch.library.custom_op("unrollc::safe_sqrt", mutates_args=())
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``torch.sqrt(x)`` — the same values — whose derivative is 0 where the result is 0 (not inf).
 
-    Used by the ``safe_sqrt`` pass for the optimizer's square roots: ``d sqrt(v)/dv`` at ``v = 0`` is inf,
-    and inf times the zero gradient that flows back there is NaN (Adam's ``exp_avg_sq`` of an
-    always-zero gradient entry). The backward is written in differentiable ATen ops; where no result is 0 it is
-    exactly ATen's ``grad / (2 * result)``.
+    Used by the ``safe_sqrt`` pass for the optimizer's square roots on large CPU tensors: ``d sqrt(v)/dv`` at
+    ``v = 0`` is inf, and inf times the zero gradient that flows back there is NaN (Adam's ``exp_avg_sq`` of an
+    always-zero gradient entry). The forward is one ``sqrt`` kernel; the backward, written in differentiable
+    ATen ops, checks for zeros and where there are none is exactly ATen's ``grad / (2 * result)``. That check
+    reads a value (free on a CPU, a synchronisation on a GPU), and the Python autograd costs ~90 us per call,
+    so small tensors and GPU tensors use :func:`safe_sqrt_masked` instead.
     """
     return torch.sqrt(x)
 
@@ -42,3 +44,24 @@ def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
 
 
 safe_sqrt.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ``safe_sqrt_masked``: the same function as a composite of ATen ops, whose autograd (first and second order)
+# is ATen's own: no Python in the backward and nothing read back from the device, at three more elementwise
+# kernels than sqrt. Registered as CompositeImplicitAutograd, so graphs show one named op while tracing
+# (fake tensors, make_fx) sees its ATen ops.
+_lib = torch.library.Library("unrollc", "FRAGMENT")  # kept alive: the registration lives as long as it
+_lib.define("safe_sqrt_masked(Tensor x) -> Tensor")
+
+
+def _safe_sqrt_masked(x: torch.Tensor) -> torch.Tensor:
+    zero = x == 0
+    # The inner where keeps sqrt (and its backward, grad / (2 * result)) away from 0; the outer one puts the
+    # 0 back. Where x != 0 the result is sqrt(x) and its gradient ATen's, bit for bit; at 0 both derivatives
+    # are 0 (NaN and negative inputs give sqrt's NaN, as torch.sqrt does).
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, x).sqrt())
+
+
+_lib.impl("safe_sqrt_masked", _safe_sqrt_masked, "CompositeImplicitAutograd")
+safe_sqrt_masked = torch.ops.unrollc.safe_sqrt_masked.default
+safe_sqrt_masked.__doc__ = """``torch.sqrt(x)`` with derivative 0 where ``x == 0``, as a composite of ATen ops (see :func:`safe_sqrt`)."""

@@ -225,16 +225,17 @@ def _probe(op: Any, args: tuple, kwargs: dict, leaves: list[_Out | None], node: 
                          o.untyped_storage().nbytes()))
         out_storage.setdefault(key, j)
     refs: list[tuple[str, int]] = []
-    for s in saved:
+    internal: dict[int, int] = {}  # storages the op allocates and saves but does not return, once each (a
+    for s in saved:                # composite such as unrollc.safe_sqrt_masked saves its mask for two wheres)
         key = s.untyped_storage()._cdata
         if key in arg_storage:
             refs.append(("arg", arg_storage[key]))
         elif key in out_storage:
             refs.append(("out", out_storage[key]))
         else:
-            refs.append(("new", s.untyped_storage().nbytes()))
+            internal[key] = s.untyped_storage().nbytes()
     flops = op_flops(op, call_args, call_kwargs, out)
-    unique = tuple(dict.fromkeys(r for r in refs if r[0] != "new")) + tuple(r for r in refs if r[0] == "new")
+    unique = tuple(dict.fromkeys(refs)) + tuple(("new", nbytes) for nbytes in internal.values())
     return _Probe(tuple(outs), out_spec, unique, flops)
 
 

@@ -8,8 +8,9 @@ Read in order, it is the whole compiler after capture::
     strip_profiler       record_function ranges of Optimizer.step -> removed
     remove_copies        clone / lift_fresh_copy / same-shape copy -> their source
     eliminate_dead_code  unused nodes -> removed
+    cse                  identical pure computations (the optimizer's per-parameter hyperparameter maths) -> one
     safe_sqrt            the optimizer's sqrt -> same values, derivative 0 at 0 (no NaN meta-gradients);
-                         last, so "after eliminate_dead_code" is the graph for steps that need no gradient
+                         last, so "after cse" is the graph for steps that need no gradient
 
 ``run_pipeline`` keeps the graph after each pass (``"after lift_inputs"``, ...) for inspection, and with
 ``check=True`` verifies after each pass the guarantees stated above (:mod:`unrollc.inspect.lint`).
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from torch import fx
 
+from .cse import cse
 from .dead_code import eliminate_dead_code
 from .functionalize import functionalize
 from .lift_inputs import lift_inputs
@@ -41,6 +43,7 @@ PIPELINE: tuple[Pass, ...] = (
     strip_profiler,
     remove_copies,
     eliminate_dead_code,
+    cse,
     safe_sqrt,
 )
 

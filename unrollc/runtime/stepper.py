@@ -157,7 +157,7 @@ class Stepper:
         # hook or a wrapped forward counting evaluations): then every evaluation goes through it.
         gm = compiled.gm
         if not torch.is_grad_enabled() and not _instrumented(gm):
-            gm = compiled.graphs.get("after eliminate_dead_code", gm)
+            gm = compiled.graphs.get("after cse", gm)
         outs = gm(*flat)
         return self._unflatten(compiled.signature, state, outs)
 
