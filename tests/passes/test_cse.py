@@ -85,6 +85,17 @@ def test_random_ops_are_never_merged_and_scalars_keep_their_type():
     assert torch.equal(got[2], eager[2]) and torch.equal(torch.signbit(got[2]), torch.signbit(eager[2]))
 
 
+def test_two_outputs_never_become_one_tensor():
+    """Optimizer-state entries computed alike (a counter per parameter) stay distinct tensors: write_back hands
+    them to torch.optim, which updates each in place."""
+    gm = cse(make_fx(lambda x: (x + 1, x + 1, (x + 1) * 2))(torch.randn(3)))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert out[0] is not out[1]
+    assert out[2].args[0] in (out[0], out[1])  # a non-output duplicate still reads the kept node
+    a, b, _ = gm(torch.zeros(3))
+    assert a is not b
+
+
 def test_nested_transposes_are_removed_from_a_linear_models_step():
     """Linear's weight gradient comes out of the trace as t(t(mm)); remove_copies reads mm directly."""
     stepper = _adam_stepper(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
