@@ -85,15 +85,60 @@ def test_random_ops_are_never_merged_and_scalars_keep_their_type():
     assert torch.equal(got[2], eager[2]) and torch.equal(torch.signbit(got[2]), torch.signbit(eager[2]))
 
 
-def test_two_outputs_never_become_one_tensor():
-    """Optimizer-state entries computed alike (a counter per parameter) stay distinct tensors: write_back hands
-    them to torch.optim, which updates each in place."""
-    gm = cse(make_fx(lambda x: (x + 1, x + 1, (x + 1) * 2))(torch.randn(3)))
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    assert out[0] is not out[1]
-    assert out[2].args[0] in (out[0], out[1])  # a non-output duplicate still reads the kept node
-    a, b, _ = gm(torch.zeros(3))
-    assert a is not b
+def _step_ids(state) -> set[int]:
+    return {id(st["step"]) for st in state.opt_state.values()}
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
+def test_step_counters_are_one_tensor_and_bias_corrections_run_once(warm):
+    """Adam's per-parameter step counters are one tensor (fresh optimizer: equal constants merged; warm one:
+    Stepper.init shares equal counters), so each bias correction is computed once per step, and the trajectory
+    is still torch.optim's."""
+    from test_optimizers import assert_same_trajectory, mse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    if warm:
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    stepper, state = assert_same_trajectory(model, opt, mse, batches, tol=1e-6)
+    assert len(_step_ids(state)) == 1
+    assert len(_step_ids(stepper.init())) == (1 if warm else 0)
+    pows = [n for n in stepper.graph.graph.nodes if n.target is aten.pow.Tensor_Tensor]
+    assert len(pows) == 2  # beta1 ** step and beta2 ** step, not once per parameter
+    assert stepper.graph.meta["unrollc"]["aliased_inputs"] == {
+        f"{n}.step": "0.weight.step" for n in ("0.bias", "2.weight", "2.bias")}
+
+
+def test_counters_that_differ_get_their_own_graph_and_torch_optims_result(float64):
+    """A state whose counters are separate tensors with different values (set by hand) must not run the graph
+    traced for one shared counter: it is keyed apart, and each parameter gets the bias correction of its own
+    step, as torch.optim computes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    stepper = unrollc.compile(model, opt, loss_fn)
+    batch = (torch.randn(8, 3), torch.randn(8, 2))
+    shared = stepper.step(stepper.init(), batch)  # traces the shared-counter graph
+    assert len(_step_ids(shared)) == 1
+    steps = {"0.weight": 1.0, "0.bias": 7.0, "2.weight": 3.0, "2.bias": 1.0}
+    state = stepper.init()
+    state = state.replace(opt_state={n: {**st, "step": torch.tensor(steps[n])} for n, st in state.opt_state.items()})
+    got = stepper.step(state, batch)
+    for p, (n, step) in zip(model.parameters(), steps.items(), strict=True):
+        opt.state[p]["step"] = torch.tensor(step)
+    loss_fn(model, batch).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got.params[n], p.detach(), rtol=1e-12, atol=1e-14)
+        assert float(got.opt_state[n]["step"]) == steps[n] + 1
 
 
 def test_nested_transposes_are_removed_from_a_linear_models_step():

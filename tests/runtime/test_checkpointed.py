@@ -231,3 +231,31 @@ def test_state_passed_through_unchanged() -> None:
             for g, ref in zip(got, want, strict=True):
                 torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("policy", [EveryK(2), Sqrt(), Binomial(2)], ids=str)
+def test_a_tensor_held_at_two_state_positions_gets_its_gradient_once(policy, float64):
+    """Shared step counters put one tensor at several state positions. The taped re-runs keep it one leaf (as the
+    forward sweep had it), and its gradient must reach the steps before once, not once per position."""
+    n = 7
+    w = torch.tensor([0.3, -0.2], requires_grad=True)
+
+    def step_fn(i, state, consts):
+        shared, other = state[0], state[2]
+        new = shared * 1.1 + state[1] * 0.5 + other.sin() * consts[0]  # state[1] is state[0]'s tensor
+        nxt = other * 0.9 + new.tanh()
+        return (new, new, nxt), (new * nxt).sum()
+
+    x = torch.tensor([0.7, 1.3], requires_grad=True)
+    y = torch.tensor([0.1, -0.4], requires_grad=True)
+    final, losses = checkpointed_unroll(step_fn, n, (x, x, y), (w,), policy.plan(n))
+    got = torch.autograd.grad(sum(losses) + final[0].sum() * final[2].sum() + final[1].prod(), [x, y, w])
+
+    state = (x, x, y)
+    total = 0
+    for i in range(n):
+        state, loss = step_fn(i, state, (w,))
+        total = total + loss
+    want = torch.autograd.grad(total + state[0].sum() * state[2].sum() + state[1].prod(), [x, y, w])
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)

@@ -106,13 +106,13 @@ def _safe_sqrts(gm: fx.GraphModule) -> list[str]:
 
 
 def _no_duplicates(gm: fx.GraphModule) -> list[str]:
-    from ..passes.cse import cse_key, is_step_output
+    from ..passes.cse import cse_key
 
     first: dict[object, fx.Node] = {}
     bad = []
     for node in _calls(gm):
         key = cse_key(node)
-        if key is not None and first.setdefault(key, node) is not node and not is_step_output(node):
+        if key is not None and first.setdefault(key, node) is not node:
             bad.append(f"`{node.name}` computes what `{first[key].name}` computes ({node.target} on the same arguments)")
     return bad
 
@@ -124,7 +124,7 @@ GUARANTEES: tuple[Guarantee, ...] = (
     Guarantee("strip_detach", "every detach was written by the user or ends a torch.no_grad() block", _only_user_detach),
     Guarantee("strip_profiler", "no profiler op remains", _no_profiler),
     Guarantee("remove_copies", "no clone, lift_fresh_copy or same-layout copy remains", _no_copies),
-    Guarantee("cse", "no two nodes (step outputs aside) call the same deterministic operator on the same arguments", _no_duplicates),
+    Guarantee("cse", "no two nodes call the same deterministic operator on the same arguments", _no_duplicates),
     Guarantee("eliminate_dead_code", "every node is used", _no_dead_nodes),
     Guarantee("safe_sqrt", "every sqrt outside the user's code has derivative 0 at 0", _safe_sqrts),
 )

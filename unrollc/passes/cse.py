@@ -1,7 +1,7 @@
 """cse: identical pure computations -> one node (common-subexpression elimination).
 
 Invariant established: no two nodes call the same deterministic, non-mutating operator on the same
-arguments (step outputs excepted, below). Tracing ``torch.optim``'s per-parameter loop repeats every computation on the
+arguments, and inputs the step receives as one tensor are read through one placeholder. Tracing ``torch.optim``'s per-parameter loop repeats every computation on the
 hyperparameters once per parameter; after this pass it runs once per step::
 
     _to_copy_5 = aten._to_copy(h_betas_1, dtype=float32)      # parameter 0
@@ -18,10 +18,22 @@ for.
 Never merged: random ops (schema tag ``nondeterministic_seeded``: two dropouts draw two masks); ops whose
 schema writes to an argument, and values passed to one (none remain after ``functionalize``); impure
 nodes; calls of Python functions other than ``getitem``; a node from the user's code with one from the
-optimizer's (the ``safe_sqrt`` pass tells them apart); a step output (two state entries stay two tensors:
-``write_back`` may hand them to ``torch.optim``, which updates them in place); nodes whose unrollc marks
-differ (a detach that ends a ``torch.no_grad()`` block). Scalars are compared with their type (``1``,
+optimizer's (the ``safe_sqrt`` pass tells them apart); nodes whose unrollc marks differ (a detach that ends a ``torch.no_grad()`` block). Scalars are compared with their type (``1``,
 ``1.0`` and ``True`` promote differently) and floats bit for bit (``0.0`` is not ``-0.0``).
+
+Shared step counters. Each parameter has its own ``step`` tensor, so the bias corrections of Adam and its
+relatives (``1 - beta1 ** step``, ...) are per-parameter maths that nothing above can merge. But the
+counters are always equal: ``Stepper.init`` hands out one tensor for the equal counters, the graph cache
+keys on which optimizer-state inputs are the same tensor (``gm.meta["unrollc"]["aliased_inputs"]``:
+``{"0.bias.step": "0.weight.step", ...}``), and this pass reads them all through the first placeholder::
+
+    add = aten.add.Tensor(s_0_weight_step, 1)             add = aten.add.Tensor(s_0_weight_step, 1)
+    add_2 = aten.add.Tensor(s_0_bias_step, 1)      ->     # merged: one counter, one bias correction
+
+The merged counter is returned once for every parameter, so the next step receives one tensor again. Small
+constant tensors with equal values (the counters a fresh optimizer starts from) are merged the same way. A
+checkpointed unroll's taped re-runs keep the shared counter one leaf and credit its gradient to one
+position (``runtime/checkpointed.py``), so they run this graph too.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ from torch import fx
 from .schema import mutated_args
 from .strip_detach import written_by_user
 
-__all__ = ["cse", "cse_key", "is_step_output"]
+__all__ = ["cse", "cse_key"]
 
 
 class _Unhashable(Exception):
@@ -80,21 +92,36 @@ def cse_key(node: fx.Node) -> Hashable | None:
         return None
 
 
-def is_step_output(node: fx.Node) -> bool:
-    """Whether the step returns ``node`` itself: such a node is kept even when an identical one exists (two
-    state entries stay two tensors), while later duplicates may still read it."""
-    return any(user.op == "output" for user in node.users)
+def _merge_aliased_inputs(gm: fx.GraphModule) -> None:
+    aliases: dict[str, str] = gm.meta.get("unrollc", {}).get("aliased_inputs", {})
+    if not aliases:
+        return
+    by_name = {info.name: node for node in gm.graph.find_nodes(op="placeholder")
+               if (info := node.meta.get("unrollc")) is not None and getattr(info, "role", None) == "opt_state"}
+    for name, first in aliases.items():
+        if name in by_name and first in by_name:
+            by_name[name].replace_all_uses_with(by_name[first])
+
+
+def _constant_key(gm: fx.GraphModule, node: fx.Node) -> Hashable | None:
+    if node.op != "get_attr":
+        return None
+    value = getattr(gm, str(node.target), None)
+    if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.requires_grad or value.device.type == "meta":
+        return None
+    return ("constant", value.dtype, value.device, _freeze(value.item()))
 
 
 def cse(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace each node by the first identical one before it (see module docstring)."""
+    _merge_aliased_inputs(gm)
     seen: dict[Hashable, fx.Node] = {}
     for node in list(gm.graph.nodes):  # in order: a merged node's users are rewritten before their turn
-        key = cse_key(node)
+        key = cse_key(node) if node.op != "get_attr" else _constant_key(gm, node)
         if key is None:
             continue
         first = seen.setdefault(key, node)
-        if first is not node and not is_step_output(node):
+        if first is not node:
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
     gm.graph.lint()

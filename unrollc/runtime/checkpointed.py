@@ -54,6 +54,20 @@ def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
     return t.detach().requires_grad_(requires_grad and _differentiable(t))
 
 
+def _leaves(state: State, constant_positions: frozenset[int]) -> State:
+    """:func:`_leaf` of every state tensor; a tensor held at several positions (a shared step counter) becomes
+    one leaf, so that the taped steps see it as one tensor, as the forward sweep did."""
+    made: dict[tuple[int, bool], Tensor] = {}
+    out = []
+    for j, t in enumerate(state):
+        requires_grad = j not in constant_positions
+        key = (id(t), requires_grad)
+        if key not in made:
+            made[key] = _leaf(t, requires_grad)
+        out.append(made[key])
+    return tuple(out)
+
+
 @dataclass
 class _Tape:
     """The live graph of steps ``start..stop-1``: leaf inputs, the state at ``stop``, one loss per step."""
@@ -137,7 +151,7 @@ class _Runner:
         if self.tape is not None:
             raise InternalError("unrollc.checkpointed_unroll: a plan tapes while another tape is alive")
         with torch.enable_grad():
-            inputs = tuple(_leaf(t, j not in self.constant_positions) for j, t in enumerate(self.cur))
+            inputs = _leaves(self.cur, self.constant_positions)
             state, losses = inputs, []
             for i in range(action.start, action.stop):
                 state, loss = self.call(i, state, self.const_leaves)
@@ -165,8 +179,16 @@ class _Runner:
         if not outputs or not wrt:
             self.state_grad = [None] * len(tape.inputs)
             return
+        # One tensor at several positions (the parameters' shared step counter) is one leaf: its gradient is
+        # credited to its first position only, or the steps before would count it once per position.
+        wrt = list({id(t): t for t in wrt}.values())
         found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
-        self.state_grad = [next(found) if t.requires_grad else None for t in tape.inputs]
+        seen: set[int] = set()
+        self.state_grad = []
+        for t in tape.inputs:
+            first = t.requires_grad and id(t) not in seen
+            seen.add(id(t))
+            self.state_grad.append(next(found) if first else None)
         for j, c in enumerate(self.const_leaves):
             if c.requires_grad:
                 g = next(found)

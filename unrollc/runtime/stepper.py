@@ -8,7 +8,7 @@ import functools
 import inspect
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,10 @@ class Stepper:
         By default the parameters ARE the model's ``nn.Parameter`` s (so a meta-loss's ``backward()``
         fills ``model.weight.grad``), the buffers and optimizer state are copies of the model's and the
         optimizer's, and the hyperparameters are the optimizer's, as tensors — all as they are when
-        ``init`` is called (after eager training steps or an lr scheduler, their current values).
+        ``init`` is called (after eager training steps or an lr scheduler, their current values). Equal scalar
+        entries of one name in the optimizer state (the parameters' ``step`` counters) are one shared tensor, so
+        the step graph computes what depends on them (Adam's bias corrections) once; a state with separate
+        counters works too and gets its own graph.
 
         Args:
             params: overrides by name (tensors may require grad); unnamed parameters keep the model's.
@@ -134,8 +137,9 @@ class Stepper:
                     )
                 g[k] = _hyper_tensor(k, v, g[k])
         ids = self._param_ids
+        counters: dict[tuple, torch.Tensor] = {}
         state = {
-            ids[id(q)]: {k: _as_tensor(v).detach().clone() for k, v in st.items()}
+            ids[id(q)]: {k: _own_state_entry(k, v, counters) for k, v in st.items()}
             for q, st in self._opt.state.items() if id(q) in ids and st
         }
         t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
@@ -278,7 +282,9 @@ class Stepper:
     def _key(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> Any:
         p = tuple(input_layout(state.params[n]) for n in self._param_names)
         b = tuple(input_layout(state.buffers[n]) for n in self._buffer_names)
-        s = tuple((n, k, input_layout(v)) for n in sorted(state.opt_state) for k, v in sorted(state.opt_state[n].items()))
+        first: dict[int, int] = {}  # optimizer-state inputs that are one tensor (shared step counters) share a class
+        s = tuple((n, k, input_layout(v), first.setdefault(id(v), len(first)))
+                  for n in sorted(state.opt_state) for k, v in sorted(state.opt_state[n].items()))
         h = tuple((k, input_layout(v) if not isinstance(v, tuple) else tuple(map(input_layout, v))) for g in groups for k, v in sorted(g.items()))
         batch_leaves, batch_spec = tree_flatten(batch)
         meta_leaves, meta_spec = tree_flatten(tuple(meta))
@@ -364,6 +370,7 @@ class Stepper:
             "signature": captured.signature,
             "constants": captured.constants,
             "example_inputs": captured.example_inputs,
+            "aliased_inputs": _aliased_state(captured.signature.state_in, state.opt_state),
         }
         gm, graphs = run_pipeline(gm, keep=True, check=self.check)
         gm.meta["unrollc"].pop("constants", None)
@@ -423,6 +430,26 @@ class Stepper:
         for (n, k), v in zip(sig.state_out, outs[n_p + n_b : -1], strict=True):
             opt_state.setdefault(n, {})[k] = v
         return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
+
+
+def _own_state_entry(key: str, value: Any, shared: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    """A copy of one optimizer-state entry; equal scalar entries of one name (the parameters' step counters)
+    become one tensor, so that the step graph computes their bias corrections once (see passes/cse.py)."""
+    t = _as_tensor(value).detach().clone()
+    if t.dim() != 0:
+        return t
+    return shared.setdefault((key, t.dtype, t.device, t.item()), t)
+
+
+def _aliased_state(state_in: Sequence[tuple[str, str]], opt_state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
+    """``{"name.key": "first.key"}`` for optimizer-state inputs that are the same tensor as an earlier one."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for n, k in state_in:
+        name = first.setdefault(id(opt_state[n][k]), f"{n}.{k}")
+        if name != f"{n}.{k}":
+            aliases[f"{n}.{k}"] = name
+    return aliases
 
 
 def _as_tensor(v: Any) -> torch.Tensor:
