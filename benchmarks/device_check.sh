@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (device tool): the device tests, then the README's n=160 comparison on CUDA.
+# The one prepared GPU run (device tool): the README's n=160 comparison on CUDA, the device tests, then memory against n.
 #
 # The device image has its own torch (2.11 + CUDA 13, Python 3.12) and no network, so unrollc runs from the
 # checkout (PYTHONPATH) instead of `pip install -e .` (which would ask for torch==2.13.0), and higher comes
