@@ -72,13 +72,9 @@ def _no_mutation(gm: fx.GraphModule) -> list[str]:
 
 
 def _only_user_detach(gm: fx.GraphModule) -> list[str]:
-    from ..capture import stops_gradient
-    from ..passes.strip_detach import _DETACH, written_by_user
+    from ..passes.strip_detach import strippable
 
-    return [
-        f"`{n.name}` ({n.target}) was not written by the user nor ends a no_grad block"
-        for n in _calls(gm) if n.target in _DETACH and not written_by_user(n) and not stops_gradient(n)
-    ]
+    return [f"`{n.name}` ({n.target}) was not written by the user nor ends a no_grad block" for n in _calls(gm) if strippable(n)]
 
 
 def _no_profiler(gm: fx.GraphModule) -> list[str]:

@@ -1,8 +1,9 @@
 """cse: identical pure computations -> one node (common-subexpression elimination).
 
 Invariant established: no two nodes call the same deterministic, non-mutating operator on the same
-arguments, and inputs the step receives as one tensor are read through one placeholder. Tracing ``torch.optim``'s per-parameter loop repeats every computation on the
-hyperparameters once per parameter; after this pass it runs once per step::
+arguments, and inputs the step receives as one tensor are read through one placeholder. Tracing
+``torch.optim``'s per-parameter loop repeats every computation on the hyperparameters once per parameter;
+after this pass it runs once per step::
 
     _to_copy_5 = aten._to_copy(h_betas_1, dtype=float32)      # parameter 0
     mul = aten.mul.Tensor(s_0_weight_exp_avg_sq, _to_copy_5)
@@ -10,16 +11,17 @@ hyperparameters once per parameter; after this pass it runs once per step::
     mul_3 = aten.mul.Tensor(s_0_bias_exp_avg_sq, _to_copy_12)  ->  mul_3 = aten.mul.Tensor(..., _to_copy_5)
 
 (Adam on a 3-layer MLP, 6 parameters: 190 ops -> 149.) A merged node computes the same value with the
-same derivative: parameters and optimizer state are bit-identical; a meta-gradient w.r.t. a hyperparameter
-sums its per-parameter contributions in another order (equal up to rounding). What changes is the number
+same derivative: parameters and optimizer state are bit-identical; meta-gradients are equal up to float
+rounding (the backward sums a shared node's contributions in another order). What changes is the number
 of ops each step runs and records for the backward, which is what a launch-bound GPU or a small model pays
 for.
 
 Never merged: random ops (schema tag ``nondeterministic_seeded``: two dropouts draw two masks); ops whose
 schema writes to an argument, and values passed to one (none remain after ``functionalize``); impure
 nodes; calls of Python functions other than ``getitem``; a node from the user's code with one from the
-optimizer's (the ``safe_sqrt`` pass tells them apart); nodes whose unrollc marks differ (a detach that ends a ``torch.no_grad()`` block). Scalars are compared with their type (``1``,
-``1.0`` and ``True`` promote differently) and floats bit for bit (``0.0`` is not ``-0.0``).
+optimizer's (the ``safe_sqrt`` pass tells them apart); nodes whose unrollc marks differ (a detach that
+ends a ``torch.no_grad()`` block). Scalars are compared with their type (``1``, ``1.0`` and ``True``
+promote differently) and floats bit for bit (``0.0`` is not ``-0.0``).
 
 Shared step counters. Each parameter has its own ``step`` tensor, so the bias corrections of Adam and its
 relatives (``1 - beta1 ** step``, ...) are per-parameter maths that nothing above can merge. But the
@@ -104,8 +106,7 @@ def _merge_aliased_inputs(gm: fx.GraphModule) -> None:
 
 
 def _constant_key(gm: fx.GraphModule, node: fx.Node) -> Hashable | None:
-    if node.op != "get_attr":
-        return None
+    """A ``get_attr`` of a 0-dim constant tensor: keyed by its value (equal constants are one node)."""
     value = getattr(gm, str(node.target), None)
     if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.requires_grad or value.device.type == "meta":
         return None

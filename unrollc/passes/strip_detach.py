@@ -25,9 +25,7 @@ from torch import fx
 from ..capture import DETACH_OPS, stops_gradient
 from ..errors import user_frame
 
-__all__ = ["strip_detach", "written_by_user"]
-
-_DETACH = DETACH_OPS
+__all__ = ["strip_detach", "strippable", "written_by_user"]
 
 
 def written_by_user(node: fx.Node) -> bool:
@@ -50,10 +48,15 @@ def _parse(trace: str) -> list[traceback.FrameSummary]:
     return frames
 
 
+def strippable(node: fx.Node) -> bool:
+    """A ``detach``/``alias`` that autograd or the optimizer inserted: not the user's, not the end of a no_grad block."""
+    return node.op == "call_function" and node.target in DETACH_OPS and not written_by_user(node) and not stops_gradient(node)
+
+
 def strip_detach(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace autograd- and optimizer-inserted ``detach``/``alias`` nodes by their input."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _DETACH and not written_by_user(node) and not stops_gradient(node):
+        if strippable(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.graph.lint()

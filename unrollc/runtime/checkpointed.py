@@ -175,26 +175,18 @@ class _Runner:
                 if loss.requires_grad:
                     outputs.append(loss)
                     grads.append(self.loss_grads[i])
-        wrt = [t for t in (*tape.inputs, *self.const_leaves) if t.requires_grad]
+        # One tensor at several positions (the parameters' shared step counter) is one leaf: its gradient is
+        # credited to its first position only (pop), or the steps before would count it once per position.
+        wrt = {id(t): t for t in (*tape.inputs, *self.const_leaves) if t.requires_grad}
         if not outputs or not wrt:
             self.state_grad = [None] * len(tape.inputs)
             return
-        # One tensor at several positions (the parameters' shared step counter) is one leaf: its gradient is
-        # credited to its first position only, or the steps before would count it once per position.
-        wrt = list({id(t): t for t in wrt}.values())
-        found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
-        seen: set[int] = set()
-        self.state_grad = []
-        for t in tape.inputs:
-            first = t.requires_grad and id(t) not in seen
-            seen.add(id(t))
-            self.state_grad.append(next(found) if first else None)
+        got = dict(zip(wrt, torch.autograd.grad(outputs, list(wrt.values()), grads, allow_unused=True), strict=True))
+        self.state_grad = [got.pop(id(t), None) for t in tape.inputs]
         for j, c in enumerate(self.const_leaves):
-            if c.requires_grad:
-                g = next(found)
-                if g is not None:
-                    self.const_grads[j] = g if self.const_grads[j] is None else self.const_grads[j] + g
-
+            g = got.pop(id(c), None)
+            if g is not None:
+                self.const_grads[j] = g if self.const_grads[j] is None else self.const_grads[j] + g
 
 def _forward_sweep(step_fn: StepFn, plan: Plan, stats: ExecutionStats, state0: State, consts: State,
                    const_needs: Sequence[bool]) -> tuple[_Runner, State]:
