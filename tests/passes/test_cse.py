@@ -113,6 +113,29 @@ def test_step_counters_are_one_tensor_and_bias_corrections_run_once(warm):
         f"{n}.step": "0.weight.step" for n in ("0.bias", "2.weight", "2.bias")}
 
 
+@pytest.mark.parametrize("checkpoint", [None, 2, "sqrt", "binomial"])
+def test_an_unrolls_final_state_keeps_one_counter_tensor(checkpoint):
+    """The state an unroll returns shares one step counter, whatever the schedule: a checkpointed unroll's
+    executor hands its outputs back as separate tensors, and continuing from them would trace (and then run)
+    the graph for separate counters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01),
+                              lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    lr = torch.tensor(0.01, requires_grad=True)
+    state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+    assert len(_step_ids(state)) == 1
+    traced = stepper.trace_count
+    after = stepper.unroll(state, batches, checkpoint=checkpoint)
+    assert stepper.trace_count == traced  # the shared-counter graph of the first unroll's later steps
+    assert len(_step_ids(after)) == 1 and float(next(iter(after.opt_state.values()))["step"].detach()) == 10
+    (g,) = torch.autograd.grad(stepper.forward(after, batches[0][0]).square().sum(), lr)
+    plain = stepper.unroll(stepper.unroll(stepper.init(hyper={"lr": lr}), batches), batches)
+    (expected,) = torch.autograd.grad(stepper.forward(plain, batches[0][0]).square().sum(), lr)
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_counters_that_differ_get_their_own_graph_and_torch_optims_result(float64):
     """A state whose counters are separate tensors with different values (set by hand) must not run the graph
     traced for one shared counter: it is keyed apart, and each parameter gets the bias correction of its own

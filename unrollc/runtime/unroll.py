@@ -98,7 +98,9 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         with stepper._modes_pinned(modes):  # recomputed in backward after a model.eval(): still the train graph
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
         layouts[i + 1] = _state_keys(new)
-        return pack(new), new.loss
+        packed = pack(new)
+        shared[i + 1] = _first_positions(packed)
+        return packed, new.loss
 
     # Buffers are carried without gradient (BatchNorm's running stats), unless the user made one a learned
     # input (init(buffers={name: tensor requiring grad})) or the step computes it differentiably from the
@@ -108,10 +110,20 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
         len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
     )
+    shared: dict[int, tuple[int, ...]] = {}  # per step, each state position's first position holding its tensor
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
+    # One tensor at several positions (the shared step counters) comes out of the autograd.Function as
+    # separate tensors; sharing it again keeps the next step on the graph traced for shared counters.
+    final = tuple(final[j] for j in shared[n])
     out = unpack(n, final, state.hyper, state.t + n)
     out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
+
+
+def _first_positions(flat: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    """For each position, the first position holding the same tensor object."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(t), j) for j, t in enumerate(flat))
 
 
 _DIFFERENTIATED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset[str], frozenset[str]]]" = (
