@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -191,3 +193,56 @@ def test_refused_optimizers_name_themselves_and_say_why(cls):
     with pytest.raises(unrollc.UnsupportedOptimizerError, match=cls.__name__) as info:
         unrollc.compile(model, opt, mse)
     assert "use" in str(info.value)
+
+
+class _CountingSGD(torch.optim.Optimizer):
+    """A user's optimizer that keeps a Python number in its state (lr / sqrt(k) after k steps)."""
+
+    note = None
+
+    def __init__(self, params, lr=0.1, beta=0.9):
+        super().__init__(params, dict(lr=lr, beta=beta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"], st["k"] = torch.zeros_like(p), 0
+                    if self.note is not None:
+                        st["note"] = self.note
+                st["k"] += 1
+                st["buf"].mul_(group["beta"]).add_(p.grad)
+                p.add_(st["buf"], alpha=-group["lr"] / st["k"] ** 0.5)
+
+
+def test_a_number_in_a_custom_optimizers_state_is_carried_as_a_tensor(float64):
+    """A fresh custom optimizer's `state["k"] = 0; state["k"] += 1` is carried to the next step (not dropped,
+    which made the second step fail or start over), and the trajectory is the eager one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(4)]
+    twin = copy.deepcopy(model)
+    stepper = unrollc.compile(model, _CountingSGD(model.parameters()), mse)
+    state = stepper.init()
+    eager = _CountingSGD(twin.parameters())
+    for batch in batches:
+        state = stepper.step(state, batch)
+        eager.zero_grad()
+        mse(twin, batch).backward()
+        eager.step()
+    for n, p in twin.named_parameters():
+        torch.testing.assert_close(state.params[n], p.detach(), rtol=1e-12, atol=1e-14)
+        assert float(state.opt_state[n]["k"]) == 4
+
+
+class _NotingSGD(_CountingSGD):
+    note = "started"
+
+
+def test_a_non_number_in_a_custom_optimizers_state_is_refused():
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, _NotingSGD(model.parameters()), mse)
+    with pytest.raises(unrollc.CaptureError, match=r"_NotingSGD.step\(\) stored 'note' = 'started' \(str\).*Store it as a tensor"):
+        stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))

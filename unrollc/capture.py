@@ -209,8 +209,25 @@ class ShadowOptimizer:
         with _compiling(), self.tracker:
             self.optimizer.step()
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
+        for n, st in new.items():
+            for k, v in st.items():
+                if not isinstance(v, torch.Tensor):
+                    st[k] = self._state_tensor(n, k, v)
         self.state_out[:] = [(n, k) for n in new for k in sorted(new[n]) if isinstance(new[n][k], torch.Tensor)]
         return [new[n][k] for n, k in self.state_out]
+
+    def _state_tensor(self, name: str, key: str, value: Any) -> torch.Tensor:
+        """A number a custom optimizer keeps in its state (``state["k"] += 1``) as a float32 tensor, as
+        ``Stepper.init`` carries a warm optimizer's: the step graph carries the state as tensors."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return torch.tensor(float(value), dtype=torch.float32)
+        raise CaptureError(
+            f"{self.api}: {type(self.optimizer).__name__}.step() stored {key!r} = {value!r} "
+            f"({type(value).__name__}) in the state of parameter {name!r}; the step graph carries optimizer "
+            "state as tensors (numbers become float32 tensors), so this value would be frozen at what it was "
+            f"when traced. Store it as a tensor, e.g. state[{key!r}] = torch.tensor(...), or keep it in the "
+            "parameter group (param_groups entries are hyperparameters and static options)."
+        )
 
     def trace(self, fn: Callable[..., list[torch.Tensor]], inputs: Sequence[torch.Tensor], decompositions: Mapping | None = None) -> fx.GraphModule:
         """``make_fx(fn)(*inputs)``; a failure becomes a :class:`CaptureError` naming the user's (or the

@@ -246,3 +246,47 @@ def test_modules_and_apply_reach_the_layers(lib):
     fmodel(torch.randn(8, 4))
     running_mean = dict(fmodel.named_buffers())["1.running_mean"]
     assert torch.equal(running_mean, torch.zeros(3))  # eval mode: the running statistics did not move
+
+
+class _WithLock(nn.Module):
+    """A module ``copy.deepcopy`` refuses: a lock in a private attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.drop = nn.Dropout(0.5)
+        self._lock = __import__("threading").Lock()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.drop(self.layer(x)) * self.scale
+
+
+def test_a_module_deepcopy_refuses_is_not_changed_through_the_functional_module(lib):
+    """fmodel.eval() and attribute assignment act on the functional module's own structure, as in higher, even
+    when the user's module cannot be deep-copied; the weights still reach the user's parameters."""
+    torch.manual_seed(0)
+    model = _WithLock()
+    x = torch.randn(4, 3)
+    with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (fmodel, diffopt):
+        fmodel.eval()
+        fmodel.scale = 5.0
+        diffopt.step(fmodel(x).square().sum())
+        out = fmodel(x)
+    assert model.training and model.drop.training and model.scale == 1.0
+    expected_w = model.layer.weight - 0.1 * 2 * 5.0 * (5.0 * model.layer(x)).T @ x
+    torch.testing.assert_close(out, F.linear(x, expected_w, model.layer.bias - 0.1 * 2 * 25.0 * model.layer(x).sum(0)) * 5.0)
+    (g,) = torch.autograd.grad(out.sum(), [model.layer.bias])
+    assert g is not None
+
+
+def test_a_step_after_the_context_exits_is_refused():
+    """Leaving innerloop_ctx detaches the optimizer state (to free the unrolled graph); a later step would lose
+    the path through it (momentum), so it raises instead of giving a wrong meta-gradient."""
+    model = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    with uh.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).square().mean())
+    with pytest.raises(RuntimeError, match=r"DifferentiableOptimizer.step: the innerloop_ctx .* has exited"):
+        diffopt.step(fmodel(x).square().mean())
+    fmodel(x)  # the latest weights stay usable for a meta-loss

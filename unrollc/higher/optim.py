@@ -87,6 +87,7 @@ class DifferentiableOptimizer:
         self._first_order_links: list[torch.Tensor | None] | None = None
         self._base_spec: OptimizerSpec | None = None
         self._n_params = len(reference_params)
+        self._released = False
 
     # ----------------------------------------------------------------------------------- higher API
     def _apply_override(self, override: _OverrideType) -> None:
@@ -115,6 +116,14 @@ class DifferentiableOptimizer:
         Returns:
             The updated weights (the functional module's fast weights are updated with them too).
         """
+        if getattr(self, "_released", False):
+            raise RuntimeError(
+                "DifferentiableOptimizer.step: the innerloop_ctx that made this optimizer has exited, and leaving it "
+                "released the graph of the optimizer state (momentum buffers, Adam's moments) to free memory, so a "
+                "step now would not differentiate through the steps before it. Take every step inside the "
+                "`with innerloop_ctx(...)` block, or build the optimizer with higher.get_diff_optim(...), which is "
+                "not tied to a context."
+            )
         if override is not None:
             self._apply_override(override)
         explicit = params is not None
@@ -230,6 +239,7 @@ class DifferentiableOptimizer:
                 per_group[i] = _utils._recursive_map(st, lambda x: x.detach() if isinstance(x, torch.Tensor) else x)
         for group in self.param_groups:
             group["params"] = [None] * len(group["params"])
+        self._released = True
 
     def write_back(self, opt: torch.optim.Optimizer | None = None) -> None:
         """Copy the optimizer state (moments, step counts, ...) into ``opt`` (default: the optimizer this one

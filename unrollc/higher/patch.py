@@ -42,6 +42,23 @@ _INTERNAL = frozenset(
 )
 
 
+def _module_tree_copy(module: nn.Module) -> nn.Module:
+    """New module objects with the structure of ``module``, sharing every attribute value (parameters, buffers,
+    private attributes that :func:`copy.deepcopy` refuses): ``train()``/``eval()``, attribute assignment and
+    reparametrization on the copy leave the user's module as it is, as a deep copy would."""
+    copies: dict[int, nn.Module] = {}
+
+    def tree(m: nn.Module) -> nn.Module:
+        if id(m) not in copies:  # a submodule registered twice stays one module
+            new = copies[id(m)] = copy.copy(m)
+            new._parameters = dict(m._parameters)
+            new._buffers = dict(m._buffers)
+            new._modules = {k: None if c is None else tree(c) for k, c in m._modules.items()}
+        return copies[id(m)]
+
+    return tree(module)
+
+
 class FunctionalModule(nn.Module):
     """The functional version of a module returned by :func:`monkeypatch` (``higher``'s ``fmodel``).
 
@@ -61,8 +78,8 @@ class FunctionalModule(nn.Module):
                     shared[id(value)] = value
         try:
             structure = copy.deepcopy(module, memo=dict(shared))
-        except Exception:  # noqa: BLE001 - an uncopyable module: reparametrize the original in place
-            structure = module
+        except Exception:  # noqa: BLE001 - e.g. a lock or a file handle in a private attribute
+            structure = _module_tree_copy(module)
         object.__setattr__(self, "_module", structure)
         object.__setattr__(self, "_original", module)
         object.__setattr__(self, "_param_names", names)
