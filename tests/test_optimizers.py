@@ -246,3 +246,24 @@ def test_a_non_number_in_a_custom_optimizers_state_is_refused():
     stepper = unrollc.compile(model, _NotingSGD(model.parameters()), mse)
     with pytest.raises(unrollc.CaptureError, match=r"_NotingSGD.step\(\) stored 'note' = 'started' \(str\).*Store it as a tensor"):
         stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))
+
+
+@pytest.mark.parametrize("cls,kwargs,key,value", [
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "nesterov", True),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "maximize", True),
+    (torch.optim.Adam, {"lr": 0.01}, "amsgrad", True),
+], ids=["nesterov", "maximize", "amsgrad"])
+def test_a_static_option_changed_after_compile_is_read_by_init(cls, kwargs, key, value, float64):
+    """init() reads the optimizer as it is now: a static option switched in param_groups after compile (and
+    after a step traced the old code path) gives eager torch.optim's trajectory with the new option."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(4)]
+    opt = cls(model.parameters(), **kwargs)
+    stepper = unrollc.compile(model, opt, mse)
+    stepper.unroll(stepper.init(), batches)  # traced with the old option
+    opt.param_groups[0][key] = value
+    ref = eager_trajectory(model, cls(model.parameters(), **kwargs, **{key: value}), mse, batches)
+    state = stepper.unroll(stepper.init(), batches)
+    for n, p in ref[-1][0].items():
+        torch.testing.assert_close(state.params[n], p, rtol=1e-12, atol=1e-14)

@@ -24,6 +24,7 @@ from torch import nn
 
 import unrollc
 
+from .errors import CaptureError
 from .inspect import annotated_code, draw, explain
 
 
@@ -85,14 +86,18 @@ def run_explain(args: argparse.Namespace) -> int:
             f"got {type(stepper).__name__}."
         )
     if rest and len(rest) < 2:
-        raise SystemExit("python -m unrollc explain: a returned tuple must be (stepper, state, batch, *meta).")
+        raise SystemExit(
+            "python -m unrollc explain: a returned tuple must be (stepper, state, batch, *meta), got a tuple of "
+            f"{len(rest) + 1}."
+        )
     try:
         report = explain(stepper, *rest)
-    except RuntimeError as exc:  # a bare stepper that has not run a step: say what to return instead
-        raise SystemExit(
-            f"python -m unrollc explain: {exc} From the command line: return (stepper, state, batch, *meta) from "
+    except RuntimeError as exc:  # a capture failure (CaptureError), or a bare stepper that has not run a step
+        hint = "" if rest or isinstance(exc, CaptureError) else (
+            f" From the command line: return (stepper, state, batch, *meta) from "
             f"{args.target.rsplit(':', 1)[-1]}(), or run one step before returning the stepper."
-        ) from None
+        )
+        raise SystemExit(f"python -m unrollc explain: {exc}{hint}") from None
     print(report)
     if args.graph:
         if args.graph not in stepper.graphs:

@@ -126,7 +126,18 @@ def _batch_norm(input, weight, bias, running_mean, running_var, training, moment
     )
 
 
-_DECOMPOSITIONS = {torch.ops.aten.native_batch_norm.default: _batch_norm}
+def _weight_norm(v, g, dim=0):  # noqa: ANN001, ANN202
+    # The fused kernel's double backward is wrong on CPU (torch.autograd.gradgradcheck of
+    # torch._weight_norm(v, g, 0) fails in torch 2.13), which made meta-gradients through weight_norm(dim=0)
+    # ~0.2% off; torch's own composite path (other dims) is this formula, and its derivatives are exact.
+    norm = torch.norm_except_dim(v, 2, dim)
+    return v * (g / norm), norm
+
+
+_DECOMPOSITIONS = {
+    torch.ops.aten.native_batch_norm.default: _batch_norm,
+    torch.ops.aten._weight_norm_interface.default: _weight_norm,
+}
 
 
 def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tuple[str, torch.Tensor]]:

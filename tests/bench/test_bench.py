@@ -212,6 +212,7 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
         (["--slots", "0"], "argument --slots: must be >= 1"),
         (["--plot", "x.txt"], "cannot write a plot to 'x.txt': matplotlib writes"),
         (["--figures", "--n", "4", "--optimizer", "adam"], "leave out --optimizer --n"),
+        (["--figures", "--slots", "3"], "leave out --slots"),  # the README's binomial(8) sweep stays binomial(8)
     ]:
         if "--plot" in argv:
             pytest.importorskip("matplotlib")
@@ -220,6 +221,7 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
         assert info.value.code == 2 and message in capsys.readouterr().err, argv
     args = parse_args(["--quick", "--n", "5", "5", "--schedules", "none", "--slots", "2"])  # explicit options win
     assert (args.workload, args.n, args.schedules, args.slots, args.every_k) == ("mlp-small", [5], ["none"], 2, 3)
+    assert parse_args(["--quick", "--jobs", "1"]).jobs == 1 and parse_args(["--quick"]).jobs == 2
     assert parse_args(["--plot", "out/fig"]).plot == "out/fig.png"  # the path the plot is written to
     assert parse_args([]).n == [16, 64, 160] and parse_args([]).workload == "mlp"
 
@@ -234,3 +236,16 @@ def test_budget_schedule_runs_the_schedule_its_plan_picks() -> None:
     assert f"budget: {res.resolved}" in table([res])
     with pytest.raises(ValueError, match="schedule 'budget' for method 'eager'"):
         Config("mlp-small", "sgd", 6, "eager", "budget")
+
+
+def test_plot_of_results_with_no_measured_peak(tmp_path) -> None:
+    """On a tiny workload peak RSS can be 0 for every configuration: the plot is still written, with the
+    memory panel saying it has nothing to show (a log axis over no positive value raised in matplotlib)."""
+    pytest.importorskip("matplotlib")
+    from unrollc.bench.report import plot
+    from unrollc.bench.runner import Config, Result
+
+    results = [Result(Config("mlp-small", "sgd", n, "unrollc", "sqrt"), time_s=0.01 * n, peak_bytes=0) for n in (3, 5)]
+    path = tmp_path / "zero.png"
+    plot(results, str(path), title="no peaks")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,6 +26,18 @@ SCRIPT = textwrap.dedent(
 
     def untraced_stepper():
         return make()[0]
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    def branchy():
+        model = nn.Sequential(nn.Linear(2, 1), Branchy())
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).sum())
+        return stepper, stepper.init(), torch.randn(4, 2)
+
+    def short_tuple():
+        return make()[:2]
     """
 )
 
@@ -48,6 +60,18 @@ def test_explain_refuses_what_is_not_a_stepper(tmp_path):
         main(["explain", str(script)])
     with pytest.raises(SystemExit, match=r"has not traced a step.*return \(stepper, state, batch, \*meta\) from untraced_stepper"):
         main(["explain", f"{script}:untraced_stepper"])
+    with pytest.raises(SystemExit, match=r"must be \(stepper, state, batch, \*meta\), got a tuple of 2"):
+        main(["explain", f"{script}:short_tuple"])
+
+
+def test_a_capture_failure_is_reported_without_advice_that_does_not_apply(tmp_path):
+    """The function already returns (stepper, state, batch): the message is the capture error alone."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    with pytest.raises(SystemExit) as info:
+        main(["explain", f"{script}:branchy"])
+    message = str(info.value)
+    assert "train.py" in message and "torch.where" in message and "From the command line" not in message
 
 
 def test_demo_prints_the_meta_gradient_and_the_report(capsys):

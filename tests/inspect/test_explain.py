@@ -68,6 +68,10 @@ def test_explain_traces_when_given_a_state_and_batch():
     with pytest.raises(RuntimeError, match=r"has not traced a step yet.*unrollc.explain\(stepper, state, batch\)"):
         explain(stepper)
     torch.manual_seed(0)
+    with pytest.raises(TypeError, match=r"unrollc.explain: give both `state` and `batch`.*got a state without a batch"):
+        explain(stepper, stepper.init())
+    with pytest.raises(TypeError, match=r"Stepper.trace: expected an UnrollState as `state`.*got str"):
+        explain(stepper, "state", (torch.randn(4, 2), torch.randn(4, 1)))
     report = explain(stepper, stepper.init(), (torch.randn(4, 2), torch.randn(4, 1)))
     assert report.inputs["param"] == 4
 

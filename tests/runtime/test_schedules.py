@@ -76,6 +76,8 @@ def test_binomial_cost_expr() -> None:
     r = sympy.Symbol("r", integer=True, nonnegative=True)
     n = sympy.Symbol("n", integer=True, positive=True)
     assert cost.evaluations.subs({n: 100, r: 3}) == 322
+    for steps in (1, 2, 3, 9, 11, 100):  # more slots than n - 1 are never used
+        assert cost.peak_states.subs(n, steps) == Binomial(slots=10).plan(steps).peak_states
     with pytest.raises(ValueError, match="give Binomial"):
         Binomial().cost_expr()
 

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
 }
-FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules")
+FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib")
 
 
 def _at_least(lowest: float, kind: type = int) -> Callable[[str], Any]:
@@ -102,8 +102,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.quick:
-        args.jobs = max(args.jobs, 2)
     args.n = list(dict.fromkeys(args.n))  # --n 4 4 runs n=4 once
     try:
         args.plot = plot_path(args.plot or os.path.join(args.out_dir, "bench.png"))

@@ -186,15 +186,21 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
         rs = sorted(rs, key=lambda r: r.config.n)
         # a peak of 0 bytes is below what peak RSS resolves on a small workload: no point, not a fake 1 byte
         mem = [(r.config.n, r.peak_bytes / MIB) for r in rs if r.peak_bytes]
-        ax_mem.plot([n for n, _ in mem], [m for _, m in mem], marker="o", label=key)
-        ax_time.plot([r.config.n for r in rs], [r.time_s for r in rs], marker="o", label=key)
+        if mem:
+            ax_mem.plot([n for n, _ in mem], [m for _, m in mem], marker="o", label=key)
+        times = [(r.config.n, r.time_s) for r in rs if r.time_s]
+        if times:
+            ax_time.plot([n for n, _ in times], [t for _, t in times], marker="o", label=key)
     for ax, what in ((ax_mem, "peak memory (MiB)"), (ax_time, "unroll + meta-backward (s)")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if ax.has_data():  # a log axis needs a positive value; an empty panel says why it is empty
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "nothing measured above 0", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("unrolled steps n")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
-    if lines:
+    if ax_time.has_data():
         ax_time.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -1,8 +1,8 @@
 """``unrollc.explain(stepper)``: what each pass of the pipeline did to the step graph, and what a step costs.
 
 The report is built from the graphs the stepper keeps after every pass (``stepper.graphs``: ``"captured"``,
-``"after lift_inputs"``, ``"after functionalize"``, ``"after strip_detach"``, ``"after strip_profiler"``,
-``"after remove_copies"``, ``"after eliminate_dead_code"``), so it describes the most recent trace.
+then ``"after <pass>"`` for each pass of :data:`unrollc.passes.PIPELINE`, ``"after lift_inputs"`` to
+``"after safe_sqrt"``), so it describes the most recent trace.
 Bytes and FLOPs come from :class:`unrollc.analysis.cost.CostModel` when it is available, else from a
 simple estimate over the nodes' ``meta["val"]`` (marked as such).
 """
@@ -237,7 +237,12 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
             f"unrollc.explain: expected the Stepper returned by unrollc.compile(model, opt, loss_fn), got "
             f"{type(stepper).__name__}."
         )
-    if state is not None and batch is not None:
+    if (state is None) != (batch is None):
+        raise TypeError(
+            "unrollc.explain: give both `state` and `batch` (the graph depends on the batch's shapes), or neither "
+            f"to explain the most recent step; got {'a state without a batch' if batch is None else 'a batch without a state'}."
+        )
+    if state is not None:
         stepper.trace(state, batch, *meta)
     if getattr(stepper, "_last", True) is None:
         raise RuntimeError(

@@ -368,7 +368,7 @@ class Binomial:
             raise ValueError("unrollc.Binomial.cost_expr: slots=None depends on n; give Binomial(slots=s).")
         r = sympy.Symbol("r", integer=True, nonnegative=True)
         s = self.slots
-        return CostExpr(N + r * N - sympy.binomial(s + r, s + 1), sympy.Integer(s), sympy.Integer(1))
+        return CostExpr(N + r * N - sympy.binomial(s + r, s + 1), sympy.Min(s, sympy.Max(N - 1, 1)), sympy.Integer(1))
 
 
 @dataclass(frozen=True)

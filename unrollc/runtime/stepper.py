@@ -67,6 +67,7 @@ class Stepper:
         self._param_set, self._buffer_set = frozenset(self._param_names), frozenset(self._buffer_names)
         ids = {id(p): n for n, p in named.items()}
         self._spec = OptimizerSpec.from_optimizer(opt, ids)
+        self._static = self._spec.static  # the optimizer's static options as last read (see init)
         in_opt = {n for names in self._spec.group_params for n in names}
         self._in_opt = frozenset(in_opt)
         self._model_params = tuple(named.values())
@@ -90,7 +91,8 @@ class Stepper:
         By default the parameters ARE the model's ``nn.Parameter`` s (so a meta-loss's ``backward()``
         fills ``model.weight.grad``), the buffers and optimizer state are copies of the model's and the
         optimizer's, and the hyperparameters are the optimizer's, as tensors — all as they are when
-        ``init`` is called (after eager training steps or an lr scheduler, their current values). Equal scalar
+        ``init`` is called (after eager training steps or an lr scheduler, their current values; a changed
+        static option such as ``nesterov`` or ``maximize`` re-traces). Equal scalar
         entries of one name in the optimizer state (the parameters' ``step`` counters) are one shared tensor, so
         the step graph computes what depends on them (Adam's bias corrections) once; a state with separate
         counters works too and gets its own graph.
@@ -117,6 +119,7 @@ class Stepper:
                 f"Stepper.init: the optimizer has {len(self._opt.param_groups)} parameter groups now but had "
                 f"{len(self._spec.hyper)} at unrollc.compile; compile again after add_param_group."
             )
+        self._reread_static_options()
         groups = [
             {k: _hyper_tensor(k, group.get(k, v)) for k, v in g.items()}
             for g, group in zip(self._spec.hyper, self._opt.param_groups, strict=True)
@@ -145,6 +148,15 @@ class Stepper:
         t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
         return UnrollState(p, b, state, groups_to_hyper(groups), t=t0)
 
+    def _reread_static_options(self) -> None:
+        """Take the optimizer's static options (``nesterov``, ``maximize``, ``amsgrad``, ...) as they are now: one
+        changed since compile (or the last init) selects other code in ``step()``, so the graphs traced with the
+        old value are dropped, as eager torch.optim would run the new one from its next step."""
+        now = OptimizerSpec.from_optimizer(self._opt, self._param_ids)
+        if now.static != self._static:
+            self._spec, self._static = now, now.static
+            self._cache.clear()
+
     # ------------------------------------------------------------------------------------------ step
     def step(self, state: UnrollState, batch: Any, *meta: Any) -> UnrollState:
         """One differentiable training step: forward, gradient and the optimizer's update."""
@@ -169,6 +181,7 @@ class Stepper:
         """The step graph for the layout (shapes, dtypes, devices) of ``state``, ``batch`` and ``meta``,
         traced now if it is new, without running a step (tracing draws no random numbers either).
         :attr:`graph`, :attr:`graphs` and ``unrollc.explain(stepper)`` then show it."""
+        self._check_state("Stepper.trace", state)
         meta = bind_modules(meta)
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         return self._lookup(state, groups, batch, meta).gm
