@@ -65,6 +65,8 @@ def test_wrong_inputs_are_refused_with_the_api_and_the_fix():
     cases = [
         (lambda: stepper.init(params={"0.weight": torch.randn(3, 3)}), ValueError, r"params\['0.weight'\] has shape \(3, 3\) but the model's has \(8, 4\)"),
         (lambda: stepper.init(params=[torch.randn(8, 4)]), TypeError, "expected `params` to be a mapping"),
+        (lambda: stepper.init(params={"0.weight": torch.zeros(8, 4, dtype=torch.long)}), TypeError,
+         r"params\['0.weight'\] has dtype torch.int64 but the model's is torch.float32"),
         (lambda: stepper.init(hyper={"lr": [0.1]}), TypeError, "'lr' must be a float or a 0-dim tensor, got list"),
         (lambda: stepper.init(hyper={"lr": torch.tensor([0.1, 0.2])}), ValueError, "'lr' must be a scalar .* shape \\(2,\\)"),
         (lambda: stepper.step({"params": {}}, batch), TypeError, "Stepper.step: expected an UnrollState"),

@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default 1; --figures uses 3): robust ratios on a shared machine")
     p.add_argument("--threads", type=_at_least(0), default=1,
                    help="torch intra-op threads in each worker (default 1: stable timings on a shared machine; 0 = torch's default)")
-    p.add_argument("--no-saved-bytes", action="store_true", help="skip the extra run counting bytes saved for backward")
+    p.add_argument("--no-saved-bytes", action="store_true", help="skip the extra run counting bytes saved for backward (and FLOPs)")
     p.add_argument("--jobs", type=positive,
                    help="configurations run at once (default 1; more skews timings, --quick uses 2)")
     p.add_argument("--memory-jobs", type=positive,

@@ -656,6 +656,11 @@ def _same_shape(kind: str, name: str, value: Any, like: torch.Tensor) -> torch.T
             f"Stepper.init: {kind}[{name!r}] has shape {tuple(value.shape)} but the model's has {tuple(like.shape)}; "
             "pass a tensor of the model's shape."
         )
+    if (value.is_floating_point(), value.is_complex()) != (like.is_floating_point(), like.is_complex()):
+        raise TypeError(
+            f"Stepper.init: {kind}[{name!r}] has dtype {value.dtype} but the model's is {like.dtype}; pass a tensor "
+            f"of the model's kind of dtype, e.g. value.to({like.dtype})."
+        )
     return value
 
 
