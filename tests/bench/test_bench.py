@@ -44,6 +44,8 @@ def test_every_configuration_ran(quick_run: tuple[subprocess.CompletedProcess[st
     results = _results(out)
     labels = {r["label"] for r in results}
     assert {"unrollc/none", "unrollc/sqrt", "unrollc/binomial", "unrollc/every-k", "eager"} <= labels
+    budget = {r["n"]: r["resolved"] for r in results if r["schedule"] == "budget"}
+    assert budget == {4: "EveryK(k=2)", 8: "Binomial(slots=4)"}  # --quick's budget makes a real choice
     for r in results:
         if r["method"] == "higher" and r["status"] == "not installed":
             continue
@@ -213,6 +215,7 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
         (["--plot", "x.txt"], "cannot write a plot to 'x.txt': matplotlib writes"),
         (["--figures", "--n", "4", "--optimizer", "adam"], "leave out --optimizer --n"),
         (["--figures", "--slots", "3"], "leave out --slots"),  # the README's binomial(8) sweep stays binomial(8)
+        (["--json", "."], "--json '.' is a folder; give a file path"),
     ]:
         if "--plot" in argv:
             pytest.importorskip("matplotlib")

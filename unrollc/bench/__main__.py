@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
+    "budget_mib": 0.3,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(4))
 }
 FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib")
 
@@ -103,6 +104,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.n = list(dict.fromkeys(args.n))  # --n 4 4 runs n=4 once
+    for option in ("csv", "json"):  # checked before the run, not after it
+        if getattr(args, option) and os.path.isdir(getattr(args, option)):
+            p.error(f"--{option} {getattr(args, option)!r} is a folder; give a file path, e.g. "
+                    f"{os.path.join(getattr(args, option), 'results.' + option)}.")
     try:
         args.plot = plot_path(args.plot or os.path.join(args.out_dir, "bench.png"))
     except ValueError as e:
