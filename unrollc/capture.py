@@ -134,6 +134,18 @@ def _weight_norm(v, g, dim=0):  # noqa: ANN001, ANN202
     return v * (g / norm), norm
 
 
+class CompositeWeightNorm(torch.overrides.TorchFunctionMode):
+    """While active, ``torch._weight_norm`` (``weight_norm``'s hook and parametrization) computes torch's
+    composite formula instead of the fused kernel, whose double backward is wrong (see :func:`_weight_norm`):
+    for code that runs eagerly under a meta-gradient, like ``unrollc.higher``'s functional module."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            return _weight_norm(*args, **kwargs)[0]
+        return func(*args, **kwargs)
+
+
 _DECOMPOSITIONS = {
     torch.ops.aten.native_batch_norm.default: _batch_norm,
     torch.ops.aten._weight_norm_interface.default: _weight_norm,

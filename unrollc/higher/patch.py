@@ -33,13 +33,29 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..capture import CompositeWeightNorm
 from . import utils as _utils
 
 __all__ = ["monkeypatch", "make_functional", "buffer_sync", "FunctionalModule"]
 
 _INTERNAL = frozenset(
-    {"_module", "_original", "_param_names", "_fast_params", "_bufs", "_track_higher_grads", "_released", "training"}
+    {"_module", "_original", "_param_names", "_fast_params", "_bufs", "_track_higher_grads", "_released", "_weight_norm",
+     "training"}
 )
+
+
+def _uses_weight_norm(module: nn.Module) -> bool:
+    """Whether ``module`` has a ``weight_norm`` (hook or parametrization), whose fused kernel the forward must
+    not use under a meta-gradient (:class:`unrollc.capture.CompositeWeightNorm`)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for m in module.modules():
+        if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
+            return True
+        if isinstance(m, _WeightNorm):  # a parametrization is a module in the tree
+            return True
+    return False
 
 
 def _module_tree_copy(module: nn.Module) -> nn.Module:
@@ -86,6 +102,7 @@ class FunctionalModule(nn.Module):
         object.__setattr__(self, "_fast_params", None)
         object.__setattr__(self, "_bufs", buffers)
         object.__setattr__(self, "_released", False)
+        object.__setattr__(self, "_weight_norm", _uses_weight_norm(module))
         self.track_higher_grads = track_higher_grads
         self.training = module.training
 
@@ -197,7 +214,9 @@ class FunctionalModule(nn.Module):
     def _reparametrized(self) -> Iterator[None]:
         weights = dict(zip(self._param_names, self._latest(), strict=True))
         weights.update(self._bufs)
-        with _reparametrize_module(self._module, weights, tie_weights=True, strict=False):
+        with _reparametrize_module(self._module, weights, tie_weights=True, strict=False), contextlib.ExitStack() as stack:
+            if self._weight_norm:
+                stack.enter_context(CompositeWeightNorm())
             yield
         for n in self._bufs:  # a buffer re-assigned (not updated in place) inside the call
             self._bufs[n] = weights[n]
