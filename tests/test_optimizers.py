@@ -234,7 +234,8 @@ def test_a_number_in_a_custom_optimizers_state_is_carried_as_a_tensor(float64):
         eager.step()
     for n, p in twin.named_parameters():
         torch.testing.assert_close(state.params[n], p.detach(), rtol=1e-12, atol=1e-14)
-        assert float(state.opt_state[n]["k"]) == 4
+        assert float(state.opt_state[n]["k"]) == 4 and state.opt_state[n]["k"].dtype == torch.float64
+    assert stepper.trace_count == 2  # the first step (no state) and every later one: the carried dtype is stable
 
 
 class _NotingSGD(_CountingSGD):
@@ -261,9 +262,28 @@ def test_a_static_option_changed_after_compile_is_read_by_init(cls, kwargs, key,
     batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(4)]
     opt = cls(model.parameters(), **kwargs)
     stepper = unrollc.compile(model, opt, mse)
-    stepper.unroll(stepper.init(), batches)  # traced with the old option
+    before = stepper.init()
+    stepper.unroll(before, batches)  # traced with the old option
+    torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # adds initial_lr to the group after compile
     opt.param_groups[0][key] = value
     ref = eager_trajectory(model, cls(model.parameters(), **kwargs, **{key: value}), mse, batches)
     state = stepper.unroll(stepper.init(), batches)
     for n, p in ref[-1][0].items():
         torch.testing.assert_close(state.params[n], p, rtol=1e-12, atol=1e-14)
+    stepper.unroll(before, batches)  # a state from before the change still runs (its hyperparameter keys)
+
+
+def test_a_tensor_valued_static_option_is_compared_by_identity():
+    """Re-reading static options must not compare a tensor option elementwise (`bool(tensor == tensor)`)."""
+    class Scaled(torch.optim.SGD):
+        def __init__(self, params, lr=0.1, scale=None):
+            super().__init__(params, lr=lr)
+            for group in self.param_groups:
+                group["scale"] = scale
+
+    model = nn.Linear(3, 2)
+    opt = Scaled(model.parameters(), scale=torch.ones(3))
+    stepper = unrollc.compile(model, opt, mse)
+    stepper.init()
+    opt.param_groups[0]["scale"] = torch.ones(3)  # equal values, another tensor
+    stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))

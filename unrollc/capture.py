@@ -19,6 +19,7 @@ placeholders from the start. Inside the traced function:
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -127,9 +128,9 @@ def _batch_norm(input, weight, bias, running_mean, running_var, training, moment
 
 
 def _weight_norm(v, g, dim=0):  # noqa: ANN001, ANN202
-    # The fused kernel's double backward is wrong on CPU (torch.autograd.gradgradcheck of
-    # torch._weight_norm(v, g, 0) fails in torch 2.13), which made meta-gradients through weight_norm(dim=0)
-    # ~0.2% off; torch's own composite path (other dims) is this formula, and its derivatives are exact.
+    # The fused kernel (torch._weight_norm takes it for dim 0 and the last dim) has a wrong double backward
+    # on CPU (torch.autograd.gradgradcheck fails in torch 2.13), which made meta-gradients through
+    # weight_norm ~0.2% off; torch's own composite path (other dims) is this formula, with exact derivatives.
     norm = torch.norm_except_dim(v, 2, dim)
     return v * (g / norm), norm
 
@@ -164,6 +165,11 @@ def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tu
             else:
                 out.append((f"{prefix}{key}", value))
     return out
+
+
+def is_state_number(value: Any) -> bool:
+    """A number (Python or numpy, not a bool) that optimizer state carries as a 0-dim float64 tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class ShadowOptimizer:
@@ -240,14 +246,15 @@ class ShadowOptimizer:
         return [new[n][k] for n, k in self.state_out]
 
     def _state_tensor(self, name: str, key: str, value: Any) -> torch.Tensor:
-        """A number a custom optimizer keeps in its state (``state["k"] += 1``) as a float32 tensor, as
-        ``Stepper.init`` carries a warm optimizer's: the step graph carries the state as tensors."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return torch.tensor(float(value), dtype=torch.float32)
+        """A number a custom optimizer keeps in its state (``state["k"] += 1``) as a float64 tensor (a Python
+        number's precision), as ``Stepper.init`` carries a warm optimizer's: the step graph carries the state
+        as tensors."""
+        if is_state_number(value):
+            return torch.tensor(float(value), dtype=torch.float64)
         raise CaptureError(
             f"{self.api}: {type(self.optimizer).__name__}.step() stored {key!r} = {value!r} "
             f"({type(value).__name__}) in the state of parameter {name!r}; the step graph carries optimizer "
-            "state as tensors (numbers become float32 tensors), so this value would be frozen at what it was "
+            "state as tensors (numbers become float64 tensors), so this value would be frozen at what it was "
             f"when traced. Store it as a tensor, e.g. state[{key!r}] = torch.tensor(...), or keep it in the "
             "parameter group (param_groups entries are hyperparameters and static options)."
         )

@@ -262,11 +262,22 @@ class _WithLock(nn.Module):
         return self.drop(self.layer(x)) * self.scale
 
 
-def test_a_module_deepcopy_refuses_is_not_changed_through_the_functional_module(lib):
+@pytest.mark.parametrize("parametrized", [False, True], ids=["plain", "weight_norm-parametrization"])
+def test_a_module_deepcopy_refuses_is_not_changed_through_the_functional_module(lib, parametrized):
     """fmodel.eval() and attribute assignment act on the functional module's own structure, as in higher, even
-    when the user's module cannot be deep-copied; the weights still reach the user's parameters."""
+    when the user's module cannot be deep-copied (nor pickled, as parametrized modules refuse); the weights
+    still reach the user's parameters."""
+    if parametrized and lib.__name__ == "higher":
+        pytest.skip("higher 0.2.1 does not support parametrizations")
     torch.manual_seed(0)
     model = _WithLock()
+    if parametrized:
+        nn.utils.parametrizations.weight_norm(model.layer)
+        with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+            fmodel.eval()
+            diffopt.step(fmodel(torch.randn(4, 3)).square().sum())
+        assert model.training and model.drop.training
+        return
     x = torch.randn(4, 3)
     with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (fmodel, diffopt):
         fmodel.eval()

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import unrollc
 from unrollc.inspect import Report, explain
 from unrollc.passes import PIPELINE
 
@@ -74,6 +75,13 @@ def test_explain_traces_when_given_a_state_and_batch():
         explain(stepper, "state", (torch.randn(4, 2), torch.randn(4, 1)))
     report = explain(stepper, stepper.init(), (torch.randn(4, 2), torch.randn(4, 1)))
     assert report.inputs["param"] == 4
+
+
+def test_explain_takes_a_batch_of_none_when_the_data_comes_as_meta():
+    model = torch.nn.Linear(2, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, batch, x: m(x).sum())
+    report = explain(stepper, stepper.init(), None, torch.randn(4, 2))
+    assert report.inputs["meta"] == 1
 
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..capture import is_state_number
 from ..optimizer_spec import OptimizerSpec, UnsupportedOptimizerError, is_hyper_value
 from ..update import CompiledUpdate
 from . import patch as _patch
@@ -301,8 +302,8 @@ def _maybe_mask(tensor: torch.Tensor, mask: torch.Tensor) -> None:
 def _as_tensor(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return torch.tensor(float(v), dtype=torch.float32)
+    if is_state_number(v):  # as the compiled update carries a number it stores (float64)
+        return torch.tensor(float(v), dtype=torch.float64)
     return v
 
 

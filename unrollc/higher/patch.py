@@ -66,7 +66,9 @@ def _module_tree_copy(module: nn.Module) -> nn.Module:
 
     def tree(m: nn.Module) -> nn.Module:
         if id(m) not in copies:  # a submodule registered twice stays one module
-            new = copies[id(m)] = copy.copy(m)
+            # not copy.copy: parametrized modules (and others) refuse to be pickled, which copy.copy relies on
+            new = copies[id(m)] = object.__new__(type(m))
+            new.__dict__.update(m.__dict__)
             new._parameters = dict(m._parameters)
             new._buffers = dict(m._buffers)
             new._modules = {k: None if c is None else tree(c) for k, c in m._modules.items()}

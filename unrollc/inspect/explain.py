@@ -220,7 +220,10 @@ def _estimate_flops(gm: fx.GraphModule) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- explain
-def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any = None, *meta: Any) -> Report:
+_NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "<not given>"})()
+
+
+def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any = _NOT_GIVEN, *meta: Any) -> Report:
     """What each pass did to ``stepper``'s most recent step graph, and what a step costs.
 
     Args:
@@ -237,10 +240,10 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
             f"unrollc.explain: expected the Stepper returned by unrollc.compile(model, opt, loss_fn), got "
             f"{type(stepper).__name__}."
         )
-    if (state is None) != (batch is None):
+    if (state is None) != (batch is _NOT_GIVEN):
         raise TypeError(
             "unrollc.explain: give both `state` and `batch` (the graph depends on the batch's shapes), or neither "
-            f"to explain the most recent step; got {'a state without a batch' if batch is None else 'a batch without a state'}."
+            f"to explain the most recent step; got {'a batch without a state' if state is None else 'a state without a batch'}."
         )
     if state is not None:
         stepper.trace(state, batch, *meta)

@@ -9,7 +9,7 @@ import inspect
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
+from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, is_state_number, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
@@ -152,9 +152,10 @@ class Stepper:
         """Take the optimizer's static options (``nesterov``, ``maximize``, ``amsgrad``, ...) as they are now: one
         changed since compile (or the last init) selects other code in ``step()``, so the graphs traced with the
         old value are dropped, as eager torch.optim would run the new one from its next step."""
-        now = OptimizerSpec.from_optimizer(self._opt, self._param_ids)
-        if now.static != self._static:
-            self._spec, self._static = now, now.static
+        static = OptimizerSpec.from_optimizer(self._opt, self._param_ids).static
+        if not _same_options(static, self._static):
+            # the user's options replace the traced spec's (a capturable or rewritten variant is found again)
+            self._spec, self._static = replace(self._spec, static=static), static
             self._cache.clear()
 
     # ------------------------------------------------------------------------------------------ step
@@ -465,10 +466,29 @@ def _aliased_state(state_in: Sequence[tuple[str, str]], opt_state: Mapping[str, 
     return aliases
 
 
+def _same_options(a: Any, b: Any) -> bool:
+    """Whether two option structures are equal, comparing tensors and arrays by identity (their ``==`` is
+    elementwise)."""
+    if a is b:
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_options(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        equal = a == b
+    except Exception:  # noqa: BLE001 - an option type whose comparison raises: treat as changed
+        return False
+    return equal if isinstance(equal, bool) else False
+
+
 def _as_tensor(v: Any) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v
-    return torch.tensor(v, dtype=torch.float32)
+    if is_state_number(v):  # a custom optimizer's number: float64, as the step graph carries it
+        return torch.tensor(float(v), dtype=torch.float64)
+    raise TypeError(
+        f"Stepper.init: the optimizer's state holds {v!r} ({type(v).__name__}); unrollc carries optimizer state "
+        "as tensors, so a value other than a tensor or a number cannot be carried. Store a tensor in the state."
+    )
 
 
 def _hyper_tensor(key: str, v: Any, like: Any = None) -> Any:
