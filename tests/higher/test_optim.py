@@ -397,3 +397,27 @@ def test_weight_norm_meta_gradient_equals_finite_differences(kind):
     h = 1e-6
     fd = (meta(torch.tensor(0.1 + h, dtype=torch.float64)).item() - meta(torch.tensor(0.1 - h, dtype=torch.float64)).item()) / (2 * h)
     assert abs(got.item() - fd) < 1e-8 * abs(fd)
+
+
+def test_an_optimizer_with_a_dict_valued_option():
+    """A custom optimizer whose group holds a dict (a config): the compiled update's cache key takes it."""
+    class CfgSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.1, cfg=None):
+            super().__init__(params, dict(lr=lr, cfg=cfg or {"sign": False}))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.sub_(g["lr"] * (p.grad.sign() if g["cfg"]["sign"] else p.grad))
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for sign in (False, True):
+        opt = CfgSGD(model.parameters(), cfg={"sign": sign})
+        with uh.innerloop_ctx(model, opt) as (fm, do):
+            do.step(F.mse_loss(fm(x), y))
+            got = fm.fast_params[0]
+        g = torch.autograd.grad(F.mse_loss(model(x), y), model.weight)[0]
+        torch.testing.assert_close(got, model.weight - 0.1 * (g.sign() if sign else g))
