@@ -13,8 +13,10 @@ to tensor inputs of the step graph, so at trace time they are tensors. :class:`S
    the runtime traces again (RAdam's rectification switches on after a few steps, ASGD's averaging
    starts at ``t0``). A branch is never silently baked in.
 3. A tensor passed where ATen wants a Python scalar (``alpha=``, ``value=``) is rewritten into tensor
-   maths (``add(a, b, alpha=h)`` -> ``add(a, b * h)``), so the value stays differentiable instead of
-   being frozen by the argument parser's implicit ``.item()``. Every ``_foreach_*`` call
+   maths, so the value stays differentiable instead of being frozen by the argument parser's implicit
+   ``.item()``: ``add(a, b, alpha=h)`` -> ``addcmul(a, b, h)`` on CPU float32/float64 tensors (one kernel
+   and one rounding, bit for bit ATen's ``add`` with a Python alpha), else ``add(a, b * h)``;
+   ``addcmul(a, b, c, value=h)`` -> ``addcmul(a, b * h, c)``. Every ``_foreach_*`` call
    (``_foreach_lerp_(exp_avgs, grads, 1 - beta1)``) is unrolled into one call per tensor: most foreach
    overloads only take Python scalars, and the derivatives of some foreach ops are wrong in torch 2.13
    (``_foreach_addcdiv.Scalar`` fails in its backward), while the per-tensor ops are well tested.
@@ -405,6 +407,9 @@ class ScalarTracker(TorchFunctionMode):
                 kwargs.pop("fill_value", None)
                 return fill_twin, (args[0], fill), kwargs
         name = getattr(func, "__name__", "").lstrip("_").removeprefix("foreach_").rstrip("_")
+        fused = self._fused_alpha(func, name, args, kwargs)
+        if fused is not None:
+            return fused
         for kw, names in _SCALED_KWARG.items():
             scale = kwargs.get(kw)
             if not isinstance(scale, torch.Tensor) or name not in names or len(args) < 2:
@@ -417,6 +422,23 @@ class ScalarTracker(TorchFunctionMode):
                 scaled = other * scale
             args = (args[0], scaled, *args[2:])
         return func, args, kwargs
+
+    def _fused_alpha(self, func: Callable, name: str, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
+        """``add(a, b, alpha=h)`` -> ``addcmul(a, b, h)`` (``sub``: ``-h``) for CPU float32/float64 tensors: one
+        kernel computing ``a + h * b`` with one rounding, bit for bit ATen's ``add`` with a Python ``alpha``
+        (``b * h`` then ``add`` rounds twice), and still differentiable in ``h``. Other devices and dtypes
+        keep the multiplication (``addcmul`` would round ``h`` to a reduced-precision dtype first)."""
+        scale = kwargs.get("alpha")
+        if name not in ("add", "sub") or not isinstance(scale, torch.Tensor) or scale.dim() != 0:
+            return None
+        if len(args) != 2 or set(kwargs) != {"alpha"} or not all(isinstance(t, torch.Tensor) for t in args):
+            return None
+        a, b = args
+        if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dim() == 0 for t in (a, b)):
+            return None
+        inplace = _is_inplace(func)
+        fused = torch.Tensor.addcmul_ if inplace else torch.addcmul
+        return fused, (a, b, -scale if name == "sub" else scale), {}
 
     def _track(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         flat, _ = tree_flatten((args, kwargs))

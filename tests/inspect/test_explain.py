@@ -40,7 +40,8 @@ def test_every_pass_is_listed_in_order_with_node_counts():
     assert lifted["out.bias.momentum_buffer"].role == "opt_state" and lifted["out.bias.momentum_buffer"].module == "out: Linear"
     assert lifted["lr"].role == "hyper" and lifted["lr"].module is None
     rewritten = {a: b for a, _, b in report.passes[1].rewritten}
-    assert rewritten["add_.Tensor"] == "add.Tensor"
+    assert rewritten["mul_.Tensor"] == "mul.Tensor"
+    assert rewritten["addcmul_.default"] == "addcmul.default"  # SGD's add_(buf, alpha=-lr), fused on the CPU
 
 
 def test_cost_section_matches_the_cost_model():

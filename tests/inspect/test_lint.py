@@ -22,10 +22,11 @@ def test_check_mode_passes_on_the_real_pipeline(opt_cls):
 
 
 def reintroduce_inplace(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deliberately broken pass: turns one functional add back into aten.add_ (mutation per its schema)."""
+    """A deliberately broken pass: turns the first functional addcmul (SGD's ``p.add_(buf, alpha=-lr)`` on the
+    CPU) back into aten.addcmul_ (mutation per its schema)."""
     for node in gm.graph.nodes:
-        if node.target is torch.ops.aten.add.Tensor:
-            node.target = torch.ops.aten.add_.Tensor
+        if node.target is torch.ops.aten.addcmul.default:
+            node.target = torch.ops.aten.addcmul_.default
             break
     gm.recompile()
     return gm
@@ -50,7 +51,7 @@ def test_a_pass_that_reintroduces_an_inplace_op_is_caught(monkeypatch):
     message = str(info.value)
     assert "pass `reintroduce_inplace`" in message
     assert "lift_inputs → functionalize → strip_detach" in message
-    assert "established by `functionalize`" in message and "aten.add_.Tensor" in message
+    assert "established by `functionalize`" in message and "aten.addcmul_.default" in message
     assert "writes to self" in message
 
 
