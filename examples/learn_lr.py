@@ -98,11 +98,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short unroll, few meta-iterations (smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="examples/out/learn_lr.png", help="plot path")
-    ap.add_argument("--iters", type=int, default=None, help="meta-iterations (default 30, --quick 2)")
+    ap.add_argument("--iters", type=int, default=None, help="meta-iterations (default 50, --quick 2)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and does not fight other processes
     start = time.time()
-    iters, steps = (args.iters or 2, 20) if args.quick else (args.iters or 30, 120)
+    iters, steps = (args.iters or 2, 20) if args.quick else (args.iters or 50, 120)
     train, val, test = load_data()
     eval_seeds = [1000 + args.seed + i for i in range(1 if args.quick else 3)]
 
