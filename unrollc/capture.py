@@ -167,9 +167,12 @@ def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tu
     return out
 
 
-def is_state_number(value: Any) -> bool:
-    """A number (Python or numpy, not a bool) that optimizer state carries as a 0-dim float64 tensor."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def state_number_tensor(value: Any) -> torch.Tensor | None:
+    """A number (Python or numpy, not a bool) kept in optimizer state as the 0-dim float64 tensor the step graph
+    carries (a Python number's precision); None for anything else."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    return None
 
 
 class ShadowOptimizer:
@@ -242,15 +245,15 @@ class ShadowOptimizer:
             for k, v in st.items():
                 if not isinstance(v, torch.Tensor):
                     st[k] = self._state_tensor(n, k, v)
-        self.state_out[:] = [(n, k) for n in new for k in sorted(new[n]) if isinstance(new[n][k], torch.Tensor)]
+        self.state_out[:] = [(n, k) for n in new for k in sorted(new[n])]
         return [new[n][k] for n, k in self.state_out]
 
     def _state_tensor(self, name: str, key: str, value: Any) -> torch.Tensor:
         """A number a custom optimizer keeps in its state (``state["k"] += 1``) as a float64 tensor (a Python
         number's precision), as ``Stepper.init`` carries a warm optimizer's: the step graph carries the state
         as tensors."""
-        if is_state_number(value):
-            return torch.tensor(float(value), dtype=torch.float64)
+        if (t := state_number_tensor(value)) is not None:
+            return t
         raise CaptureError(
             f"{self.api}: {type(self.optimizer).__name__}.step() stored {key!r} = {value!r} "
             f"({type(value).__name__}) in the state of parameter {name!r}; the step graph carries optimizer "

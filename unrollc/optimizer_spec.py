@@ -78,6 +78,11 @@ class OptimizerSpec:
         return replace(self, static=static)
 
     @property
+    def static_key(self) -> Any:
+        """The static options as a hashable key that compares safely with ``==`` (see :func:`option_key`)."""
+        return option_key(self.static)
+
+    @property
     def capturable(self) -> bool:
         """Whether every group that has a ``capturable`` option has it on."""
         return all(v for group in self.static for k, v in group if k == "capturable")
@@ -146,6 +151,37 @@ class OptimizerSpec:
         for g in rest:
             opt.add_param_group(g)
         return opt
+
+
+class Same:
+    """A key part equal only to the same object; it holds the object, so its id cannot be reused meanwhile."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def option_key(value: Any) -> Any:
+    """A hashable stand-in for an option value that compares safely with ``==``: dicts and lists become
+    tuples, tensors and other unhashable values are compared by identity (a tensor's ``==`` is elementwise)."""
+    if isinstance(value, dict):
+        return ("dict", tuple((option_key(k), option_key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(option_key(x) for x in value)
+    if isinstance(value, torch.Tensor):
+        return Same(value)
+    try:
+        hash(value)
+    except TypeError:
+        return Same(value)
+    return value
 
 
 def _freeze(value: Any) -> Any:

@@ -122,7 +122,7 @@ class CompiledUpdate:
         g = tuple(input_layout(grads[n]) for n in self._names if n in grads)
         s = tuple((n, k, input_layout(v)) for n in sorted(state) for k, v in sorted(state[n].items()))
         h = tuple((k, tuple(map(input_layout, v)) if isinstance(v, tuple) else input_layout(v)) for grp in hyper for k, v in sorted(grp.items()))
-        return (self._cache_spec.cls, self._cache_spec.group_params, _hashable(self._cache_spec.static), p, g, s, h)
+        return (self._cache_spec.cls, self._cache_spec.group_params, self._cache_spec.static_key, p, g, s, h)
 
     def _env(self, sig: UpdateSignature, state: State, hyper: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         env = {f"hyper:{n}": v for n, v in hyper_leaves(hyper, len(hyper) == 1)}
@@ -170,17 +170,3 @@ class CompiledUpdate:
         self.trace_count += 1
         return _Entry(gm, sig, GuardSet(shadow.tracker.guards))
 
-
-def _hashable(options: Any) -> Any:
-    """Static options as a cache key: dicts and lists as tuples, other unhashable values by identity."""
-    from .runtime.stepper import _Same
-
-    if isinstance(options, dict):
-        return ("dict", tuple((_hashable(k), _hashable(v)) for k, v in options.items()))
-    if isinstance(options, (list, tuple)):
-        return tuple(_hashable(x) for x in options)
-    try:
-        hash(options)
-    except TypeError:
-        return _Same(options)
-    return options

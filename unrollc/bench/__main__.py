@@ -104,10 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.n = list(dict.fromkeys(args.n))  # --n 4 4 runs n=4 once
-    for option in ("csv", "json"):  # checked before the run, not after it
-        if getattr(args, option) and os.path.isdir(getattr(args, option)):
-            p.error(f"--{option} {getattr(args, option)!r} is a folder; give a file path, e.g. "
-                    f"{os.path.join(getattr(args, option), 'results.' + option)}.")
+    for option, path in (("csv", args.csv), ("json", args.json)):  # checked before the run, not after it
+        if path and os.path.isdir(path):
+            p.error(f"--{option} {path!r} is a folder; give a file path, e.g. {os.path.join(path, 'results.' + option)}.")
     try:
         args.plot = plot_path(args.plot or os.path.join(args.out_dir, "bench.png"))
     except ValueError as e:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..capture import is_state_number
+from ..capture import state_number_tensor
 from ..optimizer_spec import OptimizerSpec, UnsupportedOptimizerError, is_hyper_value
 from ..update import CompiledUpdate
 from . import patch as _patch
@@ -51,6 +51,8 @@ class DifferentiableOptimizer:
     index, the optimizer's state tensors). A subclass may override ``_update(grouped_grads)`` the way
     ``higher``'s hand-written optimizers do; by default it runs the compiled ``torch.optim`` update.
     """
+
+    _released = False  # set when the innerloop_ctx that made it exits (see _release)
 
     def __init__(
         self,
@@ -88,7 +90,6 @@ class DifferentiableOptimizer:
         self._first_order_links: list[torch.Tensor | None] | None = None
         self._base_spec: OptimizerSpec | None = None
         self._n_params = len(reference_params)
-        self._released = False
 
     # ----------------------------------------------------------------------------------- higher API
     def _apply_override(self, override: _OverrideType) -> None:
@@ -117,7 +118,7 @@ class DifferentiableOptimizer:
         Returns:
             The updated weights (the functional module's fast weights are updated with them too).
         """
-        if getattr(self, "_released", False):
+        if self._released:
             raise RuntimeError(
                 "DifferentiableOptimizer.step: the innerloop_ctx that made this optimizer has exited, and leaving it "
                 "released the graph of the optimizer state (momentum buffers, Adam's moments) to free memory, so a "
@@ -302,9 +303,8 @@ def _maybe_mask(tensor: torch.Tensor, mask: torch.Tensor) -> None:
 def _as_tensor(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v
-    if is_state_number(v):  # as the compiled update carries a number it stores (float64)
-        return torch.tensor(float(v), dtype=torch.float64)
-    return v
+    t = state_number_tensor(v)  # as the compiled update carries a number it stores
+    return v if t is None else t
 
 
 def _hyper(key: str, v: Any) -> Any:

@@ -216,9 +216,8 @@ class FunctionalModule(nn.Module):
     def _reparametrized(self) -> Iterator[None]:
         weights = dict(zip(self._param_names, self._latest(), strict=True))
         weights.update(self._bufs)
-        with _reparametrize_module(self._module, weights, tie_weights=True, strict=False), contextlib.ExitStack() as stack:
-            if self._weight_norm:
-                stack.enter_context(CompositeWeightNorm())
+        composite = CompositeWeightNorm() if self._weight_norm else contextlib.nullcontext()
+        with _reparametrize_module(self._module, weights, tie_weights=True, strict=False), composite:
             yield
         for n in self._bufs:  # a buffer re-assigned (not updated in place) inside the call
             self._bufs[n] = weights[n]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,3 +65,9 @@ def hyper_to_groups(hyper: Mapping[str, Any], n_groups: int, api: str = "unrollc
             for g in groups:
                 g[key] = value
     return groups
+
+
+def first_positions(items: Sequence[Any]) -> tuple[int, ...]:
+    """For each position, the first position holding the same object (shared step counters are one tensor)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(x), j) for j, x in enumerate(items))

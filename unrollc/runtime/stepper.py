@@ -17,13 +17,13 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, is_state_number, trace_with_fallbacks
+from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
-from ..optimizer_spec import OptimizerSpec
+from ..optimizer_spec import OptimizerSpec, Same
 from ..passes import run_pipeline
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
-from .state import UnrollState, groups_to_hyper, hyper_to_groups
+from .state import UnrollState, first_positions, groups_to_hyper, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
 
@@ -67,7 +67,7 @@ class Stepper:
         self._param_set, self._buffer_set = frozenset(self._param_names), frozenset(self._buffer_names)
         ids = {id(p): n for n, p in named.items()}
         self._spec = OptimizerSpec.from_optimizer(opt, ids)
-        self._static = self._spec.static  # the optimizer's static options as last read (see init)
+        self._static_key = self._spec.static_key  # the optimizer's static options as last read (see init)
         in_opt = {n for names in self._spec.group_params for n in names}
         self._in_opt = frozenset(in_opt)
         self._model_params = tuple(named.values())
@@ -152,10 +152,10 @@ class Stepper:
         """Take the optimizer's static options (``nesterov``, ``maximize``, ``amsgrad``, ...) as they are now: one
         changed since compile (or the last init) selects other code in ``step()``, so the graphs traced with the
         old value are dropped, as eager torch.optim would run the new one from its next step."""
-        static = OptimizerSpec.from_optimizer(self._opt, self._param_ids).static
-        if not _same_options(static, self._static):
+        now = OptimizerSpec.from_optimizer(self._opt, self._param_ids)
+        if now.static_key != self._static_key:
             # the user's options replace the traced spec's (a capturable or rewritten variant is found again)
-            self._spec, self._static = replace(self._spec, static=static), static
+            self._spec, self._static_key = replace(self._spec, static=now.static), now.static_key
             self._cache.clear()
 
     # ------------------------------------------------------------------------------------------ step
@@ -457,34 +457,16 @@ def _own_state_entry(key: str, value: Any, shared: dict[tuple, torch.Tensor]) ->
 
 def _aliased_state(state_in: Sequence[tuple[str, str]], opt_state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
     """``{"name.key": "first.key"}`` for optimizer-state inputs that are the same tensor as an earlier one."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for n, k in state_in:
-        name = first.setdefault(id(opt_state[n][k]), f"{n}.{k}")
-        if name != f"{n}.{k}":
-            aliases[f"{n}.{k}"] = name
-    return aliases
-
-
-def _same_options(a: Any, b: Any) -> bool:
-    """Whether two option structures are equal, comparing tensors and arrays by identity (their ``==`` is
-    elementwise)."""
-    if a is b:
-        return True
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same_options(x, y) for x, y in zip(a, b, strict=True))
-    try:
-        equal = a == b
-    except Exception:  # noqa: BLE001 - an option type whose comparison raises: treat as changed
-        return False
-    return equal if isinstance(equal, bool) else False
+    names = [f"{n}.{k}" for n, k in state_in]
+    firsts = first_positions([opt_state[n][k] for n, k in state_in])
+    return {names[j]: names[f] for j, f in enumerate(firsts) if f != j}
 
 
 def _as_tensor(v: Any) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v
-    if is_state_number(v):  # a custom optimizer's number: float64, as the step graph carries it
-        return torch.tensor(float(v), dtype=torch.float64)
+    if (t := state_number_tensor(v)) is not None:  # a custom optimizer's number, as the step graph carries it
+        return t
     raise TypeError(
         f"Stepper.init: the optimizer's state holds {v!r} ({type(v).__name__}); unrollc carries optimizer state "
         "as tensors, so a value other than a tensor or a number cannot be carried. Store a tensor in the state."
@@ -539,7 +521,7 @@ def _value_key(v: Any) -> Any:
     if isinstance(v, float):
         return v.hex()  # NaN equals itself
     if isinstance(v, torch.Tensor):
-        return _Same(v)  # read by reference: re-binding the name to another tensor re-traces
+        return Same(v)  # read by reference: re-binding the name to another tensor re-traces
     if isinstance(v, (tuple, list)) and len(v) <= 8:
         keys = tuple(_value_key(x) for x in v)
         return _SKIP if any(k is _SKIP for k in keys) else keys
@@ -557,21 +539,6 @@ def _instrumented(gm: fx.GraphModule) -> bool:
         gm._forward_hooks or gm._forward_pre_hooks or "forward" in vars(gm)
         or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
     )
-
-
-class _Same:
-    """A key part equal only to the same object; it holds the object, so its id cannot be reused meanwhile."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
 
 
 @functools.lru_cache(maxsize=256)

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..capture import fill_leaves
 from .checkpointed import checkpointed_unroll
 from .schedules import NoCheckpoint, Plan, resolve_checkpoint
-from .state import UnrollState
+from .state import UnrollState, first_positions
 
 if TYPE_CHECKING:
     from .stepper import Stepper
@@ -99,7 +99,7 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
         layouts[i + 1] = _state_keys(new)
         packed = pack(new)
-        shared[i + 1] = _first_positions(packed)
+        shared[i + 1] = first_positions(packed)
         return packed, new.loss
 
     # Buffers are carried without gradient (BatchNorm's running stats), unless the user made one a learned
@@ -118,12 +118,6 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     out = unpack(n, final, state.hyper, state.t + n)
     out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
-
-
-def _first_positions(flat: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    """For each position, the first position holding the same tensor object."""
-    first: dict[int, int] = {}
-    return tuple(first.setdefault(id(t), j) for j, t in enumerate(flat))
 
 
 _DIFFERENTIATED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset[str], frozenset[str]]]" = (
