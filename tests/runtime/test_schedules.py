@@ -186,3 +186,10 @@ def test_bad_arguments(make, message: str) -> None:
 def test_policies_are_hashable_values() -> None:
     assert len({EveryK(2), EveryK(2), Sqrt(), Sqrt(), Binomial(), Binomial(slots=None), Budget(5)}) == 4
     assert hash(Binomial(slots=4).plan(9)) == hash(Binomial(slots=4).plan(9))
+
+
+def test_plan_repr_counts_its_actions_instead_of_listing_them() -> None:
+    plan = Binomial(slots=10).plan(100)
+    text = repr(plan)
+    assert "evaluations=322" in text and "peak_states=10" in text
+    assert f"actions=<{len(plan.actions)} actions>" in text and "Advance(" not in text

@@ -124,6 +124,12 @@ class Plan:
     peak_taped_steps: int
     actions: tuple[Action, ...]
 
+    def __repr__(self) -> str:
+        # The actions run to thousands for long unrolls; the repr names their count (``plan.actions`` has them).
+        return (f"Plan(policy={self.policy!r}, resolved={self.resolved!r}, n={self.n}, "
+                f"evaluations={self.evaluations}, peak_states={self.peak_states}, "
+                f"peak_taped_steps={self.peak_taped_steps}, actions=<{len(self.actions)} actions>)")
+
     @property
     def forward_actions(self) -> tuple[Action, ...]:
         """The actions of the forward sweep, up to (excluding) ``Return()``."""
