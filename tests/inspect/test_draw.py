@@ -70,6 +70,8 @@ def test_annotated_code_takes_a_stepper_and_draw_refuses_unknown_suffixes(tmp_pa
         annotated_code(None)
     with pytest.raises(ValueError, match=r"cannot tell the format of .* use one of \.dot"):
         draw(stepper, tmp_path / "step.jpgx")
+    with pytest.raises(TypeError, match=r"^unrollc.inspect.draw: expected a Stepper or an fx.GraphModule .* got int"):
+        draw(42, tmp_path / "step.dot")
 
 
 def test_check_passes_with_a_no_grad_block_inside_torch_nn_and_draw_names_a_missing_folder(tmp_path):

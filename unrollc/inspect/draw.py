@@ -195,6 +195,7 @@ def draw(graph: Any, path: str | os.PathLike, *, collapse: bool = False, depth: 
     Returns:
         The path written.
     """
+    gm = _graph_of(graph, "unrollc.inspect.draw")  # refuse a wrong argument before looking at the path
     path = os.fspath(path)
     fmt = os.path.splitext(path)[1].lstrip(".").lower()
     if fmt not in _FORMATS:
@@ -205,7 +206,7 @@ def draw(graph: Any, path: str | os.PathLike, *, collapse: bool = False, depth: 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"unrollc.inspect.draw: no folder {folder!r} to write {os.path.basename(path)!r} into; create it first.")
-    dot = to_dot(graph, collapse=collapse, depth=depth)
+    dot = to_dot(gm, collapse=collapse, depth=depth)
     if fmt in ("dot", "gv"):
         with open(path, "w") as f:
             f.write(dot.to_string())
