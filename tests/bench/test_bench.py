@@ -252,3 +252,18 @@ def test_plot_of_results_with_no_measured_peak(tmp_path) -> None:
     path = tmp_path / "zero.png"
     plot(results, str(path), title="no peaks")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_without_tqdm_numbers_each_start_once(monkeypatch, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unrollc.bench.runner import _progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
+    describe, advance, close = _progress(6)
+    with ThreadPoolExecutor(3) as pool:  # as with --jobs 3: starts overlap, ends come later
+        list(pool.map(lambda i: describe(f"config {i}"), range(6)))
+    advance()
+    close()
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(line.split("]")[0] for line in lines) == [f"[{i}/6" for i in range(1, 7)]

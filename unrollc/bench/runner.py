@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,15 +268,14 @@ def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None], Ca
     try:
         from tqdm import tqdm
     except ImportError:
-        state = {"i": 0}
+        started = itertools.count(1)  # with --jobs, several parts start before the first ends: number the starts
+        lock = threading.Lock()
 
         def describe(text: str) -> None:
-            print(f"[{state['i'] + 1}/{total}] {text} ...", file=sys.stderr, flush=True)
+            with lock:
+                print(f"[{next(started)}/{total}] {text} ...", file=sys.stderr, flush=True)
 
-        def advance() -> None:
-            state["i"] += 1
-
-        return describe, advance, lambda: None
+        return describe, lambda: None, lambda: None
     bar = tqdm(total=total, unit="config", file=sys.stderr, dynamic_ncols=True)
     return bar.set_description_str, lambda: bar.update(1), bar.close
 
