@@ -240,6 +240,30 @@ def test_a_non_number_in_a_custom_optimizers_state_is_refused():
         stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))
 
 
+class _ScratchSGD(torch.optim.Optimizer):
+    """Writes in place into a tensor shared by every step (a class attribute), which no step graph can carry."""
+
+    scratch = torch.zeros(())
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                _ScratchSGD.scratch.add_(1.0)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_an_in_place_write_into_a_tensor_the_optimizer_closes_over_is_refused_with_the_line():
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, _ScratchSGD(model.parameters()), mse)
+    with pytest.raises(unrollc.CaptureError, match=r"writes in place \(aten.add_.Tensor\) into a tensor it closes over "
+                       r"at .*test_optimizers.py:\d+ in step: _ScratchSGD.scratch.add_\(1.0\).*self.state\[p\]"):
+        stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))
+
+
 @pytest.mark.parametrize("cls,kwargs,key,value", [
     (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "nesterov", True),
     (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "maximize", True),

@@ -28,7 +28,7 @@ import torch.fx.traceback as fx_traceback
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..errors import InternalError
+from ..errors import CaptureError, InternalError
 from .schema import mutated_args
 
 __all__ = ["functionalize"]
@@ -63,8 +63,30 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
         node.meta.update({k: v for k, v in old.meta.items() if k in ("unrollc", "val")})
     for node in new.graph.nodes:
         if node.op == "call_function" and mutated_args(node.target):
+            names = [a.name for a in node.target._schema.arguments]
+            bound = {**dict(zip(names, node.args)), **node.kwargs}
+            written = [bound.get(name) for name in mutated_args(node.target)]
+            if any(isinstance(a, fx.Node) and a.op == "get_attr" for a in written):
+                raise _constant_mutated(node)
             raise InternalError(f"functionalize: {node.format_node()} still mutates an argument")
     new.meta.update(gm.meta)
     new.graph.lint()
     new.recompile()
     return new
+
+
+def _constant_mutated(node: fx.Node) -> CaptureError:
+    """The step writes in place into a tensor it closes over (not a parameter, buffer or optimizer state):
+    the step graph cannot carry that write from one step to the next."""
+    from ..inspect.source import source_of
+
+    where = source_of(node)
+    at = f" at {where.short()}" if where is not None and where.kind != "autograd" else ""
+    return CaptureError(
+        f"unrollc.compile: the step writes in place ({node.target}) into a tensor it closes over{at}: a tensor "
+        "that is not a parameter, a buffer or optimizer state (a class attribute of the optimizer, a global, a "
+        "plain tensor attribute of the model). A step graph carries only those three from one step to the next, "
+        "so the write would be lost. Keep such a tensor in the optimizer's per-parameter state "
+        "(self.state[p][...]) or register it as a buffer of the model (module.register_buffer), or compute it "
+        "out of place."
+    )
