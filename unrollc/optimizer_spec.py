@@ -35,8 +35,9 @@ _CAPTURABLE_ONLY = frozenset({"ASGD"})
 _NOT_CAPTURABLE = frozenset({"RAdam"})
 
 
-class UnsupportedOptimizerError(TypeError):
-    """The optimizer cannot be captured as one differentiable step graph."""
+class UnsupportedOptimizerError(TypeError, ValueError):
+    """The optimizer cannot be captured as one differentiable step graph (a ``TypeError``, and a ``ValueError``
+    as ``higher`` raises for an optimizer it does not support)."""
 
 
 def is_hyper_value(value: Any) -> bool:

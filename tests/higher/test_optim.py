@@ -240,11 +240,35 @@ def test_utils(lib):
     assert all(c.requires_grad and c.is_leaf and c is not p and torch.equal(c, p) for c, p in zip(copies, model.parameters()))
 
 
-def test_unsupported_optimizer_error_says_why():
+def test_unsupported_optimizer_error_says_why_when_the_optimizer_is_made():
+    """As in higher, at construction and as a ValueError (higher's type; also a TypeError, unrollc's)."""
     model = nn.Linear(3, 1)
-    with uh.innerloop_ctx(model, O.LBFGS(model.parameters())) as (fmodel, diffopt):
-        with pytest.raises(UnsupportedOptimizerError, match="LBFGS.*closure"):
-            diffopt.step(fmodel(torch.randn(2, 3)).sum())
+    with pytest.raises(UnsupportedOptimizerError, match="unrollc.higher: torch.optim.LBFGS.*closure"):
+        uh.innerloop_ctx(model, O.LBFGS(model.parameters())).__enter__()
+    with pytest.raises(ValueError, match="LBFGS"):
+        uh.get_diff_optim(O.LBFGS(model.parameters()), model.parameters())
+
+
+def test_misuse_is_refused_with_what_was_expected():
+    model = nn.Linear(3, 1)
+    opt = O.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"innerloop_ctx: expected a torch.nn.Module as `model`, got str"):
+        uh.innerloop_ctx("model", opt).__enter__()
+    with pytest.raises(TypeError, match=r"monkeypatch: expected a torch.nn.Module, got str"):
+        uh.monkeypatch("model")
+    with pytest.raises(ValueError, match=r"no option 'learning_rate'.*options are \[.*'lr'"):
+        uh.innerloop_ctx(model, opt, override={"learning_rate": [0.1]}).__enter__()
+    with pytest.raises(TypeError, match=r"override\['lr'\] must be a list.*got float; write \{'lr': \[value\]\}"):
+        uh.innerloop_ctx(model, opt, override={"lr": 0.1}).__enter__()
+    with pytest.raises(ValueError, match=r"Could not find parameter 0 of group 0 \(shape \(1, 3\)\)"):
+        uh.get_diff_optim(opt, nn.Linear(3, 1).parameters())
+    with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(TypeError, match=r"DifferentiableOptimizer.step: expected the loss.*got float"):
+            diffopt.step(1.0)
+        diffopt.step(fmodel(torch.randn(2, 3)).sum())
+        with pytest.raises(IndexError, match=r"no fast weights at time=5: the history holds times 0 to 1"):
+            fmodel.parameters(time=5)
+        assert [p is q for p, q in zip(fmodel.parameters(time=-2), fmodel.parameters(time=0))] == [True, True]
 
 
 def test_adam_meta_gradient_is_finite_where_a_gradient_is_always_zero():

@@ -301,3 +301,97 @@ def test_a_step_after_the_context_exits_is_refused():
     with pytest.raises(RuntimeError, match=r"DifferentiableOptimizer.step: the innerloop_ctx .* has exited"):
         diffopt.step(fmodel(x).square().mean())
     fmodel(x)  # the latest weights stay usable for a meta-loss
+
+
+class _WithNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.h = nn.Linear(5, 3)
+
+    @property
+    def w_norm(self):
+        return self.l.weight.norm()
+
+    def forward(self, x):
+        return self.h(self.bn(self.l(x)))
+
+
+def test_the_layers_hold_the_fast_weights_outside_a_call_too(lib):
+    """A property of the user's class, modules(), a submodule's buffers() / state_dict() and apply() read or
+    edit the fast weights and the functional module's buffers, never the user's model (as in higher)."""
+    torch.manual_seed(0)
+    model = _WithNorm()
+    original = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.5)) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(F.mse_loss(fmodel(x), y))
+        fast = dict(fmodel.named_parameters())
+        assert torch.equal(fmodel.w_norm, fast["l.weight"].norm())
+        lin = next(m for m in fmodel.modules() if isinstance(m, nn.Linear))
+        bn = next(m for m in fmodel.modules() if isinstance(m, nn.BatchNorm1d))
+        assert torch.equal(lin.weight, fast["l.weight"])
+        assert torch.equal(bn.running_mean, fmodel.bn.running_mean) and bn.running_mean.abs().sum() > 0
+        assert torch.equal(list(fmodel.bn.buffers())[0], fmodel.bn.running_mean)
+        assert torch.equal(fmodel.l.state_dict()["weight"], fast["l.weight"])
+
+    def zero(m):
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.weight.zero_()
+
+    fmodel = lib.monkeypatch(model)
+    fmodel.apply(zero)
+    assert float(next(iter(fmodel.parameters())).abs().sum()) == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), original, strict=True))
+    assert model.bn.running_mean.abs().sum() == 0  # the user's buffers never moved
+
+
+class _Tempered(nn.Module):
+    def __init__(self, temperature: torch.Tensor) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+        self._temperature = temperature  # meta-learned, kept in a private attribute
+        self._mask = torch.ones(3, 4)    # a pruning mask, edited in place later
+
+    def forward(self, x):
+        return F.linear(x, self.l.weight * self._mask, self.l.bias) / self._temperature
+
+
+def test_tensors_in_private_attributes_are_shared_with_the_model(lib):
+    torch.manual_seed(0)
+    temperature = torch.tensor(2.0, requires_grad=True)
+    model = _Tempered(temperature)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(x), y))
+        F.mse_loss(fmodel(x), y).backward()
+    assert temperature.grad is not None and temperature.grad != 0  # the meta-gradient reaches it
+    fmodel = lib.monkeypatch(model)
+    model._mask[:, :2] = 0
+    assert torch.allclose(fmodel(x), model(x))  # the in-place edit is seen
+
+
+def test_a_module_kept_without_registering_it_is_shared():
+    """A teacher network kept in ``__dict__`` (so that it is not trained) is used, not copied: its weights
+    get their gradient as in ``model(x)`` (higher 0.2.1 fails on such a model)."""
+    torch.manual_seed(0)
+
+    class WithTeacher(nn.Module):
+        def __init__(self, teacher: nn.Module) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+            self.__dict__["teacher"] = teacher
+
+        def forward(self, x):
+            return self.l(x) + self.teacher(x)
+
+    teacher = nn.Linear(4, 3)
+    model = WithTeacher(teacher)
+    x = torch.randn(8, 4)
+    fmodel = uh.monkeypatch(model)
+    fmodel(x).pow(2).sum().backward()
+    expected = torch.autograd.grad(model(x).pow(2).sum(), teacher.weight)[0]
+    assert torch.allclose(teacher.weight.grad, expected)

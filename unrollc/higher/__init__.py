@@ -64,6 +64,13 @@ def innerloop_ctx(
         ``(fmodel, diffopt)``: the functional module and the differentiable optimizer.
         ``diffopt.step(loss)`` replaces ``opt.zero_grad(); loss.backward(); opt.step()``.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unrollc.higher.innerloop_ctx: expected a torch.nn.Module as `model`, got {type(model).__name__}.")
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"unrollc.higher.innerloop_ctx: expected a torch.optim.Optimizer over the model's parameters as `opt`, "
+            f"got {type(opt).__name__}."
+        )
     fmodel = monkeypatch(model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads)
     diffopt = optim.get_diff_optim(
         opt, model.parameters(), fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads

@@ -81,7 +81,11 @@ class DifferentiableOptimizer:
                     self.state[g][i] = {k: _utils._recursive_copy_and_cast(v, device) for k, v in other.state[p].items()}
                 index = _utils._find_param_in_list(p, reference_params)
                 if index is None:
-                    raise ValueError(f"Could not find parameter {p} in reference parameters.")
+                    raise ValueError(
+                        f"Could not find parameter {i} of group {g} (shape {tuple(p.shape)}) in reference parameters: "
+                        "unrollc.higher: the optimizer must be built over the parameters the differentiable optimizer "
+                        "updates (reference_params, e.g. model.parameters() for the model that was patched)."
+                    )
                 local.append(index)
             group["params"] = [None] * len(local)
             self._group_to_param_list.append(local)
@@ -90,6 +94,7 @@ class DifferentiableOptimizer:
         self._first_order_links: list[torch.Tensor | None] | None = None
         self._base_spec: OptimizerSpec | None = None
         self._n_params = len(reference_params)
+        self._read_optimizer()  # an optimizer that cannot be compiled (LBFGS) is refused here, as in higher
 
     # ----------------------------------------------------------------------------------- higher API
     def _apply_override(self, override: _OverrideType) -> None:
@@ -118,6 +123,11 @@ class DifferentiableOptimizer:
         Returns:
             The updated weights (the functional module's fast weights are updated with them too).
         """
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"DifferentiableOptimizer.step: expected the loss, a scalar tensor computed with the functional "
+                f"module (diffopt.step(loss_fn(fmodel(x), y))), got {type(loss).__name__}."
+            )
         if self._released:
             raise RuntimeError(
                 "DifferentiableOptimizer.step: the innerloop_ctx that made this optimizer has exited, and leaving it "
@@ -201,15 +211,19 @@ class DifferentiableOptimizer:
                 if f"{g}.{i}" in new_state:
                     self.state[g][i] = new_state[f"{g}.{i}"]
 
-    def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
-        """The optimizer spec for the current options (overrides applied) and its hyperparameters as tensors."""
+    def _read_optimizer(self) -> OptimizerSpec:
+        """The user's optimizer, read once: its class, parameter groups and static options."""
         if self._base_spec is None:
             ids = {id(p): f"{g}.{i}" for g, group in enumerate(self._other.param_groups) for i, p in enumerate(group["params"])}
             try:
                 self._base_spec = OptimizerSpec.from_optimizer(self._other, ids)
             except UnsupportedOptimizerError as exc:
                 raise UnsupportedOptimizerError(str(exc).replace("unrollc.compile", "unrollc.higher")) from None
-        base = self._base_spec
+        return self._base_spec
+
+    def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
+        """The optimizer spec for the current options (overrides applied) and its hyperparameters as tensors."""
+        base = self._read_optimizer()
         statics, hypers = [], []
         for g, group in enumerate(self.param_groups):
             static = dict(base.static[g])
@@ -471,7 +485,23 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _OverrideTy
 
 def _per_group(override: _OverrideType, groups: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], str, Any]]:
     """``(group, option, value)`` for every option of ``override`` and every group: one value serves all groups."""
+    if not isinstance(override, dict):
+        raise TypeError(
+            f"unrollc.higher: expected `override` as a dict {{option: [value]}} (one value, or one per parameter "
+            f"group), got {type(override).__name__}."
+        )
     for k, v in override.items():
+        if not all(k in group for group in groups):
+            known = sorted({o for group in groups for o in group if o != "params"})
+            raise ValueError(
+                f"unrollc.higher: override[{k!r}]: the optimizer has no option {k!r}, so the override would change "
+                f"nothing; its options are {known}."
+            )
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or (isinstance(v, torch.Tensor) and v.dim() == 0):
+            raise TypeError(
+                f"unrollc.higher: override[{k!r}] must be a list, [value] for every parameter group or one value per "
+                f"group (higher's format), got {type(v).__name__}; write {{{k!r}: [value]}}."
+            )
         if len(v) != 1 and len(v) != len(groups):
             raise ValueError(
                 f"Mismatch between the number of override tensors for optimizer parameter {k} and the number of "

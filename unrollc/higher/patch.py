@@ -2,10 +2,12 @@ r"""``higher.patch``: a "stateless" view of an ``nn.Module`` that runs with expl
 
 :func:`monkeypatch` returns an :class:`FunctionalModule`. Unlike ``higher`` 0.2.1, nothing is
 monkey-patched: no class is created at run time. The functional module holds a structural copy of the
-user's module (its parameters and buffers are not copied) and runs it, and every submodule or method
-reached through it, under ``torch.nn.utils.stateless._reparametrize_module`` with the current fast
-weights and its own buffers. So ``fmodel.encoder(x)``, ``fmodel[0](x)``, ``fmodel.fc.weight`` and
-methods of the user's class (``fmodel.embed(x)``) all see the fast weights.
+user's module: new module objects, sharing with the user's module every tensor (parameters, buffers, plain
+tensor attributes, public or private) and every module it uses without owning it. The copy's layers hold the
+latest fast weights and the functional module's buffers (put there whenever they change, as ``higher``'s
+patched module holds them), so ``fmodel.encoder(x)``, ``fmodel[0](x)``, ``fmodel.fc.weight``, methods and
+properties of the user's class (``fmodel.embed(x)``), ``fmodel.modules()``, ``apply()`` and ``state_dict()``
+all see the fast weights, and the user's module is never touched.
 
 ``copy_initial_weights`` (as in ``higher``):
 
@@ -31,7 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
+from torch.nn.utils._named_member_accessor import NamedMemberAccessor
+from torch.nn.utils.stateless import _untie_named_tensors_map
 
 from ..capture import CompositeWeightNorm
 from . import utils as _utils
@@ -56,6 +59,42 @@ def _uses_weight_norm(module: nn.Module) -> bool:
         if isinstance(m, _WeightNorm):  # a parametrization is a module in the tree
             return True
     return False
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training
+
+
+def _shared_objects(module: nn.Module) -> dict[int, Any]:
+    """What the structural copy shares with ``module`` instead of copying (a ``deepcopy`` memo): parameters and
+    buffers; every tensor the modules keep in other attributes, public or private, also inside lists, tuples and
+    dicts (a meta-learned temperature, a pruning mask: gradients reach them and later in-place changes are seen,
+    as in higher); modules kept in attributes without being registered (a teacher network); and the values of
+    public attributes (a config dict). Containers in private attributes are copied (an RNN's ``_flat_weights``
+    list must follow the copy's weights)."""
+    tree = {id(m) for m in module.modules()}
+    shared: dict[int, Any] = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    for sub in module.modules():
+        for attr, value in vars(sub).items():
+            if attr not in _MODULE_INTERNALS:
+                _share(value, not attr.startswith("_"), tree, shared)
+    return shared
+
+
+def _share(value: Any, public: bool, tree: set[int], shared: dict[int, Any]) -> None:
+    """Add to ``shared`` what :func:`_shared_objects` shares of one attribute value (not a closure: a recursive
+    one is a reference cycle, which would keep the memo, and the copy in it, alive until a garbage collection)."""
+    if isinstance(value, torch.Tensor) or (isinstance(value, nn.Module) and id(value) not in tree):
+        shared[id(value)] = value
+    elif isinstance(value, nn.Module):
+        return  # a module of the tree, reached another way (``self._head = self.layers[-1]``): copied with it
+    elif public:
+        shared[id(value)] = value
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _share(v, False, tree, shared)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _share(v, False, tree, shared)
 
 
 def _module_tree_copy(module: nn.Module) -> nn.Module:
@@ -87,15 +126,8 @@ class FunctionalModule(nn.Module):
     def __init__(self, module: nn.Module, buffers: dict[str, torch.Tensor], track_higher_grads: bool) -> None:
         super().__init__()
         names = [n for n, _ in module.named_parameters()]  # same order as module.parameters()
-        shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-        for sub in module.modules():
-            for attr, value in vars(sub).items():
-                if not attr.startswith("_") and not isinstance(value, nn.Module):
-                    # The user's own attributes (a context tensor, a config dict, helper modules in a list) are
-                    # aliased, as in higher: gradients reach them and later changes are seen by the forward.
-                    shared[id(value)] = value
         try:
-            structure = copy.deepcopy(module, memo=dict(shared))
+            structure = copy.deepcopy(module, memo=_shared_objects(module))
         except Exception:  # noqa: BLE001 - e.g. a lock or a file handle in a private attribute
             structure = _module_tree_copy(module)
         object.__setattr__(self, "_module", structure)
@@ -140,6 +172,7 @@ class FunctionalModule(nn.Module):
             self._fast_params.append(value)
         else:  # keep time 0 and the latest only: no history, no graph through it
             self._fast_params[1:] = [value]
+        self._install()
 
     @property
     def init_fast_params(self) -> list[torch.Tensor]:
@@ -192,6 +225,11 @@ class FunctionalModule(nn.Module):
                 "The patched model is not tracking higher gradients. Only the latest parameters (time=None or -1) "
                 "and the initial ones (time=0) are available."
             )
+        if not -len(self._fast_params) <= time < len(self._fast_params):
+            raise IndexError(
+                f"unrollc.higher: no fast weights at time={time}: the history holds times 0 to "
+                f"{len(self._fast_params) - 1} (negative times count from the latest, -1)."
+            )
         entry = self._fast_params[time]
         if entry is None:
             raise ValueError(
@@ -212,15 +250,26 @@ class FunctionalModule(nn.Module):
         object.__setattr__(self, "_released", True)
 
     # --------------------------------------------------------------------------------- running
+    def _install(self) -> None:
+        """Put the latest fast weights (once there are any) and the buffers into the copy's layers, tied
+        names included: everything that reads the layers, in a call or not, sees them."""
+        tensors = dict(self._bufs)
+        if self._fast_params is not None:
+            tensors.update(zip(self._param_names, self._latest(), strict=True))
+        NamedMemberAccessor(self._module).swap_tensors_dict(_untie_named_tensors_map(self._module, tensors), allow_missing=True)
+
     @contextlib.contextmanager
     def _reparametrized(self) -> Iterator[None]:
-        weights = dict(zip(self._param_names, self._latest(), strict=True))
-        weights.update(self._bufs)
+        """Run code that reads the layers: the latest weights installed again (the list of fast weights may have
+        been edited in place), afterwards the buffers the code re-assigned (not updated in place) read back."""
+        self._latest()  # no fast weights yet: higher's error
+        self._install()
         composite = CompositeWeightNorm() if self._weight_norm else contextlib.nullcontext()
-        with _reparametrize_module(self._module, weights, tie_weights=True, strict=False), composite:
+        with composite:
             yield
-        for n in self._bufs:  # a buffer re-assigned (not updated in place) inside the call
-            self._bufs[n] = weights[n]
+        accessor = NamedMemberAccessor(self._module)
+        for n in self._bufs:
+            self._bufs[n] = accessor.get_tensor(n)
 
     def forward(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
         """The module's forward with the fast weights (or ``params``, which become the fast weights, as in higher)."""
@@ -284,6 +333,7 @@ class FunctionalModule(nn.Module):
             return True
         if full in self._bufs:
             self._bufs[full] = value
+            NamedMemberAccessor(self._module).set_tensor(full, value)
             return True
         return False
 
@@ -301,7 +351,7 @@ class FunctionalModule(nn.Module):
     # ----------------------------------------------------------------------------- module tree
     def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
         """This functional module, then the submodules the forward runs (``modules()``, ``apply()`` and
-        ``isinstance`` checks see the real layer types; their weights are swapped in during a call)."""
+        ``isinstance`` checks see the real layer types; they hold the latest fast weights and the buffers)."""
         for name, module in self._module.named_modules(memo, prefix, remove_duplicate):
             yield name, (self if module is self._module else module)
 
@@ -414,6 +464,7 @@ def buffer_sync(module: nn.Module, fmodule: FunctionalModule, device: torch.devi
     r"""One off sync (copy) of buffers in ``fmodule`` with those from ``module``."""
     for n, b in module.named_buffers():
         fmodule._bufs[n] = b.clone().detach() if device is None else b.clone().detach().to(device)
+    fmodule._install()
 
 
 def make_functional(
@@ -443,6 +494,8 @@ def _make_functional(
 ) -> FunctionalModule:
     if isinstance(module, FunctionalModule):
         raise ValueError(f"{api}: the module is already a functional module; pass the original module.")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{api}: expected a torch.nn.Module, got {type(module).__name__}; pass the model itself.")
     fmodule = FunctionalModule(module, {}, track_higher_grads=True)
     if encapsulator is not None:
         encapsulator(fmodule, module)
