@@ -113,3 +113,35 @@ def test_unknown_checkpoint_is_refused_with_the_allowed_values():
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
     with pytest.raises((ValueError, TypeError), match="sqrt"):
         stepper.unroll(stepper.init(), [(torch.randn(4, 3), torch.randn(4, 2))], checkpoint="everything")
+
+
+def _one_hot_loss(model, batch):
+    x, y = batch
+    return (model(x) - nn.functional.one_hot(y, 3).to(x.dtype)).pow(2).mean()
+
+
+def test_one_hot_with_num_classes_is_traced_as_tensor_ops(float64):
+    """F.one_hot checks its class values with .item() inside ATen; with num_classes given the step graph
+    computes it with a comparison, and the trajectory is eager's bit for bit."""
+    from tests.oracles import eager_trajectory
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    ref = eager_trajectory(model, opt, _one_hot_loss, batches)
+    stepper = unrollc.compile(model, opt, _one_hot_loss)
+    state = stepper.unroll(stepper.init(), batches)
+    assert all(torch.equal(state.params[n], p) for n, p in ref[-1][0].items())
+
+
+def test_one_hot_without_num_classes_asks_for_it():
+    def loss_fn(model, batch):
+        x, y = batch
+        return (model(x) - nn.functional.one_hot(y).to(x.dtype)).pow(2).mean()
+
+    model = nn.Linear(4, 3)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    with pytest.raises(unrollc.CaptureError, match=r"F.one_hot without num_classes at .*test_pitfalls.py:\d+ .*pass it: "
+                       r"F.one_hot\(y, num_classes\)"):
+        stepper.step(stepper.init(), (torch.randn(5, 4), torch.randint(0, 3, (5,))))

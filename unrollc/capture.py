@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .errors import CaptureError
+from .errors import CaptureError, user_frame
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
 
@@ -133,6 +134,32 @@ def _weight_norm(v, g, dim=0):  # noqa: ANN001, ANN202
     # weight_norm ~0.2% off; torch's own composite path (other dims) is this formula, with exact derivatives.
     norm = torch.norm_except_dim(v, 2, dim)
     return v * (g / norm), norm
+
+
+def _one_hot(input, num_classes=-1):  # noqa: ANN001, ANN202
+    # F.one_hot reads input.min() and input.max() into Python to check the class values (inside ATen, below any
+    # decomposition table), which a step graph cannot do; with num_classes given, the result is this comparison.
+    # Class values outside [0, num_classes) give a row of zeros instead of eager's error.
+    return (input.unsqueeze(-1) == torch.arange(num_classes, device=input.device)).to(torch.int64)
+
+
+class _TracedFunctions(torch.overrides.TorchFunctionMode):
+    """While a step is traced: torch functions whose ATen kernel reads tensor values into Python, computed with
+    tensor ops instead (``F.one_hot(y, num_classes)``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.one_hot:
+            bound = dict(zip(("input", "num_classes"), args), **kwargs)
+            if bound.get("num_classes", -1) >= 0:
+                return _one_hot(**bound)
+            where = user_frame(traceback.extract_stack())
+            at = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where else ""
+            raise CaptureError(
+                f"unrollc.compile: F.one_hot without num_classes{at} takes the number of classes from the data "
+                "(the largest class value + 1), which cannot be part of a step graph; pass it: F.one_hot(y, num_classes)."
+            )
+        return func(*args, **kwargs)
 
 
 class CompositeWeightNorm(torch.overrides.TorchFunctionMode):
@@ -267,7 +294,8 @@ class ShadowOptimizer:
         optimizer's) line, with torch's own exception on ``.trace_failure``."""
         try:
             with _saved_tensors_hooks_suspended():
-                return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
+                with _TracedFunctions():
+                    return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
