@@ -126,11 +126,29 @@ def test_meta_gradient_matches_hand_written_eager_optimizer(cls, kwargs, update,
         assert rel(a, b) < 1e-10
 
 
-def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(float64):
+class _TransposedDropout(nn.Module):
+    """Dropout of a non-contiguous activation (as in TransformerEncoderLayer(batch_first=True)): eager CPU code
+    draws the mask in the activation's memory order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.drop(self.fc(x).t()).t()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 1)),
+    _TransposedDropout,
+], ids=["contiguous", "transposed"])
+def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(make, float64):
     """Recomputed steps replay the dropout masks of the forward sweep (the generators' state is stored with
     every checkpoint), and tracing draws nothing: under one seed, every schedule gives the eager unroll's
-    meta-gradient, and leaves the generator where eager leaves it."""
-    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 1))
+    meta-gradient, and leaves the generator where eager leaves it. A transposed activation gets eager's mask
+    too (drawn in its memory order)."""
+    model = make()
     loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
     batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(9)]
     xv = torch.randn(5, 3)

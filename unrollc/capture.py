@@ -143,12 +143,24 @@ def _one_hot(input, num_classes=-1):  # noqa: ANN001, ANN202
     return (input.unsqueeze(-1) == torch.arange(num_classes, device=input.device)).to(torch.int64)
 
 
+def _dropout(input, p=0.5, training=True, inplace=False):  # noqa: ANN001, ANN202
+    # ATen's CPU dropout draws its mask into empty_like(input), in the input's memory order; under torch.func.grad
+    # it draws into a contiguous tensor instead (a composite-compliant path), so the mask of a transposed input
+    # (TransformerEncoderLayer(batch_first=True)) differed from eager's under the same seed. Eager's steps, here:
+    if not training or not 0 < p < 1 or input.device.type != "cpu":
+        return torch.nn.functional.dropout(input, p, training, inplace)  # (the mode is off inside its handler)
+    noise = torch.empty_like(input).bernoulli_(1 - p).div_(1 - p)
+    return input.mul_(noise) if inplace else input * noise
+
+
 class _TracedFunctions(torch.overrides.TorchFunctionMode):
     """While a step is traced: torch functions whose ATen kernel reads tensor values into Python, computed with
-    tensor ops instead (``F.one_hot(y, num_classes)``)."""
+    tensor ops instead (``F.one_hot(y, num_classes)``), and dropout drawing its mask as eager code does."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            return _dropout(*args, **kwargs)
         if func is torch.nn.functional.one_hot:
             bound = dict(zip(("input", "num_classes"), args), **kwargs)
             if bound.get("num_classes", -1) >= 0:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["safe_sqrt", "safe_sqrt_masked"]
+__all__ = ["bernoulli_like", "safe_sqrt", "safe_sqrt_masked"]
 
 
 @torch.library.custom_op("unrollc::safe_sqrt", mutates_args=())
@@ -65,3 +65,18 @@ def _safe_sqrt_masked(x: torch.Tensor) -> torch.Tensor:
 _lib.impl("safe_sqrt_masked", _safe_sqrt_masked, "CompositeImplicitAutograd")
 safe_sqrt_masked = torch.ops.unrollc.safe_sqrt_masked.default
 safe_sqrt_masked.__doc__ = """``torch.sqrt(x)`` with derivative 0 where ``x == 0``, as a composite of ATen ops (see :func:`safe_sqrt`)."""
+
+
+@torch.library.custom_op("unrollc::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def bernoulli_like(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``torch.empty_like(x).bernoulli_(p)``: 0/1 draws laid out like ``x`` and drawn in the order eager code draws
+    them in place into such a tensor (CPU dropout: ``empty_like(input).bernoulli_(1 - p)``). ``aten.bernoulli.p``,
+    which ``functionalize`` makes of that in-place draw, fills a contiguous tensor instead: for a non-contiguous
+    ``x`` (a transposed activation) its mask differs from eager's under the same seed. Not differentiable (the
+    draws do not depend on ``x``'s values), and never merged with another draw (``nondeterministic_seeded``)."""
+    return torch.empty_like(x).bernoulli_(p)
+
+
+@bernoulli_like.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(x)

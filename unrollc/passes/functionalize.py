@@ -19,6 +19,9 @@ Invariant established: no node calls an operator whose schema writes to an argum
    view into a copy and make the graph slower than eager code).
 2. Drop the epilogue ``copy_`` into inputs: the step graph returns new values and never writes to its
    inputs (which may be leaf tensors that require grad).
+3. A random draw into a fresh non-contiguous CPU tensor (``empty_like(x).bernoulli_(p)``, CPU dropout of a
+   transposed activation) became ``aten.bernoulli.p``, which fills a contiguous tensor; it becomes
+   ``unrollc.bernoulli_like``, which draws in the tensor's own memory order, as the eager in-place draw does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.fx.traceback as fx_traceback
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .. import ops  # noqa: F401 - registers torch.ops.unrollc.bernoulli_like
 from ..errors import CaptureError, InternalError
 from .schema import mutated_args
 
@@ -57,6 +61,13 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
             if node.users:
                 raise InternalError("functionalize: an input copy-back has users")
             new.graph.erase_node(node)
+    # Step 3: random draws keep eager's order.
+    for node in new.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.bernoulli.p and not node.kwargs:
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            if isinstance(val, torch.Tensor) and val.device.type == "cpu" and not val.is_contiguous():
+                node.target = torch.ops.unrollc.bernoulli_like.default
+                node.args = (node.args[0], node.args[1] if len(node.args) > 1 else 0.5)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
