@@ -145,3 +145,43 @@ def test_one_hot_without_num_classes_asks_for_it():
     with pytest.raises(unrollc.CaptureError, match=r"F.one_hot without num_classes at .*test_pitfalls.py:\d+ .*pass it: "
                        r"F.one_hot\(y, num_classes\)"):
         stepper.step(stepper.init(), (torch.randn(5, 4), torch.randint(0, 3, (5,))))
+
+
+def _positives_mse(model, batch):
+    x, y = batch
+    return (model(x).squeeze(1) - y)[y > 0].pow(2).mean()  # boolean-mask indexing: a data-dependent size
+
+
+def _positives(counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for k in counts:
+        y = -torch.ones(8)
+        y[torch.randperm(8, generator=gen)[:k]] = torch.rand(k, generator=gen) + 0.1
+        batches.append((torch.randn(8, 4, generator=gen), y))
+    return batches
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_a_data_dependent_size_that_stays_the_same_runs_like_eager(checkpoint, float64):
+    from tests.oracles import eager_trajectory
+
+    model = nn.Linear(4, 1)
+    batches = _positives([3, 3, 3, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = eager_trajectory(model, opt, _positives_mse, batches)
+    stepper = unrollc.compile(model, opt, _positives_mse)
+    state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+    assert all(torch.allclose(state.params[n], p, rtol=0, atol=1e-14) for n, p in ref[-1][0].items())
+
+
+@pytest.mark.parametrize("first", [1, 2])
+def test_a_data_dependent_size_that_changes_stops_the_step_with_the_users_line(first):
+    """The ops after `out[mask]` were traced with its first size: with 1 they broadcast a later size and the
+    step was silently wrong; with 2 it failed inside the graph. Now it says which line and what to do."""
+    model = nn.Linear(4, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), _positives_mse)
+    with pytest.raises(unrollc.CaptureError, match=rf"`return \(model\(x\).squeeze\(1\) - y\)\[y > 0\].*test_pitfalls.py:\d+.* "
+                       rf"gives a tensor of shape \(5,\) for this batch, but the step graph was traced with shape "
+                       rf"\({first},\).*\* mask\).sum\(\) / mask.sum\(\)"):
+        stepper.unroll(stepper.init(), _positives([first, 5]))

@@ -22,9 +22,14 @@ Invariant established: no node calls an operator whose schema writes to an argum
 3. A random draw into a fresh non-contiguous CPU tensor (``empty_like(x).bernoulli_(p)``, CPU dropout of a
    transposed activation) became ``aten.bernoulli.p``, which fills a contiguous tensor; it becomes
    ``unrollc.bernoulli_like``, which draws in the tensor's own memory order, as the eager in-place draw does.
+4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
+   ``dynamic_output_shape``) passes through :func:`check_traced_size`: the ops after it were traced with its
+   size, so another size must stop the step with an explanation instead of broadcasting silently.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx.traceback as fx_traceback
@@ -35,7 +40,7 @@ from .. import ops  # noqa: F401 - registers torch.ops.unrollc.bernoulli_like
 from ..errors import CaptureError, InternalError
 from .schema import mutated_args
 
-__all__ = ["functionalize"]
+__all__ = ["check_traced_size", "functionalize"]
 
 
 def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -44,6 +49,8 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     examples = [n.meta.get("val") for n in placeholders]
     if any(not isinstance(e, torch.Tensor) for e in examples):
         raise InternalError("functionalize: every placeholder needs a tensor example in meta['val']")
+
+    _record_data_dependent_sizes(gm.graph)  # the traced sizes, from the real trace (see step 4)
 
     def run(*args: torch.Tensor) -> object:
         with fx_traceback.preserve_node_meta():
@@ -68,6 +75,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
             if isinstance(val, torch.Tensor) and val.device.type == "cpu" and not val.is_contiguous():
                 node.target = torch.ops.unrollc.bernoulli_like.default
                 node.args = (node.args[0], node.args[1] if len(node.args) > 1 else 0.5)
+    _check_data_dependent_sizes(new.graph)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -101,3 +109,58 @@ def _constant_mutated(node: fx.Node) -> CaptureError:
         "(self.state[p][...]) or register it as a buffer of the model (module.register_buffer), or compute it "
         "out of place."
     )
+
+
+def check_traced_size(x: torch.Tensor, size: tuple[int, ...], source: str) -> torch.Tensor:
+    """``x`` itself, if it has the size the step graph was traced with; else a :class:`CaptureError` (a value
+    whose size depends on the data, see the module docstring, step 4)."""
+    if tuple(x.shape) != size:
+        raise CaptureError(
+            f"unrollc: {source} gives a tensor of shape {tuple(x.shape)} for this batch, but the step graph was "
+            f"traced with shape {size}. Its size depends on the values of the data (boolean-mask indexing, "
+            "nonzero, unique, masked_select), and the ops after it were traced with the first size, so the step "
+            "cannot run. Keep shapes fixed, e.g. with a mask: (err.pow(2) * mask).sum() / mask.sum() instead "
+            "of err[mask].pow(2).mean()."
+        )
+    return x
+
+
+_TRACED_SIZE = "unrollc traced size"  # in node.meta["custom"], which the re-trace copies to the new nodes
+
+
+def _data_dependent(node: fx.Node) -> bool:
+    """A node whose output size depends on the data: an op tagged ``dynamic_output_shape``, or an output of one."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return torch.Tag.dynamic_output_shape in getattr(node.target, "tags", ())
+
+
+def _record_data_dependent_sizes(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if _data_dependent(node) and isinstance(val, torch.Tensor):
+            try:
+                size = tuple(int(d) for d in val.shape)
+            except Exception:  # noqa: BLE001 - a size without a value: nothing to compare with
+                continue
+            node.meta["custom"] = {**node.meta.get("custom", {}), _TRACED_SIZE: size}
+
+
+def _check_data_dependent_sizes(graph: fx.Graph) -> None:
+    from ..inspect.source import source_of
+
+    for node in list(graph.nodes):
+        size = (node.meta.get("custom") or {}).get(_TRACED_SIZE)
+        if size is None or not _data_dependent(node) or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        where = source_of(node)
+        source = f"`{where.code}` ({where.short().rsplit(': ', 1)[0]})" if where and where.code else str(node.target)
+        val = node.meta["val"]
+        if not all(isinstance(d, int) for d in val.shape):  # the re-trace left the size symbolic: the traced one
+            node.meta["val"] = torch.empty(size, dtype=val.dtype, device="meta")
+        with graph.inserting_after(node):
+            check = graph.call_function(check_traced_size, (node, size, source))
+        check.meta.update(node.meta)
+        node.replace_all_uses_with(check, delete_user_cb=lambda user, check=check: user is not check)
