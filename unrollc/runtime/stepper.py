@@ -244,11 +244,14 @@ class Stepper:
         try:
             signature.bind(self.model, batch, *meta)
         except TypeError as exc:
+            schedule = next((m for m in meta if isinstance(m, (str, int)) and not isinstance(m, bool)), None)
+            hint = (f" The meta argument {schedule!r} looks like a checkpoint schedule: `checkpoint` is keyword-only, "
+                    f"unroll(state, batches, checkpoint={schedule!r})." if schedule is not None else "")
             raise TypeError(
                 f"unrollc: loss_fn must accept (model, batch, *meta), here {2 + len(meta)} positional arguments "
                 f"(the model, the batch and {len(meta)} meta argument(s) given to step/unroll), but its signature is "
                 f"{getattr(self.loss_fn, '__name__', 'loss_fn')}{signature} ({exc}); e.g. def loss_fn(model, batch): "
-                "x, y = batch; return F.mse_loss(model(x), y)."
+                f"x, y = batch; return F.mse_loss(model(x), y).{hint}"
             ) from None
 
     def _check_state(self, api: str, state: Any) -> None:
