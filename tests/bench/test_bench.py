@@ -226,6 +226,14 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
     assert (args.workload, args.n, args.schedules, args.slots, args.every_k) == ("mlp-small", [5], ["none"], 2, 3)
     assert parse_args(["--quick", "--jobs", "1"]).jobs == 1 and parse_args(["--quick"]).jobs == 2
     assert parse_args(["--plot", "out/fig"]).plot == "out/fig.png"  # the path the plot is written to
+    for option, path, why in [("--csv", "/proc/nope/a.csv", "'/proc/nope' cannot be made"),
+                              ("--json", f"{__file__}/x.json", "is a file, not a folder"),
+                              ("--out-dir", "/proc/nope", "cannot write --json '/proc/nope/results.json'")]:
+        if path.startswith("/proc") and not os.path.isdir("/proc"):
+            continue
+        with pytest.raises(SystemExit):  # before the run: a typo must not cost the results
+            parse_args([option, path])
+        assert why in capsys.readouterr().err
     assert parse_args([]).n == [16, 64, 160] and parse_args([]).workload == "mlp"
 
 

@@ -19,6 +19,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,7 +112,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.plot = plot_path(args.plot or os.path.join(args.out_dir, "bench.png"))
     except ValueError as e:
         p.error(str(e))
+    args.json = args.json or os.path.join(args.out_dir, "results.json")
+    args.csv = args.csv or os.path.join(args.out_dir, "results.csv")
+    for option, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):  # before the run, too
+        if (why := _unwritable(path)) is not None:
+            p.error(f"cannot write --{option} {path!r}: {why}.")
     return args
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` could not be written after the run (its folder, made then, needs a writable ancestor)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    try:  # os.access says yes to root everywhere, /proc included: try it
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        where = f"the folder {existing!r}" if existing == folder else f"{folder!r} cannot be made: {existing!r}"
+        return f"{where} is not writable ({e.strerror})"
+    return None
 
 
 def _config(args: argparse.Namespace, optimizer: str, n: int, method: str, schedule: str = "-", **kw: Any) -> Config:
@@ -155,11 +178,8 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
 
 
 def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> list[str]:
-    import os
-
     paths = []
-    json_path = args.json or os.path.join(args.out_dir, "results.json")
-    csv_path = args.csv or os.path.join(args.out_dir, "results.csv")
+    json_path, csv_path = args.json, args.csv  # resolved and checked by parse_args
     write_json(results, json_path, _meta(args, seconds))
     write_csv(results, csv_path)
     paths += [json_path, csv_path]
