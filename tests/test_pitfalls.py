@@ -185,3 +185,16 @@ def test_a_data_dependent_size_that_changes_stops_the_step_with_the_users_line(f
                        rf"gives a tensor of shape \(5,\) for this batch, but the step graph was traced with shape "
                        rf"\({first},\).*\* mask\).sum\(\) / mask.sum\(\)"):
         stepper.unroll(stepper.init(), _positives([first, 5]))
+
+
+def test_a_python_number_that_keeps_changing_is_pointed_out():
+    """A float meta argument is a constant of the step graph: each new value traces a new graph. After a few,
+    a warning (at the user's line) says to pass it as a tensor."""
+    model = nn.Linear(3, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, b, temperature: (m(b) / temperature).sum())
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match=r"8 step graphs traced so far. The Python numbers .* \(8.0\) .*\(torch.tensor\(value\)\)") as record:
+        for i in range(8):
+            stepper.step(stepper.init(), x, 1.0 + i)
+    assert {w.filename for w in record if "step graphs traced" in str(w.message)} == {__file__}

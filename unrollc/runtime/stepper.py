@@ -6,7 +6,10 @@ import contextlib
 import dis
 import functools
 import inspect
+import os
+import sys
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -77,6 +80,7 @@ class Stepper:
         self._last: CompiledStep | None = None
         self._pinned_modes: Modes | None = None  # see _modes_pinned
         self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
+        self._new_keys = 0  # step graphs traced for a new key (layouts and values), see _lookup
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
@@ -321,6 +325,10 @@ class Stepper:
     def _lookup(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
+        if not entries:
+            self._new_keys += 1
+            if self._new_keys == _MANY_KEYS:
+                _warn_numbers(batch, meta, self._new_keys)
         self._cache.move_to_end(key)
         while len(self._cache) > _CACHE_SIZE:  # a long run over ever new layouts or values keeps only the recent
             self._cache.popitem(last=False)
@@ -513,6 +521,28 @@ def _describe(tree: Any) -> str:
 
 
 _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
+_MANY_KEYS = 8  # traces for new keys after which Python numbers among the inputs are pointed out
+
+
+def _warn_numbers(batch: Any, meta: tuple, count: int) -> None:
+    """A Python number in the batch or the meta arguments is a constant of the step graph: each new value traces
+    a new one (a learned-loss temperature annealed as a float re-traced every meta-iteration)."""
+    numbers = [x for x in tree_flatten((batch, meta))[0] if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if numbers:
+        warnings.warn(
+            f"Stepper.step: {count} step graphs traced so far. The Python numbers among the batch and meta arguments "
+            f"({', '.join(map(repr, numbers[:4]))}{', ...' if len(numbers) > 4 else ''}) are constants of a step graph, "
+            "so every new value traces a new one (about a second each); pass them as tensors (torch.tensor(value)) "
+            "to make them inputs of one graph.", stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the innermost caller outside unrollc, for a warning raised by its caller."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
 _SKIP = object()
 
