@@ -175,6 +175,34 @@ def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(m
         assert torch.equal(torch.rand(2), ref_next), checkpoint
 
 
+def test_noise_from_the_users_own_generator_is_replayed_by_every_schedule(float64):
+    """Augmentation noise drawn with generator=g (the user's torch.Generator, not the default one): tracing does
+    not draw from it, and checkpointed steps recomputed in the backward pass replay its draws."""
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def loss_fn(m, b):
+        return (m(b[0] + 0.1 * torch.randn(b[0].shape, generator=gen)) - b[1]).pow(2).mean()
+
+    batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(6)]
+    xv = torch.randn(5, 4)
+    names = [n for n, _ in model.named_parameters()]
+    gen.manual_seed(5)
+    final = oracles.eager_unroll(model, loss_fn, batches, oracles.sgd_momentum(0.1, 0.9))
+    val = torch.func.functional_call(model, dict(zip(names, final)), (xv,)).pow(2).mean()
+    ref = torch.autograd.grad(val, list(model.parameters()))
+    after = gen.get_state()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    for checkpoint in [None, 2, "sqrt", "binomial"]:
+        gen.manual_seed(5)
+        state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+        val = stepper.forward(state, xv).pow(2).mean()
+        got = torch.autograd.grad(val, list(model.parameters()))
+        for a, b in zip(got, ref, strict=True):
+            assert rel(a, b) < 1e-10, checkpoint
+        assert torch.equal(gen.get_state(), after), checkpoint  # the backward sweep leaves it as eager does
+
+
 def test_radam_capturable_meta_gradient_has_no_nan(float64):
     """RAdam's capturable path selects its rectification with torch.where over a NaN before step 5, which
     poisons where's backward; unrollc traces the equivalent non-capturable maths (a guard on rho_t)."""

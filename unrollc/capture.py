@@ -153,12 +153,39 @@ def _dropout(input, p=0.5, training=True, inplace=False):  # noqa: ANN001, ANN20
     return input.mul_(noise) if inplace else input * noise
 
 
-class _TracedFunctions(torch.overrides.TorchFunctionMode):
-    """While a step is traced: torch functions whose ATen kernel reads tensor values into Python, computed with
-    tensor ops instead (``F.one_hot(y, num_classes)``), and dropout drawing its mask as eager code does."""
+class RestoredGenerators(torch.overrides.TorchFunctionMode):
+    """The user's own generators that torch functions are given (``torch.randn(..., generator=g)``) are put back
+    as they were when the mode exits: tracing runs the step for real, and must not draw from them, as
+    :func:`unrollc.runtime.rng.fork_rng` keeps the default generators."""
+
+    def __enter__(self) -> "RestoredGenerators":
+        self.generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        # Latest first: tracing may hand the same generator over as another Python object, seen after it drew.
+        for generator, state in reversed(self.generators.values()):
+            generator.set_state(state)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if isinstance(generator, torch.Generator) and id(generator) not in self.generators:
+            self.generators[id(generator)] = (generator, generator.get_state())
+        return func(*args, **kwargs)
+
+
+class _TracedFunctions(RestoredGenerators):
+    """While a step is traced: torch functions whose ATen kernel reads tensor values into Python, computed with
+    tensor ops instead (``F.one_hot(y, num_classes)``), and dropout drawing its mask as eager code does; the
+    user's generators are restored (:class:`RestoredGenerators`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if isinstance(generator, torch.Generator) and id(generator) not in self.generators:
+            self.generators[id(generator)] = (generator, generator.get_state())
         if func is torch.nn.functional.dropout:
             return _dropout(*args, **kwargs)
         if func is torch.nn.functional.one_hot:

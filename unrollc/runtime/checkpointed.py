@@ -13,7 +13,8 @@ if the steps had run in a plain autograd loop, but keeps only what the plan says
 
 The step function must be a function of (i, state, consts) and the random generators only, without in-place
 updates of its inputs (stored states are reused). Random draws (dropout) are replayed exactly: every stored
-state keeps the generators' state of its moment (:class:`~unrollc.runtime.rng.RngState`), restored with it,
+state keeps the generators' state of its moment (:class:`~unrollc.runtime.rng.RngState`: the default ones, and
+the ``torch.Generator`` objects listed in ``step_fn.generators`` if it has that attribute), restored with it,
 so a recomputed step draws what it drew in the forward sweep; the backward sweep leaves the user's
 generators as it found them. Double backward is not supported (``create_graph=True`` raises); a second backward through
 the same unroll (``retain_graph=True``) replays the forward sweep first (``plan.evaluations`` more calls).
@@ -88,6 +89,7 @@ class _Runner:
         self.stored: dict[int, State] = {}
         self.rng: dict[int, RngState] = {}                  # the generators' state at each stored state
         self.rng_devices: tuple[int, ...] = ()              # CUDA devices whose generators are kept too
+        self.rng_generators: tuple[torch.Generator, ...] = getattr(step_fn, "generators", ())  # the user's own
         self.tape: _Tape | None = None
         self.losses: list[Tensor | None] = [None] * n      # recorded once, by the forward sweep, detached
         self.state_grad: list[Tensor | None] = []           # gradient of the state at the live tape's end
@@ -117,7 +119,7 @@ class _Runner:
         for action in actions:
             if isinstance(action, Store):
                 self.stored[action.index] = self.cur
-                self.rng[action.index] = RngState.now(self.rng_devices)
+                self.rng[action.index] = RngState.now(self.rng_devices, self.rng_generators)
                 self.stats.peak_states = max(self.stats.peak_states, len(self.stored))
             elif isinstance(action, Restore):
                 self.cur, self.cur_index = self.stored[action.index], action.index
@@ -209,7 +211,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
     def forward(ctx, step_fn: StepFn, plan: Plan, stats: ExecutionStats, n_state: int,
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         const_needs = ctx.needs_input_grad[4 + n_state:]
-        ctx.rng0 = RngState.now(cuda_devices(tensors))  # a second backward replays the sweep from here
+        # a second backward replays the sweep from here
+        ctx.rng0 = RngState.now(cuda_devices(tensors), getattr(step_fn, "generators", ()))
         runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs)
         ctx.save_for_backward(*tensors)     # version counters: in-place changes to inputs are caught
         ctx.runner, ctx.args = runner, (step_fn, plan, stats, n_state, const_needs)
@@ -228,7 +231,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         step_fn, plan, stats, n_state, const_needs = ctx.args
         saved = ctx.saved_tensors
         runner, ctx.runner = ctx.runner, None   # the backward sweep consumes the stored states and the tape
-        with fork_rng(ctx.rng0.devices):        # recomputation restores stored generator states: undo that after
+        with fork_rng(ctx.rng0.devices, ctx.rng0.generators):  # recomputation restores stored states: undo it
             if runner is None:                  # a second backward (retain_graph=True): replay the forward sweep
                 ctx.rng0.restore()
                 runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs)

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
+from ..capture import Captured, RestoredGenerators, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec, Same
 from ..passes import run_pipeline
@@ -338,7 +338,7 @@ class Stepper:
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
             before = _python_values(self.model, self.loss_fn)
-            with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))):
+            with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
                 with _training_modes(self.model, self._pinned_modes):
                     compiled = self._capture(state, groups, batch, meta)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import fill_leaves
 from .checkpointed import checkpointed_unroll
+from .rng import step_generators
 from .schedules import NoCheckpoint, Plan, resolve_checkpoint
 from .state import UnrollState, first_positions
 
@@ -110,6 +111,7 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
         len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
     )
+    step_fn.generators = step_generators(stepper.trace(state, batches[0], *meta))  # type: ignore[attr-defined]
     shared: dict[int, tuple[int, ...]] = {}  # per step, each state position's first position holding its tensor
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
     # One tensor at several positions (the shared step counters) comes out of the autograd.Function as
