@@ -198,3 +198,18 @@ def test_a_python_number_that_keeps_changing_is_pointed_out():
         for i in range(8):
             stepper.step(stepper.init(), x, 1.0 + i)
     assert {w.filename for w in record if "step graphs traced" in str(w.message)} == {__file__}
+
+
+def test_a_meta_module_updating_its_buffers_is_refused_with_the_fix():
+    model = nn.Linear(4, 3)
+    loss_net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Softplus(), nn.Linear(5, 1))  # train mode
+
+    def loss_fn(m, b, net):
+        return net(m(b[0]) - b[1]).mean()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    batch = (torch.randn(7, 4), torch.randn(7, 3))
+    with pytest.raises(unrollc.CaptureError, match=r"updates in place a tensor the step closes over .* Put a module "
+                       r"passed as a meta argument in eval\(\) mode"):
+        stepper.step(stepper.init(), batch, loss_net)
+    stepper.step(stepper.init(), batch, loss_net.eval())  # the fix works

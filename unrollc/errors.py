@@ -68,6 +68,15 @@ class CaptureError(RuntimeError):
                 "torch.func gradient; write that inner derivative with torch.func, e.g. "
                 "gx = torch.func.grad(lambda x: model(x).sum())(x)"
             )
+        elif "mutate a captured Tensor" in text:
+            hint = (
+                "the code updates in place a tensor the step closes over (a buffer of a module passed as a meta "
+                "argument, such as BatchNorm's running statistics, or a plain tensor attribute), and a step graph "
+                "carries only the model's parameters and buffers and the optimizer state from one step to the next. "
+                "Put a module passed as a meta argument in eval() mode (or build its BatchNorm with "
+                "track_running_stats=False); register a tensor the model updates as a buffer "
+                "(module.register_buffer)"
+            )
         elif user is None and where is not None:
             hint = (
                 f"the optimizer's step could not be traced ({type(exc).__name__}: {text}); try the optimizer with "
