@@ -123,6 +123,10 @@ def _batch_norm(input, weight, bias, running_mean, running_var, training, moment
     # "legit" variant's schema marks them (Tensor(a!)), so functionalize sees and rewrites the update.
     if running_mean is None:
         return torch.ops.aten._native_batch_norm_legit.no_stats(input, weight, bias, training, momentum, eps)
+    if not training:  # reads the stats only: the functional variant (the stats may be constants, e.g. of a meta module)
+        return torch.ops.aten._native_batch_norm_legit_no_training.default(
+            input, weight, bias, running_mean, running_var, momentum, eps
+        )
     return torch.ops.aten._native_batch_norm_legit.default(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

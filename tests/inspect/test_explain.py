@@ -91,6 +91,9 @@ def test_first_step_lists_lifted_inputs_under_lift_inputs_only():
     must not list the lifted inputs again."""
     text = tiny_report_of(tiny_stepper(torch.optim.Adam, steps=1, lr=0.01))
     assert text.count("-> input p_") == 4  # TinyNet's four parameters, once
+    # and the report says it shows a first step's graph, not the one the steps after it run
+    assert text.splitlines()[1].startswith("The graph of a first step: the optimizer has no state yet")
+    assert "The graph of a first step" not in tiny_report_of(tiny_stepper(torch.optim.Adam, steps=2, lr=0.01))
 
 
 def tiny_report_of(stepper) -> str:
