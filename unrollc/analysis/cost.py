@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from ..errors import InternalError
-from ..runtime.schedules import N, Binomial, Budget, Plan, Policy, resolve_checkpoint
+from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, resolve_checkpoint
 from .liveness import StepAnalysis, analyze_step
 
 if TYPE_CHECKING:
@@ -110,13 +110,13 @@ class CostModel:
         return cls.from_graph(gm, requires_grad=grad)
 
     # ----------------------------------------------------------------------------------------- predict
-    def plan(self, policy: Any, n: int) -> Plan:
+    def plan(self, policy: CheckpointLike, n: int) -> Plan:
         """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps; a ``Budget`` is
         resolved with this model's bytes (``plan.resolved`` is the schedule it picks)."""
         policy = resolve_checkpoint(policy, api="unrollc.CostModel.plan")
         return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes)
 
-    def predict(self, policy: Any, n: int) -> Prediction:
+    def predict(self, policy: CheckpointLike, n: int) -> Prediction:
         """Evaluations, stored states, taped steps, peak bytes and FLOPs of an n-step unroll under ``policy``."""
         plan = self.plan(policy, n)
         return Prediction(
@@ -143,7 +143,7 @@ class CostModel:
         peak = c.peak_states * self.state_bytes + c.peak_taped_steps * self.taped_step_bytes
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
-    def evaluate(self, policy: Any, expr: sympy.Expr, n: int) -> int:
+    def evaluate(self, policy: CheckpointLike, expr: sympy.Expr, n: int) -> int:
         """``expr`` (one of ``expressions(policy)``) at ``n``; for Binomial(slots=s), r = min{r : C(s+r, s) >= n}."""
         policy = resolve_checkpoint(policy, api="unrollc.CostModel.evaluate")
         subs = {N: n}

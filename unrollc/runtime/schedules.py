@@ -37,7 +37,7 @@ import sympy
 from unrollc.errors import InternalError
 
 __all__ = [
-    "Advance", "Backprop", "Binomial", "Budget", "CostExpr", "EveryK", "Free", "NoCheckpoint", "Plan", "Policy",
+    "Advance", "Backprop", "Binomial", "Budget", "CheckpointLike", "CostExpr", "EveryK", "Free", "NoCheckpoint", "Plan", "Policy",
     "Restore", "Return", "Sqrt", "Store", "Tape", "binomial_extra_steps", "resolve_checkpoint",
 ]
 
@@ -425,6 +425,8 @@ class Budget:
 
 
 Policy = Union[NoCheckpoint, EveryK, Sqrt, Binomial, Budget]
+# What ``checkpoint=`` accepts: a policy, or a shorthand (None, k, "sqrt", "binomial"), see resolve_checkpoint.
+CheckpointLike = Union[Policy, int, str, None]
 _POLICY_TYPES = (NoCheckpoint, EveryK, Sqrt, Binomial, Budget)
 
 

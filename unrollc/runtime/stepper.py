@@ -26,6 +26,7 @@ from ..optimizer_spec import OptimizerSpec, Same
 from ..passes import run_pipeline
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
+from .schedules import CheckpointLike
 from .state import UnrollState, first_positions, groups_to_hyper, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
@@ -191,7 +192,7 @@ class Stepper:
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         return self._lookup(state, groups, batch, meta).gm
 
-    def unroll(self, state: UnrollState, batches: Iterable[Any], *meta: Any, checkpoint: Any = None) -> UnrollState:
+    def unroll(self, state: UnrollState, batches: Iterable[Any], *meta: Any, checkpoint: CheckpointLike = None) -> UnrollState:
         """``len(batches)`` steps, one per batch; ``checkpoint`` trades memory for recomputation
         (``None``: keep every step's graph; ``k``, ``"sqrt"``, ``"binomial"`` or a policy object)."""
         from .unroll import run_unroll
