@@ -276,7 +276,7 @@ def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None], Ca
                 print(f"[{next(started)}/{total}] {text} ...", file=sys.stderr, flush=True)
 
         return describe, lambda: None, lambda: None
-    bar = tqdm(total=total, unit="config", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="process", file=sys.stderr, dynamic_ncols=True)  # time and memory ones per config
     return bar.set_description_str, lambda: bar.update(1), bar.close
 
 
