@@ -92,7 +92,7 @@ def table(results: Sequence[Result]) -> str:
             _fmt(None if r.saved_peak_bytes is None else r.saved_peak_bytes / MIB, ".1f"),
             _fmt(ratio(results, r, "time_s"), ".2f"),
             _fmt(ratio(results, r, "peak_bytes"), ".3f"),
-            _fmt(None if r.flops is None else r.flops / 1e9, ".1f" if r.flops >= 1e9 else ".3g"),  # --quick: MFLOPs
+            _fmt(None if r.flops is None else r.flops / 1e9, ".1f" if (r.flops or 0) >= 1e9 else ".3g"),  # --quick
             _fmt(ratio(results, r, "flops"), ".2f"),
             _fmt(r.grad_norm, ".6g"),
             _fmt(r.lr_grad, ".6g"),
