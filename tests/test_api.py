@@ -287,3 +287,13 @@ def test_the_config_of_a_loss_object_is_guarded_like_a_closure():
         before = stepper.step(stepper.init(), x).loss
         loss.alpha = 3.0
         assert stepper.step(stepper.init(), x).loss.item() == pytest.approx(3 * before.item(), rel=1e-6)
+
+
+def test_reprs_are_short_and_say_what_they_hold():
+    model = nn.Linear(3, 1)
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), lambda m, b: m(b).sum())
+    assert repr(stepper) == "Stepper(Linear + Adam, loss_fn=test_reprs_are_short_and_say_what_they_hold.<locals>.<lambda>, 0 step graphs traced)"
+    state = stepper.step(stepper.init(), torch.randn(2, 3))
+    assert repr(stepper).endswith(", 1 step graph traced)")
+    cost = repr(unrollc.CostModel.from_stepper(stepper, state, torch.randn(2, 3)))
+    assert cost.startswith("CostModel(state_bytes=56, ") and "DiGraph" not in cost

@@ -19,7 +19,7 @@ every schedule and not included). ``CostModel.expressions(policy)`` gives the sa
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import sympy
@@ -70,7 +70,7 @@ class CostModel:
     step_saved_bytes: int
     taped_step_bytes: int
     flops_per_step: int
-    analysis: StepAnalysis
+    analysis: StepAnalysis = field(repr=False)  # the per-node liveness analysis the figures come from
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod

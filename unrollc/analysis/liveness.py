@@ -83,9 +83,9 @@ class StepAnalysis:
     ``fallback_ops``: ops with no meta kernel (estimated by the fallback rule). ``nondifferentiable``:
     ``"node.argument"`` for each argument that requires grad but that autograd refuses (eager raises there).
     """
-    graph: nx.DiGraph
-    requires_grad: frozenset[str]
-    saved: tuple[SavedStorage, ...]
+    graph: nx.DiGraph = field(repr=False)  # node and edge lists of the whole step: too long for a repr
+    requires_grad: frozenset[str] = field(repr=False)
+    saved: tuple[SavedStorage, ...] = field(repr=False)
     input_bytes: int
     peak_live_bytes: int
     peak_live_bytes_taped: int

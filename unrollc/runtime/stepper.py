@@ -85,6 +85,12 @@ class Stepper:
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
+    def __repr__(self) -> str:
+        loss = getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
+        traced = sum(len(entries) for entries in self._cache.values())
+        return (f"Stepper({type(self.model).__name__} + {self._spec.cls.__name__}, loss_fn={loss}, "
+                f"{traced} step graph{'s' if traced != 1 else ''} traced)")
+
     def init(
         self,
         params: Mapping[str, torch.Tensor] | None = None,
