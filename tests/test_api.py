@@ -297,3 +297,15 @@ def test_reprs_are_short_and_say_what_they_hold():
     assert repr(stepper).endswith(", 1 step graph traced)")
     cost = repr(unrollc.CostModel.from_stepper(stepper, state, torch.randn(2, 3)))
     assert cost.startswith("CostModel(state_bytes=56, ") and "DiGraph" not in cost
+
+
+def test_values_of_the_wrong_kind_are_refused():
+    model = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match=r"unrollc.compile: expected `check` as True or False, got 'yes'"):
+        unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).sum(), check="yes")
+    state = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).sum()).init()
+    with pytest.raises(TypeError, match=r"UnrollState.replace: no field 'bogus'; the fields are params, buffers"):
+        state.replace(bogus=1)
+    with pytest.raises(TypeError, match=r"expected `t`, the number of steps taken, as an int >= 0, got 'a'"):
+        state.replace(t="a")
+    assert state.replace(t=3).t == 3

@@ -66,4 +66,6 @@ def compile(  # noqa: A001 - the library's verb
     Returns:
         A :class:`Stepper` with ``init``, ``step``, ``unroll``, ``forward`` and ``graph``.
     """
+    if not isinstance(check, bool):
+        raise TypeError(f"unrollc.compile: expected `check` as True or False, got {check!r}.")
     return Stepper(model, opt, loss_fn, check=check)

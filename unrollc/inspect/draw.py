@@ -105,6 +105,8 @@ def to_dot(graph: Any, *, collapse: bool = False, depth: int | None = None, name
         collapse: one node per module / loss / backward / optimizer group and per role and module of inputs.
         depth: merge module paths below this depth (``None``: keep full paths).
     """
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"unrollc.inspect.to_dot: expected `depth` as an int >= 1 (or None), got {depth!r}.")
     pydot = _pydot()
     gm = _graph_of(graph)
     dot = pydot.Dot(name, graph_type="digraph", rankdir="TB", compound="true", fontname="Helvetica")

@@ -36,6 +36,16 @@ class UnrollState:
 
     def replace(self, **changes: Any) -> "UnrollState":
         """A copy with some fields changed (the state itself is immutable)."""
+        fields = tuple(self.__dataclass_fields__)
+        unknown = [k for k in changes if k not in fields]
+        if unknown:
+            raise TypeError(f"UnrollState.replace: no field {unknown[0]!r}; the fields are {', '.join(fields)}.")
+        for name in ("params", "buffers", "opt_state", "hyper"):
+            if name in changes and not isinstance(changes[name], Mapping):
+                raise TypeError(f"UnrollState.replace: expected `{name}` as a dict, got {type(changes[name]).__name__}.")
+        t = changes.get("t", 0)
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise TypeError(f"UnrollState.replace: expected `t`, the number of steps taken, as an int >= 0, got {t!r}.")
         return replace(self, **changes)
 
 
