@@ -172,11 +172,14 @@ class RestoredGenerators(torch.overrides.TorchFunctionMode):
         for generator, state in reversed(self.generators.values()):
             generator.set_state(state)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
+    def _record(self, kwargs: dict[str, Any]) -> None:
         generator = kwargs.get("generator")
         if isinstance(generator, torch.Generator) and id(generator) not in self.generators:
             self.generators[id(generator)] = (generator, generator.get_state())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        self._record(kwargs)
         return func(*args, **kwargs)
 
 
@@ -187,9 +190,7 @@ class _TracedFunctions(RestoredGenerators):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        generator = kwargs.get("generator")
-        if isinstance(generator, torch.Generator) and id(generator) not in self.generators:
-            self.generators[id(generator)] = (generator, generator.get_state())
+        self._record(kwargs)
         if func is torch.nn.functional.dropout:
             return _dropout(*args, **kwargs)
         if func is torch.nn.functional.one_hot:
