@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 
 import torch
 
-__all__ = ["CaptureError", "InternalError", "user_frame"]
+__all__ = ["CaptureError", "InternalError", "user_frame", "user_stacklevel"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UNROLLC_DIR = os.path.dirname(__file__)
@@ -21,6 +22,16 @@ def user_frame(tb: traceback.StackSummary | list[traceback.FrameSummary]) -> tra
         if not any(part in frame.filename for part in _IGNORED):
             return frame
     return None
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning, raised by this function's caller, at the innermost caller
+    outside unrollc (the user's line, however deep inside unrollc the warning is raised)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_UNROLLC_DIR)
+                                        or frame.f_code.co_filename.endswith(("contextlib.py", "functools.py"))):
+        frame, level = frame.f_back, level + 1  # unrollc's frames, and the stdlib's around innerloop_ctx
+    return level
 
 
 class CaptureError(RuntimeError):

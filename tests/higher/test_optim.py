@@ -256,8 +256,10 @@ def test_misuse_is_refused_with_what_was_expected():
         uh.innerloop_ctx("model", opt).__enter__()
     with pytest.raises(TypeError, match=r"monkeypatch: expected a torch.nn.Module, got str"):
         uh.monkeypatch("model")
-    with pytest.raises(ValueError, match=r"no option 'learning_rate'.*options are \[.*'lr'"):
+    with pytest.warns(UserWarning, match=r"override \['learning_rate'\]: SGD has no such option, so it changes "
+                      r"nothing; its options are \[.*'lr'") as record:
         uh.innerloop_ctx(model, opt, override={"learning_rate": [0.1]}).__enter__()
+    assert {w.filename for w in record} == {__file__}
     with pytest.raises(TypeError, match=r"override\['lr'\] must be a list.*got float; write \{'lr': \[value\]\}"):
         uh.innerloop_ctx(model, opt, override={"lr": 0.1}).__enter__()
     with pytest.raises(ValueError, match=r"Could not find parameter 0 of group 0 \(shape \(1, 3\)\)"):
@@ -445,3 +447,38 @@ def test_an_optimizer_with_a_dict_valued_option():
             got = fm.fast_params[0]
         g = torch.autograd.grad(F.mse_loss(model(x), y), model.weight)[0]
         torch.testing.assert_close(got, model.weight - 0.1 * (g.sign() if sign else g))
+
+
+class _ScaledSGD(uh.optim.DifferentiableOptimizer):
+    """A hand-written differentiable optimizer that reads an option of its own (higher's extension point)."""
+
+    def _update(self, grouped_grads, **kwargs):
+        for group, grads in zip(self.param_groups, grouped_grads):
+            for i, (p, g) in enumerate(zip(group["params"], grads)):
+                group["params"][i] = p - group["lr"] * group["scale"] * g
+
+
+class _ScaledSGDOptimizer(O.SGD):
+    pass
+
+
+def test_a_registered_differentiable_optimizer_takes_options_of_its_own_and_any_optimizer(monkeypatch):
+    """As in higher: an override key torch.optim does not know is passed to a subclass's own _update, and a
+    class registered for LBFGS is used (not refused: nothing is compiled)."""
+    higher = pytest.importorskip("higher")
+    results = []
+    for lib in (higher, uh):
+        monkeypatch.setattr(lib.optim, "_opt_mapping", dict(lib.optim._opt_mapping))  # registrations end with the test
+        lib.register_optim(_ScaledSGDOptimizer, _ScaledSGD)
+        lib.register_optim(O.LBFGS, _ScaledSGD)
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        scale = torch.tensor(0.5, requires_grad=True)
+        with lib.innerloop_ctx(model, _ScaledSGDOptimizer(model.parameters(), lr=0.1), override={"scale": [scale]}) as (f, d):
+            d.step(f(torch.ones(2, 3)).pow(2).sum())
+            (g,) = torch.autograd.grad(f(torch.ones(2, 3)).sum(), scale)
+        with lib.innerloop_ctx(model, O.LBFGS(model.parameters(), lr=0.1), override={"scale": [1.0]}) as (f, d):
+            d.step(f(torch.ones(2, 3)).pow(2).sum())
+            results.append((g, f(torch.ones(2, 3)).detach()))
+    (g_ref, out_ref), (g, out) = results
+    assert torch.allclose(g, g_ref) and torch.allclose(out, out_ref)

@@ -395,3 +395,35 @@ def test_a_module_kept_without_registering_it_is_shared():
     fmodel(x).pow(2).sum().backward()
     expected = torch.autograd.grad(model(x).pow(2).sum(), teacher.weight)[0]
     assert torch.allclose(teacher.weight.grad, expected)
+
+
+def test_one_tensor_may_be_the_fast_weight_of_two_untied_parameters(lib):
+    """Which names are tied is read from the user's module once, not from the fast weights held now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    fmodel = lib.monkeypatch(model)
+    w, b = torch.randn(4, 4), torch.randn(4)
+    fmodel(x, params=[w, b, w, b])
+    out = fmodel(x, params=[w, b, 2 * w, b])
+    assert torch.allclose(out, F.linear(F.linear(x, w, b), 2 * w, b))
+
+
+class _WithContainers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pl = nn.ParameterList([nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))])
+        self.pd = nn.ParameterDict({"w": nn.Parameter(torch.randn(3))})
+
+    def forward(self, x):
+        return x * self.pl[0] + self.pl[1] + self.pd["w"]
+
+
+def test_parameter_containers_index_to_the_fast_weights(lib):
+    torch.manual_seed(0)
+    model = _WithContainers()
+    with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        diffopt.step(fmodel(torch.ones(2, 3)).pow(2).sum())
+        fast = dict(fmodel.named_parameters())
+        assert torch.equal(fmodel.pl[0], fast["pl.0"]) and torch.equal(fmodel.pl[-1], fast["pl.1"])
+        assert torch.equal(fmodel.pd["w"], fast["pd.w"]) and not torch.equal(fast["pd.w"], model.pd["w"])

@@ -18,12 +18,14 @@ silently gives None); the weights keep ``.grad`` after ``backward()`` (``retain_
 from __future__ import annotations
 
 import collections
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..capture import state_number_tensor
+from ..errors import user_stacklevel
 from ..optimizer_spec import OptimizerSpec, UnsupportedOptimizerError, is_hyper_value
 from ..update import CompiledUpdate
 from . import patch as _patch
@@ -94,10 +96,22 @@ class DifferentiableOptimizer:
         self._first_order_links: list[torch.Tensor | None] | None = None
         self._base_spec: OptimizerSpec | None = None
         self._n_params = len(reference_params)
-        self._read_optimizer()  # an optimizer that cannot be compiled (LBFGS) is refused here, as in higher
+        if self._compiled:  # an optimizer that cannot be compiled (LBFGS) is refused here, as in higher
+            self._read_optimizer()
 
     # ----------------------------------------------------------------------------------- higher API
+    @property
+    def _compiled(self) -> bool:
+        """Whether updates run the user's torch.optim step, compiled (not a subclass's own ``_update``)."""
+        return type(self)._update is DifferentiableOptimizer._update
+
     def _apply_override(self, override: _OverrideType) -> None:
+        unknown = {k for k in override if not all(k in group for group in self.param_groups)} if self._compiled else ()
+        if unknown:  # a subclass's own _update may read options of its own; torch.optim's step would not
+            known = sorted({o for group in self.param_groups for o in group if o != "params"})
+            warnings.warn(
+                f"unrollc.higher: override {sorted(unknown)}: {type(self._other).__name__} has no such option, so it "
+                f"changes nothing; its options are {known}.", stacklevel=user_stacklevel())
         for group, k, value in _per_group(override, self.param_groups):
             group[k] = value
 
@@ -491,12 +505,6 @@ def _per_group(override: _OverrideType, groups: list[dict[str, Any]]) -> Iterato
             f"group), got {type(override).__name__}."
         )
     for k, v in override.items():
-        if not all(k in group for group in groups):
-            known = sorted({o for group in groups for o in group if o != "params"})
-            raise ValueError(
-                f"unrollc.higher: override[{k!r}]: the optimizer has no option {k!r}, so the override would change "
-                f"nothing; its options are {known}."
-            )
         if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or (isinstance(v, torch.Tensor) and v.dim() == 0):
             raise TypeError(
                 f"unrollc.higher: override[{k!r}] must be a list, [value] for every parameter group or one value per "

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils._named_member_accessor import NamedMemberAccessor
-from torch.nn.utils.stateless import _untie_named_tensors_map
 
 from ..capture import CompositeWeightNorm
 from . import utils as _utils
@@ -43,6 +42,7 @@ __all__ = ["monkeypatch", "make_functional", "buffer_sync", "FunctionalModule"]
 
 _INTERNAL = frozenset(
     {"_module", "_original", "_param_names", "_fast_params", "_bufs", "_track_higher_grads", "_released", "_weight_norm",
+     "_aliases",
      "training"}
 )
 
@@ -59,6 +59,17 @@ def _uses_weight_norm(module: nn.Module) -> bool:
         if isinstance(m, _WeightNorm):  # a parametrization is a module in the tree
             return True
     return False
+
+
+def _tied_names(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """``(name, alias)`` for every further name of a parameter or buffer the module holds under several names
+    (tied weights): read once from the user's module, as the fast weights of the names may later be anything."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if first.setdefault(id(t), name) != name:
+            pairs.append((first[id(t)], name))
+    return tuple(pairs)
 
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training
@@ -137,6 +148,7 @@ class FunctionalModule(nn.Module):
         object.__setattr__(self, "_bufs", buffers)
         object.__setattr__(self, "_released", False)
         object.__setattr__(self, "_weight_norm", _uses_weight_norm(module))
+        object.__setattr__(self, "_aliases", _tied_names(module))
         self.track_higher_grads = track_higher_grads
         self.training = module.training
 
@@ -256,7 +268,8 @@ class FunctionalModule(nn.Module):
         tensors = dict(self._bufs)
         if self._fast_params is not None:
             tensors.update(zip(self._param_names, self._latest(), strict=True))
-        NamedMemberAccessor(self._module).swap_tensors_dict(_untie_named_tensors_map(self._module, tensors), allow_missing=True)
+        tensors.update({alias: tensors[name] for name, alias in self._aliases if name in tensors})
+        NamedMemberAccessor(self._module).swap_tensors_dict(tensors, allow_missing=True)
 
     @contextlib.contextmanager
     def _reparametrized(self) -> Iterator[None]:
@@ -430,8 +443,12 @@ class SubmoduleView:
     def _child(self, key: str) -> "SubmoduleView":
         return SubmoduleView(self._root, f"{self._path}.{key}" if self._path else key)
 
-    def __getitem__(self, index: Any) -> "SubmoduleView":
-        keys = list(self._target._modules)
+    def __getitem__(self, index: Any) -> Any:
+        target = self._target
+        if isinstance(target, (nn.ParameterList, nn.ParameterDict)):  # the fast weight, as in higher
+            key = list(target._parameters)[index] if isinstance(index, int) else index
+            return self._root._resolve(self._path, str(key))
+        keys = list(target._modules)
         if isinstance(index, str):
             return self._child(index)
         if isinstance(index, int):

@@ -6,8 +6,6 @@ import contextlib
 import dis
 import functools
 import inspect
-import os
-import sys
 import types
 import warnings
 from collections import OrderedDict
@@ -21,6 +19,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, RestoredGenerators, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
+from ..errors import user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec, Same
 from ..passes import run_pipeline
@@ -540,16 +539,9 @@ def _warn_numbers(batch: Any, meta: tuple, count: int) -> None:
             f"Stepper.step: {count} step graphs traced so far. The Python numbers among the batch and meta arguments "
             f"({', '.join(map(repr, numbers[:4]))}{', ...' if len(numbers) > 4 else ''}) are constants of a step graph, "
             "so every new value traces a new one (about a second each); pass them as tensors (torch.tensor(value)) "
-            "to make them inputs of one graph.", stacklevel=_user_stacklevel())
+            "to make them inputs of one graph.", stacklevel=user_stacklevel())
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the innermost caller outside unrollc, for a warning raised by its caller."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
 _SKIP = object()
 
