@@ -213,3 +213,59 @@ def test_a_meta_module_updating_its_buffers_is_refused_with_the_fix():
                        r"passed as a meta argument in eval\(\) mode"):
         stepper.step(stepper.init(), batch, loss_net)
     stepper.step(stepper.init(), batch, loss_net.eval())  # the fix works
+
+
+def _positives_sum_mse(model, batch):
+    x, y = batch
+    err = (model(x).squeeze(1) - y).pow(2)
+    return err.mean() + 0.1 * y[y > 0].sum()  # a data-dependent size nothing after it was traced with
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_a_data_dependent_size_no_op_depends_on_may_change(checkpoint, float64):
+    from tests.oracles import eager_trajectory
+
+    model = nn.Linear(4, 1)
+    batches = _positives([2, 5, 1, 7])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = eager_trajectory(model, opt, _positives_sum_mse, batches)
+    stepper = unrollc.compile(model, opt, _positives_sum_mse)
+    state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+    assert all(torch.allclose(state.params[n], p, rtol=0, atol=1e-14) for n, p in ref[-1][0].items())
+
+
+def test_a_unique_whose_size_changes_is_stopped():
+    def loss_fn(model, batch):
+        x, y = batch
+        idx = torch.unique((y > 0).long() * torch.arange(8))
+        return (model(x).squeeze(1) - y).index_select(0, idx).pow(2).mean()
+
+    model = nn.Linear(4, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    with pytest.raises(unrollc.CaptureError, match=r"torch.unique.* gives a tensor of shape \(\d+,\) for this batch"):
+        stepper.unroll(stepper.init(), _positives([2, 5]))
+
+
+class _OutOfPlaceDraw(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return (h.t() * torch.bernoulli(h.detach().t(), 0.5)).t()  # bernoulli.p out of place: a contiguous draw
+
+
+def test_an_out_of_place_draw_on_a_transposed_tensor_is_eagers():
+    from tests.oracles import eager_trajectory
+
+    torch.manual_seed(0)
+    model = _OutOfPlaceDraw()
+    batches = [(torch.randn(5, 4), torch.randn(5, 6)) for _ in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    ref = eager_trajectory(model, opt, mse, batches)
+    stepper = unrollc.compile(model, opt, mse)
+    torch.manual_seed(1)
+    state = stepper.unroll(stepper.init(), batches)
+    assert all(torch.equal(state.params[n], p) for n, p in ref[-1][0].items())

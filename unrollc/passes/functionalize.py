@@ -30,6 +30,7 @@ Invariant established: no node calls an operator whose schema writes to an argum
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx.traceback as fx_traceback
@@ -70,7 +71,8 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
             new.graph.erase_node(node)
     # Step 3: random draws keep eager's order.
     for node in new.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.bernoulli.p and not node.kwargs:
+        in_place = (node.meta.get("custom") or {}).get(_IN_PLACE_DRAW)
+        if node.op == "call_function" and node.target is torch.ops.aten.bernoulli.p and in_place and not node.kwargs:
             val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
             if isinstance(val, torch.Tensor) and val.device.type == "cpu" and not val.is_contiguous():
                 node.target = torch.ops.unrollc.bernoulli_like.default
@@ -126,6 +128,7 @@ def check_traced_size(x: torch.Tensor, size: tuple[int, ...], source: str) -> to
 
 
 _TRACED_SIZE = "unrollc traced size"  # in node.meta["custom"], which the re-trace copies to the new nodes
+_IN_PLACE_DRAW = "unrollc in-place draw"  # the same: a bernoulli_ whose functional form must keep its order
 
 
 def _data_dependent(node: fx.Node) -> bool:
@@ -137,15 +140,29 @@ def _data_dependent(node: fx.Node) -> bool:
     return torch.Tag.dynamic_output_shape in getattr(node.target, "tags", ())
 
 
+def _sizes(val: Any) -> Any:
+    """The sizes of a node's value as ints: a tuple for a tensor, a tuple of them for a tuple of tensors (None for
+    an entry that is not a tensor); None where a size has no value."""
+    try:
+        if isinstance(val, torch.Tensor):
+            return tuple(int(d) for d in val.shape)
+        if isinstance(val, (tuple, list)):
+            return tuple(_sizes(v) if isinstance(v, torch.Tensor) else None for v in val)
+    except Exception:  # noqa: BLE001 - a size without a value: nothing to compare with
+        return None
+    return None
+
+
 def _record_data_dependent_sizes(graph: fx.Graph) -> None:
+    """Before the re-trace: the traced sizes of data-dependent values, and which random draws were in place."""
     for node in graph.nodes:
-        val = node.meta.get("val")
-        if _data_dependent(node) and isinstance(val, torch.Tensor):
-            try:
-                size = tuple(int(d) for d in val.shape)
-            except Exception:  # noqa: BLE001 - a size without a value: nothing to compare with
-                continue
-            node.meta["custom"] = {**node.meta.get("custom", {}), _TRACED_SIZE: size}
+        marks = {}
+        if _data_dependent(node) and node.target is not operator.getitem and (size := _sizes(node.meta.get("val"))):
+            marks[_TRACED_SIZE] = size  # on the op: its getitem nodes are re-made under the op's metadata
+        if node.op == "call_function" and node.target is torch.ops.aten.bernoulli_.float:
+            marks[_IN_PLACE_DRAW] = True
+        if marks:
+            node.meta["custom"] = {**node.meta.get("custom", {}), **marks}
 
 
 def _check_data_dependent_sizes(graph: fx.Graph) -> None:
@@ -153,14 +170,55 @@ def _check_data_dependent_sizes(graph: fx.Graph) -> None:
 
     for node in list(graph.nodes):
         size = (node.meta.get("custom") or {}).get(_TRACED_SIZE)
-        if size is None or not _data_dependent(node) or not isinstance(node.meta.get("val"), torch.Tensor):
+        if size is None or not _data_dependent(node):
+            continue
+        if isinstance(node.meta.get("val"), (tuple, list)) and node.target is not operator.getitem:
+            node.meta["val"] = _concrete(node.meta["val"], size)  # a multi-output op: its sizes for the cost analysis
+            continue
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        if node.target is operator.getitem:  # one output of a multi-output op (torch.unique's values, counts)
+            size = size[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(size) else None
+        if not isinstance(size, tuple) or not all(isinstance(d, int) for d in size):
+            continue
+        val = node.meta["val"]
+        if not all(isinstance(d, int) for d in val.shape):  # the re-trace left the size symbolic: the traced one
+            node.meta["val"] = torch.empty(size, dtype=val.dtype, device="meta")  # (for the cost analysis)
+        if not _size_baked_in(node, size):
             continue
         where = source_of(node)
         source = f"`{where.code}` ({where.short().rsplit(': ', 1)[0]})" if where and where.code else str(node.target)
-        val = node.meta["val"]
-        if not all(isinstance(d, int) for d in val.shape):  # the re-trace left the size symbolic: the traced one
-            node.meta["val"] = torch.empty(size, dtype=val.dtype, device="meta")
         with graph.inserting_after(node):
             check = graph.call_function(check_traced_size, (node, size, source))
         check.meta.update(node.meta)
         node.replace_all_uses_with(check, delete_user_cb=lambda user, check=check: user is not check)
+
+
+def _concrete(vals: Any, sizes: tuple) -> Any:
+    """``vals`` (a tuple of example tensors) with the symbolic sizes replaced by the traced ones."""
+    return type(vals)(
+        torch.empty(size, dtype=v.dtype, device="meta")
+        if isinstance(v, torch.Tensor) and isinstance(size, tuple) and not all(isinstance(d, int) for d in v.shape)
+        else v
+        for v, size in zip(vals, (*sizes, *[None] * (len(vals) - len(sizes))))
+    )
+
+
+def _size_baked_in(node: fx.Node, size: tuple[int, ...]) -> bool:
+    """Whether an op computed from ``node`` was traced with its data-dependent length as a constant: a shape
+    argument (``expand(g, [n])``, ``view(x, [n, 4])``) holding the length of dim 0, where the data decide it
+    (``nonzero``, ``x[mask]``, ``unique``). Without one (``x[mask].sum()``, ``index_fill(0, nonzero(m), 1.)``)
+    another length runs correctly and is not refused."""
+    if not size:
+        return False
+    length, seen, todo = size[0], set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        for arg in (*user.args, *user.kwargs.values()):
+            if isinstance(arg, (list, tuple)) and any(type(a) is int and a == length for a in arg):
+                return True
+        todo.extend(user.users)
+    return False
