@@ -175,16 +175,20 @@ def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(m
         assert torch.equal(torch.rand(2), ref_next), checkpoint
 
 
-def test_noise_from_the_users_own_generator_is_replayed_by_every_schedule(float64):
+@pytest.mark.parametrize("some_steps", [False, True], ids=["every-step", "some-steps"])
+def test_noise_from_the_users_own_generator_is_replayed_by_every_schedule(some_steps, float64):
     """Augmentation noise drawn with generator=g (the user's torch.Generator, not the default one): tracing does
-    not draw from it, and checkpointed steps recomputed in the backward pass replay its draws."""
+    not draw from it, and checkpointed steps recomputed in the backward pass replay its draws, also where only
+    some batches switch the noise on (another step graph, first met after the first stored state)."""
     gen = torch.Generator().manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
 
     def loss_fn(m, b):
-        return (m(b[0] + 0.1 * torch.randn(b[0].shape, generator=gen)) - b[1]).pow(2).mean()
+        noisy = b[2] if len(b) > 2 else True
+        x = b[0] + 0.1 * torch.randn(b[0].shape, generator=gen) if noisy else b[0]
+        return (m(x) - b[1]).pow(2).mean()
 
-    batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(6)]
+    batches = [(torch.randn(8, 4), torch.randn(8, 2), *((i % 3 == 2,) if some_steps else ())) for i in range(6)]
     xv = torch.randn(5, 4)
     names = [n for n, _ in model.named_parameters()]
     gen.manual_seed(5)

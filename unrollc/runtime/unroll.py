@@ -111,7 +111,10 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
         len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
     )
-    step_fn.generators = step_generators(stepper.trace(state, batches[0], *meta))  # type: ignore[attr-defined]
+    # The user's own generators any step draws from (a batch may switch noise on): every batch's graph, each
+    # traced once per layout (the stepper's cache), so that every stored state keeps their states too.
+    generators = {id(g): g for b in batches for g in step_generators(stepper.trace(state, b, *meta))}
+    step_fn.generators = tuple(generators.values())  # type: ignore[attr-defined]
     shared: dict[int, tuple[int, ...]] = {}  # per step, each state position's first position holding its tensor
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
     # One tensor at several positions (the shared step counters) comes out of the autograd.Function as
