@@ -22,6 +22,11 @@ Invariant established: no node calls an operator whose schema writes to an argum
 3. A random draw into a fresh non-contiguous CPU tensor (``empty_like(x).bernoulli_(p)``, CPU dropout of a
    transposed activation) became ``aten.bernoulli.p``, which fills a contiguous tensor; it becomes
    ``unrollc.bernoulli_like``, which draws in the tensor's own memory order, as the eager in-place draw does.
+5. (:func:`_permuted_scatters`) An in-place update of a transposed view of a whole tensor (``z.t().mul_(c)``,
+   ``dropout(h.t(), inplace=True)``) leaves ``as_strided_scatter(x, src, size, stride)`` covering all of ``x``
+   in the traced backward; torch's derivative of that op with respect to ``x`` is wrong (identity where it is 0:
+   ``gradcheck`` fails on torch 2.13), which made meta-gradients 1-9% off. It becomes ``src.permute(...)``
+   made contiguous: the same values, with ATen's exact derivatives.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
    ``dynamic_output_shape``) passes through :func:`check_traced_size`: the ops after it were traced with its
    size, so another size must stop the step with an explanation instead of broadcasting silently.
@@ -78,6 +83,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
                 node.target = torch.ops.unrollc.bernoulli_like.default
                 node.args = (node.args[0], node.args[1] if len(node.args) > 1 else 0.5)
     _check_data_dependent_sizes(new.graph)
+    _permuted_scatters(new.graph)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -222,3 +228,42 @@ def _size_baked_in(node: fx.Node, size: tuple[int, ...]) -> bool:
                 return True
         todo.extend(user.users)
     return False
+
+
+def _permuted_scatters(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.as_strided_scatter.default:
+            continue
+        base, src, size, stride = node.args[:4]
+        offset = node.args[4] if len(node.args) > 4 else node.kwargs.get("storage_offset", 0)
+        val = base.meta.get("val") if isinstance(base, fx.Node) else None
+        perm = _covering_permutation(val, size, stride, offset)
+        if perm is None:
+            continue
+        inverse = [perm.index(d) for d in range(len(perm))]
+        with graph.inserting_before(node):
+            permuted = graph.call_function(torch.ops.aten.permute.default, (src, inverse))
+            out = graph.call_function(torch.ops.aten.clone.default, (permuted,), {"memory_format": torch.contiguous_format})
+        for made in (permuted, out):
+            made.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        out.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
+def _covering_permutation(val: Any, size: Any, stride: Any, offset: Any) -> list[int] | None:
+    """``perm`` where ``as_strided(val, size, stride, offset)`` is ``val.permute(perm)`` of a contiguous ``val``
+    (every element once), else None."""
+    if not isinstance(val, torch.Tensor) or offset not in (0, None) or not val.is_contiguous():
+        return None
+    if not all(type(d) is int for d in (*size, *stride)) or len(size) != val.dim():
+        return None
+    free = list(range(val.dim()))
+    perm = []
+    for n, st in zip(size, stride, strict=True):
+        match = next((d for d in free if val.shape[d] == n and (val.stride()[d] == st or n == 1)), None)
+        if match is None:
+            return None
+        free.remove(match)
+        perm.append(match)
+    return perm
