@@ -26,7 +26,8 @@ Invariant established: no node calls an operator whose schema writes to an argum
    ``dropout(h.t(), inplace=True)``) leaves ``as_strided_scatter(x, src, size, stride)`` covering all of ``x``
    in the traced backward; torch's derivative of that op with respect to ``x`` is wrong (identity where it is 0:
    ``gradcheck`` fails on torch 2.13), which made meta-gradients 1-9% off. It becomes ``src.permute(...)``
-   made contiguous: the same values, with ATen's exact derivatives.
+   made contiguous, and one covering a slice (``z[:, :4].mul_(c)``) becomes ``slice_scatter``: the same values,
+   with ATen's exact derivatives.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
    ``dynamic_output_shape``) passes through :func:`check_traced_size`: the ops after it were traced with its
    size, so another size must stop the step with an explanation instead of broadcasting silently.
@@ -239,6 +240,13 @@ def _permuted_scatters(graph: fx.Graph) -> None:
         val = base.meta.get("val") if isinstance(base, fx.Node) else None
         perm = _covering_permutation(val, size, stride, offset)
         if perm is None:
+            box = _slice_of(val, size, stride, offset)
+            if box is not None:  # one dim sliced: slice_scatter, whose derivatives are exact
+                with graph.inserting_before(node):
+                    out = graph.call_function(torch.ops.aten.slice_scatter.default, (base, src, *box))
+                out.meta.update(node.meta)
+                node.replace_all_uses_with(out)
+                graph.erase_node(node)
             continue
         inverse = [perm.index(d) for d in range(len(perm))]
         with graph.inserting_before(node):
@@ -267,3 +275,19 @@ def _covering_permutation(val: Any, size: Any, stride: Any, offset: Any) -> list
         free.remove(match)
         perm.append(match)
     return perm
+
+
+def _slice_of(val: Any, size: Any, stride: Any, offset: Any) -> tuple[int, int, int] | None:
+    """``(dim, start, end)`` where ``as_strided(val, size, stride, offset)`` is ``val.narrow(dim, start, end -
+    start)`` of a contiguous ``val`` (``z[:, :4]``, ``z[2:5]``), else None."""
+    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or len(size) != val.dim() or val.numel() == 0:
+        return None
+    if not all(type(d) is int for d in (*size, *stride)) or list(stride) != list(val.stride()):
+        return None
+    sliced = [d for d in range(val.dim()) if size[d] != val.shape[d]]
+    offset = offset or 0
+    if len(sliced) != 1 or type(offset) is not int or offset % val.stride()[sliced[0]]:
+        return None
+    dim = sliced[0]
+    start = offset // val.stride()[dim]
+    return (dim, start, start + size[dim]) if 0 <= start and start + size[dim] <= val.shape[dim] else None
