@@ -238,24 +238,21 @@ def _permuted_scatters(graph: fx.Graph) -> None:
         base, src, size, stride = node.args[:4]
         offset = node.args[4] if len(node.args) > 4 else node.kwargs.get("storage_offset", 0)
         val = base.meta.get("val") if isinstance(base, fx.Node) else None
-        perm = _covering_permutation(val, size, stride, offset)
-        if perm is None:
-            box = _slice_of(val, size, stride, offset)
-            if box is not None:  # one dim sliced: slice_scatter, whose derivatives are exact
-                with graph.inserting_before(node):
-                    out = graph.call_function(torch.ops.aten.slice_scatter.default, (base, src, *box))
-                out.meta.update(node.meta)
-                node.replace_all_uses_with(out)
-                graph.erase_node(node)
+        perm, box = _covering_permutation(val, size, stride, offset), _slice_of(val, size, stride, offset)
+        if perm is None and box is None:
             continue
-        inverse = [perm.index(d) for d in range(len(perm))]
         with graph.inserting_before(node):
-            permuted = graph.call_function(torch.ops.aten.permute.default, (src, inverse))
-            out = graph.call_function(torch.ops.aten.clone.default, (permuted,), {"memory_format": torch.contiguous_format})
-        for made in (permuted, out):
-            made.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        out.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(out)
+            if perm is not None:  # the whole tensor, permuted
+                inverse = [perm.index(d) for d in range(len(perm))]
+                made = [graph.call_function(torch.ops.aten.permute.default, (src, inverse))]
+                made.append(graph.call_function(torch.ops.aten.clone.default, (made[0],),
+                                                {"memory_format": torch.contiguous_format}))
+            else:  # one dim sliced
+                made = [graph.call_function(torch.ops.aten.slice_scatter.default, (base, src, *box))]
+        for m in made:
+            m.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        made[-1].meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(made[-1])
         graph.erase_node(node)
 
 
