@@ -134,3 +134,30 @@ def test_adam_meta_gradient_is_finite_with_dead_units(float64):
     targets = [n.target for n in stepper.graph.graph.nodes]
     assert torch.ops.aten.sqrt.default not in targets
     assert torch.ops.unrollc.safe_sqrt.default in targets or torch.ops.unrollc.safe_sqrt_masked.default in targets
+
+
+def _views(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x, x.t(), x[1:3], x[:, 2:5], x[1:4, 2:7], x[:, 1::3], x[::2, ::3], x[:, 2], x[3], x[2:3, 4:5],
+            x.t()[::2, 1:], x.t()[5], x[1:2], x[4:, 7]]
+
+
+def test_as_strided_scatter_of_a_box_of_slices_becomes_slice_scatters_with_the_same_values():
+    """The reading of as_strided's (size, stride, offset) as slices, permutes and selects, compared with
+    as_strided_scatter itself on every kind of view an in-place update can take."""
+    from unrollc.passes.functionalize import _scatter_as_slices, _view_as_slices
+
+    base = torch.arange(48.0).reshape(6, 8)
+    for view in _views(base):
+        size, stride, offset = view.shape, view.stride(), view.storage_offset()
+        recipe = _view_as_slices(base, size, stride, offset)
+        assert recipe is not None, (size, stride, offset)
+        src = torch.randn(size)
+        got = _scatter_as_slices(lambda f, *a, **k: f(*a, **k), base, src, recipe)
+        assert torch.equal(got, torch.as_strided_scatter(base, src, size, stride, offset))
+
+
+@pytest.mark.parametrize("view", [((6, 8), (0, 1), 0), ((3, 3), (1, 1), 0), ((4,), (3,), 40)])
+def test_overlapping_or_out_of_range_views_are_not_read_as_slices(view):
+    from unrollc.passes.functionalize import _view_as_slices
+
+    assert _view_as_slices(torch.zeros(6, 8), *view) is None

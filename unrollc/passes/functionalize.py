@@ -22,12 +22,14 @@ Invariant established: no node calls an operator whose schema writes to an argum
 3. A random draw into a fresh non-contiguous CPU tensor (``empty_like(x).bernoulli_(p)``, CPU dropout of a
    transposed activation) became ``aten.bernoulli.p``, which fills a contiguous tensor; it becomes
    ``unrollc.bernoulli_like``, which draws in the tensor's own memory order, as the eager in-place draw does.
-5. (:func:`_permuted_scatters`) An in-place update of a transposed view of a whole tensor (``z.t().mul_(c)``,
-   ``dropout(h.t(), inplace=True)``) leaves ``as_strided_scatter(x, src, size, stride)`` covering all of ``x``
-   in the traced backward; torch's derivative of that op with respect to ``x`` is wrong (identity where it is 0:
-   ``gradcheck`` fails on torch 2.13), which made meta-gradients 1-9% off. It becomes ``src.permute(...)``
-   made contiguous, and one covering a slice (``z[:, :4].mul_(c)``) becomes ``slice_scatter``: the same values,
-   with ATen's exact derivatives.
+5. (:func:`_exact_scatters`) An in-place update of a view of an activation (``z.t().mul_(c)``,
+   ``z[1:4, 2:7].mul_(c)``, ``dropout(h.t(), inplace=True)``) leaves ``as_strided_scatter(x, src, size, stride,
+   offset)`` in the traced backward; torch's derivative of that op with respect to ``x`` is wrong (identity where
+   it is 0: ``gradcheck`` fails on torch 2.13), which made meta-gradients 1-10% off. Where the view is a box of
+   slices of ``x`` (any steps, permuted, some dimensions indexed), it becomes ``src`` permuted into ``x``'s order
+   and nested ``slice_scatter``s (a contiguous copy where the view covers all of ``x``): the same values, with
+   ATen's exact derivatives. Each reading is checked on integers against ``as_strided_scatter`` before it is used;
+   other views (made with ``as_strided``) keep the op.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
    ``dynamic_output_shape``) passes through :func:`check_traced_size`: the ops after it were traced with its
    size, so another size must stop the step with an explanation instead of broadcasting silently.
@@ -35,7 +37,9 @@ Invariant established: no node calls an operator whose schema writes to an argum
 
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,7 +88,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
                 node.target = torch.ops.unrollc.bernoulli_like.default
                 node.args = (node.args[0], node.args[1] if len(node.args) > 1 else 0.5)
     _check_data_dependent_sizes(new.graph)
-    _permuted_scatters(new.graph)
+    _exact_scatters(new.graph)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -231,60 +235,112 @@ def _size_baked_in(node: fx.Node, size: tuple[int, ...]) -> bool:
     return False
 
 
-def _permuted_scatters(graph: fx.Graph) -> None:
+def _exact_scatters(graph: fx.Graph) -> None:
+    """Step 5: each ``as_strided_scatter`` whose view is a box of slices (see :func:`_view_as_slices`) becomes
+    ``slice_scatter``s, or a ``permute`` made contiguous where the view covers the whole tensor."""
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.as_strided_scatter.default:
             continue
         base, src, size, stride = node.args[:4]
         offset = node.args[4] if len(node.args) > 4 else node.kwargs.get("storage_offset", 0)
         val = base.meta.get("val") if isinstance(base, fx.Node) else None
-        perm, box = _covering_permutation(val, size, stride, offset), _slice_of(val, size, stride, offset)
-        if perm is None and box is None:
+        recipe = _view_as_slices(val, size, stride, offset)
+        if recipe is None:
             continue
+        made: list[fx.Node] = []
+
+        def emit(target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+            new = graph.call_function(target, args, kwargs)
+            new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+            new.meta["val"] = _fake_run(target, args, kwargs)
+            made.append(new)
+            return new
+
         with graph.inserting_before(node):
-            if perm is not None:  # the whole tensor, permuted
-                inverse = [perm.index(d) for d in range(len(perm))]
-                made = [graph.call_function(torch.ops.aten.permute.default, (src, inverse))]
-                made.append(graph.call_function(torch.ops.aten.clone.default, (made[0],),
-                                                {"memory_format": torch.contiguous_format}))
-            else:  # one dim sliced
-                made = [graph.call_function(torch.ops.aten.slice_scatter.default, (base, src, *box))]
-        for m in made:
-            m.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        made[-1].meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(made[-1])
+            result = _scatter_as_slices(emit, base, src, recipe)
+        result.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(result)
         graph.erase_node(node)
 
 
-def _covering_permutation(val: Any, size: Any, stride: Any, offset: Any) -> list[int] | None:
-    """``perm`` where ``as_strided(val, size, stride, offset)`` is ``val.permute(perm)`` of a contiguous ``val``
-    (every element once), else None."""
-    if not isinstance(val, torch.Tensor) or offset not in (0, None) or not val.is_contiguous():
+def _fake_run(target: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The example value of ``target(*args, **kwargs)`` from the arguments' fake values (None without them)."""
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+    if mode is None:
         return None
-    if not all(type(d) is int for d in (*size, *stride)) or len(size) != val.dim():
-        return None
-    free = list(range(val.dim()))
-    perm = []
-    for n, st in zip(size, stride, strict=True):
-        match = next((d for d in free if val.shape[d] == n and (val.stride()[d] == st or n == 1)), None)
-        if match is None:
-            return None
-        free.remove(match)
-        perm.append(match)
-    return perm
+    with mode:
+        return target(*vals, **kwargs)
 
 
-def _slice_of(val: Any, size: Any, stride: Any, offset: Any) -> tuple[int, int, int] | None:
-    """``(dim, start, end)`` where ``as_strided(val, size, stride, offset)`` is ``val.narrow(dim, start, end -
-    start)`` of a contiguous ``val`` (``z[:, :4]``, ``z[2:5]``), else None."""
-    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or len(size) != val.dim() or val.numel() == 0:
-        return None
-    if not all(type(d) is int for d in (*size, *stride)) or list(stride) != list(val.stride()):
-        return None
-    sliced = [d for d in range(val.dim()) if size[d] != val.shape[d]]
+# Per view dimension of more than one element, the base dimension it walks; per base dimension, the
+# (start, end, step) of the view in it (a dimension the view does not walk holds one index: a select).
+_Slices = tuple[tuple[int, ...], tuple[tuple[int, int, int], ...], tuple[int, ...]]
+
+
+def _view_as_slices(val: Any, size: Any, stride: Any, offset: Any) -> _Slices | None:
+    """How ``val.as_strided(size, stride, offset)`` of a contiguous ``val`` reads as ``val[s0, s1, ...]`` with one
+    slice ``start:end:step`` per dimension, possibly permuted and with some dimensions indexed (``z.t()``,
+    ``z[:, :4]``, ``z[1:4, 2:7]``, ``z[:, 1::3]``, ``z[:, 2]``); None where it does not (overlapping or
+    expanded views). Checked by running the rewrite on integers, so a wrong reading is never used."""
     offset = offset or 0
-    if len(sliced) != 1 or type(offset) is not int or offset % val.stride()[sliced[0]]:
+    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or val.numel() == 0 or type(offset) is not int:
         return None
-    dim = sliced[0]
-    start = offset // val.stride()[dim]
-    return (dim, start, start + size[dim]) if 0 <= start and start + size[dim] <= val.shape[dim] else None
+    if not all(type(d) is int for d in (*size, *stride, *val.shape)) or len(size) != len(stride):
+        return None
+    shape, strides = tuple(val.shape), val.stride()
+    if not 0 <= offset < val.numel():
+        return None
+    starts, rest = [], offset
+    for st in strides:
+        starts.append(rest // st)
+        rest %= st
+    walked: list[int] = []
+    bounds = {d: (starts[d], starts[d] + 1, 1) for d in range(len(shape))}
+    for n, st in zip(size, stride, strict=True):
+        if n == 1:
+            continue
+        fits = [d for d in range(len(shape)) if d not in walked and st > 0 and st % strides[d] == 0
+                and starts[d] + (n - 1) * (st // strides[d]) < shape[d]]
+        if not fits:
+            return None
+        d = max(fits, key=lambda d: strides[d])
+        walked.append(d)
+        bounds[d] = (starts[d], starts[d] + (n - 1) * (st // strides[d]) + 1, st // strides[d])
+    recipe = (tuple(walked), tuple(bounds[d] for d in range(len(shape))), tuple(size))
+    base = torch.zeros(shape, dtype=torch.int64)
+    src = torch.arange(1, math.prod(size) + 1, dtype=torch.int64).reshape(size)
+    expected = torch.as_strided_scatter(base, src, size, stride, offset)
+    got = _scatter_as_slices(lambda target, *args, **kwargs: target(*args, **kwargs), base, src, recipe)
+    return recipe if torch.equal(got, expected) else None
+
+
+def _scatter_as_slices(emit: Callable[..., Any], base: Any, src: Any, recipe: _Slices) -> Any:
+    """``as_strided_scatter(base, src, ...)`` built from views and ``slice_scatter`` (ATen's exact derivatives),
+    each op made by ``emit(target, *args)``: called eagerly to check a recipe, inserted as nodes to use it."""
+    aten = torch.ops.aten
+    walked, bounds, size = recipe
+    ones = [i for i, n in enumerate(size) if n == 1]
+    if ones:
+        src = emit(aten.squeeze.dims, src, ones)  # dims of one element walk no base dimension
+    order = sorted(range(len(walked)), key=lambda i: walked[i])
+    if order != list(range(len(walked))):
+        src = emit(aten.permute.default, src, order)  # base dimension order
+    for d in range(len(bounds)):
+        if d not in walked:
+            src = emit(aten.unsqueeze.default, src, d)  # an indexed dimension, of length 1
+    shape = _shape_of(base)
+    sliced = [d for d, (start, end, step) in enumerate(bounds) if (start, end, step) != (0, shape[d], 1)]
+    if not sliced:  # the whole tensor, maybe permuted
+        return emit(aten.clone.default, src, memory_format=torch.contiguous_format)
+
+    def put(t: Any, k: int) -> Any:
+        d = sliced[k]
+        inner = src if k == len(sliced) - 1 else put(emit(aten.slice.Tensor, t, d, *bounds[d]), k + 1)
+        return emit(aten.slice_scatter.default, t, inner, d, *bounds[d])
+
+    return put(base, 0)
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple((x.meta["val"] if isinstance(x, fx.Node) else x).shape)
