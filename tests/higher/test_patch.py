@@ -248,6 +248,16 @@ def test_modules_and_apply_reach_the_layers(lib):
     assert torch.equal(running_mean, torch.zeros(3))  # eval mode: the running statistics did not move
 
 
+def test_isinstance_sees_the_users_classes(lib):
+    """Code that branches on layer types (``isinstance(fmodel.encoder[1], nn.BatchNorm1d)``) runs as in higher,
+    whose patched modules subclass the user's classes."""
+    fmodel = lib.monkeypatch(Net())
+    assert isinstance(fmodel, Net) and isinstance(fmodel, nn.Module)
+    assert isinstance(fmodel, lib.patch._MonkeyPatchBase)
+    assert isinstance(fmodel.encoder, nn.Sequential) and isinstance(fmodel.head, nn.Linear)
+    assert isinstance(fmodel.encoder[1], nn.BatchNorm1d) and not isinstance(fmodel.encoder[1], nn.Linear)
+
+
 class _WithLock(nn.Module):
     """A module ``copy.deepcopy`` refuses: a lock in a private attribute."""
 

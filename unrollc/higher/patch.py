@@ -152,6 +152,15 @@ class FunctionalModule(nn.Module):
         self.track_higher_grads = track_higher_grads
         self.training = module.training
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        """The patched module's class, for ``isinstance(fmodel, MyNet)`` as on higher's patched module (a
+        subclass of the user's class there); ``type(fmodel)`` is :class:`FunctionalModule`."""
+        return type(self._original)
+
+    def _get_name(self) -> str:
+        return type(self).__name__
+
     # ----------------------------------------------------------------------------- fast weights
     @property
     def track_higher_grads(self) -> bool:
@@ -425,6 +434,11 @@ class SubmoduleView:
     @property
     def _target(self) -> nn.Module:
         return self._root._module.get_submodule(self._path) if self._path else self._root._module
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        """The layer's class: ``isinstance(fmodel.encoder, nn.Linear)`` holds, as in higher."""
+        return type(self._target)
 
     def __call__(self, *args: Any, params: Sequence[torch.Tensor] | None = None, **kwargs: Any) -> Any:
         return self._root._call_in(self._path, self._target)(*args, params=params, **kwargs)
