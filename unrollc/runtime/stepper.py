@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dis
-import functools
 import inspect
-import types
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,10 +15,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, RestoredGenerators, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
-from ..errors import user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
-from ..optimizer_spec import OptimizerSpec, Same
+from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
+from .baked import Modes, python_values, training_modes, warn_numbers
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
 from .schedules import CheckpointLike
@@ -334,7 +330,7 @@ class Stepper:
         if not entries:
             self._new_keys += 1
             if self._new_keys == _MANY_KEYS:
-                _warn_numbers(batch, meta, self._new_keys)
+                warn_numbers(batch, meta, self._new_keys)
         self._cache.move_to_end(key)
         while len(self._cache) > _CACHE_SIZE:  # a long run over ever new layouts or values keeps only the recent
             self._cache.popitem(last=False)
@@ -343,13 +339,13 @@ class Stepper:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
-            before = _python_values(self.model, self.loss_fn)
+            before = python_values(self.model, self.loss_fn)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
-                with _training_modes(self.model, self._pinned_modes):
+                with training_modes(self.model, self._pinned_modes):
                     compiled = self._capture(state, groups, batch, meta)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
-            after = _python_values(self.model, self.loss_fn)
+            after = python_values(self.model, self.loss_fn)
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
             return compiled
 
@@ -360,10 +356,10 @@ class Stepper:
         """What a step graph is traced for besides its inputs, as it is now: ``module.training`` of every module,
         the trainable parameters (in the optimizer, requiring grad: freezing a layer after compile takes effect,
         as in eager training), and the Python values the model and ``loss_fn`` may read (see
-        :func:`_python_values`), which the graph holds as constants."""
+        :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants."""
         if self._pinned_modes is not None:
             return self._pinned_modes
-        values = tuple(v for v in _python_values(self.model, self.loss_fn) if v[:2] not in self._volatile)
+        values = tuple(v for v in python_values(self.model, self.loss_fn) if v[:2] not in self._volatile)
         return tuple(m.training for m in self.model.modules()), self._trainable(), values
 
     def _trainable(self) -> frozenset[str]:
@@ -530,39 +526,6 @@ _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x val
 _MANY_KEYS = 8  # traces for new keys after which Python numbers among the inputs are pointed out
 
 
-def _warn_numbers(batch: Any, meta: tuple, count: int) -> None:
-    """A Python number in the batch or the meta arguments is a constant of the step graph: each new value traces
-    a new one (a learned-loss temperature annealed as a float re-traced every meta-iteration)."""
-    numbers = [x for x in tree_flatten((batch, meta))[0] if isinstance(x, (int, float)) and not isinstance(x, bool)]
-    if numbers:
-        warnings.warn(
-            f"Stepper.step: {count} step graphs traced so far. The Python numbers among the batch and meta arguments "
-            f"({', '.join(map(repr, numbers[:4]))}{', ...' if len(numbers) > 4 else ''}) are constants of a step graph, "
-            "so every new value traces a new one (about a second each); pass them as tensors (torch.tensor(value)) "
-            "to make them inputs of one graph.", stacklevel=user_stacklevel())
-
-
-Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
-_SKIP = object()
-
-
-def _value_key(v: Any) -> Any:
-    """A comparable stand-in for a value a traced graph may have baked in, or _SKIP for what is not one."""
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v.hex()  # NaN equals itself
-    if isinstance(v, torch.Tensor):
-        return Same(v)  # read by reference: re-binding the name to another tensor re-traces
-    if isinstance(v, (tuple, list)) and len(v) <= 8:
-        keys = tuple(_value_key(x) for x in v)
-        return _SKIP if any(k is _SKIP for k in keys) else keys
-    if isinstance(v, dict) and len(v) <= 16:  # a config dict of numbers
-        items = tuple((k, _value_key(x)) for k, x in v.items() if isinstance(k, (str, int)))
-        return _SKIP if len(items) != len(v) or any(k is _SKIP for _, k in items) else ("dict", items)
-    return _SKIP
-
-
 def _instrumented(gm: fx.GraphModule) -> bool:
     """Whether calling ``gm`` runs something besides its code: its own or global forward hooks, a patched forward."""
     from torch.nn.modules import module as nn_module
@@ -571,77 +534,6 @@ def _instrumented(gm: fx.GraphModule) -> bool:
         gm._forward_hooks or gm._forward_pre_hooks or "forward" in vars(gm)
         or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
     )
-
-
-@functools.lru_cache(maxsize=256)
-def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """The globals ``code`` reads (LOAD_GLOBAL, in nested comprehensions and lambdas too), not the attribute
-    names that share ``co_names`` with them."""
-    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names.update(_global_names(const))
-    return tuple(sorted(names))
-
-
-def _python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
-    """The plain values a step graph bakes in when it is traced: public attributes of the model's modules
-    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` closes over or
-    reads as globals. A change re-traces, as torch.compile's guards would; values read elsewhere (a helper
-    function's globals, attributes of other objects) stay as traced."""
-    out = [item for prefix, module in model.named_modules() for item in _public_values(prefix, module)]
-    fn, extra = loss_fn, ()
-    if isinstance(fn, functools.partial):
-        fn, extra = fn.func, (*fn.args, *fn.keywords.values())
-    owner = getattr(fn, "__self__", None)  # a bound method's object: its config (self.alpha) is read too
-    if owner is None and not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
-        owner, fn = fn, getattr(type(fn), "__call__", fn)  # a callable object (a loss class)
-        if isinstance(owner, nn.Module):
-            fn = getattr(type(owner), "forward", fn)
-    if owner is not None and not isinstance(owner, types.ModuleType):
-        out += _public_values("loss_fn.self", owner)
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
-        found = [(n, c.cell_contents) for n, c in cells if _cell_has_value(c)]
-        scope = getattr(fn, "__globals__", {})
-        found += [(n, scope[n]) for n in _global_names(code) if n in scope]
-        out += [("loss_fn", n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
-    out += [("loss_fn", i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
-    return tuple(out)
-
-
-def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:
-    """``(where, attribute, key)`` for the public attributes of ``obj`` that :func:`_value_key` can key on."""
-    return [
-        (where, name, key) for name, v in getattr(obj, "__dict__", {}).items()
-        if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP
-    ]
-
-
-def _cell_has_value(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an unfilled cell raises
-    except ValueError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _training_modes(model: nn.Module, modes: Modes | None) -> Iterator[None]:
-    """Set every module's ``training`` flag to ``modes`` for the body (nothing if None); restored after."""
-    if modes is None:
-        yield
-        return
-    modules = list(model.modules())
-    saved = [m.training for m in modules]
-    try:
-        for m, mode in zip(modules, modes[0], strict=True):
-            m.training = mode
-        yield
-    finally:
-        for m, mode in zip(modules, saved, strict=True):
-            m.training = mode
 
 
 class PassGraphs(dict):

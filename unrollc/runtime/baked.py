@@ -1,0 +1,127 @@
+"""What a traced step graph bakes in besides its inputs, which the :class:`~unrollc.runtime.stepper.Stepper`'s
+graph cache therefore keys on: ``module.training`` of every module (:data:`Modes`) and the plain Python values
+the model and ``loss_fn`` read (:func:`python_values`: ``self.scale = 3.0``, a dropout's ``p``, a closure's
+temperature). A change of any of them traces a new graph, as torch.compile's guards would."""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import functools
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import user_stacklevel
+from ..optimizer_spec import Same
+
+__all__ = ["Modes", "python_values", "training_modes", "warn_numbers"]
+
+
+Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
+_SKIP = object()
+
+
+def _value_key(v: Any) -> Any:
+    """A comparable stand-in for a value a traced graph may have baked in, or _SKIP for what is not one."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v.hex()  # NaN equals itself
+    if isinstance(v, torch.Tensor):
+        return Same(v)  # read by reference: re-binding the name to another tensor re-traces
+    if isinstance(v, (tuple, list)) and len(v) <= 8:
+        keys = tuple(_value_key(x) for x in v)
+        return _SKIP if any(k is _SKIP for k in keys) else keys
+    if isinstance(v, dict) and len(v) <= 16:  # a config dict of numbers
+        items = tuple((k, _value_key(x)) for k, x in v.items() if isinstance(k, (str, int)))
+        return _SKIP if len(items) != len(v) or any(k is _SKIP for _, k in items) else ("dict", items)
+    return _SKIP
+
+
+@functools.lru_cache(maxsize=256)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The globals ``code`` reads (LOAD_GLOBAL, in nested comprehensions and lambdas too), not the attribute
+    names that share ``co_names`` with them."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_global_names(const))
+    return tuple(sorted(names))
+
+
+def python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
+    """The plain values a step graph bakes in when it is traced: public attributes of the model's modules
+    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` closes over or
+    reads as globals. A change re-traces, as torch.compile's guards would; values read elsewhere (a helper
+    function's globals, attributes of other objects) stay as traced."""
+    out = [item for prefix, module in model.named_modules() for item in _public_values(prefix, module)]
+    fn, extra = loss_fn, ()
+    if isinstance(fn, functools.partial):
+        fn, extra = fn.func, (*fn.args, *fn.keywords.values())
+    owner = getattr(fn, "__self__", None)  # a bound method's object: its config (self.alpha) is read too
+    if owner is None and not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        owner, fn = fn, getattr(type(fn), "__call__", fn)  # a callable object (a loss class)
+        if isinstance(owner, nn.Module):
+            fn = getattr(type(owner), "forward", fn)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        out += _public_values("loss_fn.self", owner)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
+        found = [(n, c.cell_contents) for n, c in cells if _cell_has_value(c)]
+        scope = getattr(fn, "__globals__", {})
+        found += [(n, scope[n]) for n in _global_names(code) if n in scope]
+        out += [("loss_fn", n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
+    out += [("loss_fn", i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
+    return tuple(out)
+
+
+def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:
+    """``(where, attribute, key)`` for the public attributes of ``obj`` that :func:`_value_key` can key on."""
+    return [
+        (where, name, key) for name, v in getattr(obj, "__dict__", {}).items()
+        if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP
+    ]
+
+
+def _cell_has_value(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an unfilled cell raises
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def training_modes(model: nn.Module, modes: Modes | None) -> Iterator[None]:
+    """Set every module's ``training`` flag to ``modes`` for the body (nothing if None); restored after."""
+    if modes is None:
+        yield
+        return
+    modules = list(model.modules())
+    saved = [m.training for m in modules]
+    try:
+        for m, mode in zip(modules, modes[0], strict=True):
+            m.training = mode
+        yield
+    finally:
+        for m, mode in zip(modules, saved, strict=True):
+            m.training = mode
+
+
+def warn_numbers(batch: Any, meta: tuple, count: int) -> None:
+    """A Python number in the batch or the meta arguments is a constant of the step graph: each new value traces
+    a new one (a learned-loss temperature annealed as a float re-traced every meta-iteration)."""
+    numbers = [x for x in tree_flatten((batch, meta))[0] if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if numbers:
+        warnings.warn(
+            f"Stepper.step: {count} step graphs traced so far. The Python numbers among the batch and meta arguments "
+            f"({', '.join(map(repr, numbers[:4]))}{', ...' if len(numbers) > 4 else ''}) are constants of a step graph, "
+            "so every new value traces a new one (about a second each); pass them as tensors (torch.tensor(value)) "
+            "to make them inputs of one graph.", stacklevel=user_stacklevel())
