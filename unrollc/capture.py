@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,9 +30,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .errors import CaptureError, user_frame
+from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec
+from .traced_functions import DECOMPOSITIONS, TracedFunctions, sdpa_math
 
 __all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "DETACH_OPS", "NoGradRegions", "ShadowOptimizer", "fill_leaves", "input_layout", "stops_gradient"]
 
@@ -109,119 +109,6 @@ def _compiling() -> Iterator[None]:
         yield
     finally:
         torch.compiler.is_compiling = original
-
-
-def _sdpa_math() -> contextlib.AbstractContextManager:
-    # The fused CPU attention kernels have no double backward; the math kernel does.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
-
-
-def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):  # noqa: ANN001, ANN202
-    # aten.native_batch_norm updates the running stats in place but its schema does not say so; the
-    # "legit" variant's schema marks them (Tensor(a!)), so functionalize sees and rewrites the update.
-    if running_mean is None:
-        return torch.ops.aten._native_batch_norm_legit.no_stats(input, weight, bias, training, momentum, eps)
-    if not training:  # reads the stats only: the functional variant (the stats may be constants, e.g. of a meta module)
-        return torch.ops.aten._native_batch_norm_legit_no_training.default(
-            input, weight, bias, running_mean, running_var, momentum, eps
-        )
-    return torch.ops.aten._native_batch_norm_legit.default(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
-
-
-def _weight_norm(v, g, dim=0):  # noqa: ANN001, ANN202
-    # The fused kernel (torch._weight_norm takes it for dim 0 and the last dim) has a wrong double backward
-    # on CPU (torch.autograd.gradgradcheck fails in torch 2.13), which made meta-gradients through
-    # weight_norm ~0.2% off; torch's own composite path (other dims) is this formula, with exact derivatives.
-    norm = torch.norm_except_dim(v, 2, dim)
-    return v * (g / norm), norm
-
-
-def _one_hot(input, num_classes=-1):  # noqa: ANN001, ANN202
-    # F.one_hot reads input.min() and input.max() into Python to check the class values (inside ATen, below any
-    # decomposition table), which a step graph cannot do; with num_classes given, the result is this comparison.
-    # Class values outside [0, num_classes) give a row of zeros instead of eager's error.
-    return (input.unsqueeze(-1) == torch.arange(num_classes, device=input.device)).to(torch.int64)
-
-
-def _dropout(input, p=0.5, training=True, inplace=False):  # noqa: ANN001, ANN202
-    # ATen's CPU dropout draws its mask into empty_like(input), in the input's memory order; under torch.func.grad
-    # it draws into a contiguous tensor instead (a composite-compliant path), so the mask of a transposed input
-    # (TransformerEncoderLayer(batch_first=True)) differed from eager's under the same seed. Eager's steps, here:
-    if not training or not 0 < p < 1 or input.device.type != "cpu":
-        return torch.nn.functional.dropout(input, p, training, inplace)  # (the mode is off inside its handler)
-    noise = torch.empty_like(input).bernoulli_(1 - p).div_(1 - p)
-    return input.mul_(noise) if inplace else input * noise
-
-
-class RestoredGenerators(torch.overrides.TorchFunctionMode):
-    """The user's own generators that torch functions are given (``torch.randn(..., generator=g)``) are put back
-    as they were when the mode exits: tracing runs the step for real, and must not draw from them, as
-    :func:`unrollc.runtime.rng.fork_rng` keeps the default generators."""
-
-    def __enter__(self) -> "RestoredGenerators":
-        self.generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        # Latest first: tracing may hand the same generator over as another Python object, seen after it drew.
-        for generator, state in reversed(self.generators.values()):
-            generator.set_state(state)
-
-    def _record(self, kwargs: dict[str, Any]) -> None:
-        generator = kwargs.get("generator")
-        if isinstance(generator, torch.Generator) and id(generator) not in self.generators:
-            self.generators[id(generator)] = (generator, generator.get_state())
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        self._record(kwargs)
-        return func(*args, **kwargs)
-
-
-class _TracedFunctions(RestoredGenerators):
-    """While a step is traced: torch functions whose ATen kernel reads tensor values into Python, computed with
-    tensor ops instead (``F.one_hot(y, num_classes)``), and dropout drawing its mask as eager code does; the
-    user's generators are restored (:class:`RestoredGenerators`)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        self._record(kwargs)
-        if func is torch.nn.functional.dropout:
-            return _dropout(*args, **kwargs)
-        if func is torch.nn.functional.one_hot:
-            bound = dict(zip(("input", "num_classes"), args), **kwargs)
-            if bound.get("num_classes", -1) >= 0:
-                return _one_hot(**bound)
-            where = user_frame(traceback.extract_stack())
-            at = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where else ""
-            raise CaptureError(
-                f"unrollc.compile: F.one_hot without num_classes{at} takes the number of classes from the data "
-                "(the largest class value + 1), which cannot be part of a step graph; pass it: F.one_hot(y, num_classes)."
-            )
-        return func(*args, **kwargs)
-
-
-class CompositeWeightNorm(torch.overrides.TorchFunctionMode):
-    """While active, ``torch._weight_norm`` (``weight_norm``'s hook and parametrization) computes torch's
-    composite formula instead of the fused kernel, whose double backward is wrong (see :func:`_weight_norm`):
-    for code that runs eagerly under a meta-gradient, like ``unrollc.higher``'s functional module."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            return _weight_norm(*args, **kwargs)[0]
-        return func(*args, **kwargs)
-
-
-_DECOMPOSITIONS = {
-    torch.ops.aten.native_batch_norm.default: _batch_norm,
-    torch.ops.aten._weight_norm_interface.default: _weight_norm,
-}
 
 
 def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tuple[str, torch.Tensor]]:
@@ -338,7 +225,7 @@ class ShadowOptimizer:
         optimizer's) line, with torch's own exception on ``.trace_failure``."""
         try:
             with _saved_tensors_hooks_suspended():
-                with _TracedFunctions():
+                with TracedFunctions():
                     return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
         except CaptureError:
             raise
@@ -501,7 +388,7 @@ def capture_step(
                 )
             return loss.reshape(()), reassigned
 
-        with _sdpa_math():
+        with sdpa_math():
             grads, (loss, reassigned) = torch.func.grad_and_value(loss_of, has_aux=True)(
                 {n: p_copy[n] for n in diff_names}, b_copy
             )
@@ -509,7 +396,7 @@ def capture_step(
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]
         return list(p_copy.values()) + new_buffers + new_state + [loss]
 
-    gm = shadow.trace(step, batch_leaves + meta_leaves, _DECOMPOSITIONS)
+    gm = shadow.trace(step, batch_leaves + meta_leaves, DECOMPOSITIONS)
 
     signature = Signature(
         params=tuple(p_copy),

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
-from ..capture import CompositeWeightNorm
+from ..traced_functions import CompositeWeightNorm
 from . import utils as _utils
 
 __all__ = ["monkeypatch", "make_functional", "buffer_sync", "FunctionalModule"]
@@ -49,7 +49,7 @@ _INTERNAL = frozenset(
 
 def _uses_weight_norm(module: nn.Module) -> bool:
     """Whether ``module`` has a ``weight_norm`` (hook or parametrization), whose fused kernel the forward must
-    not use under a meta-gradient (:class:`unrollc.capture.CompositeWeightNorm`)."""
+    not use under a meta-gradient (:class:`unrollc.traced_functions.CompositeWeightNorm`)."""
     from torch.nn.utils.parametrizations import _WeightNorm
     from torch.nn.utils.weight_norm import WeightNorm
 

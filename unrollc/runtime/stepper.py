@@ -14,10 +14,11 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import Captured, RestoredGenerators, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
+from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
+from ..traced_functions import RestoredGenerators
 from .baked import Modes, python_values, training_modes, warn_numbers
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
