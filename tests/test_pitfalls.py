@@ -135,6 +135,21 @@ def test_one_hot_with_num_classes_is_traced_as_tensor_ops(float64):
     assert all(torch.equal(state.params[n], p) for n, p in ref[-1][0].items())
 
 
+@pytest.mark.parametrize("checkpoint", [None, 2])
+def test_one_hot_of_a_class_value_out_of_range_raises_as_in_eager(checkpoint):
+    """The traced comparison alone would give a row of zeros for label 3 of 3 classes and train on it silently;
+    the step checks the values (an assertion node), and the error names the user's line."""
+    model = nn.Linear(4, 3)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), _one_hot_loss, check=True)
+    good = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
+    stepper.unroll(stepper.init(), good, checkpoint=checkpoint)
+    with pytest.raises(RuntimeError, match="Class values must be smaller than num_classes"):
+        nn.functional.one_hot(torch.tensor([0, 3]), 3)  # eager
+    bad = (torch.randn(5, 4), torch.tensor([0, 1, 3, 2, 1]))
+    with pytest.raises(RuntimeError, match=r"F.one_hot\(y, 3\) at .*test_pitfalls.py:\d+ .*outside \[0, 3\)"):
+        stepper.unroll(stepper.init(), [*good, bad], checkpoint=checkpoint)
+
+
 def test_one_hot_without_num_classes_asks_for_it():
     def loss_fn(model, batch):
         x, y = batch

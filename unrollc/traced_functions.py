@@ -51,10 +51,18 @@ def _weight_norm(v, g, dim=0):  # noqa: ANN001, ANN202
     return v * (g / norm), norm
 
 
-def _one_hot(input, num_classes=-1):  # noqa: ANN001, ANN202
+def _one_hot(input, num_classes=-1, where=""):  # noqa: ANN001, ANN202
     # F.one_hot reads input.min() and input.max() into Python to check the class values (inside ATen, below any
     # decomposition table), which a step graph cannot do; with num_classes given, the result is this comparison.
-    # Class values outside [0, num_classes) give a row of zeros instead of eager's error.
+    # On the CPU the step checks the values as eager does (an assertion node, which dead-code elimination keeps);
+    # on other devices a failed assertion would end the process's device context, so a class value outside
+    # [0, num_classes) gives a row of zeros there instead of eager's error.
+    if input.device.type == "cpu":
+        torch._assert_async(
+            ((input >= 0) & (input < num_classes)).all(),
+            f"unrollc: F.one_hot(y, {num_classes}){where}: a class value of this batch is outside [0, {num_classes}), "
+            "where eager F.one_hot raises too; check the labels, or pass the right num_classes.",
+        )
     return (input.unsqueeze(-1) == torch.arange(num_classes, device=input.device)).to(torch.int64)
 
 
@@ -106,10 +114,10 @@ class TracedFunctions(RestoredGenerators):
             return _dropout(*args, **kwargs)
         if func is torch.nn.functional.one_hot:
             bound = dict(zip(("input", "num_classes"), args), **kwargs)
-            if bound.get("num_classes", -1) >= 0:
-                return _one_hot(**bound)
             where = user_frame(traceback.extract_stack())
             at = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where else ""
+            if bound.get("num_classes", -1) >= 0:
+                return _one_hot(**bound, where=at)
             raise CaptureError(
                 f"unrollc.compile: F.one_hot without num_classes{at} takes the number of classes from the data "
                 "(the largest class value + 1), which cannot be part of a step graph; pass it: F.one_hot(y, num_classes)."
