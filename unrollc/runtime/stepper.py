@@ -14,12 +14,13 @@ from torch import fx, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, state_number_tensor, trace_with_fallbacks
+from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from ..traced_functions import RestoredGenerators
 from .baked import Modes, python_values, training_modes, warn_numbers
+from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
 from .schedules import CheckpointLike
@@ -112,15 +113,15 @@ class Stepper:
         """
         named = dict(self.model.named_parameters())
         p = dict(named)
-        for n, v in _mapping("params", params).items():
+        for n, v in mapping("params", params).items():
             if n not in named:
                 raise KeyError(f"Stepper.init: no parameter named {n!r}; the model has {sorted(named)}.")
-            p[n] = _same_shape("params", n, v, named[n])
+            p[n] = same_shape("params", n, v, named[n])
         b = {n: t.detach().clone() for n, t in self.model.named_buffers()}
-        for n, v in _mapping("buffers", buffers).items():
+        for n, v in mapping("buffers", buffers).items():
             if n not in b:
                 raise KeyError(f"Stepper.init: no buffer named {n!r}; the model has {sorted(b)}.")
-            b[n] = _same_shape("buffers", n, v, b[n])
+            b[n] = same_shape("buffers", n, v, b[n])
         if len(self._opt.param_groups) != len(self._spec.hyper):
             raise RuntimeError(
                 f"Stepper.init: the optimizer has {len(self._opt.param_groups)} parameter groups now but had "
@@ -128,10 +129,10 @@ class Stepper:
             )
         self._reread_static_options()
         groups = [
-            {k: _hyper_tensor(k, group.get(k, v)) for k, v in g.items()}
+            {k: hyper_tensor(k, group.get(k, v)) for k, v in g.items()}
             for g, group in zip(self._spec.hyper, self._opt.param_groups, strict=True)
         ]
-        overrides = hyper_to_groups(_mapping("hyper", hyper), len(groups), api="Stepper.init")
+        overrides = hyper_to_groups(mapping("hyper", hyper), len(groups), api="Stepper.init")
         for g, override in zip(groups, overrides, strict=True):
             for k, v in override.items():
                 if k not in g:
@@ -139,17 +140,17 @@ class Stepper:
                         f"Stepper.init: {self._spec.cls.__name__} has no float hyperparameter {k!r}; "
                         f"it has {sorted(g)}."
                     )
-                if k in _READ_AT_CONSTRUCTION:
+                if k in READ_AT_CONSTRUCTION:
                     raise ValueError(
                         f"Stepper.init: {self._spec.cls.__name__} reads {k!r} only in its constructor (it fills the "
                         "optimizer state), so overriding it here would change nothing; build the optimizer with "
                         f"{k}=... and compile that one."
                     )
-                g[k] = _hyper_tensor(k, v, g[k])
+                g[k] = hyper_tensor(k, v, g[k])
         ids = self._param_ids
         counters: dict[tuple, torch.Tensor] = {}
         state = {
-            ids[id(q)]: {k: _own_state_entry(k, v, counters) for k, v in st.items()}
+            ids[id(q)]: {k: own_state_entry(k, v, counters) for k, v in st.items()}
             for q, st in self._opt.state.items() if id(q) in ids and st
         }
         t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
@@ -460,59 +461,11 @@ class Stepper:
         return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
 
 
-def _own_state_entry(key: str, value: Any, shared: dict[tuple, torch.Tensor]) -> torch.Tensor:
-    """A copy of one optimizer-state entry; equal scalar entries of one name (the parameters' step counters)
-    become one tensor, so that the step graph computes their bias corrections once (see passes/cse.py)."""
-    t = _as_tensor(value).detach().clone()
-    if t.dim() != 0:
-        return t
-    return shared.setdefault((key, t.dtype, t.device, t.item()), t)
-
-
 def _aliased_state(state_in: Sequence[tuple[str, str]], opt_state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
     """``{"name.key": "first.key"}`` for optimizer-state inputs that are the same tensor as an earlier one."""
     names = [f"{n}.{k}" for n, k in state_in]
     firsts = first_positions([opt_state[n][k] for n, k in state_in])
     return {names[j]: names[f] for j, f in enumerate(firsts) if f != j}
-
-
-def _as_tensor(v: Any) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v
-    if (t := state_number_tensor(v)) is not None:  # a custom optimizer's number, as the step graph carries it
-        return t
-    raise TypeError(
-        f"Stepper.init: the optimizer's state holds {v!r} ({type(v).__name__}); unrollc carries optimizer state "
-        "as tensors, so a value other than a tensor or a number cannot be carried. Store a tensor in the state."
-    )
-
-
-def _hyper_tensor(key: str, v: Any, like: Any = None) -> Any:
-    """A hyperparameter as a 0-dim tensor (a tuple of them for ``betas``); refuses anything else."""
-    if isinstance(like, tuple) or (like is None and isinstance(v, tuple)):
-        if not isinstance(v, (tuple, list)) or (like is not None and len(v) != len(like)):
-            raise TypeError(
-                f"Stepper.init: hyperparameter {key!r} is a tuple of {len(like) if like else len(v)} numbers, got "
-                f"{type(v).__name__}; pass e.g. hyper={{{key!r}: (b1, b2)}} with floats or 0-dim tensors."
-            )
-        return tuple(_hyper_tensor(f"{key}[{i}]", x) for i, x in enumerate(v))
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(
-                f"Stepper.init: hyperparameter {key!r} must be a scalar (a float or a one-element tensor), got a "
-                f"tensor of shape {tuple(v.shape)}; for one learning rate per parameter, give every parameter its "
-                "own parameter group in the optimizer (hyper keys '0.lr', '1.lr', ...)."
-            )
-        return v.reshape(()) if v.dim() else v
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(
-            f"Stepper.init: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
-        )
-    return torch.tensor(float(v), dtype=torch.float64)
-
-
-# Options torch.optim reads only when it builds the optimizer (Adagrad fills state["sum"] with it there).
-_READ_AT_CONSTRUCTION = frozenset({"initial_accumulator_value"})
 
 
 def _describe(tree: Any) -> str:
@@ -544,36 +497,6 @@ class PassGraphs(dict):
         raise KeyError(
             f"Stepper.graphs: no graph {key!r}; the keys are {list(self)} (one per pass of unrollc.passes.PIPELINE)."
         )
-
-
-_EXAMPLES = {"params": "{'0.weight': w}", "buffers": "{'1.running_mean': m}", "hyper": "{'lr': torch.tensor(0.1, requires_grad=True)}"}
-
-
-def _mapping(name: str, value: Any) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"Stepper.init: expected `{name}` to be a mapping from names to tensors, e.g. {_EXAMPLES[name]}, got "
-            f"{type(value).__name__}."
-        )
-    return value
-
-
-def _same_shape(kind: str, name: str, value: Any, like: torch.Tensor) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"Stepper.init: {kind}[{name!r}] must be a tensor, got {type(value).__name__}.")
-    if value.shape != like.shape:
-        raise ValueError(
-            f"Stepper.init: {kind}[{name!r}] has shape {tuple(value.shape)} but the model's has {tuple(like.shape)}; "
-            "pass a tensor of the model's shape."
-        )
-    if (value.is_floating_point(), value.is_complex()) != (like.is_floating_point(), like.is_complex()):
-        raise TypeError(
-            f"Stepper.init: {kind}[{name!r}] has dtype {value.dtype} but the model's is {like.dtype}; pass a tensor "
-            f"of the model's kind of dtype, e.g. value.to({like.dtype})."
-        )
-    return value
 
 
 def _detached(tree: Any) -> Any:

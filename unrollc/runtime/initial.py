@@ -1,0 +1,94 @@
+"""The state at time 0 (:meth:`Stepper.init <unrollc.runtime.stepper.Stepper.init>`): the user's overrides of
+parameters, buffers and hyperparameters checked against the model and the optimizer, and the optimizer's state
+and hyperparameters turned into the tensors a step graph carries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..capture import state_number_tensor
+
+__all__ = ["READ_AT_CONSTRUCTION", "hyper_tensor", "mapping", "own_state_entry", "same_shape"]
+
+
+def own_state_entry(key: str, value: Any, shared: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    """A copy of one optimizer-state entry; equal scalar entries of one name (the parameters' step counters)
+    become one tensor, so that the step graph computes their bias corrections once (see passes/cse.py)."""
+    t = _as_tensor(value).detach().clone()
+    if t.dim() != 0:
+        return t
+    return shared.setdefault((key, t.dtype, t.device, t.item()), t)
+
+
+def _as_tensor(v: Any) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    if (t := state_number_tensor(v)) is not None:  # a custom optimizer's number, as the step graph carries it
+        return t
+    raise TypeError(
+        f"Stepper.init: the optimizer's state holds {v!r} ({type(v).__name__}); unrollc carries optimizer state "
+        "as tensors, so a value other than a tensor or a number cannot be carried. Store a tensor in the state."
+    )
+
+
+def hyper_tensor(key: str, v: Any, like: Any = None) -> Any:
+    """A hyperparameter as a 0-dim tensor (a tuple of them for ``betas``); refuses anything else."""
+    if isinstance(like, tuple) or (like is None and isinstance(v, tuple)):
+        if not isinstance(v, (tuple, list)) or (like is not None and len(v) != len(like)):
+            raise TypeError(
+                f"Stepper.init: hyperparameter {key!r} is a tuple of {len(like) if like else len(v)} numbers, got "
+                f"{type(v).__name__}; pass e.g. hyper={{{key!r}: (b1, b2)}} with floats or 0-dim tensors."
+            )
+        return tuple(hyper_tensor(f"{key}[{i}]", x) for i, x in enumerate(v))
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(
+                f"Stepper.init: hyperparameter {key!r} must be a scalar (a float or a one-element tensor), got a "
+                f"tensor of shape {tuple(v.shape)}; for one learning rate per parameter, give every parameter its "
+                "own parameter group in the optimizer (hyper keys '0.lr', '1.lr', ...)."
+            )
+        return v.reshape(()) if v.dim() else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(
+            f"Stepper.init: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
+        )
+    return torch.tensor(float(v), dtype=torch.float64)
+
+
+# Options torch.optim reads only when it builds the optimizer (Adagrad fills state["sum"] with it there).
+READ_AT_CONSTRUCTION = frozenset({"initial_accumulator_value"})
+
+
+_EXAMPLES = {"params": "{'0.weight': w}", "buffers": "{'1.running_mean': m}", "hyper": "{'lr': torch.tensor(0.1, requires_grad=True)}"}
+
+
+def mapping(name: str, value: Any) -> Mapping[str, Any]:
+    """``value``, an ``init`` argument (``params``, ``buffers`` or ``hyper``), as a mapping (None: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"Stepper.init: expected `{name}` to be a mapping from names to tensors, e.g. {_EXAMPLES[name]}, got "
+            f"{type(value).__name__}."
+        )
+    return value
+
+
+def same_shape(kind: str, name: str, value: Any, like: torch.Tensor) -> torch.Tensor:
+    """``value``, an override of the model's ``like``: a tensor of its shape and kind of dtype, else refused."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Stepper.init: {kind}[{name!r}] must be a tensor, got {type(value).__name__}.")
+    if value.shape != like.shape:
+        raise ValueError(
+            f"Stepper.init: {kind}[{name!r}] has shape {tuple(value.shape)} but the model's has {tuple(like.shape)}; "
+            "pass a tensor of the model's shape."
+        )
+    if (value.is_floating_point(), value.is_complex()) != (like.is_floating_point(), like.is_complex()):
+        raise TypeError(
+            f"Stepper.init: {kind}[{name!r}] has dtype {value.dtype} but the model's is {like.dtype}; pass a tensor "
+            f"of the model's kind of dtype, e.g. value.to({like.dtype})."
+        )
+    return value
