@@ -8,6 +8,7 @@ and rebuilds a private optimizer of the same class around traced tensors when it
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -148,10 +149,30 @@ class OptimizerSpec:
             groups.append({"params": params, **dict(static), **hyp})
         first = groups[0]
         rest = groups[1:]
-        opt = self.cls([first])
+        opt = self.cls([first], **_required_options(self.cls, first))
         for g in rest:
             opt.add_param_group(g)
         return opt
+
+
+def _required_options(cls: type, group: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``cls`` besides ``params`` that have no default (a custom optimizer's
+    ``def __init__(self, params, lr)``), taken from ``group``; torch.optim's own have defaults for all."""
+    try:
+        arguments = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
+    except (TypeError, ValueError):  # no Python signature: nothing to add
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [a.name for a in arguments if a.default is inspect.Parameter.empty and a.kind in kinds]
+    missing = [name for name in required if name not in group]
+    if missing:
+        raise TypeError(
+            f"unrollc: {cls.__name__}.__init__ requires {missing}, which its parameter groups do not hold. unrollc "
+            f"builds a fresh {cls.__name__} for the step it traces, passing the options of the user's optimizer's "
+            "parameter groups by name; give those arguments defaults, or keep their values in the optimizer's "
+            "defaults (super().__init__(params, dict(name=value, ...)))."
+        )
+    return {name: group[name] for name in required}
 
 
 class Same:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import unrollc
 import unrollc.higher as uh
 from unrollc.optimizer_spec import UnsupportedOptimizerError
 
@@ -482,3 +483,151 @@ def test_a_registered_differentiable_optimizer_takes_options_of_its_own_and_any_
             results.append((g, f(torch.ones(2, 3)).detach()))
     (g_ref, out_ref), (g, out) = results
     assert torch.allclose(g, g_ref) and torch.allclose(out, out_ref)
+
+
+class _AdamVariant(O.Adam):
+    """A third-party optimizer higher lacks, which its users differentiate as plain SGD (higher's recipe)."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group.update(momentum=0.5, dampening=0.0, nesterov=False)  # the options DifferentiableSGD reads
+
+
+def test_registering_an_optimizer_with_a_builtin_class_differentiates_it_with_that_update(lib, monkeypatch):
+    """register_optim(MyOpt, DifferentiableSGD) runs SGD's update with MyOpt's options, as in higher (unrollc
+    used to run MyOpt's own step, Adam's, silently)."""
+    monkeypatch.setattr(lib.optim, "_opt_mapping", dict(lib.optim._opt_mapping))  # registrations end with the test
+    lib.register_optim(_AdamVariant, lib.optim.DifferentiableSGD)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = data()
+    with lib.innerloop_ctx(model, _AdamVariant(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        assert isinstance(diffopt, lib.optim.DifferentiableSGD)
+        for _ in range(2):
+            diffopt.step(loss_of(fmodel(x), y))
+        got = [p.detach() for p in fmodel.parameters()]
+    ref = copy.deepcopy(model)
+    sgd = O.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+    for _ in range(2):
+        sgd.zero_grad()
+        loss_of(ref(x), y).backward()
+        sgd.step()
+    for a, b in zip(got, ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach())
+
+
+class _PlainSGD(O.Optimizer):
+    """A hand-written optimizer whose constructor requires lr (no default), as many do."""
+
+    def __init__(self, params, lr, scale=1.0):
+        super().__init__(params, dict(lr=lr, scale=scale))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] * group["scale"])
+
+
+def test_a_custom_optimizer_whose_constructor_requires_an_option_is_compiled():
+    """unrollc builds a fresh optimizer of the user's class for the traced step; a required lr is passed from
+    the parameter groups (it raised 'missing 1 required positional argument: lr')."""
+    from tests.oracles import eager_trajectory
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    batches = [data() for _ in range(3)]
+    opt = _PlainSGD(model.parameters(), lr=0.1, scale=2.0)
+    ref = eager_trajectory(model, opt, lambda m, b: loss_of(m(b[0]), b[1]), batches)
+    stepper = unrollc.compile(model, opt, lambda m, b: loss_of(m(b[0]), b[1]))
+    state = stepper.unroll(stepper.init(), batches)
+    for n, p in ref[-1][0].items():
+        torch.testing.assert_close(state.params[n], p)
+    with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for x, y in batches:
+            diffopt.step(loss_of(fmodel(x), y))
+        for a, (n, p) in zip(fmodel.parameters(), ref[-1][0].items(), strict=True):
+            torch.testing.assert_close(a.detach(), p)
+
+
+def test_a_constructor_option_the_groups_lack_is_named():
+    class NeedsSchedule(O.Optimizer):
+        def __init__(self, params, lr, schedule):
+            super().__init__(params, dict(lr=lr))
+            self.schedule = schedule
+
+        def step(self, closure=None):
+            pass
+
+    model = nn.Linear(4, 2)
+    stepper = unrollc.compile(model, NeedsSchedule(model.parameters(), 0.1, [1, 2]), lambda m, b: loss_of(m(b[0]), b[1]))
+    with pytest.raises(TypeError, match=r"NeedsSchedule.__init__ requires \['schedule'\], which its parameter groups do not hold"):
+        stepper.step(stepper.init(), data())
+
+
+def test_meta_sgd_with_one_learning_rate_per_row_broadcasts_as_in_higher(float64):
+    """lr of shape (out, 1) for a Linear weight and (out,) for its bias: higher's arithmetic broadcasts it;
+    unrollc expands it (its meta-gradient is summed over the row), and the meta-gradient equals finite
+    differences (it raised a shape error that pointed at differentiable=True)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    opt = O.SGD([{"params": [p]} for p in model.parameters()], lr=0.1)
+
+    def meta(lrs):
+        with uh.innerloop_ctx(model, opt, override={"lr": lrs}) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(F.mse_loss(fmodel(x), y))
+            return F.mse_loss(fmodel(x), y)
+
+    rows = [torch.full((p.shape[0], 1) if p.dim() == 2 else p.shape, 0.1) for p in model.parameters()]
+    lrs = [r.clone().requires_grad_() for r in rows]
+    grads = torch.autograd.grad(meta(lrs), lrs)
+    eps = 1e-6
+    for k in range(len(rows)):
+        bump = [r.clone() for r in rows]
+        bump[k][0] += eps
+        down = [r.clone() for r in rows]
+        down[k][0] -= eps
+        fd = (meta(bump) - meta(down)) / (2 * eps)
+        torch.testing.assert_close(grads[k].reshape(-1)[0], fd.detach(), rtol=1e-6, atol=1e-9)
+    higher = pytest.importorskip("higher")
+    lrs_h = [r.clone().requires_grad_() for r in rows]
+    with higher.innerloop_ctx(model, opt, override={"lr": lrs_h}) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(F.mse_loss(fmodel(x), y))
+        grads_h = torch.autograd.grad(F.mse_loss(fmodel(x), y), lrs_h)
+    for a, b in zip(grads, grads_h, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_step_misuse_is_named():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = data()
+    with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match=r"expected 2 weights in `params` .* got 1"):
+            diffopt.step(loss_of(fmodel(x), y), params=fmodel.fast_params[:1])
+        with pytest.raises(ValueError, match=r"grad_callback returned 1 gradients for 2 weights"):
+            diffopt.step(loss_of(fmodel(x), y), grad_callback=lambda grads: grads[:1])
+        with pytest.raises(ValueError, match=r"the loss does not require grad"):
+            diffopt.step(loss_of(fmodel(x), y).detach())
+        with pytest.warns(UserWarning, match=r"depends on none of the weights .*\(model\(x\) instead of fmodel\(x\)\)"):
+            diffopt.step(loss_of(model(x), y))
+
+
+def test_a_frozen_parameter_stays_frozen_in_test_mode():
+    """track_higher_grads=False: higher 0.2.1 makes a requires_grad=False parameter trainable after the first
+    step, and it moves; it stays put here, as it does with track_higher_grads=True."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    for track in (True, False):
+        with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1), track_higher_grads=track) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(loss_of(fmodel(x), y))
+            assert torch.equal(fmodel.fast_params[0], model[0].weight) and not fmodel.fast_params[0].requires_grad
+            assert not torch.equal(fmodel.fast_params[1], model[0].bias)

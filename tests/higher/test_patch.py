@@ -437,3 +437,24 @@ def test_parameter_containers_index_to_the_fast_weights(lib):
         fast = dict(fmodel.named_parameters())
         assert torch.equal(fmodel.pl[0], fast["pl.0"]) and torch.equal(fmodel.pl[-1], fast["pl.1"])
         assert torch.equal(fmodel.pd["w"], fast["pd.w"]) and not torch.equal(fast["pd.w"], model.pd["w"])
+
+
+def test_assigning_training_is_seen_by_the_forward(lib):
+    """``fmodel.training = False`` sets the root module's flag, which its forward reads (self.training)."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) + (100.0 if self.training else 0.0)
+
+    model = Noisy()
+    fmodel = lib.monkeypatch(model)
+    x = torch.randn(2, 3)
+    fmodel.training = False
+    assert not fmodel.training and model.training
+    torch.testing.assert_close(fmodel(x), model.lin(x))
+    fmodel.training = True
+    torch.testing.assert_close(fmodel(x), model.lin(x) + 100.0)

@@ -18,8 +18,8 @@ Where it differs from ``higher`` (all deliberate, all tested in ``tests/higher/`
   back-propagates.
 * ``fmodel.write_back()`` and ``diffopt.write_back()`` copy the adapted weights, buffers and optimizer state
   into the original module and optimizer.
-* ``fmodel`` is not an instance of the user's class (it is a :class:`~unrollc.higher.patch.FunctionalModule`);
-  submodules (``fmodel.encoder(x)``, ``fmodel[0](x)``) and methods of the user's class run with the fast weights.
+* ``type(fmodel)`` is :class:`~unrollc.higher.patch.FunctionalModule`, though ``isinstance(fmodel, MyNet)``
+  holds as in ``higher``; submodules (``fmodel.encoder(x)``, ``fmodel[0](x)``) and methods of the user's class run with the fast weights.
 """
 
 from __future__ import annotations

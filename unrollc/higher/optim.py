@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -162,6 +163,18 @@ class DifferentiableOptimizer:
         else:
             params = self._fmodel.fast_params if params is None else params
         params = list(params)
+        if len(params) != self._n_params:
+            raise ValueError(
+                f"DifferentiableOptimizer.step: expected {self._n_params} weights in `params` (one per reference "
+                f"parameter, ordered like module.parameters()), got {len(params)}; pass all of them, e.g. "
+                "fmodel.fast_params or the list the previous step returned."
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "DifferentiableOptimizer.step: the loss does not require grad, so it cannot be differentiated by the "
+                "fast weights: it was computed under torch.no_grad(), detached, or from tensors that carry no "
+                "gradient. Compute it with the functional module: diffopt.step(loss_fn(fmodel(x), y))."
+            )
         if self._first_order_links is None and not self._track_higher_grads:
             # The weights the first step starts from: the ones passed in, else the functional module's initial ones.
             start = self._fmodel.init_fast_params if self._fmodel is not None and not explicit else params
@@ -176,6 +189,16 @@ class DifferentiableOptimizer:
                 t.grad = g
         callback = grad_callback if grad_callback is not None else self._grad_callback
         all_grads = list(callback(all_grads) if callback is not None else all_grads)  # a tuple, as in higher
+        if len(all_grads) != len(params):
+            raise ValueError(
+                f"DifferentiableOptimizer.step: grad_callback returned {len(all_grads)} gradients for {len(params)} "
+                "weights; it must return one per weight, in the order it was given them (None for no gradient)."
+            )
+        if all(g is None for g in all_grads) and params:
+            warnings.warn(
+                "DifferentiableOptimizer.step: the loss depends on none of the weights this optimizer updates, so the "
+                "step changes nothing. Was it computed with the original model instead of the functional module "
+                "(model(x) instead of fmodel(x))?", stacklevel=user_stacklevel())
         grouped = []
         for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
             grads = []
@@ -191,7 +214,12 @@ class DifferentiableOptimizer:
         new_params = params[:]
         for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
             for p, index in zip(group["params"], mapping, strict=True):
-                new_params[index] = p if self._track_higher_grads else self._first_order(p, index)
+                if self._track_higher_grads:
+                    new_params[index] = p
+                elif params[index].requires_grad:
+                    new_params[index] = self._first_order(p, index)
+                else:  # a frozen weight stays frozen (higher's test mode made it trainable from the next step)
+                    new_params[index] = p.detach()
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
@@ -209,6 +237,9 @@ class DifferentiableOptimizer:
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Run the compiled ``torch.optim`` update on ``self.param_groups`` / ``self.state`` in place."""
         spec, hyper = self._spec_now()
+        for g, group in enumerate(self.param_groups):
+            if isinstance(lr := hyper[g].get("lr"), torch.Tensor) and lr.dim():
+                hyper[g]["lr"] = _elementwise_lr(lr, group["params"], g)
         params, grads, state = {}, {}, {}
         for g, (group, gg) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
             for i, (p, grad) in enumerate(zip(group["params"], gg, strict=True)):
@@ -230,9 +261,16 @@ class DifferentiableOptimizer:
         if self._base_spec is None:
             ids = {id(p): f"{g}.{i}" for g, group in enumerate(self._other.param_groups) for i, p in enumerate(group["params"])}
             try:
-                self._base_spec = OptimizerSpec.from_optimizer(self._other, ids)
+                spec = OptimizerSpec.from_optimizer(self._other, ids)
             except UnsupportedOptimizerError as exc:
                 raise UnsupportedOptimizerError(str(exc).replace("unrollc.compile", "unrollc.higher")) from None
+            maths = next((_STANDS_FOR[c] for c in type(self).__mro__ if c in _STANDS_FOR), None)
+            if maths is not None and not issubclass(spec.cls, maths):
+                # register_optim(MyOpt, DifferentiableSGD): higher's recipe to differentiate an optimizer it lacks
+                # with another one's update; torch.optim.SGD's step runs with MyOpt's options (missing ones
+                # take SGD's defaults), as higher's DifferentiableSGD._update would.
+                spec = replace(spec, cls=maths)
+            self._base_spec = spec
         return self._base_spec
 
     def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
@@ -303,6 +341,27 @@ def _addcmul(tensor: torch.Tensor, a1: float | torch.Tensor, a2: torch.Tensor, a
     """``tensor + a1 * a2`` or, with ``a3``, ``tensor + a1 * a2 * a3``."""
     value, t1, t2 = (1.0, a1, a2) if a3 is None else (a1, a2, a3)
     return tensor + (value * t1 * t2)
+
+
+def _elementwise_lr(lr: torch.Tensor, params: list[torch.Tensor], g: int) -> torch.Tensor:
+    """Meta-SGD's learning rate for group ``g``, shaped like its parameter: one that broadcasts to it (one lr
+    per row, shape ``(out, 1)``) is expanded, as higher's arithmetic broadcasts it (its gradient is summed)."""
+    shapes = {tuple(p.shape) for p in params}
+    if len(shapes) == 1:
+        (shape,) = shapes
+        if tuple(lr.shape) == shape:
+            return lr
+        try:
+            if torch.broadcast_shapes(lr.shape, shape) == shape:
+                return lr.expand(shape).contiguous()
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"unrollc.higher: the learning rate of parameter group {g} has shape {tuple(lr.shape)}, which does not "
+        f"broadcast to its parameters' shape{'s' if len(shapes) > 1 else ''} {sorted(shapes)}. Meta-SGD takes one "
+        "lr per weight element (a tensor shaped like the parameter, or one that broadcasts to it, such as one lr "
+        "per row) with one parameter per group: torch.optim.SGD([{'params': [p]} for p in model.parameters()])."
+    )
 
 
 def _as_list(params: Any) -> list[torch.Tensor]:
@@ -412,6 +471,11 @@ _opt_mapping: dict[type, type[DifferentiableOptimizer]] = {
 }
 
 
+# The update each of higher's optimizer classes stands for: an optimizer of another class given to one of them
+# (register_optim(MyOpt, DifferentiableSGD)) is differentiated with that update, as in higher.
+_STANDS_FOR: dict[type, type] = {diff: torch_cls for torch_cls, diff in _opt_mapping.items()}
+
+
 def _diff_type(opt_type: type) -> type[DifferentiableOptimizer]:
     if opt_type in _opt_mapping:
         return _opt_mapping[opt_type]
@@ -469,8 +533,11 @@ def create_diff_optim(
 
 
 def register_optim(optim_type: type, diff_optim_type: type[DifferentiableOptimizer]) -> None:
-    r"""Use ``diff_optim_type`` (a :class:`DifferentiableOptimizer` subclass with its own ``_update``) for
-    ``optim_type``. Rarely needed: every ``torch.optim`` optimizer works without registration."""
+    r"""Use ``diff_optim_type`` for ``optim_type``: a :class:`DifferentiableOptimizer` subclass with its own
+    ``_update``, or one of the classes above, e.g. ``DifferentiableSGD``: then an ``optim_type`` that is not a
+    subclass of ``torch.optim.SGD`` is differentiated with ``torch.optim.SGD``'s update and its own options, as
+    in ``higher``. Rarely needed: every ``torch.optim`` optimizer, and every subclass of one, works without
+    registration (its own ``step()`` is compiled)."""
     _opt_mapping[optim_type] = diff_optim_type
 
 

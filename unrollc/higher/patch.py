@@ -288,6 +288,8 @@ class FunctionalModule(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _INTERNAL or isinstance(getattr(type(self), name, None), property):
             super().__setattr__(name, value)  # fast_params, track_higher_grads: this module's own properties
+            if name == "training" and "_module" in vars(self):  # fmodel.training = False: the root's flag, which
+                self._module.training = value  # the forward reads (self.training), as on higher's patched module
         elif not self._assign("", name, value):
             setattr(self._module, name, value)  # seen by the forward, as on higher's patched module
 
