@@ -99,3 +99,47 @@ def test_a_wrapped_stepper_step_sees_every_evaluation(checkpoint):
     out.params["0.weight"].sum().backward()
     expected = 9 if checkpoint is None else unrollc.runtime.schedules.resolve_checkpoint(checkpoint).plan(9).evaluations
     assert len(calls) == expected and w.grad is not None
+
+
+def test_a_fresh_optimizers_budget_counts_the_state_it_creates_in_the_first_step():
+    """Adam's first step has no moments to read; the steps after it carry and save them. A budget planned from
+    the first step's bytes alone let the unroll save more than it allowed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01),
+                              lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    n = 8
+    batches = [(torch.randn(32, 64), torch.randint(0, 10, (32,))) for _ in range(n)]
+    fresh = CostModel.from_stepper(stepper, stepper.init(), batches[0])
+    budget = unrollc.Budget(fresh.state_bytes + n * fresh.taped_step_bytes)  # everything, at the first step's size
+    plan = plan_unroll(stepper, stepper.init(), batches, (), budget)
+    later = stepper.unroll(stepper.init(), batches[:1])  # a real state after one step
+    steady = CostModel.from_stepper(stepper, later, batches[0])
+    assert steady.taped_step_bytes > fresh.taped_step_bytes  # (state_bytes counts the state a step returns)
+    assert plan.resolved != unrollc.NoCheckpoint()
+    assert plan.peak_bytes(steady.state_bytes, steady.taped_step_bytes) <= budget.bytes
+
+
+def test_a_budget_is_planned_for_the_largest_batch():
+    model = nn.Linear(64, 64)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    batches = [torch.randn(4, 64)] + [torch.randn(512, 64) for _ in range(7)]
+    small = CostModel.from_stepper(stepper, stepper.init(), batches[0])
+    large = CostModel.from_stepper(stepper, stepper.init(), batches[1])
+    budget = unrollc.Budget(small.state_bytes + 8 * small.taped_step_bytes)  # all of the 4-row steps
+    assert large.taped_step_bytes > 5 * small.taped_step_bytes
+    with pytest.raises(ValueError, match="no checkpoint schedule for n=8 steps fits"):
+        plan_unroll(stepper, stepper.init(), batches, (), budget)
+    budget = unrollc.Budget(large.state_bytes + 3 * large.taped_step_bytes)
+    plan = plan_unroll(stepper, stepper.init(), batches, (), budget)
+    assert plan.peak_bytes(large.state_bytes, large.taped_step_bytes) <= budget.bytes
+
+
+def test_cost_model_of_a_step_with_a_module_meta_argument():
+    model, lossnet = nn.Linear(3, 1), nn.Linear(1, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, b, ln: ln((m(b[0]) - b[1]).pow(2)).mean())
+    batch = (torch.randn(5, 3), torch.randn(5, 1))
+    cost = CostModel.from_stepper(stepper, stepper.init(), batch, lossnet)  # raised InternalError (10 vs 8 inputs)
+    assert cost.taped_step_bytes > 0
+    stepper.unroll(stepper.init(), [batch] * 3, lossnet, checkpoint=unrollc.Budget(10**6))

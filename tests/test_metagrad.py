@@ -502,3 +502,97 @@ def test_an_in_place_update_of_a_view_of_an_activation_has_the_eager_meta_gradie
     with torch.no_grad():
         fd = central_difference(meta, torch.tensor(0.1))
     assert rel(g, fd) < 1e-7
+
+
+class _InputMean(nn.Module):
+    """Keeps a running mean of its input outside no_grad: differentiable in the batch, not in the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 1)
+        self.register_buffer("xmean", torch.zeros(3))
+
+    def forward(self, x):
+        self.xmean = 0.5 * self.xmean + 0.5 * x.mean(0)
+        return self.l2(torch.tanh(self.l1(x - self.xmean)))
+
+
+def test_a_buffer_computed_from_a_later_learned_batch_carries_its_gradient(float64):
+    """Dataset distillation where only batch 2 is learned: which buffers carry gradient was decided from
+    batches[0]'s graph, so checkpointed unrolls detached the running mean (meta-gradient 100% off)."""
+    torch.manual_seed(0)
+    model = _InputMean()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    learned = torch.randn(5, 3, requires_grad=True)
+    batches = [(learned if i == 2 else torch.randn(5, 3), torch.randn(5, 1)) for i in range(6)]
+    xv = torch.randn(6, 3)
+
+    def grad(checkpoint):
+        s = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+        (g,) = torch.autograd.grad(stepper.forward(s, xv).pow(2).mean() + s.buffers["xmean"].sum(), learned)
+        return g
+
+    ref = grad(None)
+    for checkpoint in (1, "sqrt", "binomial"):
+        assert rel(grad(checkpoint), ref) < 1e-10, checkpoint
+
+
+def test_a_closed_over_learned_tensor_read_by_a_later_batch_only_is_refused():
+    """A checkpointed unroll differentiates its inputs only; a tensor requiring grad that the step reads through a
+    closure is refused, also when only some batches' graphs read it (a flag in the batch switches it on)."""
+    model = nn.Linear(3, 2)
+    class_w = torch.tensor(2.0, requires_grad=True)
+
+    def loss_fn(m, batch):
+        x, y, weighted = batch
+        loss = (m(x) - y).pow(2).mean()
+        return loss * class_w if weighted else loss
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    batches = [(torch.randn(4, 3), torch.randn(4, 2), i == 3) for i in range(5)]
+    s = stepper.unroll(stepper.init(), batches)  # a plain unroll differentiates it
+    assert torch.autograd.grad(s.params["weight"].sum(), class_w)[0] != 0
+    for checkpoint in ("sqrt", 1):
+        with pytest.raises(ValueError, match="requires grad through a closure"):
+            stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+
+
+def test_re_runs_use_the_graphs_the_steps_ran_after_the_cache_evicted_them(float64, monkeypatch):
+    """A value loss_fn reads changes between the unroll and its backward, and newer layouts evicted the step
+    graphs meanwhile: the re-run re-traced them with the new value under the old key (meta-gradient 4% off,
+    and later unrolls at the old value ran the new graph)."""
+    from unrollc.runtime import stepper as stepper_module
+
+    monkeypatch.setattr(stepper_module, "_CACHE_SIZE", 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    scale = {"alpha": 1.0}  # a config dict loss_fn closes over: its values are part of the graph's key
+
+    def loss_fn(m, b):
+        return scale["alpha"] * (m(b[0]) - b[1]).pow(2).mean()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    batches = [(torch.randn(5, 3), torch.randn(5, 1)) for _ in range(6)]
+    xv = torch.randn(6, 3)
+
+    def grad(checkpoint, evict):
+        scale["alpha"] = 1.0
+        lr = torch.tensor(0.1, requires_grad=True)
+        s = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        meta_loss = stepper.forward(s, xv).pow(2).mean()
+        scale["alpha"] = 3.0
+        if evict:
+            with torch.no_grad():
+                for rows in (7, 8, 9):  # new layouts: the cache keeps 2
+                    stepper.step(stepper.init(), (torch.randn(rows, 3), torch.randn(rows, 1)))
+        (g,) = torch.autograd.grad(meta_loss, lr)
+        scale["alpha"] = 1.0
+        return g
+
+    ref = grad(None, evict=True)
+    assert rel(grad(2, evict=True), ref) < 1e-12
+    with torch.no_grad():
+        losses = stepper.unroll(stepper.init(), batches).losses
+    fresh = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    with torch.no_grad():
+        assert torch.equal(torch.stack(losses), torch.stack(fresh.unroll(fresh.init(), batches).losses))

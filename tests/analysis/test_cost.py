@@ -275,4 +275,10 @@ def test_budget_unrolls_analyze_the_step_graph_once(monkeypatch):
     budget = unrollc.Budget(10 * 2**20)
     for _ in range(3):
         stepper.unroll(stepper.init(), batches, checkpoint=budget).loss.backward()
-    assert len(calls) == 1
+    # Once per step graph at most: the first step's (no momentum yet) and the later steps' (which another test
+    # may have analysed already: the warm stepper is shared).
+    assert 1 <= len(calls) <= 2
+    analysed = len(calls)
+    for _ in range(2):
+        stepper.unroll(stepper.init(), batches, checkpoint=budget).loss.backward()
+    assert len(calls) == analysed

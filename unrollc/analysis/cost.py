@@ -106,7 +106,9 @@ class CostModel:
         ``state``/``batch``/``meta`` that require grad (e.g. a learned ``lr``) are sources of requires_grad,
         as they would be in the unroll.
         """
-        gm, grad = traced_with_grad_inputs(stepper, state, batch, meta)
+        from ..runtime.meta import bind_modules
+
+        gm, grad = traced_with_grad_inputs(stepper, state, batch, bind_modules(meta))
         return cls.from_graph(gm, requires_grad=grad)
 
     # ----------------------------------------------------------------------------------------- predict

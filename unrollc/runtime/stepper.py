@@ -77,6 +77,7 @@ class Stepper:
         self._cache: OrderedDict[Any, list[CompiledStep]] = OrderedDict()  # least recently used first
         self._last: CompiledStep | None = None
         self._pinned_modes: Modes | None = None  # see _modes_pinned
+        self._kept: dict[Any, list[CompiledStep]] | None = None  # see _graphs_kept
         self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
         self._new_keys = 0  # step graphs traced for a new key (layouts and values), see _lookup
         self.trace_count = 0
@@ -329,6 +330,10 @@ class Stepper:
     def _lookup(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         key = self._key(state, groups, batch, meta)
         entries = self._cache.setdefault(key, [])
+        if self._kept is not None:  # a checkpointed unroll: its re-runs use the graphs its first sweep ran
+            kept = self._kept.setdefault(key, entries)
+            if kept is not entries:  # evicted meanwhile (more than _CACHE_SIZE layouts): put them back
+                entries = self._cache[key] = kept
         if not entries:
             self._new_keys += 1
             if self._new_keys == _MANY_KEYS:
@@ -382,6 +387,18 @@ class Stepper:
             yield
         finally:
             self._pinned_modes = previous
+
+    @contextlib.contextmanager
+    def _graphs_kept(self, kept: dict[Any, list[CompiledStep]]) -> Iterator[None]:
+        """Steps run inside record the graphs they use in ``kept`` (by cache key), or use those already there: a
+        checkpointed unroll re-runs steps in the backward pass, possibly after the cache has evicted their graphs,
+        and a re-trace then would bake in the Python values of that moment (a changed ``model.scale``) under the
+        key of the values the steps ran with."""
+        previous, self._kept = self._kept, kept
+        try:
+            yield
+        finally:
+            self._kept = previous
 
     def _capture(self, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple) -> CompiledStep:
         from ..inspect.source import recording_sources

@@ -31,12 +31,60 @@ def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta
     """The plan ``stepper.unroll`` would execute (a Budget needs the cost model: one step is traced)."""
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     kwargs: dict[str, int] = {}
-    if type(policy).__name__ == "Budget":
-        from ..analysis.cost import CostModel  # predicted from the step graph, nothing is run with grad
+    if type(policy).__name__ == "Budget" and batches:
+        from ..analysis.cost import CostModel  # predicted from the step graphs, nothing is run with grad
 
-        cost = CostModel.from_stepper(stepper, state, batches[0], *meta)
-        kwargs = {"state_bytes": cost.state_bytes, "step_bytes": cost.taped_step_bytes}
+        # The largest of the steps' costs: every batch layout's graph, and, where the first step creates the
+        # optimizer state (a fresh Adam's moments), the graph of the steps after it, which carry that state.
+        costs = [CostModel.from_stepper(stepper, state, b, *meta) for b in distinct_batches(batches)]
+        after = _after_first_step(stepper, state, batches[0], meta)
+        if _state_keys(after) != _state_keys(state):
+            costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct_batches(batches)]
+        kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs)}
     return policy.plan(len(batches), **kwargs)
+
+
+def distinct_batches(batches: list[Any]) -> list[Any]:
+    """One batch per layout (structure; shape, dtype, device and requires_grad of each tensor; the values of
+    Python numbers and strings, which a step graph holds as constants): the batches whose step graphs, or whose
+    gradient sources, may differ."""
+    seen: dict[Any, Any] = {}
+    for b in batches:
+        leaves, spec = tree_flatten(b)
+        seen.setdefault((spec, tuple(map(_leaf_key, leaves))), b)
+    return list(seen.values())
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.dtype, x.device, x.requires_grad)
+    if isinstance(x, float):
+        return (float, x.hex())
+    if x is None or isinstance(x, (bool, int, str)):
+        return (type(x), x)
+    return (type(x), id(x))  # anything else: its own layout
+
+
+def _after_first_step(stepper: "Stepper", state: UnrollState, batch: Any, meta: tuple) -> UnrollState:
+    """A state with the layout of the one after the first step (the optimizer state a fresh optimizer creates
+    there), for the graph of the steps after it; nothing is run. Its values stand in for the real ones: ones for
+    scalars (a step counter after one step), zeros otherwise; an entry the step graph returns as one tensor for
+    several parameters (the shared step counters) is one tensor here too."""
+    from .state import hyper_to_groups
+
+    compiled = stepper._lookup(state, hyper_to_groups(state.hyper, len(stepper._spec.hyper)), batch, meta)
+    sig = compiled.signature
+    outputs = list(compiled.gm.graph.output_node().args[0])[len(sig.params) + len(sig.buffers) : -1]
+    made: dict[Any, torch.Tensor] = {}
+    opt_state: dict[str, dict[str, torch.Tensor]] = {}
+    for (name, key), node in zip(sig.state_out, outputs, strict=True):
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return state  # no layout to read: the first step's graph stands for all
+        if node not in made:
+            made[node] = (torch.ones if val.dim() == 0 else torch.zeros)(val.shape, dtype=val.dtype, device=val.device)
+        opt_state.setdefault(name, {})[key] = made[node]
+    return state.replace(opt_state=opt_state)
 
 
 def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> UnrollState:
@@ -53,8 +101,11 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
                 losses.append(state.loss)
         return state.replace(losses=losses)
     plan = plan_unroll(stepper, state, batches, meta, policy)
+    distinct = distinct_batches(batches)
+    graphs = {id(gm): gm for gm in (stepper.trace(state, b, *meta) for b in distinct)}.values()
     if torch.is_grad_enabled():
-        _refuse_hidden_learned_tensors(stepper.trace(state, batches[0], *meta))
+        for gm in graphs:
+            _refuse_hidden_learned_tensors(gm)
 
     modes = stepper._modes()
     # The executor sees flat tuples: state = params + buffers + optimizer state (whose keys appear after
@@ -72,6 +123,8 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         batch_slices.append((start, len(consts)))
     meta_start = len(consts)
     consts += [x for x in meta_leaves if isinstance(x, torch.Tensor)]
+
+    kept: dict[Any, list[Any]] = {}  # the step graphs the steps ran, by cache key (Stepper._graphs_kept)
 
     def pack(s: UnrollState) -> tuple[torch.Tensor, ...]:
         flat = [s.params[k] for k in param_names] + [s.buffers[k] for k in buffer_names]
@@ -96,7 +149,8 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         start, stop = batch_slices[i]
         batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
         m = tree_unflatten(fill_leaves(meta_leaves, c[meta_start:]), meta_spec)
-        with stepper._modes_pinned(modes):  # recomputed in backward after a model.eval(): still the train graph
+        # Recomputed in backward after a model.eval() or with more layouts since: still the graphs it ran.
+        with stepper._modes_pinned(modes), stepper._graphs_kept(kept):
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
         layouts[i + 1] = _state_keys(new)
         packed = pack(new)
@@ -107,13 +161,14 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     # input (init(buffers={name: tensor requiring grad})) or the step computes it differentiably from the
     # weights (a running mean updated outside torch.no_grad): then it is differentiated like a parameter.
     learned = {k for k, v in state.buffers.items() if v.requires_grad}
-    learned |= differentiated_buffers(stepper, state, batches[0], meta) if torch.is_grad_enabled() else set()
+    if torch.is_grad_enabled():  # any batch may be the learned one (dataset distillation)
+        learned = learned.union(*(differentiated_buffers(stepper, state, b, meta) for b in distinct))
     step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
         len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
     )
     # The user's own generators any step draws from (a batch may switch noise on): every batch's graph, each
     # traced once per layout (the stepper's cache), so that every stored state keeps their states too.
-    generators = {id(g): g for b in batches for g in step_generators(stepper.trace(state, b, *meta))}
+    generators = {id(g): g for gm in graphs for g in step_generators(gm)}
     step_fn.generators = tuple(generators.values())  # type: ignore[attr-defined]
     shared: dict[int, tuple[int, ...]] = {}  # per step, each state position's first position holding its tensor
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
