@@ -1,6 +1,7 @@
 """The public API is small, explicit and documented."""
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -219,6 +220,7 @@ def test_python_values_the_graph_read_are_guarded_and_reassigned_buffers_advance
     assert stepper.trace_count == traces  # nothing changed: the graph is reused
 
 
+@pytest.mark.filterwarnings("ignore:unrollc. the model's forward assigns")
 def test_attributes_the_forward_writes_do_not_retrace_every_step():
     class Recording(nn.Module):
         def __init__(self):
@@ -237,10 +239,11 @@ def test_attributes_the_forward_writes_do_not_retrace_every_step():
     for _ in range(5):
         state = stepper.step(state, x)
     stepper.unroll(state, [x] * 5)
-    assert stepper.trace_count <= 2
+    assert stepper.trace_count == 1  # tracing puts the written attributes back, so the key does not move
+    assert model.calls == 0 and not hasattr(model, "last")
     model.scale = 3.0  # read, never written, by the forward: still re-traces
     stepper.step(state, x)
-    assert stepper.trace_count == 3
+    assert stepper.trace_count == 2
 
 
 mean = 0  # a global that shares its name with an attribute loss_fn reads (.mean()): not a guard
@@ -309,3 +312,40 @@ def test_values_of_the_wrong_kind_are_refused():
     with pytest.raises(TypeError, match=r"expected `t`, the number of steps taken, as an int >= 0, got 'a'"):
         state.replace(t="a")
     assert state.replace(t=3).t == 3
+
+
+def test_a_python_attribute_the_forward_assigns_is_put_back_and_pointed_out():
+    """``self.calls += 1`` in forward: steps run the traced graph, not the forward. Tracing ran the forward
+    several times and left model.calls at 4 after 6 steps, silently; it is now put back, with a warning."""
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            self.last = x.shape[0]  # a new attribute
+            return self.l(x) * (1 + 0.1 * self.calls)
+
+    model = Counting()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    with pytest.warns(UserWarning, match=r"the model's forward assigns calls, last \(a Python attribute\).*register_buffer"):
+        state = stepper.step(stepper.init(), torch.randn(5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        stepper.unroll(state, [torch.randn(5, 3) for _ in range(3)])
+    assert model.calls == 0 and not hasattr(model, "last")
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_hook_based_weight_norm_assigns_its_weight_without_a_warning():
+    model = nn.utils.weight_norm(nn.Linear(3, 2))
+    weight = model.weight
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*weight_norm is deprecated.*")
+        stepper.step(stepper.init(), torch.randn(5, 3))
+    assert model.weight is weight

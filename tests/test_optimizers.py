@@ -329,3 +329,34 @@ def test_float32_trajectory_is_bit_identical_on_the_cpu(cls, kwargs):
         eager.step()
     for n, p in twin.named_parameters():
         assert torch.equal(state.params[n], p.detach()), n
+
+
+class _Tempered(nn.Module):
+    """A linear layer with a learned temperature: a 0-dim parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.l(x) / self.temperature
+
+
+@pytest.mark.parametrize("cls", [O.Rprop, O.SGD, O.Adam])
+def test_a_zero_dim_parameter_follows_eager(cls):
+    """torch.optim.Rprop writes sign[sign.gt(0)] = etaplus, whose boolean-mask count could not be traced for a
+    0-dim tensor (a CaptureError pointing into torch's own code); it is traced as masked_fill_, bit for bit."""
+    torch.manual_seed(0)
+    model = _Tempered()
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    opt = cls(model.parameters(), lr=0.01)
+    ref = eager_trajectory(model, opt, mse, batches)
+    stepper = unrollc.compile(model, opt, mse)
+    with torch.no_grad():
+        state = stepper.unroll(stepper.init(), batches)
+    for n, p in ref[-1][0].items():
+        if cls is O.Adam:  # within an ulp of eager Adam (README)
+            torch.testing.assert_close(state.params[n], p, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(state.params[n], p), n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -284,3 +285,75 @@ def test_an_out_of_place_draw_on_a_transposed_tensor_is_eagers():
     torch.manual_seed(1)
     state = stepper.unroll(stepper.init(), batches)
     assert all(torch.equal(state.params[n], p) for n, p in ref[-1][0].items())
+
+
+class _ReadsData(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.l, self.how = nn.Linear(3, 3), how
+
+    def forward(self, x):
+        h = self.l(x)
+        if self.how == "tolist":
+            return h * h.max().tolist()
+        if self.how == "numpy":
+            return h * float(h.detach().numpy().max())
+        return h * len(h[h > 0])  # the length of a masked tensor
+
+
+@pytest.mark.parametrize("how", ["tolist", "numpy", "len"])
+def test_reading_data_into_python_in_forward_is_refused_naming_the_line(how):
+    """.item() and float() were refused; .tolist() and len(x[mask]) were traced with the first batch's values and
+    trained on them silently afterwards (losses 1.05 against eager's 15543 by step 2)."""
+    model = _ReadsData(how)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.01), lambda m, x: m(x).pow(2).mean())
+    with pytest.raises(unrollc.CaptureError, match=r"test_pitfalls.py:\d+ .*in forward: the code turns a traced tensor "
+                       r"into a Python value"):
+        stepper.step(stepper.init(), torch.randn(4, 3))
+
+
+def test_a_closed_over_tensor_may_be_read_into_python():
+    weights = torch.tensor([1.0, 2.0, 3.0])
+
+    def loss_fn(model, x):
+        return (model(x) * torch.tensor(weights.tolist())).pow(2).mean()  # a constant: its values are fixed
+
+    model = nn.Linear(3, 3)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn)
+    stepper.step(stepper.init(), torch.randn(4, 3))
+
+
+class _NormScaledSGD(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                scale = float(np.linalg.norm(p.grad.numpy()))  # the gradient's values, through numpy
+                p.add_(p.grad, alpha=-group["lr"] / (1 + scale))
+
+
+class _MisspeltSGD(_NormScaledSGD):
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["learning_rate"])  # the user's bug
+
+
+def test_a_custom_optimizer_reading_the_gradient_through_numpy_is_refused():
+    model = nn.Linear(3, 1)
+    stepper = unrollc.compile(model, _NormScaledSGD(model.parameters()), lambda m, x: m(x).pow(2).mean())
+    with pytest.raises(unrollc.CaptureError, match=r"test_pitfalls.py:\d+ .*in step: the code turns a traced tensor"):
+        stepper.step(stepper.init(), torch.randn(4, 3))
+
+
+def test_a_bug_in_a_custom_optimizer_keeps_its_type_and_traceback():
+    """A KeyError in the user's own step() was turned into a CaptureError raised from None."""
+    model = nn.Linear(3, 1)
+    stepper = unrollc.compile(model, _MisspeltSGD(model.parameters()), lambda m, x: m(x).pow(2).mean())
+    with pytest.raises(KeyError, match="learning_rate") as info:
+        stepper.step(stepper.init(), torch.randn(4, 3))
+    assert any("raised by your code while unrollc.compile traced" in note for note in info.value.__notes__)

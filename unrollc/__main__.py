@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Any
@@ -74,7 +75,17 @@ def load(target: str) -> Any:
     spec.loader.exec_module(module)
     if not callable(getattr(module, func, None)):
         raise SystemExit(f"python -m unrollc explain: {path} defines no function {func!r}.")
-    return getattr(module, func)()
+    fn = getattr(module, func)
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        raise SystemExit(
+            f"python -m unrollc explain: {func}{inspect.signature(fn)} takes arguments; the command line calls it "
+            f"with none. Give its parameters defaults, or write a function without parameters that calls it."
+        ) from None
+    except ValueError:  # no signature to read (a builtin): call it and see
+        pass
+    return fn()
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -90,14 +101,16 @@ def run_explain(args: argparse.Namespace) -> int:
             "python -m unrollc explain: a returned tuple must be (stepper, state, batch, *meta), got a tuple of "
             f"{len(rest) + 1}."
         )
+    if not rest and stepper._last is None:  # noqa: SLF001 - a bare stepper: nothing traced yet
+        raise SystemExit(
+            "python -m unrollc explain: the stepper has not traced a step yet (the graph depends on the batch's "
+            f"shapes); return (stepper, state, batch, *meta) from {args.target.rsplit(':', 1)[-1]}(), or run one "
+            "step before returning the stepper."
+        )
     try:
         report = explain(stepper, *rest)
-    except RuntimeError as exc:  # a capture failure (CaptureError), or a bare stepper that has not run a step
-        hint = "" if rest or isinstance(exc, CaptureError) else (
-            f" From the command line: return (stepper, state, batch, *meta) from "
-            f"{args.target.rsplit(':', 1)[-1]}(), or run one step before returning the stepper."
-        )
-        raise SystemExit(f"python -m unrollc explain: {exc}{hint}") from None
+    except CaptureError as exc:  # it names the user's line; other errors keep their traceback
+        raise SystemExit(f"python -m unrollc explain: {exc}") from None
     print(report)
     if args.graph:
         if args.graph not in stepper.graphs:

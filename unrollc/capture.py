@@ -230,6 +230,9 @@ class ShadowOptimizer:
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the user's line
+            if CaptureError.raised_by_user_code(exc):  # the user's own bug (a KeyError in their optimizer's step)
+                exc.add_note(f"unrollc: raised by your code while {self.api} traced the training step.")
+                raise
             error = CaptureError.from_trace_failure(exc, self.api)
             error.trace_failure = exc  # torch's own traceback, for debugging unrollc itself
             raise error from None

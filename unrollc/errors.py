@@ -49,6 +49,17 @@ class CaptureError(RuntimeError):
     in_optimizer: bool = False
     trace_failure: BaseException | None = None  # the tracing exception (its traceback is torch-internal)
 
+    @staticmethod
+    def raised_by_user_code(exc: BaseException) -> bool:
+        """Whether tracing failed because the user's own code raised (a ``KeyError`` in a custom optimizer's
+        ``step``): its innermost frame is the user's and it is none of the failures :meth:`from_trace_failure`
+        explains (data-dependent reads, autograd inside the step, writes into closed-over tensors). Such an
+        exception is re-raised as it is, type and traceback kept."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        text = str(exc)
+        explained = ("_local_scalar_dense", "data-dependent", "functorch transform", "mutate a captured Tensor")
+        return bool(frames) and user_frame(frames) is frames[-1] and not any(e in text for e in explained)
+
     @classmethod
     def from_trace_failure(cls, exc: BaseException, api: str = "unrollc.compile") -> "CaptureError":
         """Turn a tracing exception into a message about the user's code; ``api`` names the entry point
@@ -105,7 +116,8 @@ def _data_dependent_hint(line: str) -> str:
     stripped = line.strip()
     what = (
         "branches on the value of a traced tensor" if stripped.startswith(("if ", "elif ", "while ", "assert "))
-        else "turns a traced tensor into a Python value (.item(), bool(), float(), int(), or an `if` on a tensor)"
+        else "turns a traced tensor into a Python value (.item(), .tolist(), .numpy(), bool(), float(), int(), len() "
+        "of a masked tensor, or an `if` on a tensor)"
     )
     return (
         f"the code {what}, which depends on the data and cannot be part of one step graph; compute it with "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+import weakref
 from typing import Any
 
 import torch
@@ -107,9 +108,23 @@ class TracedFunctions(RestoredGenerators):
     tensor ops instead (``F.one_hot(y, num_classes)``), and dropout drawing its mask as eager code does; the
     user's generators are restored (:class:`RestoredGenerators`)."""
 
+    def __enter__(self) -> "TracedFunctions":
+        self.sized_by_data: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        return super().__enter__()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         self._record(kwargs)
+        if func in _DATA_READS and args and isinstance(args[0], torch.Tensor) and _traced(args[0]):
+            _refuse_data_read(f"{func.__name__}() reads the values of a traced tensor into Python")
+        if func is torch.Tensor.__len__ and args and self.sized_by_data.get(id(args[0])) is args[0]:
+            _refuse_data_read("len() reads the length of a tensor whose size depends on the data (x[mask], nonzero, "
+                              "unique) into Python; count with a tensor instead: mask.sum()")
+        if func is torch.Tensor.__setitem__ and _is_masked_fill(*args):
+            # t[mask] = v with a mask of t's own shape: masked_fill_, the same values without the data-dependent
+            # count of the mask (torch.optim.Rprop's sign[sign.gt(0)] = etaplus on a 0-dim parameter failed).
+            args[0].masked_fill_(args[1], args[2])
+            return None
         if func is torch.nn.functional.dropout:
             return _dropout(*args, **kwargs)
         if func is torch.nn.functional.one_hot:
@@ -122,7 +137,53 @@ class TracedFunctions(RestoredGenerators):
                 f"unrollc.compile: F.one_hot without num_classes{at} takes the number of classes from the data "
                 "(the largest class value + 1), which cannot be part of a step graph; pass it: F.one_hot(y, num_classes)."
             )
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and _sized_by_data(func, args):
+            self.sized_by_data[id(out)] = out
+        return out
+
+
+# Ops that copy a tensor's values into Python objects without a dispatcher op that make_fx refuses (as it does
+# ``aten._local_scalar_dense`` for .item()): in a step they would keep the traced step's values for every step.
+_DATA_READS = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+_SIZED_BY_DATA = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
+                            torch.unique, torch.Tensor.unique, torch.argwhere, torch.Tensor.argwhere})
+
+
+def _sized_by_data(func: Any, args: tuple) -> bool:
+    """Whether ``func(*args)`` returns a tensor whose size depends on the values of its inputs."""
+    if func in _SIZED_BY_DATA:
+        return True
+    if func is torch.Tensor.__getitem__ and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    return False
+
+
+def _is_masked_fill(*args: Any) -> bool:
+    """Whether ``tensor.__setitem__(*args)`` is ``tensor[mask] = value`` with a boolean mask of the tensor's shape
+    and one value (a number or a 0-dim tensor)."""
+    if len(args) != 3 or not isinstance(args[0], torch.Tensor) or not isinstance(args[1], torch.Tensor):
+        return False
+    target, mask, value = args
+    one_value = isinstance(value, (int, float, bool)) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+    return mask.dtype == torch.bool and mask.shape == target.shape and one_value
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a value of the step being traced (not a tensor the step closes over)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, has_proxy_slot
+
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    mode = get_proxy_mode()
+    return mode is not None and has_proxy_slot(t, mode.tracer)
+
+
+def _refuse_data_read(what: str) -> None:
+    # Raised inside the user's call, so that CaptureError.from_trace_failure names their line ("data-dependent"
+    # selects its hint).
+    raise RuntimeError(f"data-dependent read: {what}")
 
 
 class CompositeWeightNorm(torch.overrides.TorchFunctionMode):

@@ -38,6 +38,14 @@ SCRIPT = textwrap.dedent(
 
     def short_tuple():
         return make()[:2]
+
+    def takes_arguments(n_layers):
+        return make()
+
+    def shape_bug():
+        model = nn.Linear(2, 1)
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).sum())
+        return stepper, stepper.init(), torch.randn(4, 5)  # the model takes 2 features
     """
 )
 
@@ -87,3 +95,20 @@ def test_a_target_that_is_not_a_python_file_is_refused_with_a_message(tmp_path):
     for target in (f"{tmp_path}:make", f"{text}:make"):
         with pytest.raises(SystemExit, match="is not a Python file"):
             main(["explain", target])
+
+
+def test_an_error_in_the_users_own_code_keeps_its_traceback(tmp_path):
+    """Only capture failures become one-line messages; a RuntimeError the user's code raises (a shape bug) is
+    raised as it is, with its traceback (it was reduced to its first line, without file or line)."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as info:
+        main(["explain", f"{script}:shape_bug"])
+    assert not isinstance(info.value, SystemExit)
+
+
+def test_a_function_that_takes_arguments_is_named(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    with pytest.raises(SystemExit, match=r"takes_arguments\(n_layers\) takes arguments; the command line calls it with none"):
+        main(["explain", f"{script}:takes_arguments"])

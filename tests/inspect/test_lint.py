@@ -72,3 +72,20 @@ def test_a_pass_that_fails_its_own_guarantee_is_named():
     lifted = tiny_stepper().graphs["after lift_inputs"]  # still has add_ etc.: as if functionalize did nothing
     with pytest.raises(PassCheckError, match="`functionalize` does not establish its guarantee"):
         check_after(lifted, ["lift_inputs", "functionalize"])
+
+
+def forgot_return(gm: fx.GraphModule) -> None:
+    """A deliberately broken pass: edits in place and forgets to return the graph."""
+    gm.recompile()
+
+
+def rebuilt_without_meta(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deliberately broken pass: builds a new GraphModule and drops gm.meta (the step's signature)."""
+    return fx.GraphModule(gm, gm.graph)
+
+
+@pytest.mark.parametrize("broken", [forgot_return, rebuilt_without_meta])
+def test_a_pass_that_returns_no_graph_or_drops_its_meta_is_named(monkeypatch, broken):
+    monkeypatch.setattr(unrollc.passes, "PIPELINE", (*PIPELINE[:2], broken, *PIPELINE[2:]))
+    with pytest.raises(PassCheckError, match=rf"pass `{broken.__name__}` \(passes run before it: lift_inputs → functionalize\)"):
+        tiny_stepper(check=True)

@@ -53,3 +53,12 @@ def test_annotated_code_is_readable_python_with_source_comments():
     assert "# [hidden: Linear]" in code
     assert "torch/optim/sgd.py" in code and "autograd" in code
     compile(code, "<annotated>", "exec")  # it is valid Python
+
+
+def test_the_returned_loss_is_labelled_with_the_loss_fn_line():
+    """The loss the step returns is torch.func's view of loss_fn's result, without a stack trace of its own: it
+    was labelled as autograd's (and drawn hanging off the backward)."""
+    stepper = tiny_stepper()
+    loss = stepper.graph.graph.output_node().args[0][-1]
+    src = source_of(loss)
+    assert src.kind == "user" and src.function == "mse" and src.lineno == line_of("loss")

@@ -166,7 +166,7 @@ def to_dot(graph: Any, *, collapse: bool = False, depth: int | None = None, name
             out_groups[(role, owner)] += 1
         else:
             oid = f"out_{i}"
-            dot.add_node(pydot.Node(oid, label=_q(f"{role}' {label}" if role != "loss" else "loss"), shape="box",
+            dot.add_node(pydot.Node(oid, label=_q(f"{role} {label}" if role != "loss" else "loss"), shape="box",
                                     style="filled", peripheries="2", fillcolor=ROLE_COLORS[role]))
         if isinstance(value, fx.Node) and value in ids:
             edges.add((ids[value], oid))

@@ -150,7 +150,16 @@ def check_after(gm: fx.GraphModule, done: Sequence[str], n_outputs: int | None =
         n_outputs: the number of step outputs before this pass (passes never change it), if known.
     """
     name, before = done[-1], list(done[:-1])
+    ran = " → ".join(before) if before else "none"
+    if not isinstance(gm, fx.GraphModule):
+        raise PassCheckError(
+            f"unrollc (check=True): pass `{name}` (passes run before it: {ran}) returned {type(gm).__name__}, not "
+            "the fx.GraphModule a pass must return."
+        )
     problems = [(None, p) for p in lint_graph(gm)]
+    if not isinstance(gm.meta.get("unrollc"), dict):
+        problems.append((None, "the graph lost gm.meta['unrollc'] (the step's signature); a pass that builds a new "
+                               "GraphModule must copy gm.meta over"))
     outputs = next(iter(gm.graph.find_nodes(op="output")), None)
     if n_outputs is not None and outputs is not None and len(outputs.args[0]) != n_outputs:
         problems.append((None, f"the step returns {len(outputs.args[0])} values instead of {n_outputs}"))
@@ -159,7 +168,6 @@ def check_after(gm: fx.GraphModule, done: Sequence[str], n_outputs: int | None =
             problems += [(g, v) for v in g.check(gm)]
     if not problems:
         return
-    ran = " → ".join(before) if before else "none"
     lines = [f"unrollc (check=True): pass `{name}` (passes run before it: {ran}) left a broken graph:"]
     for g, violation in problems[:10]:
         if g is None:

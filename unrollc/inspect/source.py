@@ -166,6 +166,8 @@ def source_of(node: fx.Node) -> SourceLine | None:
     if node.op in ("placeholder", "output"):
         return None
     frames = _frames(node)
+    if not frames and _is_returned_loss(node) and isinstance(node.args[0], fx.Node):
+        return source_of(node.args[0])  # the loss the step returns: a view of loss_fn's result
     if not frames:
         return SourceLine("autograd", module=module_path(node))
     chosen, kind = user_frame(frames), "user"
@@ -173,6 +175,16 @@ def source_of(node: fx.Node) -> SourceLine | None:
         optim = [f for f in frames if f.filename.startswith(_OPTIM_DIR)]
         chosen, kind = (optim[-1], "optimizer") if optim else (frames[-1], "module")
     return SourceLine(kind, chosen.filename, chosen.lineno or 0, chosen.name, chosen.line or "", module_path(node))
+
+
+def _is_returned_loss(node: fx.Node) -> bool:
+    """Whether ``node`` is the loss the step graph returns (its last output) made by a view op without a stack
+    trace of its own (torch.func's reshape of loss_fn's result)."""
+    if not node.args or not any(u.op == "output" for u in node.users):
+        return False
+    output = next(u for u in node.users if u.op == "output")
+    values = output.args[0]
+    return isinstance(values, (list, tuple)) and bool(values) and values[-1] is node and "view" in str(node.target)
 
 
 def describe_input(node: fx.Node) -> str:

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import user_stacklevel
 from ..optimizer_spec import Same
 
-__all__ = ["Modes", "python_values", "training_modes", "warn_numbers"]
+__all__ = ["Modes", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
 Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
@@ -125,3 +125,44 @@ def warn_numbers(batch: Any, meta: tuple, count: int) -> None:
             f"({', '.join(map(repr, numbers[:4]))}{', ...' if len(numbers) > 4 else ''}) are constants of a step graph, "
             "so every new value traces a new one (about a second each); pass them as tensors (torch.tensor(value)) "
             "to make them inputs of one graph.", stacklevel=user_stacklevel())
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def restored_attributes(model: nn.Module) -> Iterator[set[str]]:
+    """Put back the public attributes of ``model``'s modules that the body assigns (tracing runs the forward,
+    which may count its calls or keep its last attention map): the user's model is not changed by tracing. The
+    names of those assigned a value other than a tensor (``"encoder.calls"``: tensors are also assigned by
+    hook-based weight_norm and spectral_norm) are added to the set the context yields."""
+    modules = dict(model.named_modules())
+    saved = {(prefix, name): v for prefix, m in modules.items() for name, v in vars(m).items()
+             if not name.startswith("_") and name != "training"}
+    written: set[str] = set()
+    try:
+        yield written
+    finally:
+        for prefix, m in modules.items():
+            current = {name: v for name, v in vars(m).items() if not name.startswith("_") and name != "training"}
+            for name in set(current) | {n for p, n in saved if p == prefix}:
+                old = saved.get((prefix, name), _MISSING)
+                if current.get(name, _MISSING) is old:
+                    continue
+                if not isinstance(current.get(name), torch.Tensor):
+                    written.add(f"{prefix}.{name}" if prefix else name)
+                if old is _MISSING:
+                    delattr(m, name)
+                else:
+                    setattr(m, name, old)
+
+
+def warn_written(names: set[str]) -> None:
+    """Point out attributes the forward assigns: a step runs the traced graph, not the forward."""
+    if names:
+        warnings.warn(
+            f"unrollc: the model's forward assigns {', '.join(sorted(names))} (a Python attribute). Steps run the "
+            "traced step graph, not your forward: the attribute keeps the value it had before tracing, and where "
+            "the computation reads it, every step uses the value it had when traced. Keep state the forward "
+            "updates in a buffer (self.register_buffer('calls', torch.zeros(()))), which every step carries, or "
+            "compute it from the step count.", stacklevel=user_stacklevel())

@@ -19,7 +19,7 @@ from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from ..traced_functions import RestoredGenerators
-from .baked import Modes, python_values, training_modes, warn_numbers
+from .baked import Modes, python_values, restored_attributes, training_modes, warn_numbers, warn_written
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
@@ -78,6 +78,7 @@ class Stepper:
         self._last: CompiledStep | None = None
         self._pinned_modes: Modes | None = None  # see _modes_pinned
         self._kept: dict[Any, list[CompiledStep]] | None = None  # see _graphs_kept
+        self._warned_written: set[str] = set()  # attributes the forward writes, pointed out once (see _lookup)
         self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
         self._new_keys = 0  # step graphs traced for a new key (layouts and values), see _lookup
         self.trace_count = 0
@@ -348,12 +349,14 @@ class Stepper:
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
             before = python_values(self.model, self.loss_fn)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
-                with training_modes(self.model, self._pinned_modes):
+                with training_modes(self.model, self._pinned_modes), restored_attributes(self.model) as written:
                     compiled = self._capture(state, groups, batch, meta)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
             after = python_values(self.model, self.loss_fn)
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
+            warn_written(written - self._warned_written)
+            self._warned_written |= written
             return compiled
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
