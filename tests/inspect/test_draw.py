@@ -85,3 +85,28 @@ def test_check_passes_with_a_no_grad_block_inside_torch_nn_and_draw_names_a_miss
     stepper.step(stepper.init(), torch.randn(3, 4))
     with pytest.raises(FileNotFoundError, match="no folder .* create it first"):
         draw(stepper, tmp_path / "missing" / "step.dot")
+
+
+def test_collapse_to_a_depth_draws_one_box_per_module_and_groups_its_inputs():
+    """With depth=1, ops in Block.forward itself and in its submodules were two boxes ("enc" and "enc: Block")
+    with edges both ways, and the inputs kept their full paths."""
+    import unrollc
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.a(x)) * self.b(x)  # tanh and * run in Block.forward itself
+
+    model = nn.Sequential()
+    model.add_module("enc", Block())
+    model.add_module("head", nn.Linear(4, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, x: m(x).pow(2).mean())
+    stepper.step(stepper.init(), torch.randn(3, 4))
+    labels = [n.get("label").strip('"') for n in to_dot(stepper, collapse=True, depth=1).get_nodes() if n.get("label")]
+    modules = [label for label in labels if label.startswith("enc")]
+    assert len(modules) == 1 and modules[0].startswith("enc: Block\\n")
+    assert "param x4\\nenc" in labels and not any("enc.a" in label for label in labels)

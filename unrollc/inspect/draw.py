@@ -67,14 +67,26 @@ def _group(node: fx.Node, depth: int | None) -> tuple[str, str]:
     if src.kind == "optimizer":
         return "optimizer", "optimizer step"
     if src.module is not None:
-        path = src.module
-        if depth is not None and path:
-            path = ".".join(path.split(".")[:depth])
-        cls = module_class(node) if path == src.module else None
+        path = _truncated(src.module, depth)
+        cls = module_class(node) if path == src.module else _class_at(node, path)
         return "module", f"{path or '<model>'}" + (f": {cls}" if cls else "")
     if src.kind == "user":
         return "loss", f"{src.function} ({os.path.basename(src.filename)})"
     return "other", "other"
+
+
+def _truncated(path: str, depth: int | None) -> str:
+    """``path`` (``"enc.a.fc"``) cut to its first ``depth`` names (``None``: all)."""
+    return path if depth is None or not path else ".".join(path.split(".")[:depth])
+
+
+def _class_at(node: fx.Node, path: str) -> str | None:
+    """The class name of the module at ``path`` among those ``node`` ran inside (for a group cut to a depth: one
+    label for the module, whether an op ran in its own forward or in a submodule's)."""
+    for entry_path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        if entry_path == path:
+            return str(cls).rsplit(".", 1)[-1]
+    return None
 
 
 def _outputs(gm: fx.GraphModule) -> list[tuple[fx.Node | Any, str, str]]:
@@ -129,7 +141,7 @@ def to_dot(graph: Any, *, collapse: bool = False, depth: int | None = None, name
             info = node.meta.get("unrollc")
             role, uname = (info.role, info.name) if info is not None else ("meta", node.name)
             if collapse and role not in ("batch", "meta"):
-                key = (role, "" if role == "hyper" else _owner(uname, role))
+                key = (role, "" if role == "hyper" else _truncated(_owner(uname, role), depth))
                 input_groups[key].append(node)
                 ids[node] = f"in_{role}_{key[1] or 'all'}".replace(".", "_")
             else:
@@ -159,7 +171,7 @@ def to_dot(graph: Any, *, collapse: bool = False, depth: int | None = None, name
     out_groups: dict[tuple[str, str], int] = Counter()
     for i, (value, role, label) in enumerate(_outputs(gm)):
         if collapse and role not in ("loss",):
-            owner = _owner(label.rstrip("'"), role)
+            owner = _truncated(_owner(label.rstrip("'"), role), depth)
             oid = f"out_{role}_{owner or 'all'}".replace(".", "_")
             if (role, owner) not in out_groups:
                 dot.add_node(pydot.Node(oid, shape="box", style="filled", peripheries="2", fillcolor=ROLE_COLORS[role]))
