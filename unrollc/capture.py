@@ -160,6 +160,7 @@ class ShadowOptimizer:
         api: str = "unrollc.compile",
     ) -> None:
         self.api = api
+        self.inputs: frozenset[int] = frozenset()  # ids of the copies lifted into inputs (see capture_step)
         copy = lambda t: t.detach().clone()  # noqa: E731
         learned = frozenset(f"hyper:{n}" for n, t in hyper_leaves(hyper, len(hyper) == 1) if isinstance(t, torch.Tensor) and t.requires_grad)
         self.params = {n: copy(t) for n, t in params.items()}
@@ -225,7 +226,7 @@ class ShadowOptimizer:
         optimizer's) line, with torch's own exception on ``.trace_failure``."""
         try:
             with _saved_tensors_hooks_suspended():
-                with TracedFunctions():
+                with TracedFunctions(self.inputs):
                     return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
         except CaptureError:
             raise
@@ -399,6 +400,7 @@ def capture_step(
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]
         return list(p_copy.values()) + new_buffers + new_state + [loss]
 
+    shadow.inputs = frozenset(constants)  # the lifted copies: reading their values into Python reads data
     gm = shadow.trace(step, batch_leaves + meta_leaves, DECOMPOSITIONS)
 
     signature = Signature(

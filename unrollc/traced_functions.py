@@ -108,6 +108,10 @@ class TracedFunctions(RestoredGenerators):
     tensor ops instead (``F.one_hot(y, num_classes)``), and dropout drawing its mask as eager code does; the
     user's generators are restored (:class:`RestoredGenerators`)."""
 
+    def __init__(self, inputs: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.inputs = inputs  # ids of the tensors the trace lifts into step inputs (see _traced)
+
     def __enter__(self) -> "TracedFunctions":
         self.sized_by_data: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         return super().__enter__()
@@ -115,7 +119,7 @@ class TracedFunctions(RestoredGenerators):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         self._record(kwargs)
-        if func in _DATA_READS and args and isinstance(args[0], torch.Tensor) and _traced(args[0]):
+        if func in _DATA_READS and args and isinstance(args[0], torch.Tensor) and _traced(args[0], self.inputs):
             _refuse_data_read(f"{func.__name__}() reads the values of a traced tensor into Python")
         if func is torch.Tensor.__len__ and args and self.sized_by_data.get(id(args[0])) is args[0]:
             _refuse_data_read("len() reads the length of a tensor whose size depends on the data (x[mask], nonzero, "
@@ -170,14 +174,29 @@ def _is_masked_fill(*args: Any) -> bool:
     return mask.dtype == torch.bool and mask.shape == target.shape and one_value
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a value of the step being traced (not a tensor the step closes over)."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode, has_proxy_slot
+def _traced(t: torch.Tensor, inputs: frozenset[int]) -> bool:
+    """Whether ``t`` depends on the step's data: the batch and meta inputs (placeholders) or the tensors it
+    lifts into inputs (``inputs``: ids of the parameter, buffer, state and hyperparameter copies). A tensor
+    built from constants alone (``torch.arange(n)``, a closed-over tensor) has the same values every step."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, has_proxy_slot
 
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     mode = get_proxy_mode()
-    return mode is not None and has_proxy_slot(t, mode.tracer)
+    if mode is None or not has_proxy_slot(t, mode.tracer):
+        return False
+    todo, seen = [get_proxy_slot(t, mode.tracer).proxy.node], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            return True
+        if node.op == "get_attr" and id(getattr(mode.tracer.root, str(node.target), None)) in inputs:
+            return True
+        todo.extend(node.all_input_nodes)
+    return False
 
 
 def _refuse_data_read(what: str) -> None:

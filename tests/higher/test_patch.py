@@ -458,3 +458,19 @@ def test_assigning_training_is_seen_by_the_forward(lib):
     torch.testing.assert_close(fmodel(x), model.lin(x))
     fmodel.training = True
     torch.testing.assert_close(fmodel(x), model.lin(x) + 100.0)
+
+
+def test_a_functional_module_pickles_and_lists_its_own_attributes():
+    """The __class__ property (isinstance as in higher) made pickle refuse the module and dir() list the user's
+    class only."""
+    import pickle
+
+    model = Net()
+    fmodel = uh.monkeypatch(model)
+    x = torch.randn(5, 4)
+    fmodel.eval()
+    again = pickle.loads(pickle.dumps(fmodel))
+    assert type(again) is uh.patch.FunctionalModule and isinstance(again, Net)
+    again.eval()
+    torch.testing.assert_close(again(x), fmodel(x))
+    assert {"write_back", "fast_params", "embed"} <= set(dir(fmodel))

@@ -161,3 +161,17 @@ def test_overlapping_or_out_of_range_views_are_not_read_as_slices(view):
     from unrollc.passes.functionalize import _view_as_slices
 
     assert _view_as_slices(torch.zeros(6, 8), *view) is None
+
+
+def test_a_contiguous_base_with_other_strides_in_size_one_dims_is_read_by_its_shape():
+    """Linear(.., 1)(h).t() is contiguous with strides (1, 1): its view [:, 1:3] was read with those strides and
+    the rewrite crashed the compile."""
+    from unrollc.passes.functionalize import _scatter_as_slices, _view_as_slices
+
+    base = torch.arange(6.0).reshape(6, 1).t()
+    assert base.is_contiguous() and base.stride() == (1, 1)
+    view = base[:, 1:3]
+    recipe = _view_as_slices(base, view.shape, view.stride(), view.storage_offset())
+    src = torch.randn(view.shape)
+    got = _scatter_as_slices(lambda f, *a, **k: f(*a, **k), base, src, recipe)
+    assert torch.equal(got, torch.as_strided_scatter(base, src, view.shape, view.stride(), view.storage_offset()))

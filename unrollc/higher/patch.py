@@ -82,6 +82,13 @@ class FunctionalModule(nn.Module):
     def _get_name(self) -> str:
         return type(self).__name__
 
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(type(self))))  # nn.Module's reads self.__class__
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # pickle refuses __newobj__ when obj.__class__ is not the class it rebuilds (the __class__ property)
+        return (_new_instance, (type(self),), self.__getstate__())
+
     # ----------------------------------------------------------------------------- fast weights
     @property
     def track_higher_grads(self) -> bool:
@@ -409,6 +416,11 @@ class SubmoduleView:
 
     def __repr__(self) -> str:
         return f"SubmoduleView({self._path!r}, {self._target!r})"
+
+
+def _new_instance(cls: type) -> Any:
+    """An empty instance of ``cls`` for unpickling (its state follows)."""
+    return cls.__new__(cls)
 
 
 _MonkeyPatchBase = FunctionalModule  # higher's name for the type of a patched module

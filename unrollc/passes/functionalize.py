@@ -288,7 +288,8 @@ def _view_as_slices(val: Any, size: Any, stride: Any, offset: Any) -> _Slices | 
         return None
     if not all(type(d) is int for d in (*size, *stride, *val.shape)) or len(size) != len(stride):
         return None
-    shape, strides = tuple(val.shape), val.stride()
+    shape = tuple(val.shape)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]  # row-major (val.stride() may differ in size-1 dims)
     if not 0 <= offset < val.numel():
         return None
     starts, rest = [], offset
@@ -308,11 +309,19 @@ def _view_as_slices(val: Any, size: Any, stride: Any, offset: Any) -> _Slices | 
         walked.append(d)
         bounds[d] = (starts[d], starts[d] + (n - 1) * (st // strides[d]) + 1, st // strides[d])
     recipe = (tuple(walked), tuple(bounds[d] for d in range(len(shape))), tuple(size))
-    base = torch.zeros(shape, dtype=torch.int64)
-    src = torch.arange(1, math.prod(size) + 1, dtype=torch.int64).reshape(size)
-    expected = torch.as_strided_scatter(base, src, size, stride, offset)
-    got = _scatter_as_slices(lambda target, *args, **kwargs: target(*args, **kwargs), base, src, recipe)
+    if val.numel() > _CHECKED_NUMEL:  # the reading is exact by construction; the check costs memory this size
+        return recipe
+    base = torch.zeros(shape, dtype=torch.int32)
+    src = torch.arange(1, math.prod(size) + 1, dtype=torch.int32).reshape(size)
+    try:
+        expected = torch.as_strided_scatter(base, src, size, stride, offset)
+        got = _scatter_as_slices(lambda target, *args, **kwargs: target(*args, **kwargs), base, src, recipe)
+    except RuntimeError:
+        return None
     return recipe if torch.equal(got, expected) else None
+
+
+_CHECKED_NUMEL = 1 << 22  # views of tensors up to this size are checked on integers before they are rewritten
 
 
 def _scatter_as_slices(emit: Callable[..., Any], base: Any, src: Any, recipe: _Slices) -> Any:

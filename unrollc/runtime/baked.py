@@ -162,7 +162,7 @@ def warn_written(names: set[str]) -> None:
     if names:
         warnings.warn(
             f"unrollc: the model's forward assigns {', '.join(sorted(names))} (a Python attribute). Steps run the "
-            "traced step graph, not your forward: the attribute keeps the value it had before tracing, and where "
-            "the computation reads it, every step uses the value it had when traced. Keep state the forward "
+            "traced step graph, not your forward: the attribute keeps the value it had before tracing, and a value "
+            "it carries from one step to the next (a counter) stays what it was when traced. Keep state the forward "
             "updates in a buffer (self.register_buffer('calls', torch.zeros(()))), which every step carries, or "
             "compute it from the step count.", stacklevel=user_stacklevel())
