@@ -64,6 +64,7 @@ def test_trajectory_equals_torch_optim(cls, kwargs, lr_scale):
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), [(O.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)), (O.SGD, dict(lr=0.2, momentum=0.5, dampening=0.3)), (O.Adagrad, dict(lr=0.1)), (O.RMSprop, dict(lr=0.01, momentum=0.5))])
+@pytest.mark.filterwarnings("ignore:Differentiable RMSprop suffers:UserWarning")  # higher 0.2.1's own warning
 def test_meta_gradient_agrees_with_higher(cls, kwargs):
     higher = pytest.importorskip("higher")
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
