@@ -28,8 +28,9 @@ Invariant established: no node calls an operator whose schema writes to an argum
    it is 0: ``gradcheck`` fails on torch 2.13), which made meta-gradients 1-10% off. Where the view is a box of
    slices of ``x`` (any steps, permuted, some dimensions indexed), it becomes ``src`` permuted into ``x``'s order
    and nested ``slice_scatter``s (a contiguous copy where the view covers all of ``x``): the same values, with
-   ATen's exact derivatives. Each reading is checked on integers against ``as_strided_scatter`` before it is used;
-   other views (made with ``as_strided``) keep the op.
+   ATen's exact derivatives. Each reading is checked on integers against ``as_strided_scatter`` before it is used.
+   Any other non-overlapping view of a contiguous tensor (a slice of a Linear's 3-D output, whose base is the 2-D
+   product; a diagonal) becomes ``index_put`` at the view's positions, a constant index.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
    ``dynamic_output_shape``) passes through :func:`check_traced_size`: the ops after it were traced with its
    size, so another size must stop the step with an explanation instead of broadcasting silently.
@@ -88,7 +89,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
                 node.target = torch.ops.unrollc.bernoulli_like.default
                 node.args = (node.args[0], node.args[1] if len(node.args) > 1 else 0.5)
     _check_data_dependent_sizes(new.graph)
-    _exact_scatters(new.graph)
+    _exact_scatters(new)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -235,9 +236,12 @@ def _size_baked_in(node: fx.Node, size: tuple[int, ...]) -> bool:
     return False
 
 
-def _exact_scatters(graph: fx.Graph) -> None:
+def _exact_scatters(gm: fx.GraphModule) -> None:
     """Step 5: each ``as_strided_scatter`` whose view is a box of slices (see :func:`_view_as_slices`) becomes
-    ``slice_scatter``s, or a ``permute`` made contiguous where the view covers the whole tensor."""
+    ``slice_scatter``s, or a ``permute`` made contiguous where the view covers the whole tensor; another view
+    (a diagonal, a slice of a reshaped tensor) of a contiguous tensor becomes ``index_put`` at the view's
+    positions, a constant index (:func:`_view_positions`)."""
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.as_strided_scatter.default:
             continue
@@ -245,7 +249,8 @@ def _exact_scatters(graph: fx.Graph) -> None:
         offset = node.args[4] if len(node.args) > 4 else node.kwargs.get("storage_offset", 0)
         val = base.meta.get("val") if isinstance(base, fx.Node) else None
         recipe = _view_as_slices(val, size, stride, offset)
-        if recipe is None:
+        positions = _view_positions(val, size, stride, offset) if recipe is None else None
+        if recipe is None and positions is None:
             continue
         made: list[fx.Node] = []
 
@@ -257,7 +262,20 @@ def _exact_scatters(graph: fx.Graph) -> None:
             return new
 
         with graph.inserting_before(node):
-            result = _scatter_as_slices(emit, base, src, recipe)
+            if recipe is not None:
+                result = _scatter_as_slices(emit, base, src, recipe)
+            else:
+                name = f"_unrollc_view_positions_{sum(n.startswith('_unrollc_view_positions_') for n in gm._buffers)}"
+                gm.register_buffer(name, positions.to(val.device))
+                index = graph.get_attr(name)
+                mode = getattr(val, "fake_mode", None)
+                index.meta["val"] = mode.from_tensor(getattr(gm, name)) if mode is not None else None
+                flat = emit(torch.ops.aten.view.default, base, [-1])
+                values = emit(torch.ops.aten.reshape.default, src, [-1])
+                put = graph.call_function(torch.ops.aten.index_put.default, (flat, [index], values))
+                put.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+                put.meta["val"] = flat.meta.get("val")
+                result = emit(torch.ops.aten.view.default, put, list(val.shape))
         result.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(result)
         graph.erase_node(node)
@@ -322,6 +340,21 @@ def _view_as_slices(val: Any, size: Any, stride: Any, offset: Any) -> _Slices | 
 
 
 _CHECKED_NUMEL = 1 << 22  # views of tensors up to this size are checked on integers before they are rewritten
+
+
+def _view_positions(val: Any, size: Any, stride: Any, offset: Any) -> torch.Tensor | None:
+    """The flat positions in a contiguous ``val`` that ``val.as_strided(size, stride, offset)`` reads, in its
+    order, if no two coincide (int64; None otherwise, or for tensors over :data:`_CHECKED_NUMEL` elements)."""
+    offset = offset or 0
+    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or type(offset) is not int:
+        return None
+    if not all(type(d) is int for d in (*size, *stride, *val.shape)) or not 0 < val.numel() <= _CHECKED_NUMEL:
+        return None
+    try:
+        positions = torch.arange(val.numel()).as_strided(tuple(size), tuple(stride), offset).reshape(-1)
+    except RuntimeError:
+        return None
+    return positions if positions.unique().numel() == positions.numel() else None
 
 
 def _scatter_as_slices(emit: Callable[..., Any], base: Any, src: Any, recipe: _Slices) -> Any:
