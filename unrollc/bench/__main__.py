@@ -95,7 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="JSON path (default OUT_DIR/results.json)")
     p.add_argument("--plot", help="plot path, .png unless another suffix matplotlib writes (default OUT_DIR/bench.png)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="tiny workload (mlp-small, n 4 8, 1 repeat) for tests")
+    mode.add_argument("--quick", action="store_true", help="tiny run for tests: mlp-small, n 4 8, every schedule (slots 3, every-k 3, "
+                      "budget 0.3 MiB), 1 repeat, 2 jobs; options given explicitly still apply")
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     args = p.parse_args(argv)
     if args.figures and (fixed := [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]):
@@ -111,7 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         args.plot = plot_path(args.plot or os.path.join(args.out_dir, "bench.png"))
     except ValueError as e:
-        p.error(str(e))
+        p.error(str(e).removeprefix("unrollc.bench: "))  # argparse prefixes the program's name
     args.json = args.json or os.path.join(args.out_dir, "results.json")
     args.csv = args.csv or os.path.join(args.out_dir, "results.csv")
     for option, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):  # before the run, too
