@@ -47,6 +47,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .. import ops  # noqa: F401 - registers torch.ops.unrollc.bernoulli_like
 from ..errors import CaptureError, InternalError
@@ -252,13 +253,11 @@ def _exact_scatters(gm: fx.GraphModule) -> None:
         positions = _view_positions(val, size, stride, offset) if recipe is None else None
         if recipe is None and positions is None:
             continue
-        made: list[fx.Node] = []
 
         def emit(target: Any, *args: Any, **kwargs: Any) -> fx.Node:
             new = graph.call_function(target, args, kwargs)
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
             new.meta["val"] = _fake_run(target, args, kwargs)
-            made.append(new)
             return new
 
         with graph.inserting_before(node):
@@ -272,9 +271,7 @@ def _exact_scatters(gm: fx.GraphModule) -> None:
                 index.meta["val"] = mode.from_tensor(getattr(gm, name)) if mode is not None else None
                 flat = emit(torch.ops.aten.view.default, base, [-1])
                 values = emit(torch.ops.aten.reshape.default, src, [-1])
-                put = graph.call_function(torch.ops.aten.index_put.default, (flat, [index], values))
-                put.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-                put.meta["val"] = flat.meta.get("val")
+                put = emit(torch.ops.aten.index_put.default, flat, [index], values)
                 result = emit(torch.ops.aten.view.default, put, list(val.shape))
         result.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(result)
@@ -283,8 +280,8 @@ def _exact_scatters(gm: fx.GraphModule) -> None:
 
 def _fake_run(target: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
     """The example value of ``target(*args, **kwargs)`` from the arguments' fake values (None without them)."""
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+    vals = tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, args)  # also inside lists
+    mode = next((v.fake_mode for v in tree_leaves(vals) if hasattr(v, "fake_mode")), None)
     if mode is None:
         return None
     with mode:
@@ -301,15 +298,11 @@ def _view_as_slices(val: Any, size: Any, stride: Any, offset: Any) -> _Slices | 
     slice ``start:end:step`` per dimension, possibly permuted and with some dimensions indexed (``z.t()``,
     ``z[:, :4]``, ``z[1:4, 2:7]``, ``z[:, 1::3]``, ``z[:, 2]``); None where it does not (overlapping or
     expanded views). Checked by running the rewrite on integers, so a wrong reading is never used."""
-    offset = offset or 0
-    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or val.numel() == 0 or type(offset) is not int:
-        return None
-    if not all(type(d) is int for d in (*size, *stride, *val.shape)) or len(size) != len(stride):
+    offset = _readable_offset(val, size, stride, offset)
+    if offset is None or not offset < val.numel():
         return None
     shape = tuple(val.shape)
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]  # row-major (val.stride() may differ in size-1 dims)
-    if not 0 <= offset < val.numel():
-        return None
     starts, rest = [], offset
     for st in strides:
         starts.append(rest // st)
@@ -342,13 +335,22 @@ def _view_as_slices(val: Any, size: Any, stride: Any, offset: Any) -> _Slices | 
 _CHECKED_NUMEL = 1 << 22  # views of tensors up to this size are checked on integers before they are rewritten
 
 
+def _readable_offset(val: Any, size: Any, stride: Any, offset: Any) -> int | None:
+    """The storage offset of ``val.as_strided(size, stride, offset)`` as an int, where the view can be read: ``val``
+    a non-empty contiguous tensor and every size, stride and the offset concrete ints (None otherwise)."""
+    offset = offset or 0
+    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or val.numel() == 0 or type(offset) is not int:
+        return None
+    if not all(type(d) is int for d in (*size, *stride, *val.shape)) or len(size) != len(stride) or offset < 0:
+        return None
+    return offset
+
+
 def _view_positions(val: Any, size: Any, stride: Any, offset: Any) -> torch.Tensor | None:
     """The flat positions in a contiguous ``val`` that ``val.as_strided(size, stride, offset)`` reads, in its
     order, if no two coincide (int64; None otherwise, or for tensors over :data:`_CHECKED_NUMEL` elements)."""
-    offset = offset or 0
-    if not isinstance(val, torch.Tensor) or not val.is_contiguous() or type(offset) is not int:
-        return None
-    if not all(type(d) is int for d in (*size, *stride, *val.shape)) or not 0 < val.numel() <= _CHECKED_NUMEL:
+    offset = _readable_offset(val, size, stride, offset)
+    if offset is None or val.numel() > _CHECKED_NUMEL:
         return None
     try:
         positions = torch.arange(val.numel()).as_strided(tuple(size), tuple(stride), offset).reshape(-1)

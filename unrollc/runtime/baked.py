@@ -84,10 +84,13 @@ def python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
 
 def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:
     """``(where, attribute, key)`` for the public attributes of ``obj`` that :func:`_value_key` can key on."""
-    return [
-        (where, name, key) for name, v in getattr(obj, "__dict__", {}).items()
-        if name[0] != "_" and name != "training" and (key := _value_key(v)) is not _SKIP
-    ]
+    return [(where, name, key) for name, v in _public_attributes(obj).items() if (key := _value_key(v)) is not _SKIP]
+
+
+def _public_attributes(obj: Any) -> dict[str, Any]:
+    """The attributes of ``obj`` a user sets and a traced graph may read: public, and not a module's ``training``
+    flag (the modes are keyed separately)."""
+    return {name: v for name, v in getattr(obj, "__dict__", {}).items() if name[0] != "_" and name != "training"}
 
 
 def _cell_has_value(cell: Any) -> bool:
@@ -137,16 +140,15 @@ def restored_attributes(model: nn.Module) -> Iterator[set[str]]:
     names of those assigned a value other than a tensor (``"encoder.calls"``: tensors are also assigned by
     hook-based weight_norm and spectral_norm) are added to the set the context yields."""
     modules = dict(model.named_modules())
-    saved = {(prefix, name): v for prefix, m in modules.items() for name, v in vars(m).items()
-             if not name.startswith("_") and name != "training"}
+    saved = {prefix: _public_attributes(m) for prefix, m in modules.items()}
     written: set[str] = set()
     try:
         yield written
     finally:
         for prefix, m in modules.items():
-            current = {name: v for name, v in vars(m).items() if not name.startswith("_") and name != "training"}
-            for name in set(current) | {n for p, n in saved if p == prefix}:
-                old = saved.get((prefix, name), _MISSING)
+            before, current = saved[prefix], _public_attributes(m)
+            for name in set(current) | set(before):
+                old = before.get(name, _MISSING)
                 if current.get(name, _MISSING) is old:
                     continue
                 if not isinstance(current.get(name), torch.Tensor):

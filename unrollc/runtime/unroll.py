@@ -36,10 +36,11 @@ def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta
 
         # The largest of the steps' costs: every batch layout's graph, and, where the first step creates the
         # optimizer state (a fresh Adam's moments), the graph of the steps after it, which carry that state.
-        costs = [CostModel.from_stepper(stepper, state, b, *meta) for b in distinct_batches(batches)]
+        distinct = distinct_batches(batches)
+        costs = [CostModel.from_stepper(stepper, state, b, *meta) for b in distinct]
         after = _after_first_step(stepper, state, batches[0], meta)
         if _state_keys(after) != _state_keys(state):
-            costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct_batches(batches)]
+            costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct]
         kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs)}
     return policy.plan(len(batches), **kwargs)
 
@@ -70,11 +71,9 @@ def _after_first_step(stepper: "Stepper", state: UnrollState, batch: Any, meta: 
     there), for the graph of the steps after it; nothing is run. Its values stand in for the real ones: ones for
     scalars (a step counter after one step), zeros otherwise; an entry the step graph returns as one tensor for
     several parameters (the shared step counters) is one tensor here too."""
-    from .state import hyper_to_groups
-
-    compiled = stepper._lookup(state, hyper_to_groups(state.hyper, len(stepper._spec.hyper)), batch, meta)
-    sig = compiled.signature
-    outputs = list(compiled.gm.graph.output_node().args[0])[len(sig.params) + len(sig.buffers) : -1]
+    gm = stepper.trace(state, batch, *meta)
+    sig = gm.meta["unrollc"]["signature"]
+    outputs = list(gm.graph.output_node().args[0])[len(sig.params) + len(sig.buffers) : -1]
     made: dict[Any, torch.Tensor] = {}
     opt_state: dict[str, dict[str, torch.Tensor]] = {}
     for (name, key), node in zip(sig.state_out, outputs, strict=True):
