@@ -203,6 +203,37 @@ def test_a_data_dependent_size_that_changes_stops_the_step_with_the_users_line(f
         stepper.unroll(stepper.init(), _positives([first, 5]))
 
 
+_COUNTS = {"shape": lambda e: e.shape[0], "size": lambda e: e.size(0), "numel": lambda e: e.numel()}
+
+
+def _positives_mean_by_count(how):
+    def loss_fn(model, batch):
+        x, y = batch
+        positive = y > 0
+        count = _COUNTS[how](y[positive])  # read into Python: a constant of the step graph
+        return ((model(x).squeeze(1) - y).pow(2) * positive).sum() / count
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("how", sorted(_COUNTS))
+def test_a_data_dependent_size_read_into_python_is_checked_each_step(how, float64):
+    """`err[mask].shape[0]` as a divisor was the first batch's count for every step (2 instead of 5), silently."""
+    from tests.oracles import eager_trajectory
+
+    model = nn.Linear(4, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), _positives_mean_by_count(how))
+    with pytest.raises(unrollc.CaptureError, match=r"gives a tensor of shape \(5,\) for this batch, but the step "
+                       r"graph was traced with shape \(2,\)"):
+        stepper.unroll(stepper.init(), _positives([2, 5]))
+    batches = _positives([3, 3, 3])  # the same count every step: it runs like eager
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = eager_trajectory(model, opt, _positives_mean_by_count(how), batches)
+    stepper = unrollc.compile(model, opt, _positives_mean_by_count(how))
+    state = stepper.unroll(stepper.init(), batches)
+    assert all(torch.allclose(state.params[n], p, rtol=0, atol=1e-14) for n, p in ref[-1][0].items())
+
+
 def test_a_python_number_that_keeps_changing_is_pointed_out():
     """A float meta argument is a constant of the step graph: each new value traces a new graph. After a few,
     a warning (at the user's line) says to pass it as a tensor."""

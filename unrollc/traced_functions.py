@@ -12,6 +12,7 @@ were, and :class:`CompositeWeightNorm` serves code that runs eagerly (``unrollc.
 from __future__ import annotations
 
 import contextlib
+import operator
 import traceback
 import weakref
 from typing import Any
@@ -121,9 +122,12 @@ class TracedFunctions(RestoredGenerators):
         self._record(kwargs)
         if func in _DATA_READS and args and isinstance(args[0], torch.Tensor) and _traced(args[0], self.inputs):
             _refuse_data_read(f"{func.__name__}() reads the values of a traced tensor into Python")
-        if func is torch.Tensor.__len__ and args and self.sized_by_data.get(id(args[0])) is args[0]:
-            _refuse_data_read("len() reads the length of a tensor whose size depends on the data (x[mask], nonzero, "
-                              "unique) into Python; count with a tensor instead: mask.sum()")
+        if args and isinstance(args[0], torch.Tensor) and self.sized_by_data.get(id(args[0])) is args[0]:
+            if func is torch.Tensor.__len__:
+                _refuse_data_read("len() reads the length of a tensor whose size depends on the data (x[mask], "
+                                  "nonzero, unique) into Python; count with a tensor instead: mask.sum()")
+            if _reads_data_length(func, args, kwargs):
+                mark_size_read(args[0])
         if func is torch.Tensor.__setitem__ and _is_masked_fill(*args):
             # t[mask] = v with a mask of t's own shape: masked_fill_, the same values without the data-dependent
             # count of the mask (torch.optim.Rprop's sign[sign.gt(0)] = etaplus on a 0-dim parameter failed).
@@ -150,6 +154,7 @@ class TracedFunctions(RestoredGenerators):
 # Ops that copy a tensor's values into Python objects without a dispatcher op that make_fx refuses (as it does
 # ``aten._local_scalar_dense`` for .item()): in a step they would keep the traced step's values for every step.
 _DATA_READS = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+SIZE_READ = "unrollc size read"  # in node.meta["custom"]: see mark_size_read
 _SIZED_BY_DATA = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
                             torch.unique, torch.Tensor.unique, torch.argwhere, torch.Tensor.argwhere})
 
@@ -162,6 +167,42 @@ def _sized_by_data(func: Any, args: tuple) -> bool:
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
     return False
+
+
+def _reads_data_length(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func(*args, **kwargs)`` reads into Python the length of dim 0 of ``args[0]``, a tensor sized by the
+    data (the dim whose length the data decide: ``x[mask]``, ``nonzero``, ``unique``): ``.numel()``, ``.size(0)``,
+    and ``.shape`` / ``.size()`` of a 1-D tensor. (``.shape`` of an N-D one is mostly read for its other dims:
+    ``h.view(-1, h.shape[1])``; its dim 0 reaching a shape argument is checked anyway, see ``functionalize``.)"""
+    t = args[0]
+    if func is torch.Tensor.numel:
+        return True
+    if func is torch.Tensor.size and (len(args) > 1 or "dim" in kwargs):
+        dim = args[1] if len(args) > 1 else kwargs["dim"]
+        return isinstance(dim, int) and dim % max(t.dim(), 1) == 0
+    return (func is torch.Tensor.size or func == torch.Tensor.shape.__get__) and t.dim() == 1
+
+
+def mark_size_read(t: torch.Tensor) -> None:
+    """Marks the traced node of ``t`` (a tensor whose size depends on the data) as having its size read into Python
+    (``x[mask].shape[0]``, ``.size(0)``, ``.numel()``): whatever the int became (a divisor, a shape) is a constant of
+    the step graph, so the step checks that each batch gives ``t`` its traced size (``functionalize``, step 4)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, has_proxy_slot
+
+    t = _unwrapped(t)
+    mode = get_proxy_mode()
+    if mode is not None and has_proxy_slot(t, mode.tracer):
+        node = get_proxy_slot(t, mode.tracer).proxy.node
+        if node.target is operator.getitem:  # one output of torch.unique: the op's metadata reaches its outputs
+            node = node.args[0]
+        node.meta["custom"] = {**node.meta.get("custom", {}), SIZE_READ: True}
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the functorch wrappers of ``torch.func.grad`` (the tensor the tracer knows)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _is_masked_fill(*args: Any) -> bool:
@@ -180,8 +221,7 @@ def _traced(t: torch.Tensor, inputs: frozenset[int]) -> bool:
     built from constants alone (``torch.arange(n)``, a closed-over tensor) has the same values every step."""
     from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, has_proxy_slot
 
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
+    t = _unwrapped(t)
     mode = get_proxy_mode()
     if mode is None or not has_proxy_slot(t, mode.tracer):
         return False

@@ -32,8 +32,9 @@ Invariant established: no node calls an operator whose schema writes to an argum
    Any other non-overlapping view of a contiguous tensor (a slice of a Linear's 3-D output, whose base is the 2-D
    product; a diagonal) becomes ``index_put`` at the view's positions, a constant index.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
-   ``dynamic_output_shape``) passes through :func:`check_traced_size`: the ops after it were traced with its
-   size, so another size must stop the step with an explanation instead of broadcasting silently.
+   ``dynamic_output_shape``) passes through :func:`check_traced_size` where the ops after it were traced with its
+   size (a shape argument holds it, or the user's code read it into Python: ``x[mask].shape[0]``), so another
+   size must stop the step with an explanation instead of broadcasting or dividing by the old size silently.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .. import ops  # noqa: F401 - registers torch.ops.unrollc.bernoulli_like
 from ..errors import CaptureError, InternalError
+from ..traced_functions import SIZE_READ
 from .schema import mutated_args
 
 __all__ = ["check_traced_size", "functionalize"]
@@ -126,6 +128,7 @@ def _constant_mutated(node: fx.Node) -> CaptureError:
     )
 
 
+@fx.node.has_side_effect  # kept where only its check is used (a size read into Python: ``y[y > 0].shape[0]``)
 def check_traced_size(x: torch.Tensor, size: tuple[int, ...], source: str) -> torch.Tensor:
     """``x`` itself, if it has the size the step graph was traced with; else a :class:`CaptureError` (a value
     whose size depends on the data, see the module docstring, step 4)."""
@@ -197,7 +200,7 @@ def _check_data_dependent_sizes(graph: fx.Graph) -> None:
         val = node.meta["val"]
         if not all(isinstance(d, int) for d in val.shape):  # the re-trace left the size symbolic: the traced one
             node.meta["val"] = torch.empty(size, dtype=val.dtype, device="meta")  # (for the cost analysis)
-        if not _size_baked_in(node, size):
+        if not (node.meta.get("custom") or {}).get(SIZE_READ) and not _size_baked_in(node, size):
             continue
         where = source_of(node)
         source = f"`{where.code}` ({where.short().rsplit(': ', 1)[0]})" if where and where.code else str(node.target)
