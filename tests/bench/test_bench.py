@@ -275,3 +275,18 @@ def test_progress_without_tqdm_numbers_each_start_once(monkeypatch, capsys):
     close()
     lines = capsys.readouterr().err.splitlines()
     assert sorted(line.split("]")[0] for line in lines) == [f"[{i}/6" for i in range(1, 7)]
+
+
+def test_a_long_error_keeps_the_table_narrow_and_is_printed_in_full_below_it() -> None:
+    """An error message in the status column widened every row and the rule under the header to its length."""
+    from unrollc.bench.report import table
+    from unrollc.bench.runner import Config, Result
+
+    error = "error: RuntimeError: " + "a long message from the worker " * 6
+    results = [Result(Config("mlp-small", "sgd", 4, "unrollc", "sqrt"), time_s=0.5, peak_bytes=2**20),
+               Result(Config("mlp-small", "sgd", 4, "higher"), status=error)]
+    lines = table(results).splitlines()
+    header, rule, ok, failed = lines[:4]
+    assert len(rule) == len(header) and header.endswith("status") and ok.endswith("ok")
+    assert failed.endswith("… (below)") and len(failed) <= len(header) + 40
+    assert lines[4:] == ["", "statuses in full:", f"  mlp-small/sgd n=4 higher: {error}"]

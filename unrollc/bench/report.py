@@ -97,13 +97,21 @@ def table(results: Sequence[Result]) -> str:
             _fmt(r.grad_norm, ".6g"),
             _fmt(r.lr_grad, ".6g"),
             _fmt(grad_rel_diff(results, r), ".1e"),
-            r.status,
+            r.status if len(r.status) <= _STATUS_WIDTH else r.status[: _STATUS_WIDTH - 9] + "… (below)",
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    widths[-1] = len(head[-1])  # the last column is not padded: a long status does not widen the rule
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
     out = [line, "-" * len(line)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    long = [r for r in results if len(r.status) > _STATUS_WIDTH]
+    if long:
+        out += ["", "statuses in full:"]
+        out += [f"  {r.config.describe()}: {r.status}" for r in long]
     return "\n".join(out)
+
+
+_STATUS_WIDTH = 40  # a longer status (an error message) is shortened in its row and printed in full below the table
 
 
 def _records(results: Sequence[Result]) -> list[dict[str, Any]]:
