@@ -43,3 +43,10 @@ def test_cost_model_example_prints_what_the_readme_says():
     for claim in ("3194960, 4534320", "evaluations=316, peak_states=12, peak_taped_steps=13, peak_bytes=97285680",
                   "Binomial(slots=19)"):
         assert claim in src
+
+
+def test_readme_lists_the_benchmark_files_columns():
+    from unrollc.bench.report import COLUMNS
+
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", README.read_text(), flags=re.M))
+    assert rows == COLUMNS

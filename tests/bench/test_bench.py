@@ -290,3 +290,27 @@ def test_a_long_error_keeps_the_table_narrow_and_is_printed_in_full_below_it() -
     assert len(rule) == len(header) and header.endswith("status") and ok.endswith("ok")
     assert failed.endswith("… (below)") and len(failed) <= len(header) + 40
     assert lines[4:] == ["", "statuses in full:", f"  mlp-small/sgd n=4 higher: {error}"]
+
+
+def test_replot_reads_back_a_runs_csv_and_json_and_runs_nothing(quick_run, tmp_path, capsys) -> None:
+    """`--replot` prints the same table from results.csv as from results.json (every field typed back), and
+    writes the plot; the CSV/JSON columns are the documented ones."""
+    from unrollc.bench.__main__ import main
+    from unrollc.bench.report import COLUMNS, read_csv, read_json, table
+
+    proc, out = quick_run
+    from_json, from_csv = read_json(os.path.join(out, "results.json")), read_csv(os.path.join(out, "results.csv"))
+    assert from_csv == from_json and table(from_csv) in proc.stdout
+    with open(os.path.join(out, "results.csv")) as f:
+        assert list(csv.DictReader(f).fieldnames) == list(COLUMNS)
+    assert list(_results(out)[0]) == list(COLUMNS)
+    plot = tmp_path / "again.png"
+    assert main(["--replot", os.path.join(out, "results.csv"), "--plot", str(plot), "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert table(from_csv) in printed and f"wrote {plot}" in printed
+    assert read_json(str(tmp_path / "r.json")) == from_json
+    if pytest.importorskip("matplotlib"):
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        main(["--replot", os.path.join(out, "results.csv"), "--n", "4"])
+    assert "--replot runs nothing, so --n would change nothing" in capsys.readouterr().err

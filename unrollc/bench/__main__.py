@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .methods import BINOMIAL_SLOTS, BUDGET_MIB, EVERY_K, METHODS, SCHEDULES
-from .report import PlotUnavailable, plot, plot_path, table, write_csv, write_json
+from .report import PlotUnavailable, plot, plot_path, read_csv, read_json, table, write_csv, write_json
 from .runner import Config, Result, run_configs, usable_cpus
 from .workloads import OPTIMIZERS, WORKLOADS
 
@@ -98,7 +98,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="tiny run for tests: mlp-small, n 4 8, every schedule (slots 3, every-k 3, "
                       "budget 0.3 MiB), 1 repeat, 2 jobs; options given explicitly still apply")
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
+    mode.add_argument("--replot", metavar="FILE", help="run nothing: print the table of a past run's results.json or "
+                      "results.csv and write its plot (--plot; --csv/--json convert it, if given)")
     args = p.parse_args(argv)
+    if args.replot and (given := [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]):
+        p.error(f"--replot runs nothing, so {' '.join(given)} would change nothing; leave it out.")
+    if args.replot:
+        if not os.path.isfile(args.replot) or not args.replot.endswith((".json", ".csv")):
+            p.error(f"--replot {args.replot!r}: expected an existing .json or .csv file written by python -m "
+                    "unrollc.bench (results.json / results.csv)")
+        args.write_results = bool(args.csv or args.json)  # a replot rewrites results files only when asked to
     if args.figures and (fixed := [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]):
         p.error(f"--figures runs a fixed set of configurations (see --help); leave out {' '.join(fixed)}, or run "
                 "without --figures to choose them.")
@@ -194,9 +203,35 @@ def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> l
     return paths
 
 
+def replot(args: argparse.Namespace) -> int:
+    """``--replot FILE``: the table and plot of a past run's results, running nothing."""
+    results = read_json(args.replot) if args.replot.endswith(".json") else read_csv(args.replot)
+    if not results:
+        print(f"python -m unrollc.bench: --replot {args.replot!r} holds no results.", file=sys.stderr)
+        return 2
+    print(table(results))
+    paths = []
+    if args.write_results:
+        write_json(results, args.json, {"replot_of": os.path.abspath(args.replot)})
+        write_csv(results, args.csv)
+        paths += [args.json, args.csv]
+    workloads = sorted({r.config.workload for r in results})
+    title = ", ".join(WORKLOADS[w].describe() if w in WORKLOADS else w for w in workloads)
+    try:
+        plot(results, args.plot, title=f"{title}, meta-gradient w.r.t. initial weights and lr")
+        paths.append(args.plot)
+    except PlotUnavailable as e:
+        print(e, file=sys.stderr)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints the table and where the files went."""
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     if args.device == "cuda":
         import torch
 

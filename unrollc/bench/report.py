@@ -6,22 +6,63 @@ configuration (higher's Adam differs from torch.optim's by design: eps outside t
 ``GFLOP`` counts the matrix products executed (forward, backward, recomputation); ``flop/higher`` is the floor
 of ``time/higher`` where matrix products dominate the time (SGD on the default MLP on one CPU thread: ~80% of
 higher's time; Adam's elementwise update makes them a smaller share).
+
+The CSV and JSON hold one record per configuration (:data:`COLUMNS` says what each field is); :func:`read_json`
+and :func:`read_csv` read them back (``python -m unrollc.bench --replot FILE`` prints and plots a past run).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from .runner import Result
+from .runner import Config, Result
 
-__all__ = ["table", "write_csv", "write_json", "read_json", "plot", "plot_path", "ratio", "reference", "PlotUnavailable"]
+__all__ = ["COLUMNS", "table", "write_csv", "write_json", "read_csv", "read_json", "plot", "plot_path", "ratio", "reference", "PlotUnavailable"]
 
 MIB = 2**20
+
+COLUMNS: dict[str, str] = {
+    "workload": "the built-in workload (unrollc.bench.workloads.WORKLOADS)",
+    "optimizer": "sgd (SGD-momentum) or adam",
+    "n": "unrolled steps",
+    "method": "unrollc, higher or eager (a hand-written autograd.grad(create_graph=True) unroll)",
+    "schedule": "unrollc's checkpoint schedule (none, sqrt, binomial, every-k, budget); '-' for the others",
+    "device": "cpu or cuda",
+    "repeats": "timed runs after the warm-up",
+    "slots": "stored states of the binomial schedule",
+    "k": "segment length of the every-k schedule",
+    "saved_bytes": "whether the memory process also counted saved bytes and FLOPs",
+    "threads": "intra-op threads per worker (0: torch's default)",
+    "budget_mib": "the budget schedule's memory budget, MiB",
+    "label": "method/schedule, as in the plot's legend",
+    "status": "ok, 'not installed', or the error that stopped the configuration",
+    "time_s": "median seconds of unroll + meta-backward over the timed runs",
+    "times_s": "every timed run, seconds (';'-separated in the CSV)",
+    "warmup_s": "seconds of the warm-up run (for unrollc it includes tracing the step graph)",
+    "peak_bytes": "peak memory above the pre-unroll baseline: RSS on the CPU, max_memory_allocated on CUDA",
+    "peaks_bytes": "every memory measurement, bytes",
+    "memory_how": "how peak_bytes was measured",
+    "saved_peak_bytes": "peak bytes autograd held saved for backward (saved-tensor hooks)",
+    "saved_total_bytes": "all bytes autograd saved over the run",
+    "flops": "FLOPs of the matrix products executed (forward, backward and recomputation)",
+    "meta_loss": "the validation loss after the unroll",
+    "grad_norm": "norm of the meta-gradient w.r.t. the initial weights",
+    "lr_grad": "meta-gradient w.r.t. the learning rate",
+    "evaluations": "step evaluations unrollc ran (n plus recomputation)",
+    "resolved": "the schedule unrollc's plan implements (what the budget picked; sqrt is EveryK(k))",
+    "loadavg": "the machine's 1-minute load average when the timing ran",
+    "torch_version": "torch.__version__ in the worker",
+    "time_vs_higher": "time_s / higher's in the same (workload, optimizer, n, device)",
+    "mem_vs_higher": "peak_bytes / higher's",
+    "flops_vs_higher": "flops / higher's",
+    "grad_rel_diff_vs_eager": "abs(grad_norm - eager's) / eager's",
+}
 
 
 class PlotUnavailable(RuntimeError):
@@ -139,6 +180,34 @@ def read_json(path: str) -> list[Result]:
         return [Result.from_dict(d) for d in json.load(f)["results"]]
 
 
+def read_csv(path: str) -> list[Result]:
+    """Results written by :func:`write_csv` (the ratio columns are recomputed, not read)."""
+    with open(path, newline="") as f:
+        return [Result.from_dict(_typed(row)) for row in csv.DictReader(f)]
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    """A CSV row's strings as the types of :class:`Config` and :class:`Result` fields."""
+    types = {f.name: str(f.type) for cls in (Config, Result) for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for name, text in row.items():
+        kind = types.get(name)
+        if kind is None or kind == "Config":
+            continue
+        if kind.startswith("list["):
+            item = float if "float" in kind else int
+            out[name] = [item(v) for v in text.split(";")] if text else []
+        elif text == "" and "None" in kind:
+            out[name] = None
+        elif kind.startswith("bool"):
+            out[name] = text == "True"
+        elif kind.startswith(("int", "float")):
+            out[name] = (int if kind.startswith("int") else float)(text)
+        else:
+            out[name] = text
+    return out
+
+
 def write_csv(results: Sequence[Result], path: str) -> None:
     """One row per configuration; list-valued fields are joined with ``;``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -178,6 +247,7 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         raise PlotUnavailable(
             "unrollc.bench: no plot written: matplotlib is not installed; install it with `pip install matplotlib` "
@@ -200,9 +270,12 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
         if times:
             ax_time.plot([n for n, _ in times], [t for _, t in times], marker="o", label=key)
     for ax, what in ((ax_mem, "peak memory (MiB)"), (ax_time, "unroll + meta-backward (s)")):
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)  # n labelled at powers of two (16, 32, ..., 1024), as plain numbers
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         if ax.has_data():  # a log axis needs a positive value; an empty panel says why it is empty
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())  # 600, not 6 x 10^2
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
         else:
             ax.text(0.5, 0.5, "nothing measured above 0", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("unrolled steps n")
