@@ -314,3 +314,13 @@ def test_replot_reads_back_a_runs_csv_and_json_and_runs_nothing(quick_run, tmp_p
     with pytest.raises(SystemExit):
         main(["--replot", os.path.join(out, "results.csv"), "--n", "4"])
     assert "--replot runs nothing, so --n would change nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("load, noted", [(0.2, False), (3.0, True)])
+def test_a_busy_machine_is_noted_before_the_run(monkeypatch, capsys, load, noted) -> None:
+    import unrollc.bench.__main__ as bench
+
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(bench, "usable_cpus", lambda: 2)
+    bench._warn_if_busy(bench.parse_args(["--quick"]))
+    assert ("the load average is 3.0 on 2 usable CPUs" in capsys.readouterr().err) == noted

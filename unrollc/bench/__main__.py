@@ -227,6 +227,18 @@ def replot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_busy(args: argparse.Namespace) -> None:
+    """A note when other processes already use the CPUs the timings need (each row's ``loadavg`` keeps the load)."""
+    if args.device != "cpu" or not hasattr(os, "getloadavg"):
+        return
+    load, cpus = os.getloadavg()[0], usable_cpus()
+    if load > cpus - 0.5:
+        print(f"unrollc.bench: note: the load average is {load:.1f} on {cpus} usable CPUs before the run: other "
+              "processes compete for the CPU, so timings will be slower and noisier than on an idle machine "
+              "(memory, saved bytes and FLOPs are not affected; --rounds 3 --repeats 3 pools timings over time).",
+              file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints the table and where the files went."""
     args = parse_args(argv)
@@ -244,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = compared + sweeps
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
           f"{WORKLOADS[args.workload].describe()}, each in fresh processes (time, then memory)", file=sys.stderr)
+    _warn_if_busy(args)
     start = time.perf_counter()
     common = dict(timeout=args.timeout, jobs=args.jobs, memory_jobs=args.memory_jobs)
     results = run_configs(compared, rounds=max(args.rounds, FIGURE_ROUNDS), **common)
