@@ -69,20 +69,53 @@ def _shorten(filename: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- recording
-def _anchors(loss_fn: Callable, opt_cls: type) -> set[tuple[str, str]]:
-    """(file, function) pairs whose frames make_fx should keep: loss_fn and the optimizer's module."""
+def _anchors(model: nn.Module, loss_fn: Callable, opt_cls: type) -> set[tuple[str, str]]:
+    """(file, function) pairs whose frames make_fx should keep: the functions of the files that define loss_fn,
+    the optimizer and the model's own (non-torch) module classes, with the functions nested in them (a helper
+    that forward or loss_fn calls, a closure, a lambda), so that their ops map to the helper's line."""
     codes = []
     fn = getattr(loss_fn, "func", loss_fn)  # functools.partial
     fn = getattr(fn, "__call__", fn) if not inspect.isfunction(fn) and not inspect.ismethod(fn) else fn
-    codes.append(getattr(inspect.unwrap(fn), "__code__", None))
-    for cls in opt_cls.__mro__[:-1]:
-        mod = sys.modules.get(cls.__module__)
-        members = list(vars(cls).values()) + (list(vars(mod).values()) if mod is not None else [])
-        for value in members:
-            if callable(value):
-                with contextlib.suppress(Exception):
-                    codes.append(getattr(inspect.unwrap(value), "__code__", None))
-    return {(c.co_filename, c.co_name) for c in codes if c is not None}
+    fn = inspect.unwrap(fn)
+    codes.append(getattr(fn, "__code__", None))
+    classes = [*opt_cls.__mro__[:-1], *{type(m) for m in model.modules() if not _in_torch(type(m))}]
+    modules = {sys.modules.get(getattr(fn, "__module__", None) or ""), *(sys.modules.get(c.__module__) for c in classes)}
+    members = [value for cls in classes for value in vars(cls).values()]
+    members += [value for mod in modules if mod is not None for value in vars(mod).values()]
+    for value in members:
+        if inspect.isclass(value) and not _in_torch(value):  # helper classes of the same file: their methods
+            members += [v for v in vars(value).values() if inspect.isfunction(v)]
+        elif callable(value) or isinstance(value, (staticmethod, classmethod)):
+            with contextlib.suppress(Exception):
+                codes.append(getattr(inspect.unwrap(getattr(value, "__func__", value)), "__code__", None))
+    return {(c.co_filename, c.co_name) for c in _with_nested(c for c in codes if c is not None)}
+
+
+def _on_stack() -> set[tuple[str, str]]:
+    """(file, function) of the frames running now: the user's code that called ``step``, whose frames are in every
+    node's stack trace, and would make every node (the backward's too) look as if it came from that call."""
+    frame, out = sys._getframe(1), set()
+    while frame is not None:
+        out.add((frame.f_code.co_filename, frame.f_code.co_name))
+        frame = frame.f_back
+    return out
+
+
+def _in_torch(cls: type) -> bool:
+    return (cls.__module__ or "").split(".")[0] == "torch"
+
+
+def _with_nested(codes: Iterator[Any]) -> list[Any]:
+    """The code objects and those nested in them (functions defined inside functions, lambdas, comprehensions)."""
+    out, todo, seen = [], list(codes), set()
+    while todo:
+        code = todo.pop()
+        if id(code) in seen:
+            continue
+        seen.add(id(code))
+        out.append(code)
+        todo += [c for c in code.co_consts if inspect.iscode(c)]
+    return out
 
 
 @contextlib.contextmanager
@@ -94,7 +127,7 @@ def recording_sources(model: nn.Module, opt_cls: type, loss_fn: Callable) -> Ite
         registry: set = fx_proxy._STACK_TRACE_ANCHORS  # private: degrade to forward-only traces without it
     except (ImportError, AttributeError):
         registry = set()
-    new = _anchors(loss_fn, opt_cls) - registry
+    new = _anchors(model, loss_fn, opt_cls) - registry - _on_stack()  # not the callers of compile/step
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     stack: list[tuple[str, str]] = []
 
