@@ -240,6 +240,65 @@ def test_a_non_number_in_a_custom_optimizers_state_is_refused():
         stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))
 
 
+class _ScaledSGD(torch.optim.Optimizer):
+    """Keeps an option as an instance attribute, outside the parameter groups."""
+
+    def __init__(self, params, lr=0.1, scale=1.0):
+        super().__init__(params, dict(lr=lr))
+        self.scale = scale
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"] * self.scale)
+
+
+def test_a_custom_optimizers_own_attributes_are_the_users_values(float64):
+    """unrollc builds its own instance of the class: `self.scale` was the constructor's default (1.0, not 3.0),
+    silently. A value changed after compile is read by init, as the static options are."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(3)]
+    opt = _ScaledSGD(model.parameters(), scale=3.0)
+    stepper = unrollc.compile(model, opt, mse)
+    for scale in (3.0, 0.5):
+        opt.scale = scale
+        twin = copy.deepcopy(model)  # (not eager_trajectory: deepcopy(opt) drops `scale`, see Optimizer.__getstate__)
+        eager = _ScaledSGD(twin.parameters(), scale=scale)
+        for batch in batches:
+            eager.zero_grad()
+            mse(twin, batch).backward()
+            eager.step()
+        state = stepper.unroll(stepper.init(), batches)
+        for n, p in twin.named_parameters():
+            torch.testing.assert_close(state.params[n], p.detach(), rtol=1e-12, atol=1e-14)
+    assert opt.scale == 0.5 and stepper.trace_count == 2
+
+
+class _HalvingSGD(torch.optim.SGD):
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * 0.5  # an option changed by the step itself
+
+
+class _CountingAttribute(_ScaledSGD):
+    def step(self, closure=None):
+        self.scale = self.scale + 1  # an attribute changed by the step itself
+        super().step(closure)
+
+
+@pytest.mark.parametrize("cls, changed", [(_HalvingSGD, r"param_groups\[0\]\['lr'\]"), (_CountingAttribute, r"self.scale \(1.0 -> 2.0\)")])
+def test_a_step_that_changes_its_options_or_attributes_is_refused(cls, changed):
+    """Every step used the value the graph was traced with: the halving lr stayed 0.1 (eager's is 0.0125 after
+    three steps), silently."""
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, cls(model.parameters(), lr=0.1), mse)
+    with pytest.raises(unrollc.CaptureError, match=rf"{cls.__name__}.step\(\) changes {changed}.*Keep a value that changes per step"):
+        stepper.step(stepper.init(), (torch.randn(8, 3), torch.randn(8, 2)))
+
+
 class _ScratchSGD(torch.optim.Optimizer):
     """Writes in place into a tensor shared by every step (a class attribute), which no step graph can carry."""
 

@@ -32,7 +32,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from .errors import CaptureError
 from .guards import Guard, ScalarTracker
-from .optimizer_spec import OptimizerSpec
+from .optimizer_spec import OptimizerSpec, option_key, own_attributes
 from .traced_functions import DECOMPOSITIONS, TracedFunctions, sdpa_math
 
 __all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "DETACH_OPS", "NoGradRegions", "ShadowOptimizer", "fill_leaves", "input_layout", "stops_gradient"]
@@ -197,8 +197,10 @@ class ShadowOptimizer:
         in torch.optim); return the new state tensors in :attr:`state_out` order."""
         for n, p in self.params.items():
             p.grad = grads.get(n)
+        before = _python_values(self.optimizer)
         with _compiling(), self.tracker:
             self.optimizer.step()
+        self._refuse_python_changes(before, _python_values(self.optimizer))
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
         for n, st in new.items():
             for k, v in st.items():
@@ -206,6 +208,22 @@ class ShadowOptimizer:
                     st[k] = self._state_tensor(n, k, v)
         self.state_out[:] = [(n, k) for n in new for k in sorted(new[n])]
         return [new[n][k] for n, k in self.state_out]
+
+    def _refuse_python_changes(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """A step that changes a group option or an attribute of the optimizer (``group["lr"] *= 0.5``,
+        ``self.k += 1``) would run every later step with the value it had when traced: refused, with the fix."""
+        changed = [name for name in before if option_key(after.get(name)) != option_key(before[name])]
+        if changed:
+            name = changed[0]
+            raise CaptureError(
+                f"{self.api}: {type(self.optimizer).__name__}.step() changes {name} ({before[name]!r} -> "
+                f"{after.get(name)!r}). A step graph carries parameters, buffers and optimizer state from one step "
+                "to the next, and takes options and optimizer attributes as they were when it was traced, so the "
+                "change would be lost, and every step would use the first value. Keep a value that changes "
+                "per step in the per-parameter state as a tensor (self.state[p]['k'] = torch.tensor(...)), or "
+                "change the option between steps from outside (a learning-rate schedule: "
+                "stepper.init(hyper={'lr': ...}) or an lr tensor in the group)."
+            )
 
     def _state_tensor(self, name: str, key: str, value: Any) -> torch.Tensor:
         """A number a custom optimizer keeps in its state (``state["k"] += 1``) as a float64 tensor (a Python
@@ -240,6 +258,14 @@ class ShadowOptimizer:
         finally:
             for p in self.params.values():
                 p.grad = None
+
+
+def _python_values(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The group options (``param_groups[0]['lr']``) and the subclass's own attributes (``self.k``) of ``opt``, by
+    a readable name; tensors are compared by identity (see :func:`option_key`), so in-place updates do not count."""
+    values = {f"param_groups[{i}][{k!r}]": v for i, g in enumerate(opt.param_groups) for k, v in g.items() if k != "params"}
+    values.update({f"self.{k}": v for k, v in own_attributes(opt).items()})
+    return values
 
 
 T = TypeVar("T")

@@ -8,6 +8,7 @@ and rebuilds a private optimizer of the same class around traced tensors when it
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerSpec", "UnsupportedOptimizerError", "is_hyper_value"]
+__all__ = ["OptimizerSpec", "UnsupportedOptimizerError", "is_hyper_value", "own_attributes"]
 
 _REFUSED = {
     "LBFGS": "re-evaluates the loss inside step() through a closure, which cannot be captured as one "
@@ -65,6 +66,8 @@ class OptimizerSpec:
         group_params: per group, the names (as in ``model.named_parameters()``) of its parameters.
         static: per group, the options that are not hyperparameters (``foreach``, ``nesterov``, ...).
         hyper: per group, the hyperparameters as Python floats or tensors (``lr``, ``betas``, ...).
+        attributes: what the optimizer's own ``__init__`` stored on the instance besides torch.optim.Optimizer's
+            attributes (a custom optimizer's ``self.scale = scale``): static, as the static options.
     """
 
     cls: type
@@ -72,6 +75,7 @@ class OptimizerSpec:
     static: tuple[tuple[tuple[str, Any], ...], ...]
     hyper: tuple[dict[str, Any], ...]
     rewritten: bool = False
+    attributes: tuple[tuple[str, Any], ...] = ()  # a custom optimizer's own instance attributes (self.scale)
 
     def with_capturable(self) -> "OptimizerSpec":
         """The same optimizer with ``capturable=True`` in every group that has the option: its foreach
@@ -82,7 +86,7 @@ class OptimizerSpec:
     @property
     def static_key(self) -> Any:
         """The static options as a hashable key that compares safely with ``==`` (see :func:`option_key`)."""
-        return option_key(self.static)
+        return option_key((self.static, self.attributes))
 
     @property
     def capturable(self) -> bool:
@@ -140,7 +144,8 @@ class OptimizerSpec:
             group_params.append(tuple(names))
             hyper.append({k: v for k, v in opts.items() if is_hyper_value(v)})
             static.append(tuple(sorted((k, _freeze(v)) for k, v in opts.items() if not is_hyper_value(v))))
-        return cls(kind, tuple(group_params), tuple(static), tuple(hyper))
+        attributes = tuple(sorted(own_attributes(opt).items()))
+        return cls(kind, tuple(group_params), tuple(static), tuple(hyper), attributes=attributes)
 
     def build(self, params_per_group: list[list[torch.Tensor]], hyper: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """A fresh optimizer of the same class over ``params_per_group`` with the given hyperparameters."""
@@ -152,7 +157,34 @@ class OptimizerSpec:
         opt = self.cls([first], **_required_options(self.cls, first))
         for g in rest:
             opt.add_param_group(g)
+        for name, value in self.attributes:  # the user's values, not the constructor's defaults
+            setattr(opt, name, value if isinstance(value, torch.Tensor) else _copied(value))
         return opt
+
+
+# What torch.optim.Optimizer.__init__ itself stores on an instance, and what an lr scheduler adds (its flag
+# that step() ran); the rest is the subclass's own.
+_OPTIMIZER_ATTRIBUTES = frozenset(vars(torch.optim.Optimizer([torch.zeros(1, requires_grad=True)], {}))) | {"_opt_called"}
+
+
+def own_attributes(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The attributes a custom optimizer's own code stored on ``opt`` (``self.scale = scale``): not
+    torch.optim.Optimizer's, and not a method patched onto the instance (an lr scheduler wraps ``opt.step``)."""
+    return {
+        k: v for k, v in vars(opt).items()
+        if k not in _OPTIMIZER_ATTRIBUTES and not (callable(v) and hasattr(type(opt), k))
+    }
+
+
+def _copied(value: Any) -> Any:
+    """A container (list, dict, set) deep-copied, so that a step appending to it leaves the user's as it was; other
+    objects (a number, a module the optimizer refers to) are shared, as a closed-over value is."""
+    if not isinstance(value, (list, dict, set)):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - a container of objects that cannot be copied is shared
+        return value
 
 
 def _required_options(cls: type, group: Mapping[str, Any]) -> dict[str, Any]:

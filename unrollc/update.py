@@ -158,7 +158,9 @@ class CompiledUpdate:
                 new_state = shadow.step(dict(zip(grad_names, gs, strict=True)))
                 return list(shadow.params.values()) + new_state
 
-            return shadow.trace(update, grad_examples), shadow, constants
+            # copies: tracing runs the step for real, and a custom step may change p.grad in place (p.grad.add_(p)),
+            # which on the user's gradients would apply the change twice
+            return shadow.trace(update, [g.clone() for g in grad_examples]), shadow, constants
 
         (gm, shadow, (constants, examples)), self.spec = trace_with_fallbacks(self.spec, trace)
         hyper_names = tuple(n for n, _ in shadow.hyper_leaves)

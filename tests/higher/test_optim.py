@@ -629,3 +629,38 @@ def test_a_frozen_parameter_stays_frozen_in_test_mode():
                 diffopt.step(loss_of(fmodel(x), y))
             assert torch.equal(fmodel.fast_params[0], model[0].weight) and not fmodel.fast_params[0].requires_grad
             assert not torch.equal(fmodel.fast_params[1], model[0].bias)
+
+
+class _DecayInGrad(torch.optim.Optimizer):
+    """Adds weight decay into p.grad in place, then steps (as some hand-written optimizers do)."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.5, scale=1.0):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.scale = scale  # an option kept outside the groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.add_(p, alpha=group["weight_decay"])
+                p.add_(p.grad, alpha=-group["lr"] * self.scale)
+
+
+def test_a_custom_optimizer_changing_the_gradient_in_place_and_keeping_an_attribute_is_eagers(float64):
+    """Tracing ran the step on the user's gradients themselves: the in-place decay was applied twice on every
+    step that traced a graph (2.4e-2 off after 3 steps); `self.scale` was the constructor's default."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    batches = [data() for _ in range(3)]
+    with uh.innerloop_ctx(model, _DecayInGrad(model.parameters(), scale=2.0)) as (fmodel, diffopt):
+        for x, y in batches:
+            diffopt.step(loss_of(fmodel(x), y))
+        fast = [p.detach() for p in fmodel.parameters()]
+    eager = _DecayInGrad(twin.parameters(), scale=2.0)
+    for x, y in batches:
+        eager.zero_grad()
+        loss_of(twin(x), y).backward()
+        eager.step()
+    for got, want in zip(fast, twin.parameters(), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)

@@ -298,7 +298,7 @@ class DifferentiableOptimizer:
                     f"with torch.optim.SGD (Meta-SGD); {base.cls.__name__} takes one learning rate per parameter "
                     "group: give each parameter its own group and pass one scalar lr per group."
                 )
-        return OptimizerSpec(base.cls, base.group_params, tuple(statics), tuple(hypers)), hypers
+        return replace(base, static=tuple(statics), hyper=tuple(hypers)), hypers
 
     def _release(self) -> None:
         """Keep the state's values but none of its graph: called when leaving ``innerloop_ctx``."""

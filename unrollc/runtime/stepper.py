@@ -165,7 +165,8 @@ class Stepper:
         now = OptimizerSpec.from_optimizer(self._opt, self._param_ids)
         if now.static_key != self._static_key:
             # the user's options replace the traced spec's (a capturable or rewritten variant is found again)
-            self._spec, self._static_key = replace(self._spec, static=now.static), now.static_key
+            self._spec = replace(self._spec, static=now.static, attributes=now.attributes)
+            self._static_key = now.static_key
             self._cache.clear()
 
     # ------------------------------------------------------------------------------------------ step
