@@ -10,7 +10,7 @@ so ``query_loss.backward()`` fills ``model.parameters()``' grads for an ordinary
 Baseline, equally trained: the same network, the same tasks and the same number of Adam steps, trained
 to regress all tasks jointly ("pretrained" in the paper), then fine-tuned at test time exactly as MAML.
 
-    python examples/maml_sinusoid.py            # ~1-2 min on 2 CPU cores
+    python examples/maml_sinusoid.py            # ~25 s on 2 CPU cores (24 s measured, examples/README.md)
     python examples/maml_sinusoid.py --quick    # a few seconds (smoke test)
 """
 

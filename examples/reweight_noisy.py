@@ -16,7 +16,7 @@ The learning rate drops tenfold after 2/3 of training (as in the paper); the vir
 Baseline: the same network, initialisation, optimizer and batches, trained on the plain mean loss.
 
     pip install scikit-learn
-    python examples/reweight_noisy.py            # ~1 min on 2 CPU cores
+    python examples/reweight_noisy.py            # ~10 s on 2 CPU cores (8 s measured, examples/README.md)
     python examples/reweight_noisy.py --quick
 """
 
