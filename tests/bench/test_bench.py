@@ -242,7 +242,7 @@ def test_budget_schedule_runs_the_schedule_its_plan_picks() -> None:
     from unrollc.bench.runner import Config, measure_config
 
     res = measure_config(Config("mlp-small", "sgd", 6, "unrollc", "budget", repeats=1, saved_bytes=False,
-                                budget_mib=0.2), "time")
+                                budget_mib=0.4), "time")  # 0.4 MiB: a Binomial schedule
     assert res.status == "ok" and res.resolved.startswith("Binomial(slots=") and res.evaluations > 6
     assert f"budget: {res.resolved}" in table([res])
     with pytest.raises(ValueError, match="schedule 'budget' for method 'eager'"):

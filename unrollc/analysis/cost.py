@@ -11,7 +11,8 @@ Three numbers describe a step, all from the step graph without running it (``unr
   ``unrollc.analysis.memory.saved_bytes_per_step`` measures for a state;
 
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
-``peak_bytes = peak_states * state_bytes + peak_taped_steps * taped_step_bytes`` and
+``peak_bytes = (peak_states + 2) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes`` (the stored states,
+the taped steps and the backward's working set, see ``unrollc.runtime.schedules.peak_bytes``) and
 ``flops = evaluations * flops_per_step`` (forward evaluations; the backward of the n taped steps is the same for
 every schedule and not included). ``CostModel.expressions(policy)`` gives the same as sympy expressions in ``n``.
 """
@@ -27,7 +28,7 @@ import torch
 from torch import fx
 
 from ..errors import InternalError
-from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, resolve_checkpoint
+from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
 from .liveness import StepAnalysis, analyze_step
 
 if TYPE_CHECKING:
@@ -52,11 +53,12 @@ class Prediction:
     peak_bytes: int
     time_steps: int
     flops: int
+    working_bytes: int = 0  # the part of peak_bytes that is the backward's working set (two states and one step)
 
 
 class CostExprs(NamedTuple):
-    """A schedule's costs as sympy expressions in ``n`` (Binomial's also use the symbol ``r``, see
-    ``CostModel.evaluate``)."""
+    """A schedule's costs as sympy expressions in the symbol ``n`` (``expr.subs("n", 160)`` evaluates one;
+    Binomial's use ``revolve_r(s, n)``, which evaluates itself)."""
     evaluations: sympy.Expr
     peak_states: sympy.Expr
     peak_taped_steps: sympy.Expr
@@ -126,6 +128,7 @@ class CostModel:
             peak_states=plan.peak_states, peak_taped_steps=plan.peak_taped_steps,
             peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes),
             time_steps=plan.evaluations, flops=plan.evaluations * self.flops_per_step,
+            working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes),
         )
 
     def expressions(self, policy: Any) -> CostExprs:
@@ -142,19 +145,13 @@ class CostModel:
                 "expression in n; give the slots: CostModel.expressions(unrollc.Binomial(slots=8))."
             )
         c = policy.cost_expr()
-        peak = c.peak_states * self.state_bytes + c.peak_taped_steps * self.taped_step_bytes
+        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes)
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
     def evaluate(self, policy: CheckpointLike, expr: sympy.Expr, n: int) -> int:
-        """``expr`` (one of ``expressions(policy)``) at ``n``; for Binomial(slots=s), r = min{r : C(s+r, s) >= n}."""
-        policy = resolve_checkpoint(policy, api="unrollc.CostModel.evaluate")
-        subs = {N: n}
-        if isinstance(policy, Binomial) and policy.slots is not None:
-            r = 0
-            while sympy.binomial(policy.slots + r, policy.slots) < n:
-                r += 1
-            subs[sympy.Symbol("r", integer=True, nonnegative=True)] = r
-        return int(expr.subs(subs))
+        """``expr`` (one of ``expressions(policy)``) at ``n``, as an int: ``int(expr.subs("n", n))``."""
+        resolve_checkpoint(policy, api="unrollc.CostModel.evaluate")
+        return int(sympy.sympify(expr).subs(N, n))
 
     # -------------------------------------------------------------------------------------------- report
     def __str__(self) -> str:
@@ -170,7 +167,7 @@ class CostModel:
         ]
         if a.fallback_ops:
             lines.append(f"  no meta kernel (assumed to save all inputs): {', '.join(a.fallback_ops)}")
-        lines.append("  schedules (n steps; bytes = states * state + taped * step):")
+        lines.append("  schedules (n steps; bytes = (states + 2) * state + (taped + 1) * step, the +2 and +1 the backward's working set):")
         for policy in (None, "sqrt"):
             e = self.expressions(policy)
             lines.append(f"    {resolve_checkpoint(policy)!r}: evaluations {e.evaluations}, peak bytes {e.peak_bytes}")

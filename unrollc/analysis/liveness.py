@@ -365,10 +365,12 @@ def analyze_step(gm: fx.GraphModule, *, requires_grad: Iterable[str] | None = No
 
 
 def _output_bytes(gm: fx.GraphModule, env: dict) -> list[int]:
-    """Bytes of each tensor the graph returns (elements only; 0 for a non-tensor output)."""
-    out = []
+    """Bytes of each tensor the graph returns (elements only; 0 for a non-tensor output, and for a node returned
+    before: Adam's step counters, one tensor returned once per parameter, are counted once)."""
+    out, seen = [], set()
     for arg in tree_flatten(gm.graph.output_node().args[0])[0]:
-        leaves = env.get(arg, (None, [None]))[1] if isinstance(arg, fx.Node) else [None]
+        leaves = env.get(arg, (None, [None]))[1] if isinstance(arg, fx.Node) and arg not in seen else [None]
+        seen.add(arg)
         layout = leaves[0][0] if len(leaves) == 1 and leaves[0] is not None else None
         out.append(0 if layout is None else math.prod(layout.shape) * layout.dtype.itemsize)
     return out

@@ -194,7 +194,7 @@ def _nbytes(v: Any) -> int:
 
 def _state_bytes(gm: fx.GraphModule) -> int:
     output = next(iter(gm.graph.find_nodes(op="output")))
-    return sum(_nbytes(getattr(a, "meta", {}).get("val")) for a in output.args[0][:-1])
+    return sum(_nbytes(getattr(a, "meta", {}).get("val")) for a in dict.fromkeys(output.args[0][:-1]))  # once each
 
 
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul"}

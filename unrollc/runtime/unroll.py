@@ -21,10 +21,11 @@ __all__ = ["run_unroll", "plan_unroll", "state_bytes"]
 
 
 def state_bytes(state: UnrollState) -> int:
-    """Bytes of one carried state: parameters, buffers and optimizer state."""
+    """Bytes of one carried state: parameters, buffers and optimizer state (a tensor held under several names,
+    such as the step counter the parameters share, counted once)."""
     tensors = list(state.params.values()) + list(state.buffers.values())
     tensors += [v for st in state.opt_state.values() for v in st.values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
 def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> Plan:
