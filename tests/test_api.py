@@ -87,6 +87,10 @@ def test_wrong_inputs_are_refused_with_the_api_and_the_fix():
     adagrad = unrollc.compile(model, torch.optim.Adagrad(model.parameters(), lr=0.1), lambda m, b: m(b[0]).sum())
     with pytest.raises(ValueError, match="reads 'initial_accumulator_value' only in its constructor"):
         adagrad.init(hyper={"initial_accumulator_value": 1.0})
+    hyper = adagrad.init().hyper  # unchanged, it round-trips (it was refused)
+    assert set(adagrad.init(hyper=hyper).hyper) == set(hyper)
+    with pytest.raises(ValueError, match="reads 'initial_accumulator_value' only in its constructor"):
+        adagrad.init(hyper={"initial_accumulator_value": hyper["initial_accumulator_value"].clone().requires_grad_()})
 
 
 def test_a_state_with_changed_hyperparameters_is_checked():

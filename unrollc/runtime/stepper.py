@@ -143,9 +143,13 @@ class Stepper:
                         f"it has {sorted(g)}."
                     )
                 if k in READ_AT_CONSTRUCTION:
+                    unchanged = not (isinstance(v, torch.Tensor) and v.requires_grad) and float(v) == float(g[k])
+                    if unchanged:  # init(hyper=state.hyper) round-trips
+                        continue
                     raise ValueError(
                         f"Stepper.init: {self._spec.cls.__name__} reads {k!r} only in its constructor (it fills the "
-                        "optimizer state), so overriding it here would change nothing; build the optimizer with "
+                        "optimizer state), so overriding it here (with another value, or one requiring grad) would "
+                        "change nothing; build the optimizer with "
                         f"{k}=... and compile that one."
                     )
                 g[k] = hyper_tensor(k, v, g[k])
