@@ -238,3 +238,27 @@ def test_example_maml_learns():
     assert higher_maml.higher is uh
     before, after, _ = higher_maml.main(meta_steps=40, verbose=False, meta_lr=1e-2, eval_tasks=8)
     assert after < 0.9 * before
+
+
+def test_second_order_maml_through_attention_equals_an_eager_unroll(float64):
+    """The fused CPU attention kernels have no double backward: backward() raised inside
+    _scaled_dot_product_flash_attention_for_cpu_backward (in higher 0.2.1 too)."""
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    x, y = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    with uh.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step((fmodel(x) - y).pow(2).mean())
+        (fmodel(x) - y).pow(2).mean().backward()
+    params = dict(model.named_parameters())
+    with sdpa_kernel(SDPBackend.MATH):  # the eager reference: create_graph=True through the math kernel
+        fast = dict(params)
+        for _ in range(2):
+            grads = torch.autograd.grad((functional_call(model, fast, (x,)) - y).pow(2).mean(), list(fast.values()), create_graph=True)
+            fast = {k: v - 0.1 * g for (k, v), g in zip(fast.items(), grads, strict=True)}
+        ref = torch.autograd.grad((functional_call(model, fast, (x,)) - y).pow(2).mean(), list(params.values()))
+    for (name, p), r in zip(params.items(), ref, strict=True):
+        torch.testing.assert_close(p.grad, r, rtol=1e-10, atol=1e-14, msg=name)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
-from ..traced_functions import CompositeWeightNorm
+from ..traced_functions import CompositeWeightNorm, sdpa_math
 from . import utils as _utils
 from .structure import module_tree_copy, shared_objects, tied_names, uses_weight_norm
 
@@ -215,7 +215,10 @@ class FunctionalModule(nn.Module):
         self._latest()  # no fast weights yet: higher's error
         self._install()
         composite = CompositeWeightNorm() if self._weight_norm else contextlib.nullcontext()
-        with composite:
+        # The fused attention kernels (flash, efficient) have no double backward: a second-order meta-gradient
+        # through nn.MultiheadAttention / TransformerEncoderLayer failed in backward(); the math kernel has one.
+        attention = sdpa_math() if self._track_higher_grads and torch.is_grad_enabled() else contextlib.nullcontext()
+        with composite, attention:
             yield
         accessor = NamedMemberAccessor(self._module)
         for n in self._bufs:
