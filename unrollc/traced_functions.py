@@ -187,22 +187,23 @@ def mark_size_read(t: torch.Tensor) -> None:
     """Marks the traced node of ``t`` (a tensor whose size depends on the data) as having its size read into Python
     (``x[mask].shape[0]``, ``.size(0)``, ``.numel()``): whatever the int became (a divisor, a shape) is a constant of
     the step graph, so the step checks that each batch gives ``t`` its traced size (``functionalize``, step 4)."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, has_proxy_slot
-
-    t = _unwrapped(t)
-    mode = get_proxy_mode()
-    if mode is not None and has_proxy_slot(t, mode.tracer):
-        node = get_proxy_slot(t, mode.tracer).proxy.node
+    node = _traced_node(t)
+    if node is not None:
         if node.target is operator.getitem:  # one output of torch.unique: the op's metadata reaches its outputs
             node = node.args[0]
         node.meta["custom"] = {**node.meta.get("custom", {}), SIZE_READ: True}
 
 
-def _unwrapped(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without the functorch wrappers of ``torch.func.grad`` (the tensor the tracer knows)."""
+def _traced_node(t: torch.Tensor) -> Any:
+    """The node of the graph being traced that computed ``t`` (under ``torch.func.grad``'s wrappers), or None."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, has_proxy_slot
+
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
-    return t
+    mode = get_proxy_mode()
+    if mode is None or not has_proxy_slot(t, mode.tracer):
+        return None
+    return get_proxy_slot(t, mode.tracer).proxy.node
 
 
 def _is_masked_fill(*args: Any) -> bool:
@@ -219,13 +220,13 @@ def _traced(t: torch.Tensor, inputs: frozenset[int]) -> bool:
     """Whether ``t`` depends on the step's data: the batch and meta inputs (placeholders) or the tensors it
     lifts into inputs (``inputs``: ids of the parameter, buffer, state and hyperparameter copies). A tensor
     built from constants alone (``torch.arange(n)``, a closed-over tensor) has the same values every step."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, has_proxy_slot
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    t = _unwrapped(t)
-    mode = get_proxy_mode()
-    if mode is None or not has_proxy_slot(t, mode.tracer):
+    start = _traced_node(t)
+    if start is None:
         return False
-    todo, seen = [get_proxy_slot(t, mode.tracer).proxy.node], set()
+    root = get_proxy_mode().tracer.root
+    todo, seen = [start], set()
     while todo:
         node = todo.pop()
         if node in seen:
@@ -233,7 +234,7 @@ def _traced(t: torch.Tensor, inputs: frozenset[int]) -> bool:
         seen.add(node)
         if node.op == "placeholder":
             return True
-        if node.op == "get_attr" and id(getattr(mode.tracer.root, str(node.target), None)) in inputs:
+        if node.op == "get_attr" and id(getattr(root, str(node.target), None)) in inputs:
             return True
         todo.extend(node.all_input_nodes)
     return False

@@ -101,14 +101,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--replot", metavar="FILE", help="run nothing: print the table of a past run's results.json or "
                       "results.csv and write its plot (--plot; --csv/--json convert it, if given)")
     args = p.parse_args(argv)
-    if args.replot and (given := [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]):
-        p.error(f"--replot runs nothing, so {' '.join(given)} would change nothing; leave it out.")
+    fixed = [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]
+    if args.replot and fixed:
+        p.error(f"--replot runs nothing, so {' '.join(fixed)} would change nothing; leave it out.")
     if args.replot:
         if not os.path.isfile(args.replot) or not args.replot.endswith((".json", ".csv")):
             p.error(f"--replot {args.replot!r}: expected an existing .json or .csv file written by python -m "
                     "unrollc.bench (results.json / results.csv)")
         args.write_results = bool(args.csv or args.json)  # a replot rewrites results files only when asked to
-    if args.figures and (fixed := [f"--{k.replace('_', '-')}" for k in FIGURES_FIXED if getattr(args, k) is not None]):
+    if args.figures and fixed:
         p.error(f"--figures runs a fixed set of configurations (see --help); leave out {' '.join(fixed)}, or run "
                 "without --figures to choose them.")
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
@@ -196,11 +197,17 @@ def _write(results: list[Result], args: argparse.Namespace, seconds: float) -> l
     png = args.plot
     try:
         plot([r for r in results if r.config.optimizer == "sgd"] if args.figures else results, png,
-             title=f"{WORKLOADS[args.workload].describe()}, meta-gradient w.r.t. initial weights and lr")
+             title=_title([args.workload]))
         paths.append(png)
     except PlotUnavailable as e:
         print(e, file=sys.stderr)
     return paths
+
+
+def _title(workloads: Sequence[str]) -> str:
+    """The plot's title: what was run, and what the meta-gradient is taken with respect to."""
+    described = ", ".join(WORKLOADS[w].describe() if w in WORKLOADS else w for w in workloads)
+    return f"{described}, meta-gradient w.r.t. initial weights and lr"
 
 
 def replot(args: argparse.Namespace) -> int:
@@ -215,10 +222,8 @@ def replot(args: argparse.Namespace) -> int:
         write_json(results, args.json, {"replot_of": os.path.abspath(args.replot)})
         write_csv(results, args.csv)
         paths += [args.json, args.csv]
-    workloads = sorted({r.config.workload for r in results})
-    title = ", ".join(WORKLOADS[w].describe() if w in WORKLOADS else w for w in workloads)
     try:
-        plot(results, args.plot, title=f"{title}, meta-gradient w.r.t. initial weights and lr")
+        plot(results, args.plot, title=_title(sorted({r.config.workload for r in results})))
         paths.append(args.plot)
     except PlotUnavailable as e:
         print(e, file=sys.stderr)

@@ -182,13 +182,13 @@ def read_json(path: str) -> list[Result]:
 
 def read_csv(path: str) -> list[Result]:
     """Results written by :func:`write_csv` (the ratio columns are recomputed, not read)."""
-    with open(path, newline="") as f:
-        return [Result.from_dict(_typed(row)) for row in csv.DictReader(f)]
-
-
-def _typed(row: dict[str, str]) -> dict[str, Any]:
-    """A CSV row's strings as the types of :class:`Config` and :class:`Result` fields."""
     types = {f.name: str(f.type) for cls in (Config, Result) for f in dataclasses.fields(cls)}
+    with open(path, newline="") as f:
+        return [Result.from_dict(_typed(row, types)) for row in csv.DictReader(f)]
+
+
+def _typed(row: dict[str, str], types: dict[str, str]) -> dict[str, Any]:
+    """A CSV row's strings as the types of :class:`Config` and :class:`Result` fields (``types``: name -> type)."""
     out: dict[str, Any] = {}
     for name, text in row.items():
         kind = types.get(name)

@@ -142,17 +142,16 @@ class Stepper:
                         f"Stepper.init: {self._spec.cls.__name__} has no float hyperparameter {k!r}; "
                         f"it has {sorted(g)}."
                     )
-                if k in READ_AT_CONSTRUCTION:
-                    unchanged = not (isinstance(v, torch.Tensor) and v.requires_grad) and float(v) == float(g[k])
-                    if unchanged:  # init(hyper=state.hyper) round-trips
-                        continue
+                value = hyper_tensor(k, v, g[k])
+                # an unchanged value without grad is accepted: init(hyper=state.hyper) round-trips
+                if k in READ_AT_CONSTRUCTION and (value.requires_grad or float(value) != float(g[k])):
                     raise ValueError(
                         f"Stepper.init: {self._spec.cls.__name__} reads {k!r} only in its constructor (it fills the "
                         "optimizer state), so overriding it here (with another value, or one requiring grad) would "
                         "change nothing; build the optimizer with "
                         f"{k}=... and compile that one."
                     )
-                g[k] = hyper_tensor(k, v, g[k])
+                g[k] = value
         ids = self._param_ids
         counters: dict[tuple, torch.Tensor] = {}
         state = {
