@@ -453,5 +453,5 @@ def input_layout(x: Any) -> Any:
     """What a traced graph assumes about an input: shape, strides, dtype and device of a tensor, else its
     value (a graph traced on a contiguous batch may ``view`` it, which a channels_last batch cannot take)."""
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.stride(), x.dtype, x.device)
+        return (x.shape, x.stride(), x.dtype, x.device)  # a torch.Size is a tuple: equal to and hashed as one
     return ("value", x)

@@ -66,6 +66,11 @@ _lib.impl("safe_sqrt_masked", _safe_sqrt_masked, "CompositeImplicitAutograd")
 safe_sqrt_masked = torch.ops.unrollc.safe_sqrt_masked.default
 safe_sqrt_masked.__doc__ = """``torch.sqrt(x)`` with derivative 0 where ``x == 0``, as a composite of ATen ops (see :func:`safe_sqrt`)."""
 
+# unrollc's CompositeImplicitAutograd ops and their Python kernels: what the dispatcher runs for any tensor
+# (autograd sees the kernel's ATen ops either way), so the runtime may call the kernel without the dispatcher's
+# round trip into Python (unrollc/runtime/execute.py).
+COMPOSITE_KERNELS: dict[torch._ops.OpOverload, Any] = {safe_sqrt_masked: _safe_sqrt_masked}
+
 
 @torch.library.custom_op("unrollc::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def bernoulli_like(x: torch.Tensor, p: float) -> torch.Tensor:

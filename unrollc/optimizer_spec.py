@@ -9,6 +9,7 @@ and rebuilds a private optimizer of the same class around traced tensors when it
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -83,9 +84,10 @@ class OptimizerSpec:
         static = tuple(tuple((k, True if k == "capturable" else v) for k, v in group) for group in self.static)
         return replace(self, static=static)
 
-    @property
+    @functools.cached_property
     def static_key(self) -> Any:
-        """The static options as a hashable key that compares safely with ``==`` (see :func:`option_key`)."""
+        """The static options as a hashable key that compares safely with ``==`` (see :func:`option_key`);
+        computed once per spec (the fields are immutable: a changed option makes a new spec)."""
         return option_key((self.static, self.attributes))
 
     @property

@@ -35,6 +35,8 @@ from .capture import NodeInfo, ShadowOptimizer, hyper_leaves, input_layout, trac
 from .guards import GuardSet, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
 from .passes import run_pipeline
+from .runtime.execute import run_graph
+from .runtime.state import aliased_state_inputs
 
 __all__ = ["CompiledUpdate", "UpdateSignature"]
 
@@ -108,7 +110,7 @@ class CompiledUpdate:
         flat += [state[n][k] for n, k in sig.state_in]
         flat += [v for _, v in hyper_leaves(hyper, len(hyper) == 1)]
         flat += [grads[n] for n in sig.grads]
-        outs = entry.gm(*flat)
+        outs = run_graph(entry.gm, flat)
         new_params = dict(params)
         new_params.update(zip(sig.params, outs[: len(sig.params)], strict=True))
         new_state: State = {}
@@ -120,7 +122,9 @@ class CompiledUpdate:
     def _key(self, params, grads, state, hyper) -> Any:  # noqa: ANN001
         p = tuple((n, input_layout(params[n]), n in grads) for n in self._names)
         g = tuple(input_layout(grads[n]) for n in self._names if n in grads)
-        s = tuple((n, k, input_layout(v)) for n in sorted(state) for k, v in sorted(state[n].items()))
+        first: dict[int, int] = {}  # state inputs that are one tensor (shared step counters) share a class
+        s = tuple((n, k, input_layout(v), first.setdefault(id(v), len(first)))
+                  for n in sorted(state) for k, v in sorted(state[n].items()))
         h = tuple((k, tuple(map(input_layout, v)) if isinstance(v, tuple) else input_layout(v)) for grp in hyper for k, v in sorted(grp.items()))
         return (self._cache_spec.cls, self._cache_spec.group_params, self._cache_spec.static_key, p, g, s, h)
 
@@ -165,7 +169,8 @@ class CompiledUpdate:
         (gm, shadow, (constants, examples)), self.spec = trace_with_fallbacks(self.spec, trace)
         hyper_names = tuple(n for n, _ in shadow.hyper_leaves)
         sig = UpdateSignature(tuple(shadow.params), shadow.state_in, tuple(shadow.state_out), hyper_names, grad_names)
-        gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples + grad_examples}
+        gm.meta["unrollc"] = {"signature": sig, "constants": constants, "example_inputs": examples + grad_examples,
+                              "aliased_inputs": aliased_state_inputs(sig.state_in, state)}
         gm, _ = run_pipeline(gm)  # includes safe_sqrt: no NaN meta-gradients where exp_avg_sq == 0
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)

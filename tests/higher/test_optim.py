@@ -664,3 +664,102 @@ def test_a_custom_optimizer_changing_the_gradient_in_place_and_keeping_an_attrib
         eager.step()
     for got, want in zip(fast, twin.parameters(), strict=True):
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
+
+
+def _update_graph(diffopt):
+    """The graph the differentiable optimizer's last step ran."""
+    return diffopt._last_update[1].last.gm
+
+
+def test_adam_steps_share_one_step_counter_and_stay_torch_adam():
+    """The first update hands out one step counter for all parameters (its counters are equal constants); the
+    later updates must keep reading it through one placeholder (one bias correction per step, not one per
+    parameter), and remain exactly torch.optim.Adam, also in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = O.Adam(model.parameters(), lr=0.01), O.Adam(twin.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(4):
+            diffopt.step(loss_of(fmodel(x), y))
+            twin_opt.zero_grad()
+            loss_of(twin(x), y).backward()
+            twin_opt.step()
+        steps = {id(st["step"]) for st in diffopt.state[0].values()}
+        graph = _update_graph(diffopt).graph
+    assert len(steps) == 1
+    counter_adds = [n for n in graph.nodes if n.target is torch.ops.aten.add.Tensor and n.args[1] == 1]
+    assert len(counter_adds) == 1, graph
+    for fast, ref in zip(fmodel.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-14)
+
+
+def test_a_warm_adam_with_separate_counters_is_torch_adam():
+    """A warm optimizer's counters are separate tensors: each parameter keeps its own (correct either way)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    with uh.innerloop_ctx(model, O.Adam(model.parameters(), lr=0.01)) as (fmodel, diffopt):
+        for _ in range(3):  # caches the graph for one shared counter, which must not serve separate ones
+            diffopt.step(loss_of(fmodel(x), y))
+    opt = O.Adam(model.parameters(), lr=0.01)
+    loss_of(model(x), y).backward()
+    opt.step()
+    opt.state[model.bias]["step"] = torch.tensor(7.0)  # a counter of its own (a parameter added later, say)
+    twin, twin_opt = copy.deepcopy(model), O.Adam(model.parameters(), lr=0.01)
+    twin_opt.load_state_dict(opt.state_dict())
+    twin_opt.param_groups[0]["params"] = list(twin.parameters())
+    twin_opt.state = {tp: {k: v.clone() for k, v in opt.state[p].items()} for tp, p in zip(twin.parameters(), model.parameters(), strict=True)}
+    with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(loss_of(fmodel(x), y))
+            twin_opt.zero_grad()
+            loss_of(twin(x), y).backward()
+            twin_opt.step()
+    for fast, ref in zip(fmodel.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-14)
+
+
+def test_options_changed_between_steps_are_used():
+    """Hyperparameter tensors are reused from step to step while the options are unchanged; any change is
+    seen: a new value in a group, a tensor written in place."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+
+    def run(changes):
+        lr = torch.tensor(0.1, dtype=torch.float64)
+        opt = O.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99))
+        with uh.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+            for step in range(4):
+                changes(step, diffopt, lr)
+                diffopt.step(loss_of(fmodel(x), y))
+            return [p.detach().clone() for p in fmodel.parameters()]
+
+    def reference(lrs, beta1s):
+        twin = copy.deepcopy(model)
+        opt = O.Adam(twin.parameters(), lr=0.1, betas=(0.9, 0.99))
+        for lr, b1 in zip(lrs, beta1s, strict=True):
+            opt.param_groups[0]["lr"], opt.param_groups[0]["betas"] = lr, (b1, 0.99)
+            opt.zero_grad()
+            loss_of(twin(x), y).backward()
+            opt.step()
+        return [p.detach() for p in twin.parameters()]
+
+    def new_value(step, diffopt, lr):
+        if step == 2:
+            diffopt.param_groups[0]["lr"] = torch.tensor(0.3, dtype=torch.float64)
+
+    def in_place(step, diffopt, lr):
+        if step == 1:
+            lr.fill_(0.05)
+
+    def new_betas(step, diffopt, lr):
+        if step == 3:
+            diffopt.param_groups[0]["betas"] = (0.5, 0.99)
+
+    for changes, lrs, beta1s in [(new_value, [0.1, 0.1, 0.3, 0.3], [0.9] * 4), (in_place, [0.1, 0.05, 0.05, 0.05], [0.9] * 4),
+                                 (new_betas, [0.1] * 4, [0.9, 0.9, 0.9, 0.5])]:
+        for got, want in zip(run(changes), reference(lrs, beta1s), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-14, msg=changes.__name__)

@@ -56,6 +56,8 @@ class DifferentiableOptimizer:
     """
 
     _released = False  # set when the innerloop_ctx that made it exits (see _release)
+    # (options as last read, their CompiledUpdate, hyperparameter tensors): see _update_now
+    _last_update: tuple[list[tuple[str, Any, Any]], CompiledUpdate, list[dict[str, Any]]] | None = None
 
     def __init__(
         self,
@@ -236,7 +238,8 @@ class DifferentiableOptimizer:
     # ------------------------------------------------------------------------------ compiled update
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Run the compiled ``torch.optim`` update on ``self.param_groups`` / ``self.state`` in place."""
-        spec, hyper = self._spec_now()
+        update, hyper = self._update_now()
+        hyper = [dict(h) for h in hyper]  # per-element learning rates below are made for this step's parameters
         for g, group in enumerate(self.param_groups):
             if isinstance(lr := hyper[g].get("lr"), torch.Tensor) and lr.dim():
                 hyper[g]["lr"] = _elementwise_lr(lr, group["params"], g)
@@ -249,7 +252,7 @@ class DifferentiableOptimizer:
                     grads[name] = grad
                 if self.state[g].get(i):
                     state[name] = {k: _utils._recursive_map(v, _as_tensor) for k, v in self.state[g][i].items()}
-        new_params, new_state = CompiledUpdate(spec)(params, grads, state, hyper)
+        new_params, new_state = update(params, grads, state, hyper)
         for g, group in enumerate(self.param_groups):
             for i in range(len(group["params"])):
                 group["params"][i] = new_params[f"{g}.{i}"]
@@ -272,6 +275,20 @@ class DifferentiableOptimizer:
                 spec = replace(spec, cls=maths)
             self._base_spec = spec
         return self._base_spec
+
+    def _update_now(self) -> tuple[CompiledUpdate, list[dict[str, Any]]]:
+        """The compiled update and hyperparameter tensors for the current options, made again only when an
+        option changed (an override, ``group["lr"] = ...``, a tensor written in place). Reusing the same
+        hyperparameter tensors from step to step lets the graph's guards skip re-evaluating them."""
+        options = [(k, v, v._version if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else None)
+                   for group in self.param_groups for k, v in group.items() if k != "params"]
+        last = self._last_update
+        if last is None or len(last[0]) != len(options) or not all(
+            k == k0 and v is v0 and w == w0 for (k, v, w), (k0, v0, w0) in zip(options, last[0], strict=True)
+        ):
+            spec, hyper = self._spec_now()
+            last = self._last_update = (options, CompiledUpdate(spec), hyper)
+        return last[1], last[2]
 
     def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
         """The optimizer spec for the current options (overrides applied) and its hyperparameters as tensors."""

@@ -81,3 +81,11 @@ def first_positions(items: Sequence[Any]) -> tuple[int, ...]:
     """For each position, the first position holding the same object (shared step counters are one tensor)."""
     first: dict[int, int] = {}
     return tuple(first.setdefault(id(x), j) for j, x in enumerate(items))
+
+
+def aliased_state_inputs(state_in: Sequence[tuple[str, str]], opt_state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
+    """``{"name.key": "first.key"}`` for optimizer-state inputs that are the same tensor as an earlier one (the
+    ``cse`` pass reads them through one placeholder: ``gm.meta["unrollc"]["aliased_inputs"]``)."""
+    names = [f"{n}.{k}" for n, k in state_in]
+    firsts = first_positions([opt_state[n][k] for n, k in state_in])
+    return {names[j]: names[f] for j, f in enumerate(firsts) if f != j}

@@ -20,11 +20,12 @@ from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from ..traced_functions import RestoredGenerators
 from .baked import Modes, python_values, restored_attributes, training_modes, warn_numbers, warn_written
+from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
 from .schedules import CheckpointLike
-from .state import UnrollState, first_positions, groups_to_hyper, hyper_to_groups
+from .state import UnrollState, aliased_state_inputs, groups_to_hyper, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
 
@@ -187,9 +188,9 @@ class Stepper:
         # safe_sqrt computes the same values with fewer ops, unless the final graph is instrumented (a forward
         # hook or a wrapped forward counting evaluations): then every evaluation goes through it.
         gm = compiled.gm
-        if not torch.is_grad_enabled() and not _instrumented(gm):
+        if not torch.is_grad_enabled() and not instrumented(gm):
             gm = compiled.graphs.get("after cse", gm)
-        outs = gm(*flat)
+        outs = run_graph(gm, flat)
         return self._unflatten(compiled.signature, state, outs)
 
     def trace(self, state: UnrollState, batch: Any, *meta: Any) -> fx.GraphModule:
@@ -423,7 +424,7 @@ class Stepper:
             "signature": captured.signature,
             "constants": captured.constants,
             "example_inputs": captured.example_inputs,
-            "aliased_inputs": _aliased_state(captured.signature.state_in, state.opt_state),
+            "aliased_inputs": aliased_state_inputs(captured.signature.state_in, state.opt_state),
         }
         gm, graphs = run_pipeline(gm, keep=True, check=self.check)
         gm.meta["unrollc"].pop("constants", None)
@@ -485,13 +486,6 @@ class Stepper:
         return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
 
 
-def _aliased_state(state_in: Sequence[tuple[str, str]], opt_state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
-    """``{"name.key": "first.key"}`` for optimizer-state inputs that are the same tensor as an earlier one."""
-    names = [f"{n}.{k}" for n, k in state_in]
-    firsts = first_positions([opt_state[n][k] for n, k in state_in])
-    return {names[j]: names[f] for j, f in enumerate(firsts) if f != j}
-
-
 def _describe(tree: Any) -> str:
     """A short description of a batch: its structure with tensors as ``Tensor(shape)``."""
     leaves, spec = tree_flatten(tree)
@@ -502,16 +496,6 @@ def _describe(tree: Any) -> str:
 
 _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
 _MANY_KEYS = 8  # traces for new keys after which Python numbers among the inputs are pointed out
-
-
-def _instrumented(gm: fx.GraphModule) -> bool:
-    """Whether calling ``gm`` runs something besides its code: its own or global forward hooks, a patched forward."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(
-        gm._forward_hooks or gm._forward_pre_hooks or "forward" in vars(gm)
-        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-    )
 
 
 class PassGraphs(dict):
