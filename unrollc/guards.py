@@ -29,15 +29,16 @@ Python value is a data-dependent branch and fails loudly at trace time.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-import warnings
 from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["Guard", "ScalarTracker", "check_guards"]
@@ -91,26 +92,47 @@ class _Item:
         return f"{self.call!r}[{self.index}]"
 
 
-def _evaluate(expr: Any, env: Mapping[str, torch.Tensor], memo: dict[int, Any]) -> Any:
-    if isinstance(expr, _Leaf):
-        return env[expr.name]
-    if isinstance(expr, _Item):
-        return _evaluate(expr.call, env, memo)[expr.index]
-    if isinstance(expr, _Call):
-        if id(expr) not in memo:
-            args = tree_map(lambda e: _evaluate(e, env, memo), expr.args, is_leaf=_is_expr)
-            kwargs = tree_map(lambda e: _evaluate(e, env, memo), expr.kwargs, is_leaf=_is_expr)
-            if expr.inplace:  # never mutate the caller's leaves: work on a copy of the target
-                target = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args[0])
-                args = (target, *args[1:])
-            out = expr.func(*args, **kwargs)
-            memo[id(expr)] = args[0] if expr.inplace else out
-        return memo[id(expr)]
-    return expr
-
-
 def _is_expr(x: Any) -> bool:
     return isinstance(x, (_Leaf, _Call, _Item))
+
+
+_Compiled = Callable[[Mapping[str, torch.Tensor], dict[int, Any]], Any]
+
+
+def _compile(expr: Any) -> _Compiled:
+    """``expr`` as a closure ``(env, memo) -> value``: the value of the expression for the leaf values in ``env``
+    (subexpressions computed once per ``memo``). The walk over the tree and over each call's argument structure
+    is done here, once: RAdam evaluates its guard on the step count at every step."""
+    if isinstance(expr, _Leaf):
+        name = expr.name
+        return lambda env, memo: env[name]
+    if isinstance(expr, _Item):
+        inner, index = _compile(expr.call), expr.index
+        return lambda env, memo: inner(env, memo)[index]
+    if not isinstance(expr, _Call):
+        return lambda env, memo: expr
+    flat, spec = tree_flatten((expr.args, expr.kwargs), is_leaf=_is_expr)
+    parts = [_compile(e) if _is_expr(e) else None for e in flat]
+    func, inplace, key = expr.func, expr.inplace, id(expr)
+    # the common shape: positional arguments and keywords that are plain values or expressions
+    plain = tree_flatten((tuple(range(len(expr.args))), {k: 0 for k in expr.kwargs}))[1] == spec
+    n_args, names = len(expr.args), list(expr.kwargs)
+
+    def call(env: Mapping[str, torch.Tensor], memo: dict[int, Any]) -> Any:
+        if key in memo:
+            return memo[key]
+        values = [c if f is None else f(env, memo) for c, f in zip(flat, parts)]
+        if plain:
+            args, kwargs = values[:n_args], dict(zip(names, values[n_args:]))
+        else:
+            args, kwargs = tree_unflatten(values, spec)
+        if inplace:  # never mutate the caller's leaves: work on a copy of the target
+            args = [tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args[0]), *args[1:]]
+        out = func(*args, **kwargs)
+        memo[key] = args[0] if inplace else out
+        return memo[key]
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -131,8 +153,11 @@ class Guard:
         if self.learned is not None and env[self.learned].requires_grad:
             return True
         with torch.no_grad():
-            tensor = _evaluate(self.expr, env, {})
-            return _convert(tensor, self.kind) == self.value
+            return _convert(self._compiled(env, {}), self.kind) == self.value
+
+    @functools.cached_property
+    def _compiled(self) -> _Compiled:
+        return _compile(self.expr)
 
     def __str__(self) -> str:
         learned = f" or {self.learned} requires grad" if self.learned else ""

@@ -88,7 +88,12 @@ class CompiledUpdate:
     def __init__(self, spec: OptimizerSpec) -> None:
         self.spec = spec
         self._cache_spec = spec  # the cache key: the user's optimizer, before any fallback variant
+        self.names_by_group = spec.group_params
         self._names = tuple(n for names in spec.group_params for n in names)
+        self._static = (spec.cls, spec.group_params, spec.static_key)
+        self._api = f"unrollc.higher ({spec.cls.__name__} update)"
+        self._last_key: Any = None  # the key of the last call and its cache list: most calls repeat it
+        self._last_entries: list[_Entry] = []
         self.trace_count = 0
         self.last: _Entry | None = None
 
@@ -104,11 +109,12 @@ class CompiledUpdate:
         of them). Returns the new parameters (every name of ``params``) and the new optimizer state."""
         grads = {n: g for n, g in grads.items() if g is not None}
         state = {n: dict(st) for n, st in opt_state.items() if st}
-        entry = self._lookup(params, grads, state, hyper)
+        hyper_values = hyper_leaves(hyper, len(hyper) == 1)
+        entry = self._lookup(params, grads, state, hyper, hyper_values)
         sig = entry.signature
         flat = [params[n] for n in sig.params]
         flat += [state[n][k] for n, k in sig.state_in]
-        flat += [v for _, v in hyper_leaves(hyper, len(hyper) == 1)]
+        flat += [v for _, v in hyper_values]
         flat += [grads[n] for n in sig.grads]
         outs = run_graph(entry.gm, flat)
         new_params = dict(params)
@@ -120,32 +126,33 @@ class CompiledUpdate:
 
     # ------------------------------------------------------------------------------------- internal
     def _key(self, params, grads, state, hyper) -> Any:  # noqa: ANN001
-        p = tuple((n, input_layout(params[n]), n in grads) for n in self._names)
-        g = tuple(input_layout(grads[n]) for n in self._names if n in grads)
+        pg = tuple((input_layout(params[n]), input_layout(grads[n]) if n in grads else None) for n in self._names)
         first: dict[int, int] = {}  # state inputs that are one tensor (shared step counters) share a class
         s = tuple((n, k, input_layout(v), first.setdefault(id(v), len(first)))
                   for n in sorted(state) for k, v in sorted(state[n].items()))
         h = tuple((k, tuple(map(input_layout, v)) if isinstance(v, tuple) else input_layout(v)) for grp in hyper for k, v in sorted(grp.items()))
-        return (self._cache_spec.cls, self._cache_spec.group_params, self._cache_spec.static_key, p, g, s, h)
+        return (self._static, pg, s, h)
 
-    def _env(self, sig: UpdateSignature, state: State, hyper: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        env = {f"hyper:{n}": v for n, v in hyper_leaves(hyper, len(hyper) == 1)}
+    def _env(self, sig: UpdateSignature, state: State, hyper_values: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        env = {f"hyper:{n}": v for n, v in hyper_values}
         env.update({f"state:{n}.{k}": state[n][k] for n, k in sig.state_in if state[n][k].dim() == 0})
         return env
 
-    def _lookup(self, params, grads, state, hyper) -> _Entry:  # noqa: ANN001
+    def _lookup(self, params, grads, state, hyper, hyper_values) -> _Entry:  # noqa: ANN001
         key = self._key(params, grads, state, hyper)
-        entries = _CACHE.get(key)
-        if entries is None:
-            entries = _CACHE[key] = []
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        _CACHE.move_to_end(key)
+        if key != self._last_key:
+            entries = _CACHE.get(key)
+            if entries is None:
+                entries = _CACHE[key] = []
+                while len(_CACHE) > _CACHE_SIZE:
+                    _CACHE.popitem(last=False)
+            _CACHE.move_to_end(key)
+            self._last_key, self._last_entries = key, entries
         self.last = lookup_or_trace(
-            entries,
-            lambda entry: self._env(entry.signature, state, hyper),
+            self._last_entries,
+            lambda entry: self._env(entry.signature, state, hyper_values),
             lambda: self._trace(params, grads, state, hyper),
-            f"unrollc.higher ({self.spec.cls.__name__} update)",
+            self._api,
         )
         return self.last
 

@@ -18,6 +18,7 @@ silently gives None); the weights keep ``.grad`` after ``backward()`` (``retain_
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -239,25 +240,28 @@ class DifferentiableOptimizer:
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Run the compiled ``torch.optim`` update on ``self.param_groups`` / ``self.state`` in place."""
         update, hyper = self._update_now()
-        hyper = [dict(h) for h in hyper]  # per-element learning rates below are made for this step's parameters
         for g, group in enumerate(self.param_groups):
             if isinstance(lr := hyper[g].get("lr"), torch.Tensor) and lr.dim():
+                # made for this step's parameters, in a copy: the reused hyperparameters keep the option's value
+                hyper = [dict(h) for h in hyper] if hyper is self._last_update[2] else hyper
                 hyper[g]["lr"] = _elementwise_lr(lr, group["params"], g)
+        names = update.names_by_group
         params, grads, state = {}, {}, {}
-        for g, (group, gg) in enumerate(zip(self.param_groups, grouped_grads, strict=True)):
+        for g, (group, gg, group_state) in enumerate(zip(self.param_groups, grouped_grads, self.state, strict=True)):
             for i, (p, grad) in enumerate(zip(group["params"], gg, strict=True)):
-                name = f"{g}.{i}"
+                name = names[g][i]
                 params[name] = p if self._track_higher_grads else p.detach()
                 if grad is not None:
                     grads[name] = grad
-                if self.state[g].get(i):
-                    state[name] = {k: _utils._recursive_map(v, _as_tensor) for k, v in self.state[g][i].items()}
+                if st := group_state.get(i):
+                    state[name] = {k: v if isinstance(v, torch.Tensor) else _utils._recursive_map(v, _as_tensor) for k, v in st.items()}
         new_params, new_state = update(params, grads, state, hyper)
-        for g, group in enumerate(self.param_groups):
-            for i in range(len(group["params"])):
-                group["params"][i] = new_params[f"{g}.{i}"]
-                if f"{g}.{i}" in new_state:
-                    self.state[g][i] = new_state[f"{g}.{i}"]
+        for g, (group, group_state) in enumerate(zip(self.param_groups, self.state, strict=True)):
+            group_params = group["params"]
+            for i, name in enumerate(names[g]):
+                group_params[i] = new_params[name]
+                if (st := new_state.get(name)) is not None:
+                    group_state[i] = st
 
     def _read_optimizer(self) -> OptimizerSpec:
         """The user's optimizer, read once: its class, parameter groups and static options."""
@@ -427,8 +431,16 @@ def _hyper(key: str, v: Any) -> Any:
         v = v.reshape(())
         return v if v.is_floating_point() else v.double()
     if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=torch.float64)
+        return _number_tensor(float(v).hex())  # by its bits: 0.0 and -0.0 are two values
     raise TypeError(f"unrollc.higher: the optimizer option {key!r} must be a float or a tensor, got {type(v).__name__}.")
+
+
+@functools.lru_cache(maxsize=256)
+def _number_tensor(bits: str) -> torch.Tensor:
+    """A float option as a 0-dim float64 tensor, one per value for the process: the graphs' guards then find the
+    very tensors they last checked and skip re-evaluating them, also in the next ``innerloop_ctx``. Nothing
+    writes to these tensors (the update is functional, and they never reach the user)."""
+    return torch.tensor(float.fromhex(bits), dtype=torch.float64)
 
 
 def _static(key: str, v: Any, original: Any) -> Any:
