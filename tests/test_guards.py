@@ -50,3 +50,15 @@ def test_a_guard_set_re_evaluates_when_a_leaf_changes():
     step.add_(4.0)  # in place: the same tensor, a new version
     assert not guards.holds({"state:step": step})
     assert guards.holds({"state:step": torch.tensor(5.0)})
+
+
+def test_guards_that_differ_only_in_aliased_leaves_are_one():
+    def rectified(leaf):
+        return Guard(_Call(torch.gt, (_Call(torch.add, (_Leaf(leaf), 1), {}, False), 5), {}, False), "bool", True)
+
+    aliases = {"state:b.step": "state:a.step", "state:c.step": "state:a.step"}
+    guards = GuardSet([rectified("state:a.step"), rectified("state:b.step"), rectified("state:c.step")], aliases)
+    assert len(guards) == 1 and guards.leaves == ["state:a.step"]
+    assert guards.holds({"state:a.step": torch.tensor(6.0)})
+    assert not guards.holds({"state:a.step": torch.tensor(3.0)})
+    assert len(GuardSet([rectified("state:a.step"), rectified("state:b.step")])) == 2  # without aliases: two leaves

@@ -419,3 +419,22 @@ def test_a_zero_dim_parameter_follows_eager(cls):
             torch.testing.assert_close(state.params[n], p, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(state.params[n], p), n
+
+
+def test_radam_checks_one_rectification_guard_per_step_and_separate_counters_their_own(float64):
+    """RAdam branches on rho_t > 5, computed from each parameter's step counter. The counters unrollc shares are
+    one tensor, so the compiled step has one guard on it (checked every step), not one per parameter. Separate
+    counters (a warm optimizer whose parameters started at different steps) keep a guard each, and each
+    parameter switches its rectification on at its own step, as in eager torch.optim."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(8)]
+    stepper, _ = assert_same_trajectory(model, O.RAdam(model.parameters(), lr=0.01), mse, batches, tol=1e-12)
+    assert [str(g).count(".step") > 0 for g in stepper._last.guards].count(True) == 1, list(map(str, stepper._last.guards))
+
+    opt = O.RAdam(model.parameters(), lr=0.01)
+    mse(model, batches[0]).backward()
+    opt.step()
+    opt.state[model[0].weight]["step"] = torch.tensor(4.0)  # rho_t > 5 from its 6th step; the others from their 5th
+    warm, _ = assert_same_trajectory(model, opt, mse, batches, tol=1e-12)
+    assert [str(g).count(".step") > 0 for g in warm._last.guards].count(True) > 1

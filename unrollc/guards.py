@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -191,10 +191,12 @@ MAX_TRACES_PER_LAYOUT = 16
 
 def lookup_or_trace(entries: list[Any], env_of: Callable[[Any], Mapping[str, torch.Tensor]], trace: Callable[[], Any], api: str) -> Any:
     """The first of ``entries`` (traced graphs of one input layout, each with a ``guards`` GuardSet) whose
-    guards hold, or a new trace appended to ``entries``; warns when re-tracing often and refuses past
+    guards hold, moved to the front, or a new trace appended to ``entries``; warns when re-tracing often and refuses past
     :data:`MAX_TRACES_PER_LAYOUT`. ``env_of(entry)`` gives the current leaf values for an entry."""
-    for entry in entries:
+    for i, entry in enumerate(entries):
         if not entry.guards or entry.guards.holds(env_of(entry)):
+            if i:  # checked first next time: a switched branch (RAdam's rectification) stays switched
+                entries.insert(0, entries.pop(i))
             return entry
     failed = [str(g) for g in entries[-1].guards] if entries else []
     if len(entries) >= MAX_TRACES_PER_LAYOUT:
@@ -211,8 +213,29 @@ def lookup_or_trace(entries: list[Any], env_of: Callable[[Any], Mapping[str, tor
     return entry
 
 
+def _renamed(expr: Any, aliases: Mapping[str, str], memo: dict[int, Any]) -> Any:
+    """``expr`` reading each leaf named in ``aliases`` under the name it maps to (shared subexpressions stay shared)."""
+    if id(expr) in memo:
+        return memo[id(expr)]
+    if isinstance(expr, _Leaf):
+        out: Any = _Leaf(aliases.get(expr.name, expr.name))
+    elif isinstance(expr, _Item):
+        out = _Item(_renamed(expr.call, aliases, memo), expr.index)
+    elif isinstance(expr, _Call):
+        rename = lambda e: _renamed(e, aliases, memo)  # noqa: E731
+        out = _Call(expr.func, tree_map(rename, expr.args, is_leaf=_is_expr), tree_map(rename, expr.kwargs, is_leaf=_is_expr), expr.inplace)
+    else:
+        return expr
+    memo[id(expr)] = out
+    return out
+
+
 class GuardSet:
     """The guards of one traced graph, checked cheaply on every step.
+
+    ``aliases`` maps leaves that the graph receives as one tensor to the one it reads them as (the parameters'
+    shared step counter: ``{"state:0.bias.step": "state:0.weight.step"}``, see ``passes/cse.py``): a guard read
+    once per parameter (RAdam's ``rho_t > 5``) is then one guard, checked once per step.
 
     Guards that read only values which are the very same tensor objects, unmodified (same ``_version``),
     as at their last successful check are not evaluated again: hyperparameters are carried unchanged from
@@ -221,9 +244,11 @@ class GuardSet:
     never be reused by a different tensor.
     """
 
-    def __init__(self, guards: Sequence[Guard]) -> None:
+    def __init__(self, guards: Sequence[Guard], aliases: Mapping[str, str] | None = None) -> None:
         unique: dict[str, Guard] = {}
         for g in guards:
+            if aliases and not g.leaves.isdisjoint(aliases):
+                g = replace(g, expr=_renamed(g.expr, aliases, {}), learned=aliases.get(g.learned, g.learned))  # type: ignore[arg-type]
             unique.setdefault(str(g), g)
         self.guards = list(unique.values())
         self.leaves = sorted(frozenset().union(*(g.leaves for g in self.guards))) if self.guards else []
@@ -290,12 +315,17 @@ def _per_tensor_op(name: str) -> Callable | None:
     return getattr(torch, base, None)
 
 
+def _up(x: Any) -> Any:
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
 def _in_float64(func: Callable) -> Callable:
     """``func`` with its 0-dim floating tensor arguments promoted to float64 (step 4)."""
 
     def promoted(*args: Any, **kwargs: Any) -> Any:
-        up = lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-        return func(*tree_map(up, args), **tree_map(up, kwargs))
+        if any(isinstance(x, (list, tuple, dict)) for x in (*args, *kwargs.values())):
+            return func(*tree_map(_up, args), **tree_map(_up, kwargs))
+        return func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})  # the usual case, without pytree
 
     promoted.__name__ = getattr(func, "__name__", "op")
     return promoted

@@ -182,5 +182,6 @@ class CompiledUpdate:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        return _Entry(gm, sig, GuardSet(shadow.tracker.guards))
+        aliases = {f"state:{a}": f"state:{b}" for a, b in gm.meta["unrollc"]["aliased_inputs"].items()}
+        return _Entry(gm, sig, GuardSet(shadow.tracker.guards, aliases))
 

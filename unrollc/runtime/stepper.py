@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -430,7 +430,8 @@ class Stepper:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        return CompiledStep(gm, captured.signature, GuardSet(captured.guards), graphs)
+        aliases = {f"state:{a}": f"state:{b}" for a, b in gm.meta["unrollc"]["aliased_inputs"].items()}
+        return CompiledStep(gm, captured.signature, GuardSet(captured.guards, aliases), graphs)
 
     def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
         """Trainable parameters the loss depends on (others get no gradient, as in eager torch.optim)."""
