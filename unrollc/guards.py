@@ -191,12 +191,10 @@ MAX_TRACES_PER_LAYOUT = 16
 
 def lookup_or_trace(entries: list[Any], env_of: Callable[[Any], Mapping[str, torch.Tensor]], trace: Callable[[], Any], api: str) -> Any:
     """The first of ``entries`` (traced graphs of one input layout, each with a ``guards`` GuardSet) whose
-    guards hold, moved to the front, or a new trace appended to ``entries``; warns when re-tracing often and refuses past
+    guards hold, or a new trace appended to ``entries``; warns when re-tracing often and refuses past
     :data:`MAX_TRACES_PER_LAYOUT`. ``env_of(entry)`` gives the current leaf values for an entry."""
-    for i, entry in enumerate(entries):
-        if not entry.guards or entry.guards.holds(env_of(entry)):
-            if i:  # checked first next time: a switched branch (RAdam's rectification) stays switched
-                entries.insert(0, entries.pop(i))
+    for entry in entries:  # in trace order: guard sets may overlap (a learned weight_decay of 0), and the
+        if not entry.guards or entry.guards.holds(env_of(entry)):  # choice must not depend on what ran before
             return entry
     failed = [str(g) for g in entries[-1].guards] if entries else []
     if len(entries) >= MAX_TRACES_PER_LAYOUT:

@@ -763,3 +763,64 @@ def test_options_changed_between_steps_are_used():
                                  (new_betas, [0.1] * 4, [0.9, 0.9, 0.9, 0.5])]:
         for got, want in zip(run(changes), reference(lrs, beta1s), strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-14, msg=changes.__name__)
+
+
+def test_the_graph_chosen_for_a_learned_zero_weight_decay_does_not_depend_on_earlier_contexts(float64):
+    """A learned weight_decay of 0 and the optimizer's own 0.0 both satisfy the plain graph's guard; the learned
+    one must still get its meta-gradient after contexts that ran the plain graph (found in review)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = O.SGD(model.parameters(), lr=0.1, weight_decay=0.0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def inner(override, steps):
+        with uh.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(loss_of(fmodel(x), y))
+            return loss_of(fmodel(x), y)
+
+    def meta_grad():
+        wd = torch.tensor(0.0, requires_grad=True)
+        return torch.autograd.grad(inner({"weight_decay": [wd]}, 1), wd, allow_unused=True)[0]
+
+    first = meta_grad()
+    inner(None, 2)  # the optimizer's own weight_decay=0.0
+    assert first is not None and torch.equal(meta_grad(), first)
+
+
+def test_options_that_change_without_becoming_new_objects_are_seen():
+    """A hyperparameter set to require grad mid-loop gets its gradient; a custom optimizer's list attribute and a
+    dict-valued group option changed in place change the next update (found in review)."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1, bias=False)
+    x = torch.randn(4, 2)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1), override={"lr": [lr]}) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).pow(2).sum())
+        lr.requires_grad_()
+        diffopt.step(fmodel(x).pow(2).sum())
+        assert torch.autograd.grad(fmodel(x).pow(2).sum(), lr)[0] != 0
+
+    class ScaledSGD(O.Optimizer):
+        def __init__(self, params, lr=0.1, cfg=None):
+            super().__init__(params, dict(lr=lr, cfg=cfg if cfg is not None else {"scale": 1.0}))
+            self.factors = [1.0]
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"] * group["cfg"]["scale"] * self.factors[0])
+
+    for change in ("attribute", "dict option"):
+        opt = ScaledSGD(model.parameters())
+        with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            diffopt.step(fmodel(x).sum())
+            before = fmodel.weight.detach().clone()
+            if change == "attribute":
+                opt.factors[0] = 0.0
+            else:
+                diffopt.param_groups[0]["cfg"]["scale"] = 0.0
+            diffopt.step(fmodel(x).sum())
+            assert torch.equal(fmodel.weight, before), change  # a zero step: the weight stays

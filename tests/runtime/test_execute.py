@@ -87,3 +87,19 @@ def test_an_error_inside_the_graph_shows_the_failing_line():
     else:
         raise AssertionError("mm of 2x3 by 2x3 did not fail")
     assert "= _op_aten_mm_default(x, y)" in text  # the generated line, not only the error
+
+
+def test_backward_hooks_on_the_graph_module_run():
+    from torch.nn.modules import module as nn_module
+
+    gm = fx.symbolic_trace(lambda x: torch.ops.aten.mul.Tensor(x, x))
+    calls = []
+    handle = nn_module.register_module_full_backward_hook(lambda *_: calls.append("global"))
+    x = torch.ones(2, requires_grad=True)
+    try:
+        run_graph(gm, [x]).sum().backward()
+    finally:
+        handle.remove()
+    gm.register_full_backward_hook(lambda *_: calls.append("own"))
+    run_graph(gm, [x]).sum().backward()
+    assert calls == ["global", "own"]

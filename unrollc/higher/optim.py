@@ -18,7 +18,6 @@ silently gives None); the weights keep ``.grad`` after ``backward()`` (``retain_
 from __future__ import annotations
 
 import collections
-import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -58,7 +57,7 @@ class DifferentiableOptimizer:
 
     _released = False  # set when the innerloop_ctx that made it exits (see _release)
     # (options as last read, their CompiledUpdate, hyperparameter tensors): see _update_now
-    _last_update: tuple[list[tuple[str, Any, Any]], CompiledUpdate, list[dict[str, Any]]] | None = None
+    _last_update: tuple[list[tuple[str, Any, Any]] | None, CompiledUpdate, list[dict[str, Any]]] | None = None
 
     def __init__(
         self,
@@ -243,7 +242,7 @@ class DifferentiableOptimizer:
         for g, group in enumerate(self.param_groups):
             if isinstance(lr := hyper[g].get("lr"), torch.Tensor) and lr.dim():
                 # made for this step's parameters, in a copy: the reused hyperparameters keep the option's value
-                hyper = [dict(h) for h in hyper] if hyper is self._last_update[2] else hyper
+                hyper = [dict(h) for h in hyper] if self._last_update is not None and hyper is self._last_update[2] else hyper
                 hyper[g]["lr"] = _elementwise_lr(lr, group["params"], g)
         names = update.names_by_group
         params, grads, state = {}, {}, {}
@@ -282,16 +281,20 @@ class DifferentiableOptimizer:
 
     def _update_now(self) -> tuple[CompiledUpdate, list[dict[str, Any]]]:
         """The compiled update and hyperparameter tensors for the current options, made again only when an
-        option changed (an override, ``group["lr"] = ...``, a tensor written in place). Reusing the same
-        hyperparameter tensors from step to step lets the graph's guards skip re-evaluating them."""
-        options = [(k, v, v._version if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else None)
+        option changed (an override, ``group["lr"] = ...``, a tensor written in place or set to require grad).
+        Reusing the same hyperparameter tensors from step to step lets the graph's guards skip re-evaluating
+        them. Options that can change without becoming another object (a list or dict, a custom optimizer's own
+        attributes) are read again at every step, as the compiled step cannot see into them."""
+        options = [(k, v, (v._version, v.requires_grad) if isinstance(v, torch.Tensor) else None)
                    for group in self.param_groups for k, v in group.items() if k != "params"]
         last = self._last_update
         if last is None or len(last[0]) != len(options) or not all(
             k == k0 and v is v0 and w == w0 for (k, v, w), (k0, v0, w0) in zip(options, last[0], strict=True)
         ):
             spec, hyper = self._spec_now()
-            last = self._last_update = (options, CompiledUpdate(spec), hyper)
+            memo = options if not spec.attributes and all(_immutable(v) for _, v, _ in options) else None
+            last = (memo, CompiledUpdate(spec), hyper)
+            self._last_update = None if memo is None else last
         return last[1], last[2]
 
     def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
@@ -431,16 +434,15 @@ def _hyper(key: str, v: Any) -> Any:
         v = v.reshape(())
         return v if v.is_floating_point() else v.double()
     if isinstance(v, (int, float)):
-        return _number_tensor(float(v).hex())  # by its bits: 0.0 and -0.0 are two values
+        return torch.tensor(float(v), dtype=torch.float64)
     raise TypeError(f"unrollc.higher: the optimizer option {key!r} must be a float or a tensor, got {type(v).__name__}.")
 
 
-@functools.lru_cache(maxsize=256)
-def _number_tensor(bits: str) -> torch.Tensor:
-    """A float option as a 0-dim float64 tensor, one per value for the process: the graphs' guards then find the
-    very tensors they last checked and skip re-evaluating them, also in the next ``innerloop_ctx``. Nothing
-    writes to these tensors (the update is functional, and they never reach the user)."""
-    return torch.tensor(float.fromhex(bits), dtype=torch.float64)
+def _immutable(value: Any) -> bool:
+    """Whether an option can change only by becoming another object (or, a tensor, by its version)."""
+    if isinstance(value, tuple):
+        return all(_immutable(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device))
 
 
 def _static(key: str, v: Any, original: Any) -> Any:

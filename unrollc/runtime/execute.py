@@ -10,7 +10,7 @@ Measured on the CPU (torch 2.13, 1 thread), Adam's update for a width-40 MLP (70
 with autograd recording, 528 µs -> 420 µs without.
 
 The values, and autograd's graph, are exactly those of ``gm(*args)``: the same ops run in the same order
-with the same arguments. A graph that is instrumented (forward hooks, global or its own, or a patched
+with the same arguments. A graph that is instrumented (module hooks, global or its own, or a patched
 ``forward``, which tests use to count evaluations) runs through ``gm(*args)`` so that the instrumentation
 sees every evaluation.
 """
@@ -37,12 +37,14 @@ _DIRECT: weakref.WeakKeyDictionary[fx.GraphModule, tuple[str, Callable[..., Any]
 
 
 def instrumented(gm: fx.GraphModule) -> bool:
-    """Whether calling ``gm`` runs something besides its code: its own or global forward hooks, a patched forward."""
+    """Whether calling ``gm`` runs something besides its code: its own or global module hooks (forward or
+    backward), a patched forward."""
     from torch.nn.modules import module as nn_module
 
     return bool(
-        gm._forward_hooks or gm._forward_pre_hooks or "forward" in vars(gm)
-        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+        gm._forward_hooks or gm._forward_pre_hooks or gm._backward_hooks or gm._backward_pre_hooks
+        or "forward" in vars(gm) or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks
     )
 
 
@@ -74,6 +76,7 @@ def _direct(gm: fx.GraphModule) -> Callable[..., Any]:
     source = _CALL.sub(bind, gm._code)
     filename = f"<unrollc graph {next(_FILES)}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)  # tracebacks show the line
+    weakref.finalize(gm, linecache.cache.pop, filename, None)  # and it goes with the graph
     exec(compile(source, filename, "exec"), namespace)
     fn = namespace["forward"]
     _DIRECT[gm] = (gm._code, fn)
