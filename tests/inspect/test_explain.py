@@ -109,14 +109,27 @@ if __name__ == "__main__":  # regenerate the golden file
 
 
 def test_a_guard_on_every_parameters_state_is_shown_once():
-    """RAdam's rho_t > 5 is read from each parameter's step counter: one line naming the parameters, not one each."""
+    """RAdam's rho_t > 5 is read from each parameter's step counter. The counters unrollc shares are one tensor
+    and one guard; separate counters (a warm optimizer whose parameters started at different steps) are a guard
+    each, shown as one line naming the parameters, not one line each."""
     import unrollc
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
-    stepper = unrollc.compile(model, torch.optim.RAdam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    opt = torch.optim.RAdam(model.parameters(), lr=0.1)
+    stepper = unrollc.compile(model, opt, lambda m, b: m(b).pow(2).mean())
     state = stepper.step(stepper.init(), torch.randn(2, 3))
     stepper.step(state, torch.randn(2, 3))
     text = str(unrollc.explain(stepper))
-    assert len(stepper.guards) >= 4
+    assert len(stepper.guards) == 2  # weight_decay != 0, and rho_t > 5 on the shared counter
+    assert text.count("5.0)) == False") == 1 and "state:*.step" in text
+
+    model(torch.randn(2, 3)).pow(2).mean().backward()
+    opt.step()
+    for i, p in enumerate(model.parameters()):
+        opt.state[p]["step"] = torch.tensor(float(i + 1))  # four different counters
+    warm = unrollc.compile(model, opt, lambda m, b: m(b).pow(2).mean())
+    warm.step(warm.init(), torch.randn(2, 3))
+    text = str(unrollc.explain(warm))
+    assert len(warm.guards) >= 4
     assert text.count("5.0)) == False") == 1 and "state:*.step" in text
     assert "(for each of 4 parameters: 0.weight, 0.bias, 1.weight, 1.bias)" in text
