@@ -36,7 +36,7 @@ from .guards import GuardSet, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
 from .passes import run_pipeline
 from .runtime.execute import run_graph
-from .runtime.state import aliased_state_inputs
+from .runtime.state import aliased_state_inputs, guard_aliases
 
 __all__ = ["CompiledUpdate", "UpdateSignature"]
 
@@ -88,7 +88,6 @@ class CompiledUpdate:
     def __init__(self, spec: OptimizerSpec) -> None:
         self.spec = spec
         self._cache_spec = spec  # the cache key: the user's optimizer, before any fallback variant
-        self.names_by_group = spec.group_params
         self._names = tuple(n for names in spec.group_params for n in names)
         self._static = (spec.cls, spec.group_params, spec.static_key)
         self._api = f"unrollc.higher ({spec.cls.__name__} update)"
@@ -182,6 +181,5 @@ class CompiledUpdate:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        aliases = {f"state:{a}": f"state:{b}" for a, b in gm.meta["unrollc"]["aliased_inputs"].items()}
-        return _Entry(gm, sig, GuardSet(shadow.tracker.guards, aliases))
+        return _Entry(gm, sig, GuardSet(shadow.tracker.guards, guard_aliases(gm.meta["unrollc"]["aliased_inputs"])))
 

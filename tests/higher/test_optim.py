@@ -666,6 +666,15 @@ def test_a_custom_optimizer_changing_the_gradient_in_place_and_keeping_an_attrib
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
 
 
+def _step_with_twin(fmodel, diffopt, twin, twin_opt, x, y, steps):
+    """``steps`` differentiable steps and the same eager torch.optim steps on ``twin``, in turn."""
+    for _ in range(steps):
+        diffopt.step(loss_of(fmodel(x), y))
+        twin_opt.zero_grad()
+        loss_of(twin(x), y).backward()
+        twin_opt.step()
+
+
 def _update_graph(diffopt):
     """The graph the differentiable optimizer's last step ran."""
     return diffopt._last_update[1].last.gm
@@ -681,11 +690,7 @@ def test_adam_steps_share_one_step_counter_and_stay_torch_adam():
     opt, twin_opt = O.Adam(model.parameters(), lr=0.01), O.Adam(twin.parameters(), lr=0.01)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
-        for _ in range(4):
-            diffopt.step(loss_of(fmodel(x), y))
-            twin_opt.zero_grad()
-            loss_of(twin(x), y).backward()
-            twin_opt.step()
+        _step_with_twin(fmodel, diffopt, twin, twin_opt, x, y, 4)
         steps = {id(st["step"]) for st in diffopt.state[0].values()}
         graph = _update_graph(diffopt).graph
     assert len(steps) == 1
@@ -712,11 +717,7 @@ def test_a_warm_adam_with_separate_counters_is_torch_adam():
     twin_opt.param_groups[0]["params"] = list(twin.parameters())
     twin_opt.state = {tp: {k: v.clone() for k, v in opt.state[p].items()} for tp, p in zip(twin.parameters(), model.parameters(), strict=True)}
     with uh.innerloop_ctx(model, opt) as (fmodel, diffopt):
-        for _ in range(3):
-            diffopt.step(loss_of(fmodel(x), y))
-            twin_opt.zero_grad()
-            loss_of(twin(x), y).backward()
-            twin_opt.step()
+        _step_with_twin(fmodel, diffopt, twin, twin_opt, x, y, 3)
     for fast, ref in zip(fmodel.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(fast, ref, rtol=0, atol=1e-14)
 

@@ -57,7 +57,7 @@ class DifferentiableOptimizer:
 
     _released = False  # set when the innerloop_ctx that made it exits (see _release)
     # (options as last read, their CompiledUpdate, hyperparameter tensors): see _update_now
-    _last_update: tuple[list[tuple[str, Any, Any]] | None, CompiledUpdate, list[dict[str, Any]]] | None = None
+    _last_update: tuple[list[tuple[str, Any, Any]], CompiledUpdate, list[dict[str, Any]]] | None = None
 
     def __init__(
         self,
@@ -239,12 +239,12 @@ class DifferentiableOptimizer:
     def _update(self, grouped_grads: _GroupedGradsType, **kwargs: Any) -> None:
         """Run the compiled ``torch.optim`` update on ``self.param_groups`` / ``self.state`` in place."""
         update, hyper = self._update_now()
-        for g, group in enumerate(self.param_groups):
-            if isinstance(lr := hyper[g].get("lr"), torch.Tensor) and lr.dim():
-                # made for this step's parameters, in a copy: the reused hyperparameters keep the option's value
-                hyper = [dict(h) for h in hyper] if self._last_update is not None and hyper is self._last_update[2] else hyper
-                hyper[g]["lr"] = _elementwise_lr(lr, group["params"], g)
-        names = update.names_by_group
+        if any(isinstance(lr := h.get("lr"), torch.Tensor) and lr.dim() for h in hyper):
+            hyper = [dict(h) for h in hyper]  # a copy: the per-element lrs are made for this step's parameters
+            for g, group in enumerate(self.param_groups):
+                if isinstance(lr := hyper[g].get("lr"), torch.Tensor) and lr.dim():
+                    hyper[g]["lr"] = _elementwise_lr(lr, group["params"], g)
+        names = update.spec.group_params  # "g.i" per group, as _read_optimizer names the parameters
         params, grads, state = {}, {}, {}
         for g, (group, gg, group_state) in enumerate(zip(self.param_groups, grouped_grads, self.state, strict=True)):
             for i, (p, grad) in enumerate(zip(group["params"], gg, strict=True)):
@@ -288,14 +288,15 @@ class DifferentiableOptimizer:
         options = [(k, v, (v._version, v.requires_grad) if isinstance(v, torch.Tensor) else None)
                    for group in self.param_groups for k, v in group.items() if k != "params"]
         last = self._last_update
-        if last is None or len(last[0]) != len(options) or not all(
+        if last is not None and len(last[0]) == len(options) and all(
             k == k0 and v is v0 and w == w0 for (k, v, w), (k0, v0, w0) in zip(options, last[0], strict=True)
         ):
-            spec, hyper = self._spec_now()
-            memo = options if not spec.attributes and all(_immutable(v) for _, v, _ in options) else None
-            last = (memo, CompiledUpdate(spec), hyper)
-            self._last_update = None if memo is None else last
-        return last[1], last[2]
+            return last[1], last[2]
+        spec, hyper = self._spec_now()
+        update = CompiledUpdate(spec)
+        reusable = not spec.attributes and all(_immutable(v) for _, v, _ in options)
+        self._last_update = (options, update, hyper) if reusable else None
+        return update, hyper
 
     def _spec_now(self) -> tuple[OptimizerSpec, list[dict[str, Any]]]:
         """The optimizer spec for the current options (overrides applied) and its hyperparameters as tensors."""

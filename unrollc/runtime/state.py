@@ -89,3 +89,9 @@ def aliased_state_inputs(state_in: Sequence[tuple[str, str]], opt_state: Mapping
     names = [f"{n}.{k}" for n, k in state_in]
     firsts = first_positions([opt_state[n][k] for n, k in state_in])
     return {names[j]: names[f] for j, f in enumerate(firsts) if f != j}
+
+
+def guard_aliases(aliased_inputs: Mapping[str, str]) -> dict[str, str]:
+    """:func:`aliased_state_inputs` as guard leaf names (``"state:0.bias.step" -> "state:0.weight.step"``), for
+    :class:`~unrollc.guards.GuardSet`."""
+    return {f"state:{a}": f"state:{b}" for a, b in aliased_inputs.items()}

@@ -25,7 +25,7 @@ from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entr
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
 from .schedules import CheckpointLike
-from .state import UnrollState, aliased_state_inputs, groups_to_hyper, hyper_to_groups
+from .state import UnrollState, aliased_state_inputs, groups_to_hyper, guard_aliases, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
 
@@ -430,7 +430,7 @@ class Stepper:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
-        aliases = {f"state:{a}": f"state:{b}" for a, b in gm.meta["unrollc"]["aliased_inputs"].items()}
+        aliases = guard_aliases(gm.meta["unrollc"]["aliased_inputs"])
         return CompiledStep(gm, captured.signature, GuardSet(captured.guards, aliases), graphs)
 
     def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
