@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (pyproject's addopts) the workers share the cores: split torch's threads between them.
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 
 @pytest.fixture
 def float64():

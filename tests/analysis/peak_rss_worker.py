@@ -19,7 +19,8 @@ def vm_hwm() -> int:
 def main(schedule: str, n: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    checkpoint = {"binomial2": unrollc.Binomial(slots=2), "every4": 4, "sqrt": "sqrt"}.get(schedule)
+    checkpoint = {"binomial2": unrollc.Binomial(slots=2), "binomial4": unrollc.Binomial(slots=4), "every4": 4,
+                  "sqrt": "sqrt"}.get(schedule)
     if schedule.startswith("budget"):
         checkpoint = unrollc.Budget(int(schedule[len("budget"):]))
     model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),

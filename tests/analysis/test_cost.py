@@ -109,6 +109,9 @@ def test_step_saved_bytes_match_measurement(case, lr_requires_grad):
     assert model.step_saved_bytes == pytest.approx(measured, rel=0.01)
     assert model.state_bytes == state_bytes(state)
     assert not model.analysis.fallback_ops
+    # the meta-gradients the backward leaves: one per parameter, and the learned lr's
+    grads = [*state.params.values(), *([state.hyper["lr"]] if lr_requires_grad else [])]
+    assert model.grad_bytes == sum(t.numel() * t.element_size() for t in grads) > 0
 
 
 def test_taped_batchnorm_running_stats_are_flagged():
@@ -307,15 +310,16 @@ def test_state_bytes_count_a_shared_step_counter_once():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
-@pytest.mark.parametrize("schedule", ["binomial2", "every4", "sqrt", "budget6000000"])
+@pytest.mark.parametrize("schedule", ["binomial2", "every4", "sqrt", "budget6500000"])
 def test_predicted_peak_is_the_measured_peak_rss(schedule):
     """The prediction against peak RSS in a fresh process (DESIGN.md's malloc settings). Without the backward's
-    working set, Binomial(2)'s prediction was half the measured peak, and a Budget unroll went 1.6x over."""
+    working set, Binomial(2)'s prediction was half the measured peak, and a Budget unroll went 1.6x over; without
+    the meta-gradients (grad_bytes), Budget(6_000_000) was planned as fitting and peaked at 6.29 MB."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "peak_rss_worker.py"), schedule, "24"],
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout
     measured, predicted = map(int, out.split())
     assert 0.8 <= measured / predicted <= 1.25, (measured, predicted)
-    if schedule.startswith("budget"):  # within 10% of the budget (the .grad of the initial weights is not planned)
-        assert measured <= 1.1 * int(schedule[len("budget"):]), measured
+    if schedule.startswith("budget"):  # measured 6.07-6.35 MB; Binomial(slots=1) is predicted at 6.10 MB
+        assert measured <= int(schedule[len("budget"):]), measured

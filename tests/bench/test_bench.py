@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+# The module-scoped quick run is made once: under pytest-xdist all of this module runs on one worker.
+pytestmark = pytest.mark.xdist_group("bench")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

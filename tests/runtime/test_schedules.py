@@ -129,16 +129,18 @@ def candidate_plans(n: int) -> list[Plan]:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 30), state_bytes=st.integers(0, 50), step_bytes=st.integers(0, 50),
-       budget=st.integers(1, 2000))
-def test_budget_picks_the_cheapest_fitting_plan(n: int, state_bytes: int, step_bytes: int, budget: int) -> None:
-    fitting = [p for p in candidate_plans(n) if p.peak_bytes(state_bytes, step_bytes) <= budget]
+       grad_bytes=st.integers(0, 50), budget=st.integers(1, 2000))
+def test_budget_picks_the_cheapest_fitting_plan(n: int, state_bytes: int, step_bytes: int, grad_bytes: int,
+                                                budget: int) -> None:
+    sizes = {"state_bytes": state_bytes, "step_bytes": step_bytes, "grad_bytes": grad_bytes}
+    fitting = [p for p in candidate_plans(n) if p.peak_bytes(state_bytes, step_bytes, grad_bytes) <= budget]
     if not fitting:
         with pytest.raises(ValueError, match="no checkpoint schedule"):
-            Budget(budget).plan(n, state_bytes=state_bytes, step_bytes=step_bytes)
+            Budget(budget).plan(n, **sizes)
         return
-    plan = Budget(budget).plan(n, state_bytes=state_bytes, step_bytes=step_bytes)
+    plan = Budget(budget).plan(n, **sizes)
     assert plan.policy == Budget(budget)
-    assert plan.peak_bytes(state_bytes, step_bytes) <= budget
+    assert plan.peak_bytes(state_bytes, step_bytes, grad_bytes) <= budget
     assert plan.evaluations == min(p.evaluations for p in fitting)
 
 
@@ -149,6 +151,11 @@ def test_budget_examples_and_errors() -> None:
     assert plan.resolved == Binomial(slots=18) and plan.peak_bytes(1000, 5000) == 30_000
     with pytest.raises(ValueError, match=r"the smallest needs 13000 bytes .* use Budget\(13000\) or more"):
         Budget(12_999).plan(100, state_bytes=1000, step_bytes=5000)
+    # the meta-gradients the backward leaves take room from the stored states: 2500 bytes cost 3 slots
+    plan = Budget(30_000).plan(100, state_bytes=1000, step_bytes=5000, grad_bytes=2500)
+    assert plan.resolved == Binomial(slots=15) and plan.peak_bytes(1000, 5000, 2500) == 29_500
+    with pytest.raises(ValueError, match=r"grad_bytes=500; the smallest needs 13500 bytes"):
+        Budget(13_000).plan(100, state_bytes=1000, step_bytes=5000, grad_bytes=500)
     with pytest.raises(ValueError, match=r"unrollc.Budget.plan: a memory budget is planned from the bytes .* unrollc.CostModel.from_stepper"):
         Budget(5999).plan(100)
 

@@ -10,9 +10,12 @@ Three numbers describe a step, all from the step graph without running it (``unr
 * ``step_saved_bytes``: the same with only the params (and inputs that require grad) as sources — what
   ``unrollc.analysis.memory.saved_bytes_per_step`` measures for a state;
 
+``grad_bytes``: the meta-gradients the backward leaves, one per input that requires grad in ``step_saved_bytes``'s
+sense (the ``.grad`` of the initial weights, of a learned ``lr``, of meta inputs), which accumulate while it runs;
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
-``peak_bytes = (peak_states + 2) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes`` (the stored states,
-the taped steps and the backward's working set, see ``unrollc.runtime.schedules.peak_bytes``) and
+``peak_bytes = (peak_states + 2) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes + grad_bytes`` (the
+stored states, the taped steps, the backward's working set and the meta-gradients, see
+``unrollc.runtime.schedules.peak_bytes``) and
 ``flops = evaluations * flops_per_step`` (forward evaluations; the backward of the n taped steps is the same for
 every schedule and not included). ``CostModel.expressions(policy)`` gives the same as sympy expressions in ``n``.
 """
@@ -54,6 +57,7 @@ class Prediction:
     time_steps: int
     flops: int
     working_bytes: int = 0  # the part of peak_bytes that is the backward's working set (two states and one step)
+    grad_bytes: int = 0     # the part of peak_bytes that is the meta-gradients the backward leaves
 
 
 class CostExprs(NamedTuple):
@@ -73,6 +77,7 @@ class CostModel:
     taped_step_bytes: int
     flops_per_step: int
     analysis: StepAnalysis = field(repr=False)  # the per-node liveness analysis the figures come from
+    grad_bytes: int = 0
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod
@@ -98,6 +103,7 @@ class CostModel:
             taped_step_bytes=taped_analysis.saved_bytes,
             flops_per_step=analysis.flops,
             analysis=taped_analysis,
+            grad_bytes=sum(_nbytes(n) for n in placeholders if n.name in params),
         )
 
     @classmethod
@@ -118,7 +124,7 @@ class CostModel:
         """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps; a ``Budget`` is
         resolved with this model's bytes (``plan.resolved`` is the schedule it picks)."""
         policy = resolve_checkpoint(policy, api="unrollc.CostModel.plan")
-        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes)
+        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes, grad_bytes=self.grad_bytes)
 
     def predict(self, policy: CheckpointLike, n: int) -> Prediction:
         """Evaluations, stored states, taped steps, peak bytes and FLOPs of an n-step unroll under ``policy``."""
@@ -126,9 +132,9 @@ class CostModel:
         return Prediction(
             policy=plan.policy, resolved=plan.resolved, n=n, evaluations=plan.evaluations,
             peak_states=plan.peak_states, peak_taped_steps=plan.peak_taped_steps,
-            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes),
+            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes, self.grad_bytes),
             time_steps=plan.evaluations, flops=plan.evaluations * self.flops_per_step,
-            working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes),
+            working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes), grad_bytes=self.grad_bytes,
         )
 
     def expressions(self, policy: Any) -> CostExprs:
@@ -145,7 +151,7 @@ class CostModel:
                 "expression in n; give the slots: CostModel.expressions(unrollc.Binomial(slots=8))."
             )
         c = policy.cost_expr()
-        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes)
+        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes, self.grad_bytes)
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
     def evaluate(self, policy: CheckpointLike, expr: sympy.Expr, n: int) -> int:
@@ -162,12 +168,14 @@ class CostModel:
             f"  saved for backward   {_fmt(self.taped_step_bytes)} per taped step "
             f"({_fmt(self.step_saved_bytes)} with only the params requiring grad)",
             f"  peak live            {_fmt(a.peak_live_bytes)} without grad, {_fmt(a.peak_live_bytes_taped)} taped",
+            f"  meta-gradients       {_fmt(self.grad_bytes)}  (.grad of the initial weights and of learned inputs)",
             f"  FLOPs                {self.flops_per_step:,} per step evaluation",
             "  largest saved: " + ", ".join(f"{s.owner} {_fmt(s.nbytes)}" for s in a.top_saved(3)),
         ]
         if a.fallback_ops:
             lines.append(f"  no meta kernel (assumed to save all inputs): {', '.join(a.fallback_ops)}")
-        lines.append("  schedules (n steps; bytes = (states + 2) * state + (taped + 1) * step, the +2 and +1 the backward's working set):")
+        lines.append("  schedules (n steps; bytes = (states + 2) * state + (taped + 1) * step + meta-gradients, the +2 and +1 "
+                     "the backward's working set):")
         for policy in (None, "sqrt"):
             e = self.expressions(policy)
             lines.append(f"    {resolve_checkpoint(policy)!r}: evaluations {e.evaluations}, peak bytes {e.peak_bytes}")
@@ -204,6 +212,14 @@ def _flat_inputs(stepper: "Stepper", state: "UnrollState", batch: Any, meta: tup
         raise InternalError("unrollc.analysis.cost: the stepper has no traced step; this is an unrollc bug.")
     groups = hyper_to_groups(state.hyper, len(stepper._spec.hyper))  # noqa: SLF001
     return stepper._flatten(compiled.signature, state, groups, batch, meta)  # noqa: SLF001
+
+
+def _nbytes(node: fx.Node) -> int:
+    """Bytes of a floating-point placeholder's example tensor (0 for others: they get no gradient)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not (val.is_floating_point() or val.is_complex()):
+        return 0
+    return val.numel() * val.element_size()
 
 
 def _fmt(nbytes: int) -> str:

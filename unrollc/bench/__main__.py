@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
-    "budget_mib": 0.48,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(4))
+    "budget_mib": 0.5,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(4))
 }
 FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib")
 
@@ -96,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="plot path, .png unless another suffix matplotlib writes (default OUT_DIR/bench.png)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny run for tests: mlp-small, n 4 8, every schedule (slots 3, every-k 3, "
-                      "budget 0.48 MiB), 1 repeat, 2 jobs; options given explicitly still apply")
+                      "budget 0.5 MiB), 1 repeat, 2 jobs; options given explicitly still apply")
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     mode.add_argument("--replot", metavar="FILE", help="run nothing: print the table of a past run's results.json or "
                       "results.csv and write its plot (--plot; --csv/--json convert it, if given)")

@@ -16,10 +16,12 @@ Conventions (the counts every plan reports, and every test checks against the ex
 * ``peak_taped_steps`` is the most steps whose autograd graph is alive at once.
 
 Predicted peak memory (``Plan.peak_bytes``, :func:`peak_bytes`) is
-``(peak_states + 2) * state_bytes + (peak_taped_steps + 1) * step_bytes``: the stored states and taped steps,
-plus the backward's working set, which every schedule has: the gradients w.r.t. the state a taped step returns
-and the state it was given (two states' worth), and the gradients a step's backward computes inside it (at most
-about what the step saved). Measured against peak RSS on the CPU (MLP 128-256-256-10, SGD-momentum, n=32), the
+``(peak_states + 2) * state_bytes + (peak_taped_steps + 1) * step_bytes + grad_bytes``: the stored states and
+taped steps, plus the backward's working set, which every schedule has: the gradients w.r.t. the state a taped
+step returns and the state it was given (two states' worth), and the gradients a step's backward computes inside
+it (at most about what the step saved); plus the meta-gradients the backward leaves (``grad_bytes``: the
+``.grad`` of the initial weights and of learned hyperparameters or meta inputs). Only ``Budget`` reads the byte
+counts when planning; the other policies accept and ignore them. Measured against peak RSS on the CPU (MLP 128-256-256-10, SGD-momentum, n=32), the
 working set was 2.1-3.9 MB against 3.25 MB predicted; without it, Binomial(2)'s prediction was half the peak.
 
 Binomial is Griewank & Walther's "revolve" (ACM TOMS 26(1), 2000). With ``beta(s, r) = C(s + r, s)`` and
@@ -160,16 +162,19 @@ class Plan:
         """The actions of the backward sweep, after ``Return()``."""
         return self.actions[self.actions.index(Return()) + 1:]
 
-    def peak_bytes(self, state_bytes: int, step_bytes: int) -> int:
-        """Predicted peak memory: stored states, taped steps and the backward's working set (see :func:`peak_bytes`)."""
-        return peak_bytes(self.peak_states, self.peak_taped_steps, state_bytes, step_bytes)
+    def peak_bytes(self, state_bytes: int, step_bytes: int, grad_bytes: int = 0) -> int:
+        """Predicted peak memory: stored states, taped steps, the backward's working set and the meta-gradients
+        it produces (``grad_bytes``; see :func:`peak_bytes`)."""
+        return peak_bytes(self.peak_states, self.peak_taped_steps, state_bytes, step_bytes, grad_bytes)
 
 
-def peak_bytes(states: Any, taped_steps: Any, state_bytes: Any, step_bytes: Any) -> Any:
+def peak_bytes(states: Any, taped_steps: Any, state_bytes: Any, step_bytes: Any, grad_bytes: Any = 0) -> Any:
     """Predicted peak memory of an unroll that stores ``states`` states and tapes ``taped_steps`` steps at most
     (numbers or sympy expressions): those, plus the backward's working set of two states (the gradients w.r.t. a
-    taped step's output and input states) and one step (the gradients computed inside a step's backward)."""
-    return (states + _WORKING_STATES) * state_bytes + (taped_steps + _WORKING_STEPS) * step_bytes
+    taped step's output and input states) and one step (the gradients computed inside a step's backward), plus
+    ``grad_bytes``, the meta-gradients the backward leaves (``.grad`` of the initial weights and of the learned
+    hyperparameters and meta inputs, which accumulate while the backward runs)."""
+    return (states + _WORKING_STATES) * state_bytes + (taped_steps + _WORKING_STEPS) * step_bytes + grad_bytes
 
 
 _WORKING_STATES, _WORKING_STEPS = 2, 1
@@ -255,7 +260,7 @@ def _segments_actions(n: int, k: int) -> list[Action]:
 class NoCheckpoint:
     """Keep the graph of every step (a plain autograd loop): n evaluations, n taped steps."""
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
         """One tape of all n steps (the caller normally runs this as a plain autograd loop)."""
         n = _check_n("NoCheckpoint", n)
         return _build_plan(self, self, n, [Store(0), Tape(0, n), Return(), Backprop(0, n)])
@@ -276,7 +281,7 @@ class EveryK:
     def __post_init__(self) -> None:
         _require_int("unrollc.EveryK", "k", self.k, 1, "a segment length")
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
         """Segments of k steps: forward sweep storing segment starts, then one taped segment at a time."""
         n = _check_n("EveryK", n)
         return _build_plan(self, self, n, _segments_actions(n, self.k))
@@ -295,7 +300,7 @@ def _every_k_cost(k: sympy.Expr) -> CostExpr:
 class Sqrt:
     """``EveryK(ceil(sqrt(n)))``: about sqrt(n) stored states and sqrt(n) taped steps, about 2n evaluations."""
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
         """The plan of ``EveryK(ceil(sqrt(n)))`` (``plan.resolved`` says which k)."""
         n = _check_n("Sqrt", n)
         resolved = EveryK(math.isqrt(n - 1) + 1)   # ceil(sqrt(n)), exactly
@@ -392,7 +397,7 @@ class Binomial:
         """The slots used for n steps."""
         return self.slots if self.slots is not None else max(2, (n - 1).bit_length())
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
         """The revolve schedule: ``evaluations == n + binomial_extra_steps(n, slots)``, ``peak_states <= slots``."""
         n = _check_n("Binomial", n)
         s = self.slots_for(n)
@@ -420,8 +425,10 @@ class Budget:
     def __post_init__(self) -> None:
         _require_int("unrollc.Budget", "bytes", self.bytes, 1, "a number of bytes")
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None) -> Plan:
-        """Choose a schedule from closed-form costs, then build its plan."""
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None,
+             grad_bytes: int = 0) -> Plan:
+        """Choose a schedule from closed-form costs, then build its plan (``grad_bytes``: the meta-gradients the
+        backward leaves, the same for every schedule; :class:`unrollc.CostModel` passes its ``grad_bytes``)."""
         n = _check_n("Budget", n)
         if state_bytes is None or step_bytes is None:
             raise ValueError(
@@ -431,25 +438,26 @@ class Budget:
                 f"batch).plan({self!r}, {n}), pass Budget.plan(n, state_bytes=..., step_bytes=...), or let "
                 f"stepper.unroll(state, batches, checkpoint={self!r}) plan it."
             )
-        for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes)):
+        for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes), ("grad_bytes", grad_bytes)):
             _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
-        S, B = state_bytes, step_bytes
+        S, B, G = state_bytes, step_bytes, grad_bytes
         # (evaluations, bytes, policy) for every candidate, from the closed forms the plans are tested against;
         # among Binomial(s), the largest s that fits is the cheapest.
-        candidates: list[tuple[int, int, Policy]] = [(n, peak_bytes(1, n, S, B), NoCheckpoint())]
+        candidates: list[tuple[int, int, Policy]] = [(n, peak_bytes(1, n, S, B, G), NoCheckpoint())]
         for k in range(1, n + 1):
             segments = -(-n // k)
-            candidates.append((n + k * (segments - 1), peak_bytes(max(1, segments - 1), min(k, n), S, B), EveryK(k)))
-        s_fit = (self.bytes - peak_bytes(0, 1, S, B)) // S if S > 0 else n
+            candidates.append((n + k * (segments - 1), peak_bytes(max(1, segments - 1), min(k, n), S, B, G), EveryK(k)))
+        s_fit = (self.bytes - peak_bytes(0, 1, S, B, G)) // S if S > 0 else n
         s = max(1, min(s_fit, n - 1))      # Binomial(1) when none fits: the smallest memory of all
-        candidates.append((n + binomial_extra_steps(n, s), peak_bytes(s, 1, S, B), Binomial(slots=s)))
+        candidates.append((n + binomial_extra_steps(n, s), peak_bytes(s, 1, S, B, G), Binomial(slots=s)))
         fitting = [c for c in candidates if c[1] <= self.bytes]
         if not fitting:
             need = min(c[1] for c in candidates)
             raise ValueError(
                 f"unrollc.Budget: no checkpoint schedule for n={n} steps fits in {self.bytes} bytes with "
-                f"state_bytes={S} and step_bytes={B}; the smallest needs {need} bytes (one stored state and one "
-                f"taped step, and the backward's working set of two states and one step); use Budget({need}) or more."
+                f"state_bytes={S}, step_bytes={B} and grad_bytes={G}; the smallest needs {need} bytes (one stored "
+                f"state and one taped step, the backward's working set of two states and one step, and the "
+                f"meta-gradients); use Budget({need}) or more."
             )
         _, _, chosen = min(fitting, key=lambda c: (c[0], c[1]))
         return dataclasses.replace(chosen.plan(n), policy=self)

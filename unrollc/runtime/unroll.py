@@ -42,7 +42,8 @@ def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta
         after = _after_first_step(stepper, state, batches[0], meta)
         if _state_keys(after) != _state_keys(state):
             costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct]
-        kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs)}
+        kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs),
+                  "grad_bytes": max(c.grad_bytes for c in costs)}
     return policy.plan(len(batches), **kwargs)
 
 
