@@ -143,3 +143,22 @@ def test_cost_model_of_a_step_with_a_module_meta_argument():
     cost = CostModel.from_stepper(stepper, stepper.init(), batch, lossnet)  # raised InternalError (10 vs 8 inputs)
     assert cost.taped_step_bytes > 0
     stepper.unroll(stepper.init(), [batch] * 3, lossnet, checkpoint=unrollc.Budget(10**6))
+
+
+def test_budget_counts_the_gradients_of_every_synthetic_batch(monkeypatch):
+    """Dataset distillation: each of the n batches requires grad, and the backward leaves a .grad on every one
+    of them; a step's cost model sees one batch, so the unroll adds the others to the planned meta-gradients."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(16, 8, requires_grad=True), torch.randn(16, 1)) for _ in range(6)]
+    batches.append(batches[0])  # the same synthetic batch again: one gradient
+    cost = CostModel.from_stepper(stepper, stepper.init(), batches[0])
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert cost.grad_bytes == params + 16 * 8 * 4
+    seen = {}
+    plan = unrollc.Budget.plan
+    monkeypatch.setattr(unrollc.Budget, "plan", lambda self, n, **kw: seen.update(kw) or plan(self, n, **kw))
+    final = stepper.unroll(stepper.init(), batches, checkpoint=unrollc.Budget(10**8))
+    assert seen["grad_bytes"] == params + 6 * 16 * 8 * 4
+    stepper.forward(final, batches[0][0]).sum().backward()
+    assert all(x.grad is not None for x, _ in batches)
