@@ -162,3 +162,28 @@ def test_budget_counts_the_gradients_of_every_synthetic_batch(monkeypatch):
     assert seen["grad_bytes"] == params + 6 * 16 * 8 * 4
     stepper.forward(final, batches[0][0]).sum().backward()
     assert all(x.grad is not None for x, _ in batches)
+
+
+def test_planned_meta_gradients_are_the_distinct_leaves_that_require_grad(monkeypatch):
+    """A frozen layer leaves no .grad, a tensor passed twice leaves one, and batches computed from a synthetic
+    leaf (an augmentation) leave none: their gradients flow on into the user's graph, which the unroll does not
+    see (it plans only what it is given)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model[0].requires_grad_(False)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    lr = torch.tensor(0.1, requires_grad=True)
+    synthetic = torch.randn(16, 8, requires_grad=True)
+    batches = [(synthetic * (1 + 0.1 * i), torch.randn(16, 1)) for i in range(5)]
+    state = stepper.init(hyper={"lr": lr})
+    head = sum(p.numel() * p.element_size() for p in model[2].parameters())
+    assert state.params["2.weight"].requires_grad and not state.params["0.weight"].requires_grad
+    assert CostModel.from_stepper(stepper, state, batches[0]).grad_bytes == head + lr.element_size()
+    assert CostModel.from_stepper(stepper, state, (synthetic, synthetic)).grad_bytes == (
+        head + lr.element_size() + synthetic.numel() * 4)
+    seen = {}
+    plan = unrollc.Budget.plan
+    monkeypatch.setattr(unrollc.Budget, "plan", lambda self, n, **kw: seen.update(kw) or plan(self, n, **kw))
+    final = stepper.unroll(state, batches, checkpoint=unrollc.Budget(10**8))
+    assert seen["grad_bytes"] == head + lr.element_size()
+    stepper.forward(final, synthetic).sum().backward()
+    assert synthetic.grad is not None and lr.grad is not None and model[0].weight.grad is None

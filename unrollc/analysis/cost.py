@@ -10,8 +10,9 @@ Three numbers describe a step, all from the step graph without running it (``unr
 * ``step_saved_bytes``: the same with only the params (and inputs that require grad) as sources — what
   ``unrollc.analysis.memory.saved_bytes_per_step`` measures for a state;
 
-``grad_bytes``: the meta-gradients the backward leaves, one per input that requires grad in ``step_saved_bytes``'s
-sense (the ``.grad`` of the initial weights, of a learned ``lr``, of meta inputs), which accumulate while it runs;
+``grad_bytes``: the meta-gradients the backward leaves, which accumulate while it runs: the ``.grad`` of the
+distinct leaf tensors that require grad (the initial weights, a learned ``lr``, meta inputs; from a stepper's
+actual inputs, or every parameter input for a bare graph);
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
 ``peak_bytes = (peak_states + 2) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes + grad_bytes`` (the
 stored states, the taped steps, the backward's working set and the meta-gradients, see
@@ -22,6 +23,7 @@ every schedule and not included). ``CostModel.expressions(policy)`` gives the sa
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import sympy
 import torch
 from torch import fx
+from torch.utils._pytree import tree_flatten
 
 from ..errors import InternalError
 from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from ..runtime.state import UnrollState
     from ..runtime.stepper import Stepper
 
-__all__ = ["CostExprs", "CostModel", "Prediction"]
+__all__ = ["CostExprs", "CostModel", "Prediction", "grad_leaf_bytes"]
 
 _STATE_ROLES = ("param", "buffer", "opt_state")
 _CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, dict[frozenset[str], CostModel]]" = weakref.WeakKeyDictionary()
@@ -112,12 +115,15 @@ class CostModel:
 
         Traces the graph for this layout if it is new (``stepper.trace``); no step is run. Inputs of
         ``state``/``batch``/``meta`` that require grad (e.g. a learned ``lr``) are sources of requires_grad,
-        as they would be in the unroll.
+        as they would be in the unroll. ``grad_bytes`` is exact here: the distinct leaf tensors of ``state``,
+        ``batch`` and ``meta`` that require grad (:func:`grad_leaf_bytes`), where :meth:`from_graph`, which
+        sees no tensors, counts every parameter input.
         """
         from ..runtime.meta import bind_modules
 
-        gm, grad = traced_with_grad_inputs(stepper, state, batch, bind_modules(meta))
-        return cls.from_graph(gm, requires_grad=grad)
+        bound = bind_modules(meta)
+        gm, grad = traced_with_grad_inputs(stepper, state, batch, bound)
+        return dataclasses.replace(cls.from_graph(gm, requires_grad=grad), grad_bytes=grad_leaf_bytes(state, batch, bound))
 
     # ----------------------------------------------------------------------------------------- predict
     def plan(self, policy: CheckpointLike, n: int) -> Plan:
@@ -212,6 +218,18 @@ def _flat_inputs(stepper: "Stepper", state: "UnrollState", batch: Any, meta: tup
         raise InternalError("unrollc.analysis.cost: the stepper has no traced step; this is an unrollc bug.")
     groups = hyper_to_groups(state.hyper, len(stepper._spec.hyper))  # noqa: SLF001
     return stepper._flatten(compiled.signature, state, groups, batch, meta)  # noqa: SLF001
+
+
+def grad_leaf_bytes(*trees: Any) -> int:
+    """Bytes of the ``.grad`` a backward can leave on the tensors in ``trees`` (unroll states, batches, meta
+    arguments; any pytree): the distinct floating-point leaf tensors that require grad, each counted once."""
+    from ..runtime.state import UnrollState
+
+    flat = tree_flatten([(t.params, t.buffers, t.opt_state, t.hyper) if isinstance(t, UnrollState) else t
+                         for t in trees])[0]
+    leaves = {id(t): t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
+              and (t.is_floating_point() or t.is_complex())}
+    return sum(t.numel() * t.element_size() for t in leaves.values())
 
 
 def _nbytes(node: fx.Node) -> int:

@@ -435,7 +435,7 @@ class Budget:
                 "unrollc.Budget.plan: a memory budget is planned from the bytes of one stored state and of one taped "
                 "step's graph, which come from the step graph; got state_bytes="
                 f"{state_bytes!r}, step_bytes={step_bytes!r}. Use unrollc.CostModel.from_stepper(stepper, state, "
-                f"batch).plan({self!r}, {n}), pass Budget.plan(n, state_bytes=..., step_bytes=...), or let "
+                f"batch).plan({self!r}, {n}), pass Budget.plan(n, state_bytes=..., step_bytes=..., grad_bytes=...), or let "
                 f"stepper.unroll(state, batches, checkpoint={self!r}) plan it."
             )
         for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes), ("grad_bytes", grad_bytes)):

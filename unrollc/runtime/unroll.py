@@ -33,7 +33,7 @@ def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     kwargs: dict[str, int] = {}
     if type(policy).__name__ == "Budget" and batches:
-        from ..analysis.cost import CostModel  # predicted from the step graphs, nothing is run with grad
+        from ..analysis.cost import CostModel, grad_leaf_bytes  # from the step graphs, nothing is run with grad
 
         # The largest of the steps' costs: every batch layout's graph, and, where the first step creates the
         # optimizer state (a fresh Adam's moments), the graph of the steps after it, which carry that state.
@@ -42,21 +42,11 @@ def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta
         after = _after_first_step(stepper, state, batches[0], meta)
         if _state_keys(after) != _state_keys(state):
             costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct]
-        # A step's model counts the gradients of one batch's tensors that require grad; the backward leaves those
-        # of every batch (dataset distillation: n synthetic batches, each with its .grad).
-        per_batch = [_grad_bytes(b) for b in distinct]
-        grad_bytes = max(c.grad_bytes for c in costs) - max(per_batch) + _grad_bytes(batches)
+        # A step's model sees one batch; the backward leaves a .grad on every batch's leaves that require grad
+        # (dataset distillation: n synthetic batches).
         kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs),
-                  "grad_bytes": grad_bytes}
+                  "grad_bytes": grad_leaf_bytes(state, batches, meta)}
     return policy.plan(len(batches), **kwargs)
-
-
-def _grad_bytes(tree: Any) -> int:
-    """Bytes of the distinct floating-point tensors in ``tree`` that require grad (the gradients a backward
-    leaves for them)."""
-    tensors = {id(t): t for t in tree_flatten(tree)[0]
-               if isinstance(t, torch.Tensor) and t.requires_grad and (t.is_floating_point() or t.is_complex())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def distinct_batches(batches: list[Any]) -> list[Any]:
