@@ -223,13 +223,12 @@ def _flat_inputs(stepper: "Stepper", state: "UnrollState", batch: Any, meta: tup
 def grad_leaf_bytes(*trees: Any) -> int:
     """Bytes of the ``.grad`` a backward can leave on the tensors in ``trees`` (unroll states, batches, meta
     arguments; any pytree): the distinct floating-point leaf tensors that require grad, each counted once."""
-    from ..runtime.state import UnrollState
+    from ..runtime.state import UnrollState, distinct_nbytes
 
     flat = tree_flatten([(t.params, t.buffers, t.opt_state, t.hyper) if isinstance(t, UnrollState) else t
                          for t in trees])[0]
-    leaves = {id(t): t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
-              and (t.is_floating_point() or t.is_complex())}
-    return sum(t.numel() * t.element_size() for t in leaves.values())
+    return distinct_nbytes(t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
+                           and (t.is_floating_point() or t.is_complex()))
 
 
 def _nbytes(node: fx.Node) -> int:

@@ -21,8 +21,9 @@ taped steps, plus the backward's working set, which every schedule has: the grad
 step returns and the state it was given (two states' worth), and the gradients a step's backward computes inside
 it (at most about what the step saved); plus the meta-gradients the backward leaves (``grad_bytes``: the
 ``.grad`` of the initial weights and of learned hyperparameters or meta inputs). Only ``Budget`` reads the byte
-counts when planning; the other policies accept and ignore them. Measured against peak RSS on the CPU (MLP 128-256-256-10, SGD-momentum, n=32), the
-working set was 2.1-3.9 MB against 3.25 MB predicted; without it, Binomial(2)'s prediction was half the peak.
+counts when planning; the other policies accept and ignore them. Measured against peak RSS on the CPU (MLP
+128-256-256-10, SGD-momentum, n=32), the working set was 2.1-3.9 MB against 3.25 MB predicted; without it,
+Binomial(2)'s prediction was half the peak.
 
 Binomial is Griewank & Walther's "revolve" (ACM TOMS 26(1), 2000). With ``beta(s, r) = C(s + r, s)`` and
 ``r = min{r : beta(s, r) >= n}``, reversing n steps with s slots (``state0`` is one of them) costs

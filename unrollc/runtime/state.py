@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,3 +95,9 @@ def guard_aliases(aliased_inputs: Mapping[str, str]) -> dict[str, str]:
     """:func:`aliased_state_inputs` as guard leaf names (``"state:0.bias.step" -> "state:0.weight.step"``), for
     :class:`~unrollc.guards.GuardSet`."""
     return {f"state:{a}": f"state:{b}" for a, b in aliased_inputs.items()}
+
+
+def distinct_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``, each tensor counted once however often it appears (the step counter that the
+    parameters share, a tensor passed both as a batch and as a meta input)."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())

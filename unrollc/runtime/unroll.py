@@ -12,7 +12,7 @@ from ..capture import fill_leaves
 from .checkpointed import checkpointed_unroll
 from .rng import step_generators
 from .schedules import NoCheckpoint, Plan, resolve_checkpoint
-from .state import UnrollState, first_positions
+from .state import UnrollState, distinct_nbytes, first_positions
 
 if TYPE_CHECKING:
     from .stepper import Stepper
@@ -25,7 +25,7 @@ def state_bytes(state: UnrollState) -> int:
     such as the step counter the parameters share, counted once)."""
     tensors = list(state.params.values()) + list(state.buffers.values())
     tensors += [v for st in state.opt_state.values() for v in st.values()]
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+    return distinct_nbytes(tensors)
 
 
 def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> Plan:
