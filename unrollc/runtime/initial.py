@@ -34,26 +34,27 @@ def _as_tensor(v: Any) -> torch.Tensor:
     )
 
 
-def hyper_tensor(key: str, v: Any, like: Any = None) -> Any:
-    """A hyperparameter as a 0-dim tensor (a tuple of them for ``betas``); refuses anything else."""
+def hyper_tensor(key: str, v: Any, like: Any = None, api: str = "Stepper.init") -> Any:
+    """A hyperparameter as a 0-dim tensor (a tuple of them for ``betas``); refuses anything else (``api`` names
+    the caller in the error)."""
     if isinstance(like, tuple) or (like is None and isinstance(v, tuple)):
         if not isinstance(v, (tuple, list)) or (like is not None and len(v) != len(like)):
             raise TypeError(
-                f"Stepper.init: hyperparameter {key!r} is a tuple of {len(like) if like else len(v)} numbers, got "
+                f"{api}: hyperparameter {key!r} is a tuple of {len(like) if like else len(v)} numbers, got "
                 f"{type(v).__name__}; pass e.g. hyper={{{key!r}: (b1, b2)}} with floats or 0-dim tensors."
             )
-        return tuple(hyper_tensor(f"{key}[{i}]", x) for i, x in enumerate(v))
+        return tuple(hyper_tensor(f"{key}[{i}]", x, api=api) for i, x in enumerate(v))
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(
-                f"Stepper.init: hyperparameter {key!r} must be a scalar (a float or a one-element tensor), got a "
+                f"{api}: hyperparameter {key!r} must be a scalar (a float or a one-element tensor), got a "
                 f"tensor of shape {tuple(v.shape)}; for one learning rate per parameter, give every parameter its "
                 "own parameter group in the optimizer (hyper keys '0.lr', '1.lr', ...)."
             )
         return v.reshape(()) if v.dim() else v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(
-            f"Stepper.init: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
+            f"{api}: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
         )
     return torch.tensor(float(v), dtype=torch.float64)
 

@@ -135,24 +135,7 @@ class Stepper:
             {k: hyper_tensor(k, group.get(k, v)) for k, v in g.items()}
             for g, group in zip(self._spec.hyper, self._opt.param_groups, strict=True)
         ]
-        overrides = hyper_to_groups(mapping("hyper", hyper), len(groups), api="Stepper.init")
-        for g, override in zip(groups, overrides, strict=True):
-            for k, v in override.items():
-                if k not in g:
-                    raise KeyError(
-                        f"Stepper.init: {self._spec.cls.__name__} has no float hyperparameter {k!r}; "
-                        f"it has {sorted(g)}."
-                    )
-                value = hyper_tensor(k, v, g[k])
-                # an unchanged value without grad is accepted: init(hyper=state.hyper) round-trips
-                if k in READ_AT_CONSTRUCTION and (value.requires_grad or float(value) != float(g[k])):
-                    raise ValueError(
-                        f"Stepper.init: {self._spec.cls.__name__} reads {k!r} only in its constructor (it fills the "
-                        "optimizer state), so overriding it here (with another value, or one requiring grad) would "
-                        "change nothing; build the optimizer with "
-                        f"{k}=... and compile that one."
-                    )
-                g[k] = value
+        groups = self._override_hyper(groups, mapping("hyper", hyper), "Stepper.init")
         ids = self._param_ids
         counters: dict[tuple, torch.Tensor] = {}
         state = {
@@ -161,6 +144,53 @@ class Stepper:
         }
         t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
         return UnrollState(p, b, state, groups_to_hyper(groups), t=t0)
+
+    def _override_hyper(self, groups: list[dict[str, Any]], hyper: Mapping[str, Any], api: str) -> list[dict[str, Any]]:
+        """``groups`` (per-group hyperparameter tensors) with the user's overrides ``hyper`` applied (bare keys set
+        every group, ``"1.lr"`` group 1), each checked against the optimizer's options; ``groups`` is not changed."""
+        groups = [dict(g) for g in groups]
+        for g, override in zip(groups, hyper_to_groups(hyper, len(groups), api=api), strict=True):
+            for k, v in override.items():
+                if k not in g:
+                    raise KeyError(
+                        f"{api}: {self._spec.cls.__name__} has no float hyperparameter {k!r}; it has {sorted(g)}."
+                    )
+                value = hyper_tensor(k, v, g[k], api=api)
+                # an unchanged value without grad is accepted: init(hyper=state.hyper) round-trips
+                if k in READ_AT_CONSTRUCTION and (value.requires_grad or float(value) != float(g[k])):
+                    raise ValueError(
+                        f"{api}: {self._spec.cls.__name__} reads {k!r} only in its constructor (it fills the "
+                        "optimizer state), so overriding it here (with another value, or one requiring grad) would "
+                        "change nothing; build the optimizer with "
+                        f"{k}=... and compile that one."
+                    )
+                g[k] = value
+        return groups
+
+    def _step_hypers(self, state: UnrollState, hyper: Any, n: int) -> list[dict[str, Any]]:
+        """``unroll(hyper=...)``: one override mapping per step -> each step's whole hyperparameter dict."""
+        if isinstance(hyper, (Mapping, torch.Tensor, str)) or not isinstance(hyper, Iterable):
+            raise TypeError(
+                "Stepper.unroll: expected `hyper` as one mapping of hyperparameter overrides per step (a list as long "
+                f"as batches), e.g. hyper=[{{'lr': lrs[i]}} for i in range(n)], got {type(hyper).__name__}; for "
+                "the same values at every step, set them once with stepper.init(hyper=...)."
+            )
+        hyper = list(hyper)
+        if len(hyper) != n:
+            raise ValueError(
+                f"Stepper.unroll: `hyper` has {len(hyper)} entries for {n} batches; give one mapping per step "
+                "(an empty dict keeps a step's hyperparameters as they are in the state)."
+            )
+        base = hyper_to_groups(state.hyper, len(self._spec.hyper), api="Stepper.unroll")
+        steps = []
+        for i, h in enumerate(hyper):
+            if not isinstance(h, Mapping):
+                raise TypeError(
+                    f"Stepper.unroll: hyper[{i}] must be a mapping of overrides such as {{'lr': lr_tensor}}, got "
+                    f"{type(h).__name__}."
+                )
+            steps.append(groups_to_hyper(self._override_hyper(base, h, f"Stepper.unroll: hyper[{i}]")))
+        return steps
 
     def _reread_static_options(self) -> None:
         """Take the optimizer's static options (``nesterov``, ``maximize``, ``amsgrad``, ...) as they are now: one
@@ -202,9 +232,27 @@ class Stepper:
         groups = hyper_to_groups(state.hyper, len(self._spec.hyper))
         return self._lookup(state, groups, batch, meta).gm
 
-    def unroll(self, state: UnrollState, batches: Iterable[Any], *meta: Any, checkpoint: CheckpointLike = None) -> UnrollState:
-        """``len(batches)`` steps, one per batch; ``checkpoint`` trades memory for recomputation
-        (``None``: keep every step's graph; ``k``, ``"sqrt"``, ``"binomial"`` or a policy object)."""
+    def unroll(
+        self,
+        state: UnrollState,
+        batches: Iterable[Any],
+        *meta: Any,
+        checkpoint: CheckpointLike = None,
+        hyper: Iterable[Mapping[str, Any]] | None = None,
+    ) -> UnrollState:
+        """``len(batches)`` steps, one per batch.
+
+        Args:
+            state: the state to start from (``init()``, or the result of earlier steps).
+            batches: one batch per step (a list, a generator, a DataLoader).
+            meta: passed to ``loss_fn(model, batch, *meta)`` at every step.
+            checkpoint: trades memory for recomputation: ``None`` keeps every step's graph; ``k``, ``"sqrt"``,
+                ``"binomial"`` or a policy object (``unrollc.EveryK``, ``Binomial``, ``Budget``).
+            hyper: per-step hyperparameters, one mapping of overrides per step, as in ``init(hyper=...)``:
+                ``[{"lr": lrs[i]} for i in range(n)]`` is a learned per-step learning rate (``lrs`` requiring grad
+                gets its meta-gradient under every schedule). Keys a step does not give keep ``state.hyper``'s
+                values; the returned state's ``hyper`` is the last step's.
+        """
         from .unroll import run_unroll
 
         self._check_state("Stepper.unroll", state)
@@ -213,7 +261,9 @@ class Stepper:
                 f"Stepper.unroll: expected `batches`, an iterable with one batch per step (a list, a generator, a "
                 f"DataLoader), got {type(batches).__name__}; for n steps on one batch pass [batch] * n."
             )
-        return run_unroll(self, state, list(batches), bind_modules(meta), checkpoint)
+        batches = list(batches)
+        hypers = None if hyper is None else self._step_hypers(state, hyper, len(batches))
+        return run_unroll(self, state, batches, bind_modules(meta), checkpoint, hypers)
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,22 +91,33 @@ def _after_first_step(stepper: "Stepper", state: UnrollState, batch: Any, meta: 
     return state.replace(opt_state=opt_state)
 
 
-def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> UnrollState:
+def run_unroll(
+    stepper: "Stepper",
+    state: UnrollState,
+    batches: list[Any],
+    meta: tuple,
+    checkpoint: Any,
+    hypers: list[dict[str, Any]] | None = None,
+) -> UnrollState:
     """Apply the step once per batch; with a checkpoint policy, keep only the states it plans. ``state`` and
-    ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``."""
+    ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``; ``hypers``,
+    if given, is each step's whole hyperparameter dict (``unroll(hyper=...)``, checked there)."""
     n = len(batches)
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     advance = _advance(stepper)
     if n == 0 or isinstance(policy, NoCheckpoint):
         losses = []
         with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if hypers is not None:
+                    state = replace(state, hyper=hypers[i])
                 state = advance(state, batch, meta)
                 losses.append(state.loss)
         return state.replace(losses=losses)
     plan = plan_unroll(stepper, state, batches, meta, policy)
     distinct = distinct_batches(batches)
-    graphs = {id(gm): gm for gm in (stepper.trace(state, b, *meta) for b in distinct)}.values()
+    first = state if hypers is None else replace(state, hyper=hypers[0])
+    graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
     if torch.is_grad_enabled():
         for gm in graphs:
             _refuse_hidden_learned_tensors(gm)
@@ -115,10 +127,15 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     # the first step of a fresh optimizer), consts = hyperparameters + every batch's tensors + meta tensors.
     param_names, buffer_names = tuple(state.params), tuple(state.buffers)
     layouts: dict[int, tuple[tuple[str, str], ...]] = {0: _state_keys(state)}
-    hyper_leaves, hyper_spec = tree_flatten(state.hyper)
+    # Hyperparameters: the state's for every step, or each step's own (unroll(hyper=...)); a tensor several steps
+    # share (betas no step overrides) is one input, so its gradient is accumulated once.
+    consts: list[torch.Tensor] = []
+    where: dict[int, int] = {}
+    hyper_trees = [tree_flatten(h) for h in (hypers if hypers is not None else [state.hyper])]
+    hyper_positions = [[where.setdefault(id(x), len(where)) for x in leaves] for leaves, _ in hyper_trees]
+    consts += list({id(x): x for leaves, _ in hyper_trees for x in leaves}.values())
     batch_trees = [tree_flatten(b) for b in batches]
     meta_leaves, meta_spec = tree_flatten(tuple(meta))
-    consts: list[torch.Tensor] = list(hyper_leaves)
     batch_slices = []
     for leaves, _ in batch_trees:
         start = len(consts)
@@ -147,7 +164,8 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
         )
 
     def step_fn(i: int, flat: tuple[torch.Tensor, ...], c: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        hyper = tree_unflatten(list(c[: len(hyper_leaves)]), hyper_spec)
+        positions, (_, hyper_spec) = hyper_positions[i % len(hyper_trees)], hyper_trees[i % len(hyper_trees)]
+        hyper = tree_unflatten([c[j] for j in positions], hyper_spec)
         leaves, spec = batch_trees[i]
         start, stop = batch_slices[i]
         batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
@@ -178,7 +196,7 @@ def run_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta:
     # One tensor at several positions (the shared step counters) comes out of the autograd.Function as
     # separate tensors; sharing it again keeps the next step on the graph traced for shared counters.
     final = tuple(final[j] for j in shared[n])
-    out = unpack(n, final, state.hyper, state.t + n)
+    out = unpack(n, final, state.hyper if hypers is None else hypers[-1], state.t + n)
     out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
 

@@ -1,0 +1,151 @@
+"""Per-step hyperparameters: ``stepper.unroll(state, batches, hyper=[{...} per step])`` runs each step with its own
+values (a learned learning-rate schedule), equal to eager torch.optim with the group options changed between
+steps, and differentiable under every checkpoint schedule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unrollc
+import oracles
+from oracles import central_difference
+
+SCHEDULES = [None, "sqrt", 3, "binomial", unrollc.Binomial(slots=2), unrollc.Budget(10**6)]
+N = 9
+
+
+def mse(model, batch):
+    x, y = batch
+    return (model(x) - y).pow(2).mean()
+
+
+def make():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(N)]
+    return model, batches
+
+
+def eager_with_schedule(model, opt, batches, schedule):
+    """Deep copies trained eagerly, the group options set from ``schedule[i]`` (bare keys: every group) before
+    step i, as a user changes them between steps; the final parameters and optimizer state."""
+    model, opt = copy.deepcopy((model, opt))
+    for batch, options in zip(batches, schedule, strict=True):
+        for key, value in options.items():
+            head, dot, rest = key.partition(".")
+            groups = [opt.param_groups[int(head)]] if dot else opt.param_groups
+            for g in groups:
+                g[rest if dot else key] = tuple(map(float, value)) if isinstance(value, tuple) else float(value)
+        opt.zero_grad(set_to_none=True)
+        mse(model, batch).backward()
+        opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return dict(model.named_parameters()), {names[id(p)]: st for p, st in opt.state.items()}
+
+
+@pytest.mark.parametrize("checkpoint", SCHEDULES, ids=repr)
+def test_trajectory_equals_eager_with_options_changed_between_steps(checkpoint, float64):
+    """SGD with two groups: a per-group lr schedule, momentum switched on at step 4 (a guard: the graph changes
+    and the momentum buffer appears mid-unroll) and a weight decay that comes and goes."""
+    model, batches = make()
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}],
+                          lr=0.05, momentum=0.0)
+    schedule = [{"0.lr": 0.05 + 0.01 * i, "momentum": 0.0 if i < 4 else 0.9, "1.weight_decay": 0.01 * (i % 3)}
+                for i in range(N)]
+    stepper = unrollc.compile(model, opt, mse)
+    state = stepper.unroll(stepper.init(), batches, hyper=schedule, checkpoint=checkpoint)
+    params, opt_state = eager_with_schedule(model, opt, batches, schedule)
+    for name, p in params.items():
+        assert torch.equal(state.params[name], p.detach()), name
+        assert torch.equal(state.opt_state[name]["momentum_buffer"], opt_state[name]["momentum_buffer"]), name
+    assert state.t == N and len(state.losses) == N
+    assert float(state.hyper["0.lr"]) == schedule[-1]["0.lr"] and float(state.hyper["1.lr"]) == 0.02  # the last step's
+
+
+def test_adam_betas_per_step_and_empty_overrides_keep_the_state_values(float64):
+    model, batches = make()
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    schedule = [{"betas": (0.5 + 0.05 * i, 0.99)} if i % 2 else {} for i in range(N)]
+    eager = [dict(s) or {"betas": (0.9, 0.999)} for s in schedule]  # {}: the state's (the optimizer's) betas
+    stepper = unrollc.compile(model, opt, mse)
+    state = stepper.unroll(stepper.init(), batches, hyper=schedule, checkpoint="sqrt")
+    params, opt_state = eager_with_schedule(model, opt, batches, eager)
+    for name, p in params.items():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state.opt_state[name]["exp_avg_sq"], opt_state[name]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
+    assert float(state.hyper["betas"][0]) == 0.9  # the last step (N - 1 = 8, even) kept the state's betas
+
+
+def per_step_lr_meta_gradient(stepper, batches, lrs0, xv, checkpoint):
+    lrs = lrs0.clone().requires_grad_()
+    state = stepper.unroll(stepper.init(), batches, hyper=[{"lr": lrs[i]} for i in range(len(batches))],
+                           checkpoint=checkpoint)
+    return torch.autograd.grad(stepper.forward(state, xv).pow(2).mean(), lrs)[0]
+
+
+def test_learned_per_step_learning_rates_get_the_eager_unrolls_meta_gradient_under_every_schedule(float64):
+    model, batches = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    stepper = unrollc.compile(model, opt, mse)
+    lrs0, xv = torch.linspace(0.02, 0.2, N), torch.randn(16, 4)
+
+    lrs = lrs0.clone().requires_grad_()
+
+    def update(params, grads, states, t):  # torch.optim.SGD(momentum=0.9) with lr lrs[t - 1], written out
+        return oracles.sgd_momentum(lrs[t - 1], 0.9)(params, grads, states, t)
+
+    final = oracles.eager_unroll(model, mse, batches, update)
+    names = [n for n, _ in model.named_parameters()]
+    with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, final))):
+        reference = torch.autograd.grad(model(xv).pow(2).mean(), lrs)[0]
+
+    for checkpoint in SCHEDULES:
+        grad = per_step_lr_meta_gradient(stepper, batches, lrs0, xv, checkpoint)
+        torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12, msg=f"checkpoint={checkpoint!r}")
+
+    def meta_loss(lrs):
+        state = stepper.unroll(stepper.init(), batches, hyper=[{"lr": lrs[i]} for i in range(N)])
+        return stepper.forward(state, xv).pow(2).mean()
+
+    torch.testing.assert_close(reference, central_difference(meta_loss, lrs0), rtol=1e-6, atol=1e-9)
+
+
+def test_a_step_hyperparameter_not_overridden_still_gets_its_gradient(float64):
+    """A tensor lr set once in init and a per-step weight decay: both learned, under a checkpointed unroll."""
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    xv = torch.randn(16, 4)
+
+    def grads(checkpoint):
+        lr, wd = torch.tensor(0.1, requires_grad=True), torch.full((N,), 0.01, requires_grad=True)
+        state = stepper.init(hyper={"lr": lr})
+        state = stepper.unroll(state, batches, hyper=[{"weight_decay": wd[i]} for i in range(N)], checkpoint=checkpoint)
+        return torch.autograd.grad(stepper.forward(state, xv).pow(2).mean(), (lr, wd))
+
+    plain = grads(None)
+    assert plain[0].abs() > 0 and (plain[1].abs() > 0).all()
+    for checkpoint in ("sqrt", "binomial"):
+        for a, b in zip(grads(checkpoint), plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("hyper,error,match", [
+    ({"lr": 0.1}, TypeError, r"one mapping of hyperparameter overrides per step .* got dict; for the same values"),
+    (torch.ones(N), TypeError, r"one mapping .* got Tensor"),
+    ([{"lr": 0.1}] * (N - 1), ValueError, rf"`hyper` has {N - 1} entries for {N} batches"),
+    ([{}] * (N - 1) + [3.0], TypeError, rf"hyper\[{N - 1}\] must be a mapping"),
+    ([{}] * (N - 1) + [{"momentun": 0.9}], KeyError, rf"hyper\[{N - 1}\]: SGD has no float hyperparameter 'momentun'"),
+    ([{"2.lr": 0.1}] * N, KeyError, r"hyper\[0\]: hyperparameter '2.lr' names parameter group 2, but the optimizer has 1"),
+    ([{"lr": torch.ones(2)}] * N, ValueError, r"hyper\[0\]: hyperparameter 'lr' must be a scalar"),
+])
+def test_bad_per_step_hyperparameters_are_refused_before_any_step(hyper, error, match):
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    calls = []
+    stepper.step = lambda *args: calls.append(args)  # noqa: E731 - any step taken would be recorded
+    with pytest.raises(error, match=match):
+        stepper.unroll(stepper.init(), batches, hyper=hyper)
+    assert calls == []
