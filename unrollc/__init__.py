@@ -10,12 +10,13 @@ The public API::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from .analysis import CostModel
+from .clip import clip_grad_norm, clip_grad_value
 from .errors import CaptureError
 from .optimizer_spec import UnsupportedOptimizerError
 from .higher import get_diff_optim, innerloop_ctx, monkeypatch
@@ -34,6 +35,8 @@ __all__ = [
     "Binomial",
     "Budget",
     "CostModel",
+    "clip_grad_norm",
+    "clip_grad_value",
     "explain",
     "Report",
     "innerloop_ctx",
@@ -51,6 +54,7 @@ def compile(  # noqa: A001 - the library's verb
     opt: torch.optim.Optimizer,
     loss_fn: Callable[..., torch.Tensor],
     *,
+    grad_callback: Callable[..., Mapping[str, torch.Tensor]] | None = None,
     check: bool = False,
 ) -> Stepper:
     """Compile one training step of ``model`` with ``opt`` on ``loss_fn`` into a differentiable stepper.
@@ -61,6 +65,12 @@ def compile(  # noqa: A001 - the library's verb
             stepped (its state is the starting state); never modified. LBFGS (closure) and SparseAdam
             (sparse gradients) are refused.
         loss_fn: ``loss_fn(model, batch, *meta) -> scalar tensor``; it calls the model as usual.
+        grad_callback: ``grad_callback(grads, *meta) -> grads``, applied to the gradients (a dict by parameter
+            name, of the parameters the optimizer updates) between the loss's backward and ``opt.step()``, where
+            eager training clips them: :func:`unrollc.clip_grad_norm` and :func:`unrollc.clip_grad_value` are
+            ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``. It is traced into the step graph and
+            differentiated like the rest of the step (a ``torch.no_grad()`` block in it is a constant); the Python
+            values it closes over are part of the graph's key, as ``loss_fn``'s are.
         check: verify each pass's guarantees after it runs (debugging; slower to trace).
 
     Returns:
@@ -68,4 +78,4 @@ def compile(  # noqa: A001 - the library's verb
     """
     if not isinstance(check, bool):
         raise TypeError(f"unrollc.compile: expected `check` as True or False, got {check!r}.")
-    return Stepper(model, opt, loss_fn, check=check)
+    return Stepper(model, opt, loss_fn, check=check, grad_callback=grad_callback)

@@ -384,8 +384,10 @@ def capture_step(
     batch: Any,
     meta: tuple[Any, ...],
     trainable: frozenset[str],
+    grad_callback: Callable[..., Mapping[str, torch.Tensor]] | None = None,
 ) -> Captured:
-    """Trace one step for these example values (which are copied, never modified)."""
+    """Trace one step for these example values (which are copied, never modified); ``grad_callback(grads, *meta)``,
+    if given, transforms the gradients before the optimizer's step (see :func:`unrollc.compile`)."""
     shadow = ShadowOptimizer(spec, params, opt_state, hyper)
     b_copy = {n: t.detach().clone() for n, t in buffers.items()}
 
@@ -422,6 +424,8 @@ def capture_step(
             grads, (loss, reassigned) = torch.func.grad_and_value(loss_of, has_aux=True)(
                 {n: p_copy[n] for n in diff_names}, b_copy
             )
+        if grad_callback is not None:
+            grads = _call_grad_callback(grad_callback, grads, m)
         new_state = shadow.step(grads)
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]
         return list(p_copy.values()) + new_buffers + new_state + [loss]
@@ -441,6 +445,31 @@ def capture_step(
         n_meta=n_meta,
     )
     return Captured(gm, signature, list(shadow.tracker.guards), constants, example_inputs)
+
+
+def _call_grad_callback(
+    callback: Callable[..., Mapping[str, torch.Tensor]], grads: dict[str, torch.Tensor], meta: tuple[Any, ...]
+) -> dict[str, torch.Tensor]:
+    """``callback(grads, *meta)``, traced like the loss (a ``torch.no_grad()`` block in it is a constant for the
+    meta-gradient), its result checked: a gradient of the same shape for every parameter it was given."""
+    with NoGradRegions():
+        out = callback(dict(grads), *meta)
+    name = getattr(callback, "__qualname__", type(callback).__name__)
+    if not isinstance(out, Mapping) or set(out) != set(grads):
+        got = f"a mapping with keys {sorted(out)}" if isinstance(out, Mapping) else type(out).__name__
+        raise CaptureError(
+            f"unrollc.compile: grad_callback {name}(grads, *meta) must return a mapping from the same parameter names "
+            f"to gradients, {sorted(grads)}, got {got}; return e.g. {{name: g * scale for name, g in grads.items()}}."
+        )
+    for n, g in grads.items():
+        new = out[n]
+        if not isinstance(new, torch.Tensor) or new.shape != g.shape or new.dtype != g.dtype:
+            got = f"a tensor of shape {tuple(new.shape)} and dtype {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
+            raise CaptureError(
+                f"unrollc.compile: grad_callback {name}(grads, *meta) returned {got} for {n!r}, whose gradient has shape "
+                f"{tuple(g.shape)} and dtype {g.dtype}; return a gradient of the parameter's shape and dtype."
+            )
+    return {n: out[n] for n in grads}
 
 
 def fill_leaves(template: list[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:

@@ -270,6 +270,9 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
         f"unrollc.explain: {type(stepper.model).__name__} + {spec.cls.__name__} "
         f"({n_groups} parameter group{'s' if n_groups != 1 else ''}), loss_fn {loss_name}"
     )
+    if stepper.grad_callback is not None:  # a clipping object shows its settings, a function its name
+        cb = stepper.grad_callback
+        title += f", grad_callback {getattr(cb, '__qualname__', None) or repr(cb)}"
     if sig.state_out and not sig.state_in:
         title += ("\nThe graph of a first step: the optimizer has no state yet and this step creates it; the steps "
                   "after it run another graph (explain after a second step to see that one).")

@@ -55,13 +55,24 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
+def python_values(model: nn.Module, loss_fn: Callable[..., Any], grad_callback: Callable[..., Any] | None = None) -> tuple:
     """The plain values a step graph bakes in when it is traced: public attributes of the model's modules
-    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` closes over or
-    reads as globals. A change re-traces, as torch.compile's guards would; values read elsewhere (a helper
-    function's globals, attributes of other objects) stay as traced."""
+    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` (and
+    ``grad_callback``, if any) closes over or reads as globals. A change re-traces, as torch.compile's guards would;
+    values read elsewhere (a helper function's globals, attributes of other objects) stay as traced."""
     out = [item for prefix, module in model.named_modules() for item in _public_values(prefix, module)]
-    fn, extra = loss_fn, ()
+    out += _function_values("loss_fn", loss_fn)
+    if grad_callback is not None:
+        out += _function_values("grad_callback", grad_callback)
+    return tuple(out)
+
+
+def _function_values(label: str, fn: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
+    """``(label, name, key)`` for what the user's function ``fn`` reads: its closure variables and globals, a
+    ``functools.partial``'s bound arguments, and the public attributes of the object whose method or ``__call__``
+    it is (a loss class's ``self.alpha``)."""
+    out: list[tuple[str, Any, Any]] = []
+    extra: tuple = ()
     if isinstance(fn, functools.partial):
         fn, extra = fn.func, (*fn.args, *fn.keywords.values())
     owner = getattr(fn, "__self__", None)  # a bound method's object: its config (self.alpha) is read too
@@ -70,16 +81,16 @@ def python_values(model: nn.Module, loss_fn: Callable[..., Any]) -> tuple:
         if isinstance(owner, nn.Module):
             fn = getattr(type(owner), "forward", fn)
     if owner is not None and not isinstance(owner, types.ModuleType):
-        out += _public_values("loss_fn.self", owner)
+        out += _public_values(f"{label}.self", owner)
     code = getattr(fn, "__code__", None)
     if code is not None:
         cells = zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False)
         found = [(n, c.cell_contents) for n, c in cells if _cell_has_value(c)]
         scope = getattr(fn, "__globals__", {})
         found += [(n, scope[n]) for n in _global_names(code) if n in scope]
-        out += [("loss_fn", n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
-    out += [("loss_fn", i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
-    return tuple(out)
+        out += [(label, n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
+    out += [(label, i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
+    return out
 
 
 def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:

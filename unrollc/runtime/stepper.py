@@ -52,7 +52,13 @@ class Stepper:
     """
 
     def __init__(
-        self, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], *, check: bool = False
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        check: bool = False,
+        grad_callback: Callable[..., Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"unrollc.compile: expected an nn.Module as `model`, got {type(model).__name__}.")
@@ -60,8 +66,14 @@ class Stepper:
             raise TypeError(
                 f"unrollc.compile: expected `loss_fn(model, batch, *meta) -> scalar tensor`, got {type(loss_fn).__name__}."
             )
+        if grad_callback is not None and not callable(grad_callback):
+            raise TypeError(
+                "unrollc.compile: expected `grad_callback(grads, *meta) -> grads`, a function of the dict of gradients "
+                f"by parameter name (e.g. unrollc.clip_grad_norm(1.0)), or None; got {type(grad_callback).__name__}."
+            )
         self.model = model
         self.loss_fn = loss_fn
+        self.grad_callback = grad_callback
         self.check = check
         named = dict(model.named_parameters())
         self._param_names = tuple(named)
@@ -402,13 +414,13 @@ class Stepper:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
-            before = python_values(self.model, self.loss_fn)
+            before = python_values(self.model, self.loss_fn, self.grad_callback)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
                 with training_modes(self.model, self._pinned_modes), restored_attributes(self.model) as written:
                     compiled = self._capture(state, groups, batch, meta)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
-            after = python_values(self.model, self.loss_fn)
+            after = python_values(self.model, self.loss_fn, self.grad_callback)
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
             warn_written(written - self._warned_written)
             self._warned_written |= written
@@ -424,7 +436,7 @@ class Stepper:
         :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants."""
         if self._pinned_modes is not None:
             return self._pinned_modes
-        values = tuple(v for v in python_values(self.model, self.loss_fn) if v[:2] not in self._volatile)
+        values = tuple(v for v in python_values(self.model, self.loss_fn, self.grad_callback) if v[:2] not in self._volatile)
         return tuple(m.training for m in self.model.modules()), self._trainable(), values
 
     def _trainable(self) -> frozenset[str]:
@@ -466,7 +478,7 @@ class Stepper:
 
         def trace(spec: OptimizerSpec) -> Captured:
             with recording_sources(self.model, spec.cls, self.loss_fn):  # source lines for explain
-                return capture_step(self.model, spec, self.loss_fn, *args)
+                return capture_step(self.model, spec, self.loss_fn, *args, grad_callback=self.grad_callback)
 
         captured, self._spec = trace_with_fallbacks(self._spec, trace)
         gm = captured.gm

@@ -1,0 +1,247 @@
+"""``unrollc.compile(..., grad_callback=...)``: the gradients transformed between the backward and the optimizer's
+step (gradient clipping), equal to eager training with torch.nn.utils.clip_grad_norm_ / clip_grad_value_, and
+differentiated like the rest of the step under every checkpoint schedule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unrollc
+import oracles
+from oracles import central_difference
+
+N = 8
+SCHEDULES = [None, "sqrt", 3, "binomial"]
+
+
+def mse(model, batch):
+    x, y = batch
+    return (model(x) - y).pow(2).mean()
+
+
+def make():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    batches = [(torch.randn(8, 4), 3 * torch.randn(8, 1)) for _ in range(N)]  # large targets: clipping is active
+    return model, batches
+
+
+def eager_clipped(model, opt, batches, clip):
+    """Deep copies trained eagerly with ``clip(parameters)`` between backward and step; the gradient norms before
+    clipping, and the final parameters and optimizer state."""
+    model, opt = copy.deepcopy((model, opt))
+    norms = []
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        mse(model, batch).backward()
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        clip(list(model.parameters()))
+        opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return norms, dict(model.named_parameters()), {names[id(p)]: st for p, st in opt.state.items()}
+
+
+CLIPS = [
+    (lambda: unrollc.clip_grad_norm(1.0), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
+    (lambda: unrollc.clip_grad_norm(0.5, norm_type=float("inf")), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5, float("inf"))),
+    (lambda: unrollc.clip_grad_value(0.2), lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("clip", CLIPS, ids=["norm", "inf-norm", "value"])
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"], ids=repr)
+def test_trajectory_is_eager_training_with_torchs_clipping_bit_for_bit(clip, dtype, checkpoint):
+    model, batches = make()
+    model = model.to(dtype)
+    batches = [(x.to(dtype), y.to(dtype)) for x, y in batches]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    callback, eager_clip = clip
+    stepper = unrollc.compile(model, opt, mse, grad_callback=callback())
+    state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+    norms, params, opt_state = eager_clipped(model, opt, batches, eager_clip)
+    assert max(norms) > 1.0  # the clipping changed some steps
+    for name, p in params.items():
+        assert torch.equal(state.params[name], p.detach()), name
+        assert torch.equal(state.opt_state[name]["momentum_buffer"], opt_state[name]["momentum_buffer"]), name
+
+
+def test_adam_with_clipping_equals_eager_adam(float64):
+    model, batches = make()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    stepper = unrollc.compile(model, opt, mse, grad_callback=unrollc.clip_grad_norm(1.0))
+    state = stepper.unroll(stepper.init(), batches, checkpoint="binomial")
+    _, params, _ = eager_clipped(model, opt, batches, lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0))
+    for name, p in params.items():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-13, atol=1e-13)
+
+
+def clipped_sgd_momentum(lr, momentum, max_norm):
+    """Clip the total norm (differentiably), then torch.optim.SGD(momentum) written out."""
+    sgd = oracles.sgd_momentum(lr, momentum)
+
+    def update(params, grads, states, t):
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return sgd(params, [g * coef for g in grads], states, t)
+
+    return update
+
+
+def test_meta_gradient_through_clipping_equals_the_eager_unroll_and_finite_differences(float64):
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mse,
+                              grad_callback=unrollc.clip_grad_norm(1.0))
+    xv = torch.randn(16, 4)
+    W0 = model[0].weight.detach().clone()
+
+    def meta_loss(lr, W, checkpoint=None):
+        state = stepper.unroll(stepper.init(params={"0.weight": W}, hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        return stepper.forward(state, xv).pow(2).mean()
+
+    lr, W = torch.tensor(0.1, requires_grad=True), W0.clone().requires_grad_()
+    final = oracles.eager_unroll(model, mse, batches, clipped_sgd_momentum(lr, 0.9, 1.0),
+                                 params=[W, model[0].bias, model[2].weight, model[2].bias])
+    names = [n for n, _ in model.named_parameters()]
+    with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, final))):
+        reference = torch.autograd.grad(model(xv).pow(2).mean(), (lr, W))
+    for checkpoint in SCHEDULES:
+        lr_, W_ = torch.tensor(0.1, requires_grad=True), W0.clone().requires_grad_()
+        grads = torch.autograd.grad(meta_loss(lr_, W_, checkpoint), (lr_, W_))
+        for g, r in zip(grads, reference, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=f"checkpoint={checkpoint!r}")
+    torch.testing.assert_close(reference[0], central_difference(lambda lr: meta_loss(lr, W0), torch.tensor(0.1)), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(reference[1], central_difference(lambda W: meta_loss(torch.tensor(0.1), W), W0), rtol=1e-6, atol=1e-9)
+
+
+def test_a_callback_with_a_learned_meta_input_gets_its_gradient_under_every_schedule(float64):
+    """grad_callback(grads, *meta): a learned per-layer gradient scale, passed as the unroll's meta argument."""
+    model, batches = make()
+
+    def scaled(grads, scale):
+        return {n: g * scale[int(n[0]) // 2] for n, g in grads.items()}
+
+    def loss(model, batch, scale):
+        return mse(model, batch)
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss, grad_callback=scaled)
+    xv, s0 = torch.randn(16, 4), torch.tensor([0.7, 1.3])
+
+    def meta_loss(scale, checkpoint=None):
+        state = stepper.unroll(stepper.init(), batches, scale, checkpoint=checkpoint)
+        return stepper.forward(state, xv).pow(2).mean()
+
+    grads = {}
+    for checkpoint in SCHEDULES:
+        scale = s0.clone().requires_grad_()
+        grads[checkpoint] = torch.autograd.grad(meta_loss(scale, checkpoint), scale)[0]
+    for checkpoint, g in grads.items():
+        torch.testing.assert_close(g, grads[None], rtol=1e-10, atol=1e-14, msg=f"checkpoint={checkpoint!r}")
+    torch.testing.assert_close(grads[None], central_difference(meta_loss, s0), rtol=1e-6, atol=1e-9)
+
+
+def test_a_no_grad_block_in_the_callback_is_a_constant_for_the_meta_gradient(float64):
+    """As in eager autograd: a coefficient computed under torch.no_grad() carries no derivative."""
+    model, batches = make()
+
+    def clip(grads, detached):
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        if detached:
+            with torch.no_grad():
+                coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+        else:
+            coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+        return {n: g * coef for n, g in grads.items()}
+
+    xv = torch.randn(16, 4)
+
+    def lr_grad(detached):
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse,
+                                  grad_callback=lambda grads: clip(grads, detached))
+        lr = torch.tensor(0.1, requires_grad=True)
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint="sqrt")
+        return torch.autograd.grad(stepper.forward(state, xv).pow(2).mean(), lr)[0], state
+
+    (g_detached, s_detached), (g_full, s_full) = lr_grad(True), lr_grad(False)
+    for name in s_full.params:
+        torch.testing.assert_close(s_detached.params[name], s_full.params[name], rtol=0, atol=0)  # same values
+
+    lr = torch.tensor(0.1, requires_grad=True)  # the eager reference with the coefficient detached
+
+    def update(params, grads, states, t):
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = torch.clamp(1.0 / (total + 1e-6), max=1.0).detach()
+        return [p - lr * g * coef for p, g in zip(params, grads, strict=True)]
+
+    final = oracles.eager_unroll(model, mse, batches, update)
+    names = [n for n, _ in model.named_parameters()]
+    with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, final))):
+        reference = torch.autograd.grad(model(xv).pow(2).mean(), lr)[0]
+    torch.testing.assert_close(g_detached, reference, rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(g_detached, g_full, rtol=1e-3)
+
+
+def test_changing_the_callbacks_settings_traces_a_new_graph():
+    model, batches = make()
+    clip = unrollc.clip_grad_norm(1.0)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse, grad_callback=clip)
+    first = stepper.unroll(stepper.init(), batches[:3])
+    clip.max_norm = 0.25
+    second = stepper.unroll(stepper.init(), batches[:3])
+    _, params, _ = eager_clipped(model, torch.optim.SGD(model.parameters(), lr=0.1), batches[:3],
+                                 lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.25))
+    for name, p in params.items():
+        assert torch.equal(second.params[name], p.detach()), name
+    assert not torch.equal(first.params["0.weight"], second.params["0.weight"])
+
+
+def test_frozen_and_unused_parameters_are_not_in_the_callbacks_gradients():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1), nn.Linear(1, 1))  # [3] unused by the loss
+    model[0].bias.requires_grad_(False)
+    seen = []
+
+    def callback(grads):
+        seen.append(sorted(grads))
+        return grads
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m[2](m[1](m[0](b))).sum(),
+                              grad_callback=callback)
+    stepper.step(stepper.init(), torch.randn(8, 4))
+    assert seen == [["0.weight", "2.bias", "2.weight"]]  # called once, while the step is traced
+
+
+@pytest.mark.parametrize("callback,match", [
+    (lambda grads: list(grads.values()), r"grad_callback <lambda>\(grads, \*meta\) must return a mapping from the same "
+                                         r"parameter names .* got list"),
+    (lambda grads: {n: g for n, g in grads.items() if n != "0.bias"}, r"got a mapping with keys \['0.weight', '2.bias', '2.weight'\]"),
+    (lambda grads: {n: g.sum() for n, g in grads.items()}, r"returned a tensor of shape \(\) .* for '0.weight', whose gradient has shape \(6, 4\)"),
+])
+def test_a_callback_that_returns_something_else_is_refused_with_the_fix(callback, match):
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse, grad_callback=callback)
+    with pytest.raises(unrollc.CaptureError, match=match):
+        stepper.step(stepper.init(), batches[0])
+
+
+def test_bad_arguments_are_refused_at_once():
+    model, _ = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"unrollc.compile: expected `grad_callback\(grads, \*meta\) -> grads`.* got float"):
+        unrollc.compile(model, opt, mse, grad_callback=1.0)
+    with pytest.raises(TypeError, match=r"unrollc.clip_grad_norm: expected `max_norm` as a positive number, got -1"):
+        unrollc.clip_grad_norm(-1)
+    with pytest.raises(TypeError, match=r"unrollc.clip_grad_value: expected `clip_value` as a number, got '1'"):
+        unrollc.clip_grad_value("1")
+
+
+def test_explain_names_the_callback_and_the_graph_holds_the_clipping():
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse,
+                              grad_callback=unrollc.clip_grad_norm(1.0))
+    stepper.step(stepper.init(), batches[0])
+    assert "grad_callback clip_grad_norm(max_norm=1.0, norm_type=2.0)" in str(unrollc.explain(stepper)).splitlines()[0]
+    targets = {str(n.target) for n in stepper.graph.graph.nodes}
+    assert "aten.clamp.default" in targets
