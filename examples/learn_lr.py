@@ -65,13 +65,12 @@ def batches(train, steps: int, seed: int) -> list:
 
 def train_run(stepper, params, lrs, moms, data, checkpoint=None):
     """T steps from ``params`` with the schedule lrs/moms [SEGMENTS, LAYERS]; returns the final state."""
-    state = stepper.init(params=params)
     seg = len(data) // SEGMENTS
-    for s in range(SEGMENTS):
-        hyper = {f"{i}.lr": lrs[s, i] for i in range(LAYERS)} | {f"{i}.momentum": moms[s, i] for i in range(LAYERS)}
-        state = state.replace(hyper={**state.hyper, **hyper})  # the schedule changes between segments
-        state = stepper.unroll(state, data[s * seg : (s + 1) * seg], checkpoint=checkpoint)
-    return state
+    per_segment = [{f"{i}.lr": lrs[s, i] for i in range(LAYERS)} | {f"{i}.momentum": moms[s, i] for i in range(LAYERS)}
+                   for s in range(SEGMENTS)]
+    # one unroll over all T steps, each with its segment's hyperparameters (one checkpoint schedule for the whole run)
+    return stepper.unroll(stepper.init(params=params), data, hyper=[per_segment[t // seg] for t in range(len(data))],
+                          checkpoint=checkpoint)
 
 
 def score(stepper, lrs, moms, train, val, test, steps, seeds) -> tuple[float, float, float]:
