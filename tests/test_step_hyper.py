@@ -149,3 +149,24 @@ def test_bad_per_step_hyperparameters_are_refused_before_any_step(hyper, error, 
     with pytest.raises(error, match=match):
         stepper.unroll(stepper.init(), batches, hyper=hyper)
     assert calls == []
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"], ids=repr)
+def test_a_learned_zero_gets_its_gradient_after_steps_that_ran_a_plain_zero(checkpoint, float64):
+    """weight_decay 0.0 (plain) at step 0 traces the graph that skips the term; the learned zeros of the later
+    steps must take the general branch anyway (found in review: they got no gradient)."""
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    xv = torch.randn(16, 4)
+
+    def meta_loss(wd, checkpoint=None):
+        hyper = [{"weight_decay": 0.0}] + [{"weight_decay": wd[i]} for i in range(N - 1)]
+        return stepper.forward(stepper.unroll(stepper.init(), batches, hyper=hyper, checkpoint=checkpoint), xv).pow(2).mean()
+
+    wd = torch.zeros(N - 1, requires_grad=True)
+    (g,) = torch.autograd.grad(meta_loss(wd, checkpoint), wd)
+    h = 1e-5
+    one_sided = lambda e: (-3 * meta_loss(0 * e) + 4 * meta_loss(h * e) - meta_loss(2 * h * e)) / (2 * h)  # noqa: E731
+    fd = torch.stack([one_sided(torch.eye(N - 1)[i]) for i in range(N - 1)])  # torch.optim refuses negative values
+    assert (g.abs() > 1e-6).all()
+    torch.testing.assert_close(g, fd.detach(), rtol=1e-5, atol=1e-9)

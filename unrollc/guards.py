@@ -141,17 +141,21 @@ class Guard:
 
     ``learned`` names a hyperparameter leaf whose ``!= 0`` test was answered True although it was 0,
     because it requires grad (see :class:`ScalarTracker`): the guard also holds whenever that leaf
-    requires grad."""
+    requires grad. ``plain`` names a leaf whose ``!= 0`` test was answered False, as it did not require
+    grad: the guard fails whenever it does (a learned 0 takes the general branch, whatever ran before)."""
 
     expr: Any
     kind: str
     value: Any
     learned: str | None = None
+    plain: str | None = None
 
     def holds(self, env: Mapping[str, torch.Tensor]) -> bool:
         """Whether the expression gives the same Python value for the leaf values in ``env``."""
         if self.learned is not None and env[self.learned].requires_grad:
             return True
+        if self.plain is not None and env[self.plain].requires_grad:
+            return False
         with torch.no_grad():
             return _convert(self._compiled(env, {}), self.kind) == self.value
 
@@ -161,7 +165,8 @@ class Guard:
 
     def __str__(self) -> str:
         learned = f" or {self.learned} requires grad" if self.learned else ""
-        return f"{self.kind}({self.expr!r}) == {self.value!r}{learned}"
+        plain = f" and {self.plain} does not require grad" if self.plain else ""
+        return f"{self.kind}({self.expr!r}) == {self.value!r}{learned}{plain}"
 
     @property
     def leaves(self) -> frozenset[str]:
@@ -246,7 +251,8 @@ class GuardSet:
         unique: dict[str, Guard] = {}
         for g in guards:
             if aliases and not g.leaves.isdisjoint(aliases):
-                g = replace(g, expr=_renamed(g.expr, aliases, {}), learned=aliases.get(g.learned, g.learned))  # type: ignore[arg-type]
+                g = replace(g, expr=_renamed(g.expr, aliases, {}), learned=aliases.get(g.learned, g.learned),  # type: ignore[arg-type]
+                            plain=aliases.get(g.plain, g.plain))  # type: ignore[arg-type]
             unique.setdefault(str(g), g)
         self.guards = list(unique.values())
         self.leaves = sorted(frozenset().union(*(g.leaves for g in self.guards))) if self.guards else []
@@ -262,8 +268,9 @@ class GuardSet:
         """Whether every guard holds for ``env``, skipping the work when the leaves are unchanged."""
         if not self.guards:
             return True
-        seen = [(env[name], env[name]._version) for name in self.leaves]
-        if self._seen is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(seen, self._seen, strict=True)):
+        seen = [(env[name], env[name]._version, env[name].requires_grad) for name in self.leaves]
+        if self._seen is not None and all(a is b and va == vb and ga == gb
+                                           for (a, va, ga), (b, vb, gb) in zip(seen, self._seen, strict=True)):
             return True
         ok = check_guards(self.guards, env)
         self._seen = seen if ok else None
@@ -372,10 +379,11 @@ class ScalarTracker(TorchFunctionMode):
             with disable_proxy_modes_tracing():
                 value = _convert(args[0], kind)
             expr = self.exprs[args[0]]
-            learned = self._learned_zero_test(expr) if kind == "bool" and value is False else None
+            tested = self._zero_test_leaf(expr) if kind == "bool" and value is False else None
+            learned = tested if tested in self.learned else None
             if learned is not None:
                 value = True  # take the branch that uses the learned hyperparameter (see the class docstring)
-            self.guards.append(Guard(expr, kind, value, learned))
+            self.guards.append(Guard(expr, kind, value, learned, plain=tested if learned is None else None))
             return value
         name = getattr(func, "__name__", "")
         if name.startswith("_foreach_") and _per_tensor_op(name) is not None:
@@ -389,13 +397,13 @@ class ScalarTracker(TorchFunctionMode):
         self._track(func, args, kwargs, out)
         return out
 
-    def _learned_zero_test(self, expr: Any) -> str | None:
-        """The learned leaf ``h`` if ``expr`` is ``h != 0`` or ``h > 0`` (through dtype conversions), else None.
+    def _zero_test_leaf(self, expr: Any) -> str | None:
+        """The leaf ``h`` if ``expr`` is ``h != 0`` or ``h > 0`` (through dtype conversions), else None.
 
         ``torch.optim`` skips a term whose coefficient is 0 (``if weight_decay != 0``, ``if momentum != 0``),
         so a learned hyperparameter that starts at 0 would get no gradient. When it requires grad, the
         tracker answers True: the general branch computes the same values at 0 (``grad + 0 * param``) and
-        carries the derivative."""
+        carries the derivative; a graph traced with a plain 0 is not used for a learned one."""
         if not isinstance(expr, _Call) or len(expr.args) != 2 or getattr(expr.func, "__name__", "") not in _ZERO_TESTS:
             return None
         operand, other = expr.args
@@ -403,7 +411,7 @@ class ScalarTracker(TorchFunctionMode):
             return None
         while isinstance(operand, _Call) and getattr(operand.func, "__name__", "") in _DTYPE_KEEPING and operand.args:
             operand = operand.args[0]
-        if isinstance(operand, _Leaf) and operand.name in self.learned:
+        if isinstance(operand, _Leaf) and operand.name.startswith("hyper:"):
             return operand.name
         return None
 
