@@ -170,3 +170,19 @@ def test_a_learned_zero_gets_its_gradient_after_steps_that_ran_a_plain_zero(chec
     fd = torch.stack([one_sided(torch.eye(N - 1)[i]) for i in range(N - 1)])  # torch.optim refuses negative values
     assert (g.abs() > 1e-6).all()
     torch.testing.assert_close(g, fd.detach(), rtol=1e-5, atol=1e-9)
+
+
+def test_a_budget_plans_for_the_state_that_per_step_hyperparameters_create(float64):
+    """Momentum switched on by the per-step hyperparameters creates momentum buffers: the budget counts them, as
+    it does when the state's own momentum is nonzero (found in review: it planned without them and overran)."""
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 1))
+    batches = [(torch.randn(8, 64), torch.randn(8, 1)) for _ in range(20)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    with_momentum = stepper.init(hyper={"momentum": 0.9})
+    needs = unrollc.CostModel.from_stepper(stepper, stepper.step(with_momentum, batches[0]), batches[0])
+    budget = unrollc.Budget(6 * needs.state_bytes // 2 + 3 * needs.taped_step_bytes)  # fits without the buffers only
+    with pytest.raises(ValueError, match="no checkpoint schedule for n=20 steps fits"):
+        stepper.unroll(with_momentum, batches, checkpoint=budget)
+    with pytest.raises(ValueError, match="no checkpoint schedule for n=20 steps fits"):
+        stepper.unroll(stepper.init(), batches, hyper=[{"momentum": 0.9}] * 20, checkpoint=budget)
+    stepper.unroll(stepper.init(), batches, hyper=[{"momentum": 0.0}] * 20, checkpoint=budget)  # no buffers: it fits

@@ -29,20 +29,36 @@ def state_bytes(state: UnrollState) -> int:
     return distinct_nbytes(tensors)
 
 
-def plan_unroll(stepper: "Stepper", state: UnrollState, batches: list[Any], meta: tuple, checkpoint: Any) -> Plan:
-    """The plan ``stepper.unroll`` would execute (a Budget needs the cost model: one step is traced)."""
+def plan_unroll(
+    stepper: "Stepper",
+    state: UnrollState,
+    batches: list[Any],
+    meta: tuple,
+    checkpoint: Any,
+    hypers: list[dict[str, Any]] | None = None,
+) -> Plan:
+    """The plan ``stepper.unroll`` would execute (a Budget needs the cost model: one step is traced, per batch
+    layout and per graph that the steps' hyperparameters ``hypers``, if given, select)."""
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     kwargs: dict[str, int] = {}
     if type(policy).__name__ == "Budget" and batches:
         from ..analysis.cost import CostModel, grad_leaf_bytes  # from the step graphs, nothing is run with grad
 
         # The largest of the steps' costs: every batch layout's graph, and, where the first step creates the
-        # optimizer state (a fresh Adam's moments), the graph of the steps after it, which carry that state.
+        # optimizer state (a fresh Adam's moments), the graph of the steps after it, which carry that state. Per-step
+        # hyperparameters may select other graphs (momentum switched on mid-unroll creates its buffers there):
+        # one state per graph they select.
         distinct = distinct_batches(batches)
-        costs = [CostModel.from_stepper(stepper, state, b, *meta) for b in distinct]
-        after = _after_first_step(stepper, state, batches[0], meta)
-        if _state_keys(after) != _state_keys(state):
-            costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct]
+        starts = [state]
+        if hypers is not None:
+            by_graph = {id(stepper.trace(replace(state, hyper=h), batches[0], *meta)): h for h in hypers}
+            starts = [replace(state, hyper=h) for h in by_graph.values()]
+        costs = []
+        for start in starts:
+            costs += [CostModel.from_stepper(stepper, start, b, *meta) for b in distinct]
+            after = _after_first_step(stepper, start, batches[0], meta)
+            if _state_keys(after) != _state_keys(start):
+                costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct]
         # A step's model sees one batch; the backward leaves a .grad on every batch's leaves that require grad
         # (dataset distillation: n synthetic batches).
         kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs),
@@ -114,7 +130,7 @@ def run_unroll(
                 state = advance(state, batch, meta)
                 losses.append(state.loss)
         return state.replace(losses=losses)
-    plan = plan_unroll(stepper, state, batches, meta, policy)
+    plan = plan_unroll(stepper, state, batches, meta, policy, hypers)
     distinct = distinct_batches(batches)
     first = state if hypers is None else replace(state, hyper=hypers[0])
     graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
