@@ -245,3 +245,47 @@ def test_explain_names_the_callback_and_the_graph_holds_the_clipping():
     assert "grad_callback clip_grad_norm(max_norm=1.0, norm_type=2.0)" in str(unrollc.explain(stepper)).splitlines()[0]
     targets = {str(n.target) for n in stepper.graph.graph.nodes}
     assert "aten.clamp.default" in targets
+
+
+def test_a_callback_reading_the_models_weights_reads_the_current_steps(float64):
+    """Adaptive gradient clipping (Brock et al. 2021) scales each gradient by the norm of its weight: inside the
+    callback the model's parameters are the step's, not the time-0 weights (found in review)."""
+    model, batches = make()
+    ratio = lambda p, g: (0.05 * p.norm() / (g.norm() + 1e-6)).clamp(max=1.0)  # noqa: E731
+
+    def agc(grads):
+        return {n: grads[n] * ratio(p, grads[n]) for n, p in model.named_parameters()}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    eager_model, eager_opt = copy.deepcopy((model, opt))
+    for batch in batches:
+        eager_opt.zero_grad()
+        mse(eager_model, batch).backward()
+        with torch.no_grad():
+            for p in eager_model.parameters():
+                p.grad.mul_(ratio(p, p.grad))
+        eager_opt.step()
+    stepper = unrollc.compile(model, opt, mse, grad_callback=agc)
+    xv = torch.randn(16, 4)
+    lr_grads = []
+    for checkpoint in (None, "sqrt"):
+        lr = torch.tensor(0.5, requires_grad=True)
+        state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        for name, p in eager_model.named_parameters():
+            assert torch.equal(state.params[name], p.detach()), name
+        lr_grads.append(torch.autograd.grad(stepper.forward(state, xv).pow(2).mean(), lr)[0])
+    torch.testing.assert_close(lr_grads[1], lr_grads[0], rtol=1e-10, atol=1e-14)
+
+    def meta_loss(lr):
+        return stepper.forward(stepper.unroll(stepper.init(hyper={"lr": lr}), batches), xv).pow(2).mean()
+
+    torch.testing.assert_close(lr_grads[0], central_difference(meta_loss, torch.tensor(0.5)), rtol=1e-6, atol=1e-9)
+
+
+def test_a_callback_that_cannot_take_the_meta_arguments_is_refused_with_the_contract():
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b, w: w * mse(m, b),
+                              grad_callback=lambda grads: grads)
+    with pytest.raises(TypeError, match=r"grad_callback must accept \(grads, \*meta\), here 2 positional argument\(s\) "
+                                        r"\(the dict of gradients and 1 meta argument\(s\).*<lambda>\(grads\)"):
+        stepper.step(stepper.init(), batches[0], torch.tensor(1.0))

@@ -424,8 +424,9 @@ def capture_step(
             grads, (loss, reassigned) = torch.func.grad_and_value(loss_of, has_aux=True)(
                 {n: p_copy[n] for n in diff_names}, b_copy
             )
-        if grad_callback is not None:
-            grads = _call_grad_callback(grad_callback, grads, m)
+        if grad_callback is not None:  # reading the model's weights (adaptive clipping) reads this step's
+            with _reparametrize_module(model, {**p_copy, **b_copy}, tie_weights=True, strict=False):
+                grads = _call_grad_callback(grad_callback, grads, m)
         new_state = shadow.step(grads)
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]
         return list(p_copy.values()) + new_buffers + new_state + [loss]

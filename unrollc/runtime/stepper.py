@@ -330,6 +330,21 @@ class Stepper:
                 f"{getattr(self.loss_fn, '__name__', 'loss_fn')}{signature} ({exc}); e.g. def loss_fn(model, batch): "
                 f"x, y = batch; return F.mse_loss(model(x), y).{hint}"
             ) from None
+        if self.grad_callback is None:
+            return
+        try:
+            signature = inspect.signature(self.grad_callback)
+        except (TypeError, ValueError):
+            return
+        try:
+            signature.bind({}, *meta)
+        except TypeError as exc:
+            raise TypeError(
+                f"unrollc: grad_callback must accept (grads, *meta), here {1 + len(meta)} positional argument(s) (the "
+                f"dict of gradients and {len(meta)} meta argument(s) given to step/unroll), but its signature is "
+                f"{getattr(self.grad_callback, '__name__', 'grad_callback')}{signature} ({exc}); e.g. "
+                "def grad_callback(grads, *meta): ..."
+            ) from None
 
     def _check_state(self, api: str, state: Any) -> None:
         """``state`` is an :class:`UnrollState` of this stepper's model (cheap: names only)."""
