@@ -289,3 +289,19 @@ def test_a_callback_that_cannot_take_the_meta_arguments_is_refused_with_the_cont
     with pytest.raises(TypeError, match=r"grad_callback must accept \(grads, \*meta\), here 2 positional argument\(s\) "
                                         r"\(the dict of gradients and 1 meta argument\(s\).*<lambda>\(grads\)"):
         stepper.step(stepper.init(), batches[0], torch.tensor(1.0))
+
+
+def test_another_function_assigned_to_the_stepper_is_traced_anew():
+    """Assigning another loss_fn or grad_callback to the stepper re-traces (found in review: the old graph ran)."""
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse,
+                              grad_callback=unrollc.clip_grad_norm(1.0))
+    clipped = stepper.step(stepper.init(), batches[0])
+    stepper.grad_callback = lambda grads: grads
+    plain = stepper.step(stepper.init(), batches[0])
+    stepper.loss_fn = lambda m, b: 2 * mse(m, b)
+    doubled = stepper.step(stepper.init(), batches[0])
+    _, params, _ = eager_clipped(model, torch.optim.SGD(model.parameters(), lr=0.1), batches[:1], lambda ps: None)
+    w = params["0.weight"].detach()
+    assert torch.equal(plain.params["0.weight"], w) and not torch.equal(clipped.params["0.weight"], w)
+    torch.testing.assert_close(doubled.params["0.weight"] - model[0].weight, 2 * (w - model[0].weight))

@@ -68,10 +68,11 @@ def python_values(model: nn.Module, loss_fn: Callable[..., Any], grad_callback: 
 
 
 def _function_values(label: str, fn: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
-    """``(label, name, key)`` for what the user's function ``fn`` reads: its closure variables and globals, a
+    """``(label, name, key)`` for the user's function ``fn`` itself (compared by identity: another function assigned
+    to the stepper's attribute re-traces) and for what it reads: its closure variables and globals, a
     ``functools.partial``'s bound arguments, and the public attributes of the object whose method or ``__call__``
     it is (a loss class's ``self.alpha``)."""
-    out: list[tuple[str, Any, Any]] = []
+    out: list[tuple[str, Any, Any]] = [(label, "<the function itself>", Same(fn))]  # stepper.loss_fn = other_fn
     extra: tuple = ()
     if isinstance(fn, functools.partial):
         fn, extra = fn.func, (*fn.args, *fn.keywords.values())
