@@ -305,3 +305,26 @@ def test_another_function_assigned_to_the_stepper_is_traced_anew():
     w = params["0.weight"].detach()
     assert torch.equal(plain.params["0.weight"], w) and not torch.equal(clipped.params["0.weight"], w)
     torch.testing.assert_close(doubled.params["0.weight"] - model[0].weight, 2 * (w - model[0].weight))
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"], ids=repr)
+def test_detached_gradients_give_first_order_maml(checkpoint, float64):
+    """grad_callback=lambda grads: {n: g.detach() ...}: the updates' gradients are constants for the meta-gradient
+    (first-order MAML, Finn et al. 2017), equal to an eager unroll that detaches them."""
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse,
+                              grad_callback=lambda grads: {n: g.detach() for n, g in grads.items()})
+    xv = torch.randn(16, 4)
+    state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+    got = torch.autograd.grad(stepper.forward(state, xv).pow(2).mean(), model[0].weight)[0]
+
+    def update(params, grads, states, t):
+        return [p - 0.1 * g.detach() for p, g in zip(params, grads, strict=True)]
+
+    final = oracles.eager_unroll(model, mse, batches, update)
+    with torch.nn.utils.stateless._reparametrize_module(model, dict(zip([n for n, _ in model.named_parameters()], final))):
+        want = torch.autograd.grad(model(xv).pow(2).mean(), model[0].weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    second_order = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    full = second_order.unroll(second_order.init(), batches)
+    assert not torch.allclose(torch.autograd.grad(second_order.forward(full, xv).pow(2).mean(), model[0].weight)[0], got)
