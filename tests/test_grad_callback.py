@@ -328,3 +328,72 @@ def test_detached_gradients_give_first_order_maml(checkpoint, float64):
     second_order = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
     full = second_order.unroll(second_order.init(), batches)
     assert not torch.allclose(torch.autograd.grad(second_order.forward(full, xv).pow(2).mean(), model[0].weight)[0], got)
+
+
+def test_an_identical_new_callback_or_loss_fn_reuses_the_graph():
+    """Keyed on the code, not the object: a partial or a clipping object made again each iteration does not
+    re-trace (found in review: keyed by identity, every iteration traced anew)."""
+    import functools
+
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    for _ in range(4):
+        stepper.loss_fn = functools.partial(lambda m, b, alpha: alpha * mse(m, b), alpha=0.5)
+        stepper.grad_callback = unrollc.clip_grad_norm(1.0)
+        stepper.unroll(stepper.init(), batches[:2], checkpoint="sqrt")
+    assert stepper.trace_count == 1
+    stepper.grad_callback = unrollc.clip_grad_norm(2.0)  # its max_norm is keyed
+    stepper.unroll(stepper.init(), batches[:2])
+    assert stepper.trace_count == 2
+
+
+def test_a_callback_reads_a_buffer_the_forward_reassigns_at_its_new_value(float64):
+    """A buffer the forward re-assigns (self.ema = 0.9 * self.ema + ...) is read by the callback as eager reads it
+    after backward (found in review: the callback saw the old value)."""
+
+    class EMA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+            self.register_buffer("ema", torch.ones(()))
+
+        def forward(self, x):
+            out = self.lin(x)
+            self.ema = 0.5 * self.ema + 0.5 * out.detach().abs().mean()
+            return out
+
+    torch.manual_seed(0)
+    model = EMA()
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(4)]
+
+    def scale(grads):
+        return {n: g / (1 + model.ema) for n, g in grads.items()}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    eager_model, eager_opt = copy.deepcopy((model, opt))
+    for batch in batches:
+        eager_opt.zero_grad()
+        mse(eager_model, batch).backward()
+        with torch.no_grad():
+            for p in eager_model.parameters():
+                p.grad.div_(1 + eager_model.ema)
+        eager_opt.step()
+    stepper = unrollc.compile(model, opt, mse, grad_callback=scale)
+    state = stepper.unroll(stepper.init(), batches)
+    for name, p in eager_model.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-14, atol=1e-15)
+
+
+def test_parameters_held_by_the_callback_are_pointed_out():
+    """A callback holding the model's parameters (taken before compile) reads their time-0 values: a plain unroll
+    warns, a checkpointed one refuses, both saying to read them through the model (found in review)."""
+    model, batches = make()
+    held = dict(model.named_parameters())
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse,
+                              grad_callback=lambda grads: {n: g / (1 + held[n].norm()) for n, g in grads.items()})
+    with pytest.warns(UserWarning, match=r"reads the model's parameter\(s\) 0.bias, 0.weight, 2.bias, 2.weight as they "
+                                         r"are held by loss_fn or grad_callback.*Read them through the model"):
+        stepper.unroll(stepper.init(), batches[:2])
+    with pytest.raises(ValueError, match=r"reads the model's parameter '0.(weight|bias)' as loss_fn or grad_callback "
+                                         r"holds it.*Read it through the model"):
+        stepper.unroll(stepper.init(), batches[:2], checkpoint="sqrt")

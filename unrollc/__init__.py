@@ -69,9 +69,10 @@ def compile(  # noqa: A001 - the library's verb
             name, of the parameters the optimizer updates) between the loss's backward and ``opt.step()``, where
             eager training clips them: :func:`unrollc.clip_grad_norm` and :func:`unrollc.clip_grad_value` are
             ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``. It is traced into the step graph and
-            differentiated like the rest of the step (a ``torch.no_grad()`` block in it is a constant; the model's
-            weights it reads are the step's); the Python values it closes over are part of the graph's key, as
-            ``loss_fn``'s are, and its side effects happen while the step is traced.
+            differentiated like the rest of the step (a ``torch.no_grad()`` block in it is a constant; the weights
+            it reads through the model are the step's, ones it holds itself are time-0 constants); the Python values
+            it closes over are part of the graph's key, as ``loss_fn``'s are, and its side effects happen while the
+            step is traced.
         check: verify each pass's guarantees after it runs (debugging; slower to trace).
 
     Returns:

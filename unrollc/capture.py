@@ -425,7 +425,7 @@ def capture_step(
                 {n: p_copy[n] for n in diff_names}, b_copy
             )
         if grad_callback is not None:  # reading the model's weights (adaptive clipping) reads this step's
-            with _reparametrize_module(model, {**p_copy, **b_copy}, tie_weights=True, strict=False):
+            with _reparametrize_module(model, {**p_copy, **b_copy, **reassigned}, tie_weights=True, strict=False):
                 grads = _call_grad_callback(grad_callback, grads, m)
         new_state = shadow.step(grads)
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]

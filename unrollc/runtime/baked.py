@@ -68,11 +68,12 @@ def python_values(model: nn.Module, loss_fn: Callable[..., Any], grad_callback: 
 
 
 def _function_values(label: str, fn: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
-    """``(label, name, key)`` for the user's function ``fn`` itself (compared by identity: another function assigned
-    to the stepper's attribute re-traces) and for what it reads: its closure variables and globals, a
+    """``(label, name, key)`` for the code of the user's function ``fn`` (another function assigned to the stepper's
+    attribute re-traces; a new but identical one, such as a lambda made again, does not) and for what it reads: its
+    closure variables and globals, a
     ``functools.partial``'s bound arguments, and the public attributes of the object whose method or ``__call__``
     it is (a loss class's ``self.alpha``)."""
-    out: list[tuple[str, Any, Any]] = [(label, "<the function itself>", Same(fn))]  # stepper.loss_fn = other_fn
+    out: list[tuple[str, Any, Any]] = [(label, "<code>", _code_identity(fn))]  # stepper.loss_fn = another function
     extra: tuple = ()
     if isinstance(fn, functools.partial):
         fn, extra = fn.func, (*fn.args, *fn.keywords.values())
@@ -92,6 +93,16 @@ def _function_values(label: str, fn: Callable[..., Any]) -> list[tuple[str, Any,
         out += [(label, n, k) for n, v in found if (k := _value_key(v)) is not _SKIP]
     out += [(label, i, k) for i, v in enumerate(extra) if (k := _value_key(v)) is not _SKIP]
     return out
+
+
+def _code_identity(fn: Any) -> Any:
+    """What decides which code ``fn`` runs: the code object of a function or lambda (of the underlying function for
+    a bound method or a ``functools.partial``), or the class of a callable object; compared by identity."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # a bound method: its function (the object's values are keyed apart)
+    code = getattr(fn, "__code__", None)
+    return Same(code if code is not None else (fn if isinstance(fn, types.BuiltinFunctionType) else type(fn)))
 
 
 def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:

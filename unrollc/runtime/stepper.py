@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
+from ..errors import user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
@@ -507,8 +509,23 @@ class Stepper:
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
         self.trace_count += 1
+        self._warn_held_parameters(gm)
         aliases = guard_aliases(gm.meta["unrollc"]["aliased_inputs"])
         return CompiledStep(gm, captured.signature, GuardSet(captured.guards, aliases), graphs)
+
+    def _warn_held_parameters(self, gm: fx.GraphModule) -> None:
+        """A model parameter the step reads as a constant was held by ``loss_fn`` or ``grad_callback`` (a list of
+        parameters made before compile), not read through the model: every step reads its time-0 value."""
+        names = {id(p): n for n, p in zip(self._param_names, self._model_params, strict=True)}
+        held = sorted({names[id(v)] for node in gm.graph.find_nodes(op="get_attr")
+                       if id(v := getattr(gm, str(node.target), None)) in names})
+        if held:
+            warnings.warn(
+                f"unrollc: the step reads the model's parameter(s) {', '.join(held)} as they are held by loss_fn or "
+                "grad_callback (a tensor or list of parameters taken before compile), not through the model: the "
+                "step graph holds them as constants, so every step reads their time-0 values, not the step's. Read "
+                "them through the model inside the call (model.named_parameters(), model.layer.weight), which gives "
+                "the step's weights.", stacklevel=user_stacklevel())
 
     def _used(self, state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
         """Trainable parameters the loss depends on (others get no gradient, as in eager torch.optim)."""

@@ -44,24 +44,24 @@ def plan_unroll(
     if type(policy).__name__ == "Budget" and batches:
         from ..analysis.cost import CostModel, grad_leaf_bytes  # from the step graphs, nothing is run with grad
 
-        # The largest of the steps' costs: every batch layout's graph, and, where the first step creates the
-        # optimizer state (a fresh Adam's moments), the graph of the steps after it, which carry that state. Per-step
-        # hyperparameters may select other graphs (momentum switched on mid-unroll creates its buffers there):
-        # one state per graph they select.
+        # The largest of the steps' costs: every batch layout's graph, for every graph the steps run. Those are
+        # found by walking the steps' hyperparameters from the state's layout: where a step creates optimizer state
+        # (a fresh Adam's moments at the first step, momentum buffers where per-step hyperparameters switch
+        # momentum on), the steps after it carry that state. Only graphs the unroll runs are traced.
         distinct = distinct_batches(batches)
-        starts = [state]
-        if hypers is not None:
-            by_graph = {id(stepper.trace(replace(state, hyper=h), batches[0], *meta)): h for h in hypers}
-            starts = [replace(state, hyper=h) for h in by_graph.values()]
-        costs = []
-        for start in starts:
-            costs += [CostModel.from_stepper(stepper, start, b, *meta) for b in distinct]
-            after = _after_first_step(stepper, start, batches[0], meta)
-            if _state_keys(after) != _state_keys(start):
-                costs += [CostModel.from_stepper(stepper, after, b, *meta) for b in distinct]
+        walk = hypers if hypers is not None else [state.hyper] * min(len(batches), 2)
+        costs, seen, s = [], set(), state
+        for h in walk:
+            s = replace(s, hyper=h)
+            gm = stepper.trace(s, batches[0], *meta)
+            if id(gm) not in seen:
+                seen.add(id(gm))
+                costs += [CostModel.from_stepper(stepper, s, b, *meta) for b in distinct]
+                s = _after_first_step(stepper, s, batches[0], meta)  # the layout this graph's steps hand on
+        final = max(c.state_bytes for c in costs), state_bytes(s)  # the last layout handed on: its bytes only
         # A step's model sees one batch; the backward leaves a .grad on every batch's leaves that require grad
         # (dataset distillation: n synthetic batches).
-        kwargs = {"state_bytes": max(c.state_bytes for c in costs), "step_bytes": max(c.taped_step_bytes for c in costs),
+        kwargs = {"state_bytes": max(final), "step_bytes": max(c.taped_step_bytes for c in costs),
                   "grad_bytes": grad_leaf_bytes(state, batches, meta)}
     return policy.plan(len(batches), **kwargs)
 
@@ -136,7 +136,7 @@ def run_unroll(
     graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
     if torch.is_grad_enabled():
         for gm in graphs:
-            _refuse_hidden_learned_tensors(gm)
+            _refuse_hidden_learned_tensors(gm, stepper)
 
     modes = stepper._modes()
     # The executor sees flat tuples: state = params + buffers + optimizer state (whose keys appear after
@@ -260,12 +260,21 @@ def _advance(stepper: "Stepper") -> Any:
     return stepper._step
 
 
-def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule) -> None:
+def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule, stepper: "Stepper") -> None:
     """A tensor that requires grad but reaches the step only through a closure or an attribute (not through
     ``state``, ``batch`` or ``*meta``) is a constant of the graph: autograd reaches it when the graph runs under
     a plain unroll, but a checkpointed unroll differentiates its inputs only, so its gradient would be lost."""
     for node in gm.graph.find_nodes(op="get_attr"):
         value = getattr(gm, str(node.target), None)
+        own = next((n for n, p in stepper.model.named_parameters() if p is value), None)
+        if own is not None:
+            raise ValueError(
+                f"Stepper.unroll: the step reads the model's parameter {own!r} as loss_fn or grad_callback holds it (a "
+                "tensor or list of parameters taken before compile), not through the model: the step graph holds it "
+                "as a constant, its time-0 value, and a checkpointed unroll would lose its gradient. Read it through "
+                "the model inside the call (model.named_parameters(), model.layer.weight), which gives the step's "
+                "weights."
+            )
         if isinstance(value, torch.Tensor) and value.requires_grad:
             raise ValueError(
                 f"Stepper.unroll: the step reads a tensor of shape {tuple(value.shape)} that requires grad through "
