@@ -44,6 +44,19 @@ def eager_clipped(model, opt, batches, clip):
     return norms, dict(model.named_parameters()), {names[id(p)]: st for p, st in opt.state.items()}
 
 
+def eager_edited(model, opt, batches, edit):
+    """A deep copy of ``model`` trained eagerly with ``edit(model)`` changing the ``.grad`` s under no_grad between
+    backward and step (as a user writes a gradient transform)."""
+    model, opt = copy.deepcopy((model, opt))
+    for batch in batches:
+        opt.zero_grad()
+        mse(model, batch).backward()
+        with torch.no_grad():
+            edit(model)
+        opt.step()
+    return model
+
+
 CLIPS = [
     (lambda: unrollc.clip_grad_norm(1.0), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)),
     (lambda: unrollc.clip_grad_norm(0.5, norm_type=float("inf")), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5, float("inf"))),
@@ -257,14 +270,7 @@ def test_a_callback_reading_the_models_weights_reads_the_current_steps(float64):
         return {n: grads[n] * ratio(p, grads[n]) for n, p in model.named_parameters()}
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    eager_model, eager_opt = copy.deepcopy((model, opt))
-    for batch in batches:
-        eager_opt.zero_grad()
-        mse(eager_model, batch).backward()
-        with torch.no_grad():
-            for p in eager_model.parameters():
-                p.grad.mul_(ratio(p, p.grad))
-        eager_opt.step()
+    eager_model = eager_edited(model, opt, batches, lambda m: [p.grad.mul_(ratio(p, p.grad)) for p in m.parameters()])
     stepper = unrollc.compile(model, opt, mse, grad_callback=agc)
     xv = torch.randn(16, 4)
     lr_grads = []
@@ -370,14 +376,7 @@ def test_a_callback_reads_a_buffer_the_forward_reassigns_at_its_new_value(float6
         return {n: g / (1 + model.ema) for n, g in grads.items()}
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    eager_model, eager_opt = copy.deepcopy((model, opt))
-    for batch in batches:
-        eager_opt.zero_grad()
-        mse(eager_model, batch).backward()
-        with torch.no_grad():
-            for p in eager_model.parameters():
-                p.grad.div_(1 + eager_model.ema)
-        eager_opt.step()
+    eager_model = eager_edited(model, opt, batches, lambda m: [p.grad.div_(1 + m.ema) for p in m.parameters()])
     stepper = unrollc.compile(model, opt, mse, grad_callback=scale)
     state = stepper.unroll(stepper.init(), batches)
     for name, p in eager_model.named_parameters():
