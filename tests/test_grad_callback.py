@@ -396,3 +396,14 @@ def test_parameters_held_by_the_callback_are_pointed_out():
     with pytest.raises(ValueError, match=r"reads the model's parameter '0.(weight|bias)' as loss_fn or grad_callback "
                                          r"holds it.*Read it through the model"):
         stepper.unroll(stepper.init(), batches[:2], checkpoint="sqrt")
+
+
+def test_a_frozen_parameter_held_by_the_callback_is_its_own_value(recwarn):
+    """A frozen parameter does not change from step to step: holding it is fine, without warning or refusal."""
+    model, batches = make()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse,
+                              grad_callback=lambda grads: {n: g / (1 + frozen.norm()) for n, g in grads.items()})
+    stepper.unroll(stepper.init(), batches[:2], checkpoint="sqrt")
+    assert not [w for w in recwarn if "held by loss_fn" in str(w.message)]

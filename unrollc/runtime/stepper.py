@@ -516,7 +516,8 @@ class Stepper:
     def _warn_held_parameters(self, gm: fx.GraphModule) -> None:
         """A model parameter the step reads as a constant was held by ``loss_fn`` or ``grad_callback`` (a list of
         parameters made before compile), not read through the model: every step reads its time-0 value."""
-        names = {id(p): n for n, p in zip(self._param_names, self._model_params, strict=True)}
+        trainable = self._trainable()  # the parameters the steps update; a frozen one held is its own value
+        names = {id(p): n for n, p in zip(self._param_names, self._model_params, strict=True) if n in trainable}
         held = sorted({names[id(v)] for node in gm.graph.find_nodes(op="get_attr")
                        if id(v := getattr(gm, str(node.target), None)) in names})
         if held:

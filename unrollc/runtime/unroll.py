@@ -267,7 +267,7 @@ def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule, stepper: "Stepper")
     for node in gm.graph.find_nodes(op="get_attr"):
         value = getattr(gm, str(node.target), None)
         own = next((n for n, p in stepper.model.named_parameters() if p is value), None)
-        if own is not None:
+        if own is not None and own in stepper._trainable():  # one the steps update (a frozen one is constant)
             raise ValueError(
                 f"Stepper.unroll: the step reads the model's parameter {own!r} as loss_fn or grad_callback holds it (a "
                 "tensor or list of parameters taken before compile), not through the model: the step graph holds it "
