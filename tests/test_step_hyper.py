@@ -186,3 +186,25 @@ def test_a_budget_plans_for_the_state_that_per_step_hyperparameters_create(float
     with pytest.raises(ValueError, match="no checkpoint schedule for n=20 steps fits"):
         stepper.unroll(stepper.init(), batches, hyper=[{"momentum": 0.9}] * 20, checkpoint=budget)
     stepper.unroll(stepper.init(), batches, hyper=[{"momentum": 0.0}] * 20, checkpoint=budget)  # no buffers: it fits
+
+
+def test_an_option_switched_on_later_that_needs_state_from_the_first_step_is_explained():
+    """RMSprop creates its momentum buffer at the first step only when momentum > 0 then: switching momentum on
+    later fails in eager torch.optim too (KeyError); the error says so and gives the fix, which works."""
+    model, batches = make()
+    stepper = unrollc.compile(model, torch.optim.RMSprop(model.parameters(), lr=0.01), mse)
+    schedule = [{"momentum": 0.0}] + [{"momentum": 0.9}] * (N - 1)
+    with pytest.raises(unrollc.CaptureError, match=r"reads its state entry 'momentum_buffer' \(KeyError\).*eager "
+                                                   r"torch.optim raises the same KeyError.*or a learned value"):
+        stepper.unroll(stepper.init(), batches, hyper=schedule)
+    eager_model = copy.deepcopy(model)
+    eager_opt = torch.optim.RMSprop(eager_model.parameters(), lr=0.01)
+    with pytest.raises(KeyError, match="momentum_buffer"):  # eager torch.optim, options changed between steps
+        for batch, options in zip(batches, schedule):
+            eager_opt.param_groups[0].update(options)
+            eager_opt.zero_grad()
+            mse(eager_model, batch).backward()
+            eager_opt.step()
+    learned = torch.tensor(0.0, requires_grad=True)
+    state = stepper.unroll(stepper.init(), batches, hyper=[{"momentum": learned}] + schedule[1:])
+    assert "momentum_buffer" in state.opt_state["0.weight"]

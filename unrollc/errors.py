@@ -99,6 +99,15 @@ class CaptureError(RuntimeError):
                 "track_running_stats=False); register a tensor the model updates as a buffer "
                 "(module.register_buffer)"
             )
+        elif user is None and where is not None and isinstance(exc, KeyError) and "state[" in (where.line or ""):
+            hint = (
+                f"the optimizer's step reads its state entry {text} (KeyError), which torch.optim creates at a "
+                "parameter's first step only if an option then asks for it (RMSprop's momentum_buffer when "
+                "momentum > 0): an option switched on later by the per-step hyperparameters (or by init(hyper=...) "
+                "on a state that has stepped) finds no entry, and eager torch.optim raises the same KeyError. Give "
+                "the option its nonzero value from the first step, or a learned value (a tensor requiring grad, "
+                "0 included), which creates the entry"
+            )
         elif user is None and where is not None:
             hint = (
                 f"the optimizer's step could not be traced ({type(exc).__name__}: {text}); try the optimizer with "
