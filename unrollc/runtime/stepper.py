@@ -32,6 +32,19 @@ from .state import UnrollState, aliased_state_inputs, groups_to_hyper, guard_ali
 __all__ = ["Stepper", "CompiledStep"]
 
 
+def _cannot_bind(fn: Callable[..., Any], *args: Any) -> tuple[inspect.Signature, TypeError] | None:
+    """``fn``'s signature and the error of binding ``args`` to it, or None when they bind (or ``fn``, a builtin or
+    C callable, has no signature to check)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args)
+    except TypeError as exc:
+        return signature, exc
+    return None
+
 
 @dataclass
 class CompiledStep:
@@ -315,14 +328,10 @@ class Stepper:
 
     # -------------------------------------------------------------------------------------- internal
     def _check_arity(self, batch: Any, meta: tuple) -> None:
-        """``loss_fn`` accepts ``(model, batch, *meta)``: refused early, with the contract, when it cannot."""
-        try:
-            signature = inspect.signature(self.loss_fn)
-        except (TypeError, ValueError):  # a builtin or C callable: nothing to check
-            return
-        try:
-            signature.bind(self.model, batch, *meta)
-        except TypeError as exc:
+        """``loss_fn`` accepts ``(model, batch, *meta)`` and ``grad_callback`` ``(grads, *meta)``: refused early,
+        with the contract, when they cannot."""
+        if (refused := _cannot_bind(self.loss_fn, self.model, batch, *meta)) is not None:
+            signature, exc = refused
             schedule = next((m for m in meta if isinstance(m, (str, int)) and not isinstance(m, bool)), None)
             hint = (f" The meta argument {schedule!r} looks like a checkpoint schedule: `checkpoint` is keyword-only, "
                     f"unroll(state, batches, checkpoint={schedule!r})." if schedule is not None else "")
@@ -332,15 +341,8 @@ class Stepper:
                 f"{getattr(self.loss_fn, '__name__', 'loss_fn')}{signature} ({exc}); e.g. def loss_fn(model, batch): "
                 f"x, y = batch; return F.mse_loss(model(x), y).{hint}"
             ) from None
-        if self.grad_callback is None:
-            return
-        try:
-            signature = inspect.signature(self.grad_callback)
-        except (TypeError, ValueError):
-            return
-        try:
-            signature.bind({}, *meta)
-        except TypeError as exc:
+        if self.grad_callback is not None and (refused := _cannot_bind(self.grad_callback, {}, *meta)) is not None:
+            signature, exc = refused
             raise TypeError(
                 f"unrollc: grad_callback must accept (grads, *meta), here {1 + len(meta)} positional argument(s) (the "
                 f"dict of gradients and {len(meta)} meta argument(s) given to step/unroll), but its signature is "
@@ -513,13 +515,18 @@ class Stepper:
         aliases = guard_aliases(gm.meta["unrollc"]["aliased_inputs"])
         return CompiledStep(gm, captured.signature, GuardSet(captured.guards, aliases), graphs)
 
-    def _warn_held_parameters(self, gm: fx.GraphModule) -> None:
-        """A model parameter the step reads as a constant was held by ``loss_fn`` or ``grad_callback`` (a list of
-        parameters made before compile), not read through the model: every step reads its time-0 value."""
-        trainable = self._trainable()  # the parameters the steps update; a frozen one held is its own value
+    def _held_parameters(self, gm: fx.GraphModule) -> dict[int, str]:
+        """``{id: name}`` of the model parameters, among those the steps update, that ``gm`` reads as constants: held
+        by ``loss_fn`` or ``grad_callback`` (a list of parameters made before compile), not read through the model,
+        so every step reads their time-0 values (a frozen parameter held is its own value every step)."""
+        trainable = self._trainable()
         names = {id(p): n for n, p in zip(self._param_names, self._model_params, strict=True) if n in trainable}
-        held = sorted({names[id(v)] for node in gm.graph.find_nodes(op="get_attr")
-                       if id(v := getattr(gm, str(node.target), None)) in names})
+        return {id(v): names[id(v)] for node in gm.graph.find_nodes(op="get_attr")
+                if id(v := getattr(gm, str(node.target), None)) in names}
+
+    def _warn_held_parameters(self, gm: fx.GraphModule) -> None:
+        """Point out the parameters :meth:`_held_parameters` finds (a checkpointed unroll refuses them)."""
+        held = sorted(set(self._held_parameters(gm).values()))
         if held:
             warnings.warn(
                 f"unrollc: the step reads the model's parameter(s) {', '.join(held)} as they are held by loss_fn or "

@@ -146,10 +146,15 @@ def run_unroll(
     # Hyperparameters: the state's for every step, or each step's own (unroll(hyper=...)); a tensor several steps
     # share (betas no step overrides) is one input, so its gradient is accumulated once.
     consts: list[torch.Tensor] = []
-    where: dict[int, int] = {}
+    where: dict[int, int] = {}  # id(tensor) -> its position in consts
     hyper_trees = [tree_flatten(h) for h in (hypers if hypers is not None else [state.hyper])]
-    hyper_positions = [[where.setdefault(id(x), len(where)) for x in leaves] for leaves, _ in hyper_trees]
-    consts += list({id(x): x for leaves, _ in hyper_trees for x in leaves}.values())
+    hyper_positions = []
+    for leaves, _ in hyper_trees:
+        for x in leaves:
+            if id(x) not in where:
+                where[id(x)] = len(consts)
+                consts.append(x)
+        hyper_positions.append([where[id(x)] for x in leaves])
     batch_trees = [tree_flatten(b) for b in batches]
     meta_leaves, meta_spec = tree_flatten(tuple(meta))
     batch_slices = []
@@ -264,10 +269,11 @@ def _refuse_hidden_learned_tensors(gm: torch.fx.GraphModule, stepper: "Stepper")
     """A tensor that requires grad but reaches the step only through a closure or an attribute (not through
     ``state``, ``batch`` or ``*meta``) is a constant of the graph: autograd reaches it when the graph runs under
     a plain unroll, but a checkpointed unroll differentiates its inputs only, so its gradient would be lost."""
+    held = stepper._held_parameters(gm)
     for node in gm.graph.find_nodes(op="get_attr"):
         value = getattr(gm, str(node.target), None)
-        own = next((n for n, p in stepper.model.named_parameters() if p is value), None)
-        if own is not None and own in stepper._trainable():  # one the steps update (a frozen one is constant)
+        own = held.get(id(value))
+        if own is not None:
             raise ValueError(
                 f"Stepper.unroll: the step reads the model's parameter {own!r} as loss_fn or grad_callback holds it (a "
                 "tensor or list of parameters taken before compile), not through the model: the step graph holds it "
