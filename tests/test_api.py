@@ -353,3 +353,37 @@ def test_hook_based_weight_norm_assigns_its_weight_without_a_warning():
         warnings.filterwarnings("ignore", message=".*weight_norm is deprecated.*")
         stepper.step(stepper.init(), torch.randn(5, 3))
     assert model.weight is weight
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt", 2, "binomial"])
+def test_a_loader_that_refills_its_tensors_is_read_per_step_or_refused(checkpoint, float64):
+    """A loader that copies each batch into the same tensors (a prefetcher, a ring buffer): the plain unroll
+    reads one batch per step, as a step() loop does, so the trajectory is the list's; a checkpointed one must
+    read every batch first (and again in the backward pass), so it refuses instead of running every step on
+    the last batch's values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                              lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    batches = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(5)]
+    x, y = torch.empty(4, 3), torch.empty(4, 2)
+
+    def loader():
+        for xb, yb in batches:
+            x.copy_(xb), y.copy_(yb)
+            yield x, y
+
+    if checkpoint is not None:
+        with pytest.raises(ValueError, match=r"Stepper.unroll: a tensor of batch 0 .* changed in place .*clone\(\)"):
+            stepper.unroll(stepper.init(), loader(), checkpoint=checkpoint)
+        return
+    ref = stepper.unroll(stepper.init(), batches)
+    got = stepper.unroll(stepper.init(), loader())
+    assert all(torch.equal(got.params[k], ref.params[k]) for k in ref.params)
+    assert torch.equal(torch.stack(got.losses), torch.stack(ref.losses))
+    # A generator's length is known only at its end: per-step hyperparameters are counted as the steps run.
+    lr = [{"lr": 0.1}] * 5
+    assert torch.equal(stepper.unroll(stepper.init(), iter(batches), hyper=lr).params["0.weight"], ref.params["0.weight"])
+    for entries, said in ((4, "4 entries for more than 4 batches"), (6, "6 entries for 5 batches")):
+        with pytest.raises(ValueError, match=said):
+            stepper.unroll(stepper.init(), iter(batches), hyper=[{}] * entries)

@@ -121,7 +121,7 @@ def test_rounds_time_every_config_in_turn_and_pool_the_runs() -> None:
 
     cfgs = [Config("mlp-small", "sgd", 2, "unrollc", "none", repeats=2, saved_bytes=False),
             Config("mlp-small", "sgd", 2, "eager", repeats=2, saved_bytes=False)]
-    results = run_configs(cfgs, progress=False, rounds=2, memory_jobs=2)
+    results = run_configs(cfgs, progress=False, rounds=2, jobs=2)  # 2 at once: only counts are checked
     assert [r.config for r in results] == cfgs
     for r in results:
         assert r.status == "ok" and len(r.times_s) == 4 and r.peak_bytes is not None

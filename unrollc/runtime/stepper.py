@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
 from .meta import bind_modules
 from .rng import cuda_devices, fork_rng
-from .schedules import CheckpointLike
+from .schedules import CheckpointLike, NoCheckpoint, resolve_checkpoint
 from .state import UnrollState, aliased_state_inputs, groups_to_hyper, guard_aliases, hyper_to_groups
 
 __all__ = ["Stepper", "CompiledStep"]
@@ -194,8 +194,9 @@ class Stepper:
                 g[k] = value
         return groups
 
-    def _step_hypers(self, state: UnrollState, hyper: Any, n: int) -> list[dict[str, Any]]:
-        """``unroll(hyper=...)``: one override mapping per step -> each step's whole hyperparameter dict."""
+    def _step_hypers(self, state: UnrollState, hyper: Any, n: int | None) -> list[dict[str, Any]]:
+        """``unroll(hyper=...)``: one override mapping per step -> each step's whole hyperparameter dict (``n``,
+        the number of batches, is None for a generator: the plain unroll checks the count as it runs)."""
         if isinstance(hyper, (Mapping, torch.Tensor, str)) or not isinstance(hyper, Iterable):
             raise TypeError(
                 "Stepper.unroll: expected `hyper` as one mapping of hyperparameter overrides per step (a list as long "
@@ -203,11 +204,10 @@ class Stepper:
                 "the same values at every step, set them once with stepper.init(hyper=...)."
             )
         hyper = list(hyper)
-        if len(hyper) != n:
-            raise ValueError(
-                f"Stepper.unroll: `hyper` has {len(hyper)} entries for {n} batches; give one mapping per step "
-                "(an empty dict keeps a step's hyperparameters as they are in the state)."
-            )
+        if n is not None and len(hyper) != n:
+            from .unroll import hyper_count_error
+
+            raise hyper_count_error(len(hyper), n)
         base = hyper_to_groups(state.hyper, len(self._spec.hyper), api="Stepper.unroll")
         steps = []
         for i, h in enumerate(hyper):
@@ -280,7 +280,7 @@ class Stepper:
                 gets its meta-gradient under every schedule). Keys a step does not give keep ``state.hyper``'s
                 values; the returned state's ``hyper`` is the last step's.
         """
-        from .unroll import run_unroll
+        from .unroll import read_batches, run_unroll
 
         self._check_state("Stepper.unroll", state)
         if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
@@ -288,9 +288,12 @@ class Stepper:
                 f"Stepper.unroll: expected `batches`, an iterable with one batch per step (a list, a generator, a "
                 f"DataLoader), got {type(batches).__name__}; for n steps on one batch pass [batch] * n."
             )
-        batches = list(batches)
-        hypers = None if hyper is None else self._step_hypers(state, hyper, len(batches))
-        return run_unroll(self, state, batches, bind_modules(meta), checkpoint, hypers)
+        policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+        if not isinstance(policy, NoCheckpoint):
+            batches = read_batches(batches)  # the plan needs n, and the backward pass re-reads them
+        n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
+        hypers = None if hyper is None else self._step_hypers(state, hyper, n)
+        return run_unroll(self, state, batches, bind_modules(meta), policy, hypers)
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""

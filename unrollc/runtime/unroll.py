@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import replace
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +19,37 @@ from .state import UnrollState, distinct_nbytes, first_positions
 if TYPE_CHECKING:
     from .stepper import Stepper
 
-__all__ = ["run_unroll", "plan_unroll", "state_bytes"]
+__all__ = ["hyper_count_error", "plan_unroll", "read_batches", "run_unroll", "state_bytes"]
+
+
+def read_batches(batches: Iterable[Any]) -> list[Any]:
+    """Every batch of a checkpointed unroll, read before its first step (the plan needs n, and the backward pass
+    re-runs steps on them): refused if a tensor was changed in place after the iterable yielded it, as a loader
+    that refills the same buffers does, since every step would then read the last batch's values."""
+    read: list[Any] = []
+    versions: list[tuple[int, torch.Tensor, int]] = []
+    for i, batch in enumerate(batches):
+        read.append(batch)
+        versions += [(i, t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+    for i, t, version in versions:
+        if t._version != version:
+            raise ValueError(
+                f"Stepper.unroll: a tensor of batch {i} ({tuple(t.shape)}, {t.dtype}) was changed in place after "
+                f"`batches` yielded it (its version went from {version} to {t._version}), as a loader that refills "
+                "the same tensors does. A checkpointed unroll reads every batch before its first step (the schedule "
+                "needs n) and re-reads them in the backward pass, so each step would see the last values. Yield new "
+                "tensors (e.g. `yield x.clone(), y.clone()`), or unroll with checkpoint=None, which reads one batch "
+                "per step."
+            )
+    return read
+
+
+def hyper_count_error(entries: int, batches: int | str) -> ValueError:
+    """``unroll(hyper=...)`` does not have one entry per batch."""
+    return ValueError(
+        f"Stepper.unroll: `hyper` has {entries} entries for {batches} batches; give one mapping per step "
+        "(an empty dict keeps a step's hyperparameters as they are in the state)."
+    )
 
 
 def state_bytes(state: UnrollState) -> int:
@@ -110,26 +141,34 @@ def _after_first_step(stepper: "Stepper", state: UnrollState, batch: Any, meta: 
 def run_unroll(
     stepper: "Stepper",
     state: UnrollState,
-    batches: list[Any],
+    batches: Iterable[Any],
     meta: tuple,
     checkpoint: Any,
     hypers: list[dict[str, Any]] | None = None,
 ) -> UnrollState:
-    """Apply the step once per batch; with a checkpoint policy, keep only the states it plans. ``state`` and
+    """Apply the step once per batch; with a checkpoint policy, keep only the states it plans. Without one,
+    ``batches`` is read one batch per step, as a loop of ``stepper.step`` reads it. ``state`` and
     ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``; ``hypers``,
     if given, is each step's whole hyperparameter dict (``unroll(hyper=...)``, checked there)."""
-    n = len(batches)
     policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
     advance = _advance(stepper)
-    if n == 0 or isinstance(policy, NoCheckpoint):
+    if isinstance(policy, NoCheckpoint):  # one batch per step as the iterable yields it, as a step() loop reads it
         losses = []
         with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
             for i, batch in enumerate(batches):
                 if hypers is not None:
+                    if i == len(hypers):
+                        raise hyper_count_error(len(hypers), f"more than {i}")
                     state = replace(state, hyper=hypers[i])
                 state = advance(state, batch, meta)
                 losses.append(state.loss)
+        if hypers is not None and len(losses) != len(hypers):
+            raise hyper_count_error(len(hypers), len(losses))
         return state.replace(losses=losses)
+    batches = list(batches)
+    n = len(batches)
+    if n == 0:
+        return state.replace(losses=[])
     plan = plan_unroll(stepper, state, batches, meta, policy, hypers)
     distinct = distinct_batches(batches)
     first = state if hypers is None else replace(state, hyper=hypers[0])
