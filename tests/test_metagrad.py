@@ -642,3 +642,42 @@ def test_an_in_place_update_of_any_view_has_the_finite_difference_meta_gradient(
     (g2,) = torch.autograd.grad(meta(lr, "sqrt"), lr)
     assert rel(g2, g) < 1e-12
     assert not any(n.target is torch.ops.aten.as_strided_scatter.default for n in stepper.graph.graph.nodes)
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_a_gradient_penalty_written_with_torch_func_is_differentiated_through(checkpoint, float64):
+    """An input-gradient penalty in loss_fn (torch.func.grad nested in the step's own gradient): third-order
+    terms in the meta-gradient, equal to an eager unroll with autograd.grad(create_graph=True) and to central
+    differences."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def penalty(m, x):
+        gx = torch.func.grad(lambda xx: m(xx).sum())(x)
+        return m(x).pow(2).mean() + gx.pow(2).mean()
+
+    batches = [torch.randn(5, 4) for _ in range(4)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), penalty)
+
+    def meta_loss(lr):
+        final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        return sum(p.pow(2).sum() for p in final.params.values())
+
+    def eager(lr):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+        for x in batches:
+            params = {k: v.requires_grad_() if not v.requires_grad else v for k, v in params.items()}
+            loss = penalty(lambda xx: torch.func.functional_call(model, params, (xx,)), x)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            bufs = {k: 0.5 * bufs[k] + g for k, g in zip(params, grads)}
+            params = {k: v - lr * bufs[k] for k, v in params.items()}
+        return sum(p.pow(2).sum() for p in params.values())
+
+    lr = torch.tensor(0.1, requires_grad=True)
+    got, = torch.autograd.grad(meta_loss(lr), lr)
+    want, = torch.autograd.grad(eager(lr), lr)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    with torch.no_grad():
+        fd = central_difference(lambda v: meta_loss(v), torch.tensor(0.1))
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=0)
