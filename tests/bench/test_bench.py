@@ -264,6 +264,30 @@ def test_plot_of_results_with_no_measured_peak(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_lines_of_every_method_and_optimizer_look_different(tmp_path, monkeypatch) -> None:
+    """14 lines (7 methods x 2 optimizers): a colour per method and a style per optimizer, so no two lines look
+    alike (matplotlib's default cycle repeats its 10 colours)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from unrollc.bench.report import plot
+    from unrollc.bench.runner import Config, Result
+
+    methods = [("unrollc", s) for s in ("none", "sqrt", "binomial", "every-k", "budget")] + [("higher", "-"), ("eager", "-")]
+    results = [Result(Config("mlp-small", opt, n, m, s), time_s=0.01 * n, peak_bytes=n << 20)
+               for opt in ("sgd", "adam") for m, s in methods for n in (4, 8)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(results, str(tmp_path / "all.png"))
+    for ax in figures[0].axes:
+        looks = {(line.get_label(), line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+        assert len(looks) == 14 and len({look[1:] for look in looks}) == 14
+        by_method = {}
+        for label, color, _ in looks:
+            by_method.setdefault(label.rsplit(" (", 1)[0], set()).add(color)
+        assert len(by_method) == 7 and all(len(c) == 1 for c in by_method.values())
+
+
 def test_progress_without_tqdm_numbers_each_start_once(monkeypatch, capsys):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -294,9 +318,10 @@ def test_a_long_error_keeps_the_table_narrow_and_is_printed_in_full_below_it() -
     assert lines[4:] == ["", "statuses in full:", f"  mlp-small/sgd n=4 higher: {error}"]
 
 
-def test_replot_reads_back_a_runs_csv_and_json_and_runs_nothing(quick_run, tmp_path, capsys) -> None:
+def test_replot_reads_back_a_runs_csv_and_json_and_runs_nothing(quick_run, tmp_path, capsys, monkeypatch) -> None:
     """`--replot` prints the same table from results.csv as from results.json (every field typed back), and
-    writes the plot; the CSV/JSON columns are the documented ones."""
+    writes the plot and only the results file asked for, never over the file it reads; the CSV/JSON columns
+    are the documented ones."""
     from unrollc.bench.__main__ import main
     from unrollc.bench.report import COLUMNS, read_csv, read_json, table
 
@@ -311,6 +336,20 @@ def test_replot_reads_back_a_runs_csv_and_json_and_runs_nothing(quick_run, tmp_p
     printed = capsys.readouterr().out
     assert table(from_csv) in printed and f"wrote {plot}" in printed
     assert read_json(str(tmp_path / "r.json")) == from_json
+    monkeypatch.chdir(tmp_path)  # where the default OUT_DIR (bench_out) would be made
+    source = os.path.join(out, "results.json")
+    with open(source) as f:
+        before = f.read()
+    assert main(["--replot", source, "--plot", str(plot), "--csv", str(tmp_path / "r.csv")]) == 0
+    assert read_csv(str(tmp_path / "r.csv")) == from_json and not (tmp_path / "bench_out").exists()
+    assert main(["--replot", source, "--plot", str(plot), "--json", str(tmp_path / "r2.json")]) == 0
+    with open(tmp_path / "r2.json") as f, open(source) as g:  # how the run was made is kept
+        assert json.load(f)["meta"] == {**json.load(g)["meta"], "replot_of": source}
+    with pytest.raises(SystemExit):
+        main(["--replot", source, "--plot", str(plot), "--json", source])
+    assert "is the file --replot reads" in capsys.readouterr().err
+    with open(source) as f:
+        assert f.read() == before
     if pytest.importorskip("matplotlib"):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):

@@ -16,6 +16,7 @@ sqrt, higher; timed in 3 alternating rounds of fresh processes, 3 runs each), an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -108,7 +109,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not os.path.isfile(args.replot) or not args.replot.endswith((".json", ".csv")):
             p.error(f"--replot {args.replot!r}: expected an existing .json or .csv file written by python -m "
                     "unrollc.bench (results.json / results.csv)")
-        args.write_results = bool(args.csv or args.json)  # a replot rewrites results files only when asked to
+        # a replot writes a results file only when asked to, and never over the file it reads
+        args.write_json, args.write_csv = bool(args.json), bool(args.csv)
+        for option, path in (("json", args.json), ("csv", args.csv)):
+            if path and os.path.abspath(path) == os.path.abspath(args.replot):
+                p.error(f"--{option} {path!r} is the file --replot reads; give another path to convert it to.")
     if args.figures and fixed:
         p.error(f"--figures runs a fixed set of configurations (see --help); leave out {' '.join(fixed)}, or run "
                 "without --figures to choose them.")
@@ -218,10 +223,12 @@ def replot(args: argparse.Namespace) -> int:
         return 2
     print(table(results))
     paths = []
-    if args.write_results:
-        write_json(results, args.json, {"replot_of": os.path.abspath(args.replot)})
+    if args.write_json:
+        write_json(results, args.json, {**_meta_of(args.replot), "replot_of": os.path.abspath(args.replot)})
+        paths.append(args.json)
+    if args.write_csv:
         write_csv(results, args.csv)
-        paths += [args.json, args.csv]
+        paths.append(args.csv)
     try:
         plot(results, args.plot, title=_title(sorted({r.config.workload for r in results})))
         paths.append(args.plot)
@@ -230,6 +237,15 @@ def replot(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _meta_of(path: str) -> dict[str, Any]:
+    """The ``meta`` of a results.json (how that run was made), kept when a replot converts it; none for a CSV."""
+    if not path.endswith(".json"):
+        return {}
+    with open(path) as f:
+        meta = json.load(f).get("meta", {})
+    return meta if isinstance(meta, dict) else {}
 
 
 def _warn_if_busy(args: argparse.Namespace) -> None:

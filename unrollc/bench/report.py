@@ -241,7 +241,8 @@ def plot_path(path: str) -> str:
 
 
 def plot(results: Sequence[Result], path: str, title: str = "") -> None:
-    """Two log-log panels, peak memory vs n and time vs n, one line per (optimizer, method, schedule)."""
+    """Two log-log panels, peak memory vs n and time vs n, one line per (optimizer, method, schedule): a colour
+    per method and schedule, a line style per optimizer."""
     try:
         import matplotlib
 
@@ -253,22 +254,28 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
             "unrollc.bench: no plot written: matplotlib is not installed; install it with `pip install matplotlib` "
             "(or `pip install 'unrollc[bench]'`). The table, CSV and JSON do not need it."
         ) from e
-    lines: dict[str, list[Result]] = {}
-    opts = {r.config.optimizer for r in results}
+    lines: dict[tuple[str, str], list[Result]] = {}
     for r in results:
         if r.status == "ok":
-            key = r.config.label if len(opts) == 1 else f"{r.config.label} ({r.config.optimizer})"
-            lines.setdefault(key, []).append(r)
+            lines.setdefault((r.config.label, r.config.optimizer), []).append(r)
+    # One colour per method, one line style per optimizer: a method keeps its colour across optimizers, and no
+    # two lines share both (matplotlib's cycle repeats its 10 colours from the 11th line on).
+    methods = sorted({label for label, _ in lines})
+    opts = list(dict.fromkeys(r.config.optimizer for r in results if r.status == "ok"))  # the first is drawn solid
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, rs in sorted(lines.items()):
+    for (label, opt), rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r.config.n)
+        key = label if len(opts) == 1 else f"{label} ({opt})"
+        style = {"marker": "o", "label": key, "color": palette(methods.index(label) % palette.N),
+                 "linestyle": ("-", "--", ":", "-.")[opts.index(opt) % 4]}
         # a peak of 0 bytes is below what peak RSS resolves on a small workload: no point, not a fake 1 byte
         mem = [(r.config.n, r.peak_bytes / MIB) for r in rs if r.peak_bytes]
         if mem:
-            ax_mem.plot([n for n, _ in mem], [m for _, m in mem], marker="o", label=key)
+            ax_mem.plot([n for n, _ in mem], [m for _, m in mem], **style)
         times = [(r.config.n, r.time_s) for r in rs if r.time_s]
         if times:
-            ax_time.plot([n for n, _ in times], [t for _, t in times], marker="o", label=key)
+            ax_time.plot([n for n, _ in times], [t for _, t in times], **style)
     for ax, what in ((ax_mem, "peak memory (MiB)"), (ax_time, "unroll + meta-backward (s)")):
         ax.set_xscale("log", base=2)  # n labelled at powers of two (16, 32, ..., 1024), as plain numbers
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
