@@ -681,3 +681,37 @@ def test_a_gradient_penalty_written_with_torch_func_is_differentiated_through(ch
     with torch.no_grad():
         fd = central_difference(lambda v: meta_loss(v), torch.tensor(0.1))
     torch.testing.assert_close(got, fd, rtol=1e-6, atol=0)
+
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen-layer"])
+def test_taped_steps_take_what_no_gradient_reaches_as_constants(frozen, float64):
+    """Recomputed steps take as constants what the plain unroll never differentiates: the step counters
+    (otherwise Adam's bias corrections are differentiated through) and a frozen layer's weights (otherwise its
+    weight gradient is computed). Tensors saved for backward then do not depend on where the tapes start:
+    the same with one tape of 6 steps (starting at step 0, before any counter exists) as with 3 or 6 tapes.
+    Meta-gradients are those of the plain unroll."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    if frozen:
+        model[2].requires_grad_(False)  # still in the optimizer, which skips it (its grad is None)
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01), weighted_mse)
+    batches = [(torch.randn(8, 6), torch.randn(8, 3)) for _ in range(6)]
+    weights = torch.rand(8, requires_grad=True)
+
+    def saves_and_grads(checkpoint):
+        lr = torch.tensor(0.01, requires_grad=True)
+        saves = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saves.append(t.shape) or t, lambda t: t):
+            final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, weights, checkpoint=checkpoint)
+            loss = sum(p.pow(2).sum() for p in final.params.values())
+            grads = torch.autograd.grad(loss, [lr, weights, model[0].weight])
+        return len(saves), grads
+
+    _, want = saves_and_grads(None)
+    counts = {}
+    for k in (6, 2, 1):
+        counts[k], got = saves_and_grads(k)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
+    assert counts[2] == counts[1] == counts[6], counts

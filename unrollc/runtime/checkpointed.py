@@ -95,8 +95,10 @@ class _Runner:
         self.state_grad: list[Tensor | None] = []           # gradient of the state at the live tape's end
         self.loss_grads: Tensor | None = None
         self.const_grads: list[Tensor | None] = [None] * len(consts)
-        # State positions never differentiated (BatchNorm running stats), declared by the step function.
-        self.constant_positions: frozenset[int] = getattr(step_fn, "constant_positions", frozenset())
+        # State positions never differentiated (BatchNorm running stats, step counters), declared by the step
+        # function: one set, or a function of the step a tape starts at (the state's layout may change).
+        self.constant_positions: frozenset[int] | Callable[[int], frozenset[int]] = getattr(
+            step_fn, "constant_positions", frozenset())
 
     def call(self, i: int, state: State, consts: State) -> tuple[State, Tensor]:
         """One evaluation of the step function, counted and checked."""
@@ -153,7 +155,8 @@ class _Runner:
         if self.tape is not None:
             raise InternalError("unrollc.checkpointed_unroll: a plan tapes while another tape is alive")
         with torch.enable_grad():
-            inputs = _leaves(self.cur, self.constant_positions)
+            constant = self.constant_positions
+            inputs = _leaves(self.cur, constant(action.start) if callable(constant) else constant)
             state, losses = inputs, []
             for i in range(action.start, action.stop):
                 state, loss = self.call(i, state, self.const_leaves)
@@ -253,8 +256,9 @@ def checkpointed_unroll(step_fn: StepFn, n: int, state0: State, consts: State, p
     state's length may change between steps (e.g. optimizer state created by step 0). Exactly
     ``plan.evaluations`` calls of ``step_fn`` are made when a gradient is possible; when grad mode is off or
     nothing requires grad, the n steps just run once. ``stats``, if given, receives the observed counts.
-    A ``step_fn`` may carry an attribute ``constant_positions`` (a frozenset of state positions) for state
-    entries that are never differentiated, such as BatchNorm running statistics.
+    A ``step_fn`` may carry an attribute ``constant_positions`` for state entries that are never differentiated,
+    such as BatchNorm running statistics: a frozenset of state positions, or a function from a step index to the
+    positions constant in the state that step reads.
     """
     if not isinstance(state0, tuple) or not isinstance(consts, tuple) or not all(
             isinstance(t, Tensor) for t in (*state0, *consts)):

@@ -11,6 +11,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import fill_leaves
+from ..errors import InternalError
 from .checkpointed import checkpointed_unroll
 from .rng import step_generators
 from .schedules import NoCheckpoint, Plan, resolve_checkpoint
@@ -233,6 +234,7 @@ def run_unroll(
         # Recomputed in backward after a model.eval() or with more layouts since: still the graphs it ran.
         with stepper._modes_pinned(modes), stepper._graphs_kept(kept):
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
+            carried[i + 1] = _carries_gradient(stepper._last, carried[i])  # the graph step i ran
         layouts[i + 1] = _state_keys(new)
         packed = pack(new)
         shared[i + 1] = first_positions(packed)
@@ -244,9 +246,17 @@ def run_unroll(
     learned = {k for k, v in state.buffers.items() if v.requires_grad}
     if torch.is_grad_enabled():  # any batch may be the learned one (dataset distillation)
         learned = learned.union(*(differentiated_buffers(stepper, state, b, meta) for b in distinct))
-    step_fn.constant_positions = frozenset(  # type: ignore[attr-defined]
-        len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned
-    )
+    constant_buffers = frozenset(len(param_names) + i for i, k in enumerate(buffer_names) if k not in learned)
+    # State entries no gradient can reach (step counters, frozen parameters), as in the plain unroll where they
+    # never require grad: tapes take them as constants instead of differentiating the step through them.
+    carried: dict[int, frozenset[tuple[str, Any]]] = {0: _state_entries(state, requiring_grad=True)}
+
+    def constant_positions(i: int) -> frozenset[int]:
+        entries = [("param", k) for k in param_names] + [("buffer", k) for k in buffer_names]
+        entries += [("state", pk) for pk in layouts[i]]
+        return constant_buffers | {j for j, e in enumerate(entries) if e not in carried[i]}
+
+    step_fn.constant_positions = constant_positions  # type: ignore[attr-defined]
     # The user's own generators any step draws from (a batch may switch noise on): every batch's graph, each
     # traced once per layout (the stepper's cache), so that every stored state keeps their states too.
     generators = {id(g): g for gm in graphs for g in step_generators(gm)}
@@ -264,6 +274,68 @@ def run_unroll(
 _DIFFERENTIATED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset[str], frozenset[str]]]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _state_entries(state: UnrollState, *, requiring_grad: bool = False) -> frozenset[tuple[str, Any]]:
+    """``("param", name)``, ``("buffer", name)`` and ``("state", (param, key))`` of the state's tensors (those
+    that require grad, if asked)."""
+    entries = [(("param", k), v) for k, v in state.params.items()] + [(("buffer", k), v) for k, v in state.buffers.items()]
+    entries += [(("state", (p, k)), v) for p, st in state.opt_state.items() for k, v in st.items()]
+    return frozenset(e for e, v in entries if v.requires_grad or not requiring_grad)
+
+
+_DEPENDENCIES: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple[str, Any], tuple[frozenset, bool]]]" = (
+    weakref.WeakKeyDictionary()
+)
+_CARRIED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset, frozenset]]" = weakref.WeakKeyDictionary()
+
+
+def _carries_gradient(compiled: Any, before: frozenset[tuple[str, Any]]) -> frozenset[tuple[str, Any]]:
+    """The state entries after a step of ``compiled`` (a ``CompiledStep``) that a gradient can reach, given those
+    that ``before`` names: each output the graph computes from one of them, or from any hyperparameter, batch or
+    meta tensor (taken as learned: a superset of what autograd would mark, so never too few). A step counter
+    (``step + 1``) and a frozen parameter (passed through) are computed from themselves alone."""
+    per_graph = _CARRIED.setdefault(compiled.gm, {})
+    if before not in per_graph:
+        per_graph[before] = frozenset(
+            out for out, (reads, other) in _state_dependencies(compiled).items() if other or reads & before
+        )
+    return per_graph[before]
+
+
+def _state_dependencies(compiled: Any) -> dict[tuple[str, Any], tuple[frozenset, bool]]:
+    """For each state output of the step graph: the state inputs its value is computed from, and whether it
+    reads any other input. Read from the fx graph's data edges (bit masks over the placeholders)."""
+    gm, sig = compiled.gm, compiled.signature
+    if gm not in _DEPENDENCIES:
+        inputs = [("param", k) for k in sig.params] + [("buffer", k) for k in sig.buffers]
+        inputs += [("state", pk) for pk in sig.state_in]
+        outputs = [("param", k) for k in sig.params] + [("buffer", k) for k in sig.buffers]
+        outputs += [("state", pk) for pk in sig.state_out]
+        reads: dict[torch.fx.Node, int] = {}
+        placeholders = 0
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                reads[node] = 1 << placeholders
+                placeholders += 1
+            elif node.op != "output":
+                mask = 0
+                for arg in node.all_input_nodes:
+                    mask |= reads[arg]
+                reads[node] = mask
+        others = ((1 << placeholders) - 1) & ~((1 << len(inputs)) - 1)
+        results = list(gm.graph.output_node().args[0])
+        if len(results) != len(outputs) + 1 or placeholders < len(inputs):
+            raise InternalError(
+                f"unrollc: the step graph has {placeholders} inputs and {len(results)} outputs, but its signature "
+                f"{len(inputs)} state inputs and {len(outputs)} state outputs and the loss; this is an unrollc bug."
+            )
+        deps = {}
+        for key, out in zip(outputs, results[:-1], strict=True):
+            mask = reads[out] if isinstance(out, torch.fx.Node) else 0
+            deps[key] = (frozenset(e for j, e in enumerate(inputs) if mask >> j & 1), bool(mask & others))
+        _DEPENDENCIES[gm] = deps
+    return _DEPENDENCIES[gm]
 
 
 def differentiated_buffers(stepper: "Stepper", state: UnrollState, batch: Any, meta: tuple) -> frozenset[str]:
