@@ -715,3 +715,28 @@ def test_taped_steps_take_what_no_gradient_reaches_as_constants(frozen, float64)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
     assert counts[2] == counts[1] == counts[6], counts
+
+
+def test_a_wrapped_step_that_changes_the_state_keeps_every_gradient(float64):
+    """A stepper.step the user wrapped may change what the graph passes through (a frozen head decayed by a
+    meta tensor): the step graph alone cannot tell, so re-run steps then take no state entry as a constant."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[2].requires_grad_(False)
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01), weighted_mse)
+    traced_step = stepper.step
+
+    def step(state, batch, w):
+        new = traced_step(state, batch, w)
+        return new.replace(params={**new.params, "2.weight": new.params["2.weight"] * (1 - 0.01 * w.mean())})
+
+    stepper.step = step
+    batches = [(torch.randn(5, 3), torch.randn(5, 2)) for _ in range(4)]
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    grads = {}
+    for checkpoint in (None, 1, 2):
+        w = torch.ones(5, requires_grad=True)
+        final = stepper.unroll(stepper.init(), batches, w, checkpoint=checkpoint)
+        grads[checkpoint], = torch.autograd.grad(((stepper.forward(final, x) - y) ** 2).mean(), w)
+    torch.testing.assert_close(grads[1], grads[None], rtol=1e-10, atol=0)
+    torch.testing.assert_close(grads[2], grads[None], rtol=1e-10, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import replace
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -234,7 +234,8 @@ def run_unroll(
         # Recomputed in backward after a model.eval() or with more layouts since: still the graphs it ran.
         with stepper._modes_pinned(modes), stepper._graphs_kept(kept):
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
-            carried[i + 1] = _carries_gradient(stepper._last, carried[i])  # the graph step i ran
+            # the graph step i ran; a step() the user wrapped may change the state besides: nothing is constant
+            carried[i + 1] = _state_entries(new) if wrapped else _carries_gradient(stepper._last, carried[i])
         layouts[i + 1] = _state_keys(new)
         packed = pack(new)
         shared[i + 1] = first_positions(packed)
@@ -250,6 +251,7 @@ def run_unroll(
     # State entries no gradient can reach (step counters, frozen parameters), as in the plain unroll where they
     # never require grad: tapes take them as constants instead of differentiating the step through them.
     carried: dict[int, frozenset[tuple[str, Any]]] = {0: _state_entries(state, requiring_grad=True)}
+    wrapped = "step" in vars(stepper)  # see _advance
 
     def constant_positions(i: int) -> frozenset[int]:
         entries = [("param", k) for k in param_names] + [("buffer", k) for k in buffer_names]
@@ -284,10 +286,15 @@ def _state_entries(state: UnrollState, *, requiring_grad: bool = False) -> froze
     return frozenset(e for e, v in entries if v.requires_grad or not requiring_grad)
 
 
-_DEPENDENCIES: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple[str, Any], tuple[frozenset, bool]]]" = (
-    weakref.WeakKeyDictionary()
-)
+_DEPENDENCIES: "weakref.WeakKeyDictionary[torch.fx.GraphModule, _Dependencies]" = weakref.WeakKeyDictionary()
 _CARRIED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset, frozenset]]" = weakref.WeakKeyDictionary()
+
+
+class _Dependencies(NamedTuple):
+    """What each state output of a step graph is computed from, as bit masks over the graph's inputs."""
+    inputs: dict[tuple[str, Any], int]  # state input entry -> its bit
+    outputs: tuple[tuple[tuple[str, Any], int], ...]  # (state output entry, mask of the inputs it reads)
+    others: int  # the bits of the other inputs (hyperparameters, batch and meta tensors)
 
 
 def _carries_gradient(compiled: Any, before: frozenset[tuple[str, Any]]) -> frozenset[tuple[str, Any]]:
@@ -297,15 +304,16 @@ def _carries_gradient(compiled: Any, before: frozenset[tuple[str, Any]]) -> froz
     (``step + 1``) and a frozen parameter (passed through) are computed from themselves alone."""
     per_graph = _CARRIED.setdefault(compiled.gm, {})
     if before not in per_graph:
-        per_graph[before] = frozenset(
-            out for out, (reads, other) in _state_dependencies(compiled).items() if other or reads & before
-        )
+        deps = _state_dependencies(compiled)
+        reach = deps.others
+        for entry in before:
+            reach |= deps.inputs.get(entry, 0)
+        per_graph[before] = frozenset(out for out, mask in deps.outputs if mask & reach)
     return per_graph[before]
 
 
-def _state_dependencies(compiled: Any) -> dict[tuple[str, Any], tuple[frozenset, bool]]:
-    """For each state output of the step graph: the state inputs its value is computed from, and whether it
-    reads any other input. Read from the fx graph's data edges (bit masks over the placeholders)."""
+def _state_dependencies(compiled: Any) -> _Dependencies:
+    """The inputs each state output of the step graph is computed from, read from the fx graph's data edges."""
     gm, sig = compiled.gm, compiled.signature
     if gm not in _DEPENDENCIES:
         inputs = [("param", k) for k in sig.params] + [("buffer", k) for k in sig.buffers]
@@ -323,18 +331,18 @@ def _state_dependencies(compiled: Any) -> dict[tuple[str, Any], tuple[frozenset,
                 for arg in node.all_input_nodes:
                     mask |= reads[arg]
                 reads[node] = mask
-        others = ((1 << placeholders) - 1) & ~((1 << len(inputs)) - 1)
         results = list(gm.graph.output_node().args[0])
         if len(results) != len(outputs) + 1 or placeholders < len(inputs):
             raise InternalError(
                 f"unrollc: the step graph has {placeholders} inputs and {len(results)} outputs, but its signature "
                 f"{len(inputs)} state inputs and {len(outputs)} state outputs and the loss; this is an unrollc bug."
             )
-        deps = {}
-        for key, out in zip(outputs, results[:-1], strict=True):
-            mask = reads[out] if isinstance(out, torch.fx.Node) else 0
-            deps[key] = (frozenset(e for j, e in enumerate(inputs) if mask >> j & 1), bool(mask & others))
-        _DEPENDENCIES[gm] = deps
+        _DEPENDENCIES[gm] = _Dependencies(
+            {entry: 1 << j for j, entry in enumerate(inputs)},
+            tuple((entry, reads[out] if isinstance(out, torch.fx.Node) else 0)
+                  for entry, out in zip(outputs, results[:-1], strict=True)),
+            ((1 << placeholders) - 1) & ~((1 << len(inputs)) - 1),
+        )
     return _DEPENDENCIES[gm]
 
 
