@@ -114,6 +114,21 @@ def test_step_saved_bytes_match_measurement(case, lr_requires_grad):
     assert model.grad_bytes == sum(t.numel() * t.element_size() for t in grads) > 0
 
 
+@pytest.mark.parametrize("lr_requires_grad", [False, True])
+@pytest.mark.parametrize("case", ["mlp-sgd-momentum", "mlp-adam"])
+def test_taped_step_saved_bytes_match_measurement(case, lr_requires_grad):
+    """A re-run step is taped with its parameters and optimizer moments requiring grad and its step counters as
+    constants (no gradient reaches them): the prediction prices that step, exactly."""
+    stepper, state, make_batch = _warm(case, lr_requires_grad=lr_requires_grad)
+    batch = make_batch()
+    model = CostModel.from_stepper(stepper, state, batch)
+    taped = state.replace(opt_state={
+        p: {k: v if k == "step" else v.detach().requires_grad_() for k, v in st.items()}
+        for p, st in state.opt_state.items()
+    })
+    assert model.taped_step_bytes == saved_bytes_per_step(stepper, taped, batch)
+
+
 def test_taped_batchnorm_running_stats_are_flagged():
     # In a taped step every float state tensor requires grad; batch norm has no derivative for its running
     # stats, so eager autograd refuses such a step: the analysis reports it instead of failing.

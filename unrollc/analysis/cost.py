@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["CostExprs", "CostModel", "Prediction", "grad_leaf_bytes"]
 
 _STATE_ROLES = ("param", "buffer", "opt_state")
-_CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, dict[frozenset[str], CostModel]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, dict[tuple[frozenset[str], frozenset[str]], CostModel]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,24 @@ class CostModel:
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod
-    def from_graph(cls, gm: fx.GraphModule, *, requires_grad: frozenset[str] = frozenset()) -> "CostModel":
-        """From a step graph alone; ``requires_grad`` names extra placeholders that require grad (e.g. ``h_lr``).
-        Cached per graph (an unroll under ``Budget`` asks for it every time)."""
+    def from_graph(
+        cls, gm: fx.GraphModule, *, requires_grad: frozenset[str] = frozenset(), constant: frozenset[str] = frozenset()
+    ) -> "CostModel":
+        """From a step graph alone; ``requires_grad`` names extra placeholders that require grad (e.g. ``h_lr``),
+        ``constant`` state placeholders a taped (re-run) step takes as constants (step counters, frozen
+        parameters). Cached per graph (an unroll under ``Budget`` asks for it every time)."""
         per_graph = _CACHE.setdefault(gm, {})
-        key = frozenset(requires_grad)
+        key = (frozenset(requires_grad), frozenset(constant))
         if key not in per_graph:
-            per_graph[key] = cls._analyze(gm, key)
+            per_graph[key] = cls._analyze(gm, *key)
         return per_graph[key]
 
     @classmethod
-    def _analyze(cls, gm: fx.GraphModule, requires_grad: frozenset[str]) -> "CostModel":
+    def _analyze(cls, gm: fx.GraphModule, requires_grad: frozenset[str], constant: frozenset[str]) -> "CostModel":
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         params = {n.name for n in placeholders if _role(n) == "param"} | set(requires_grad)
-        taped = {n.name for n in placeholders if _role(n) in _STATE_ROLES} | set(requires_grad)
+        taped = {n.name for n in placeholders if _role(n) in _STATE_ROLES and n.name not in constant}
+        taped |= set(requires_grad)
         analysis = analyze_step(gm, requires_grad=params)
         taped_analysis = analyze_step(gm, requires_grad=taped)
         return cls(
@@ -115,15 +119,19 @@ class CostModel:
 
         Traces the graph for this layout if it is new (``stepper.trace``); no step is run. Inputs of
         ``state``/``batch``/``meta`` that require grad (e.g. a learned ``lr``) are sources of requires_grad,
-        as they would be in the unroll. ``grad_bytes`` is exact here: the distinct leaf tensors of ``state``,
+        as they would be in the unroll; inputs no gradient reaches from ``state`` (step counters, frozen parameters)
+        are constants of the taped step, as in the unroll's re-runs. ``grad_bytes`` is exact here: the distinct leaf tensors of ``state``,
         ``batch`` and ``meta`` that require grad (:func:`grad_leaf_bytes`), where :meth:`from_graph`, which
         sees no tensors, counts every parameter input.
         """
         from ..runtime.meta import bind_modules
+        from ..runtime.unroll import gradient_free_inputs
 
         bound = bind_modules(meta)
         gm, grad = traced_with_grad_inputs(stepper, state, batch, bound)
-        return dataclasses.replace(cls.from_graph(gm, requires_grad=grad), grad_bytes=grad_leaf_bytes(state, batch, bound))
+        constant = gradient_free_inputs(stepper._last, state)  # noqa: SLF001 - the graph traced just now
+        return dataclasses.replace(cls.from_graph(gm, requires_grad=grad, constant=constant),
+                                   grad_bytes=grad_leaf_bytes(state, batch, bound))
 
     # ----------------------------------------------------------------------------------------- predict
     def plan(self, policy: CheckpointLike, n: int) -> Plan:

@@ -312,6 +312,19 @@ def _carries_gradient(compiled: Any, before: frozenset[tuple[str, Any]]) -> froz
     return per_graph[before]
 
 
+def gradient_free_inputs(compiled: Any, state: UnrollState) -> frozenset[str]:
+    """Names of the step graph's parameter and optimizer-state inputs that no gradient reaches in a long unroll
+    from ``state`` (its layout): neither ``state`` makes them require grad nor any step computes them from what
+    does (step counters, frozen parameters). Re-run steps take these as constants (see ``run_unroll``); the cost
+    model prices the taped step without them."""
+    deps = _state_dependencies(compiled)
+    reach = _state_entries(state, requiring_grad=True)
+    while not (grown := reach | (_carries_gradient(compiled, reach) & deps.inputs.keys())) <= reach:
+        reach = grown
+    placeholders = [node.name for node in compiled.gm.graph.find_nodes(op="placeholder")]
+    return frozenset(placeholders[j] for j, entry in enumerate(deps.inputs) if entry[0] != "buffer" and entry not in reach)
+
+
 def _state_dependencies(compiled: Any) -> _Dependencies:
     """The inputs each state output of the step graph is computed from, read from the fx graph's data edges."""
     gm, sig = compiled.gm, compiled.signature
