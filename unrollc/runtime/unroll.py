@@ -14,7 +14,7 @@ from ..capture import fill_leaves
 from ..errors import InternalError
 from .checkpointed import checkpointed_unroll
 from .rng import step_generators
-from .schedules import NoCheckpoint, Plan, resolve_checkpoint
+from .schedules import NoCheckpoint, Plan, Policy, resolve_checkpoint
 from .state import UnrollState, distinct_nbytes, first_positions
 
 if TYPE_CHECKING:
@@ -144,14 +144,14 @@ def run_unroll(
     state: UnrollState,
     batches: Iterable[Any],
     meta: tuple,
-    checkpoint: Any,
+    policy: Policy,
     hypers: list[dict[str, Any]] | None = None,
 ) -> UnrollState:
     """Apply the step once per batch; with a checkpoint policy, keep only the states it plans. Without one,
     ``batches`` is read one batch per step, as a loop of ``stepper.step`` reads it. ``state`` and
     ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``; ``hypers``,
-    if given, is each step's whole hyperparameter dict (``unroll(hyper=...)``, checked there)."""
-    policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+    if given, is each step's whole hyperparameter dict (``unroll(hyper=...)``, checked there), and ``policy`` its
+    resolved ``checkpoint=``."""
     advance = _advance(stepper)
     if isinstance(policy, NoCheckpoint):  # one batch per step as the iterable yields it, as a step() loop reads it
         losses = []
@@ -254,8 +254,7 @@ def run_unroll(
     wrapped = "step" in vars(stepper)  # see _advance
 
     def constant_positions(i: int) -> frozenset[int]:
-        entries = [("param", k) for k in param_names] + [("buffer", k) for k in buffer_names]
-        entries += [("state", pk) for pk in layouts[i]]
+        entries = _entries(param_names, buffer_names, layouts[i])
         return constant_buffers | {j for j, e in enumerate(entries) if e not in carried[i]}
 
     step_fn.constant_positions = constant_positions  # type: ignore[attr-defined]
@@ -278,12 +277,20 @@ _DIFFERENTIATED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset
 )
 
 
+def _entries(
+    params: Iterable[str], buffers: Iterable[str], opt_state: Iterable[tuple[str, str]]
+) -> list[tuple[str, Any]]:
+    """State entries in the order of a flat state (and of a step graph's state inputs and outputs):
+    ``("param", name)``, ``("buffer", name)``, ``("state", (param, key))``."""
+    return [("param", k) for k in params] + [("buffer", k) for k in buffers] + [("state", pk) for pk in opt_state]
+
+
 def _state_entries(state: UnrollState, *, requiring_grad: bool = False) -> frozenset[tuple[str, Any]]:
-    """``("param", name)``, ``("buffer", name)`` and ``("state", (param, key))`` of the state's tensors (those
-    that require grad, if asked)."""
-    entries = [(("param", k), v) for k, v in state.params.items()] + [(("buffer", k), v) for k, v in state.buffers.items()]
-    entries += [(("state", (p, k)), v) for p, st in state.opt_state.items() for k, v in st.items()]
-    return frozenset(e for e, v in entries if v.requires_grad or not requiring_grad)
+    """The entries (:func:`_entries`) of the state's tensors (those that require grad, if asked)."""
+    keys = _state_keys(state)
+    tensors = [*state.params.values(), *state.buffers.values(), *(state.opt_state[p][k] for p, k in keys)]
+    entries = _entries(state.params, state.buffers, keys)
+    return frozenset(e for e, v in zip(entries, tensors, strict=True) if v.requires_grad or not requiring_grad)
 
 
 _DEPENDENCIES: "weakref.WeakKeyDictionary[torch.fx.GraphModule, _Dependencies]" = weakref.WeakKeyDictionary()
@@ -329,10 +336,8 @@ def _state_dependencies(compiled: Any) -> _Dependencies:
     """The inputs each state output of the step graph is computed from, read from the fx graph's data edges."""
     gm, sig = compiled.gm, compiled.signature
     if gm not in _DEPENDENCIES:
-        inputs = [("param", k) for k in sig.params] + [("buffer", k) for k in sig.buffers]
-        inputs += [("state", pk) for pk in sig.state_in]
-        outputs = [("param", k) for k in sig.params] + [("buffer", k) for k in sig.buffers]
-        outputs += [("state", pk) for pk in sig.state_out]
+        inputs = _entries(sig.params, sig.buffers, sig.state_in)
+        outputs = _entries(sig.params, sig.buffers, sig.state_out)
         reads: dict[torch.fx.Node, int] = {}
         placeholders = 0
         for node in gm.graph.nodes:
