@@ -81,6 +81,10 @@ def test_wrong_inputs_are_refused_with_the_api_and_the_fix():
     one_argument = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda b: b[0].sum())
     with pytest.raises(TypeError, match=r"loss_fn must accept \(model, batch, \*meta\)"):
         one_argument.step(one_argument.init(), batch)
+    weighted = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b, w: (w * m(b[0])).sum())
+    with pytest.raises(TypeError, match=r"missing a required argument: 'w'\); pass the meta arguments it takes after "
+                       r"the batch: stepper.step\(state, batch, \*meta\)"):
+        weighted.step(weighted.init(), batch)
     with pytest.raises(TypeError, match=r"'sqrt' looks like a checkpoint schedule: `checkpoint` is keyword-only"):
         stepper.unroll(stepper.init(), [batch], "sqrt")
     assert stepper.init(hyper={"lr": torch.tensor([0.05])}).hyper["lr"].shape == ()  # one element: a scalar

@@ -111,6 +111,28 @@ def _compiling() -> Iterator[None]:
         torch.compiler.is_compiling = original
 
 
+class _AveragesAsEager(torch.overrides.TorchFunctionMode):
+    """ASGD is traced through its capturable path (``optimizer_spec._CAPTURABLE_ONLY``), whose average is
+    ``ax.add_(param.sub(ax).mul_(mu))`` at every step; eager's single-tensor path copies ``ax.copy_(param)`` while
+    ``mu`` is 1 (until step ``t0``, 1e6 by default). The sum rounds, so ``ax`` drifted from eager's by an ulp. While
+    the step is traced, that ``add_`` becomes ``ax.copy_(where(mu == 1, param, ax + delta))``: eager's values on
+    both sides of ``t0`` without a guard on ``mu``, and the same derivative (1 to ``param`` while ``mu`` is 1)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.active = isinstance(optimizer, torch.optim.ASGD) and any(g.get("capturable") for g in optimizer.param_groups)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if self.active and func is torch.Tensor.add_ and len(args) == 2 and not kwargs:
+            for param, st in self.optimizer.state.items():
+                if st.get("ax") is args[0] and isinstance(st.get("mu"), torch.Tensor):
+                    ax, mu = args[0], st["mu"]
+                    return ax.copy_(torch.where(mu == 1, param, ax + args[1]))
+        return func(*args, **kwargs)
+
+
 def hyper_leaves(hyper: Sequence[dict[str, Any]], single_group: bool) -> list[tuple[str, torch.Tensor]]:
     """Flatten per-group hyperparameters to ``(name, tensor)`` leaves: ``lr``, ``betas.0``, or ``1.lr``."""
     out = []
@@ -198,7 +220,7 @@ class ShadowOptimizer:
         for n, p in self.params.items():
             p.grad = grads.get(n)
         before = _python_values(self.optimizer)
-        with _compiling(), self.tracker:
+        with _compiling(), self.tracker, _AveragesAsEager(self.optimizer):
             self.optimizer.step()
         self._refuse_python_changes(before, _python_values(self.optimizer))
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}

@@ -394,8 +394,21 @@ class ScalarTracker(TorchFunctionMode):
         elif _is_inplace(func) and args and isinstance(args[0], torch.Tensor):
             args, kwargs = self._cast_scalars_to(args[0].dtype, args, kwargs)
         out = func(*args, **kwargs)
+        if func is torch.Tensor.to and self._python_number_narrowed(args[0], out):
+            # Adam casts beta1 to the parameters' dtype (beta1.to(dtype=param.dtype)) when it is a tensor, as the
+            # lifted hyperparameter is; eager with a float beta1 computes 1 - beta1 in double and rounds once, as
+            # an in-place op's scalar. A float64 scalar (a Python number) therefore keeps its precision here.
+            out = args[0].to(device=out.device)
+            self.exprs[out] = self.exprs[args[0]]  # the same value: guards re-evaluate it unchanged
+            return out
         self._track(func, args, kwargs, out)
         return out
+
+    def _python_number_narrowed(self, x: Any, out: Any) -> bool:
+        """Whether ``x.to(...)`` made ``out`` a lower-precision copy of a tracked float64 0-dim tensor (a Python
+        number's value, step 4)."""
+        return (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x in self.exprs and x.dim() == 0
+                and x.dtype == torch.float64 and out.is_floating_point() and out.dtype != torch.float64)
 
     def _zero_test_leaf(self, expr: Any) -> str | None:
         """The leaf ``h`` if ``expr`` is ``h != 0`` or ``h > 0`` (through dtype conversions), else None.

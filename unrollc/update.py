@@ -130,7 +130,9 @@ class CompiledUpdate:
         s = tuple((n, k, input_layout(v), first.setdefault(id(v), len(first)))
                   for n in sorted(state) for k, v in sorted(state[n].items()))
         h = tuple((k, tuple(map(input_layout, v)) if isinstance(v, tuple) else input_layout(v)) for grp in hyper for k, v in sorted(grp.items()))
-        return (self._static, pg, s, h)
+        # torch.optim makes some scalars in the default dtype (ASGD's eta and mu): a graph traced under another one
+        # would compute in the wrong precision
+        return (self._static, pg, s, h, torch.get_default_dtype())
 
     def _env(self, sig: UpdateSignature, state: State, hyper_values: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         env = {f"hyper:{n}": v for n, v in hyper_values}

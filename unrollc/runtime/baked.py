@@ -23,7 +23,9 @@ from ..optimizer_spec import Same
 __all__ = ["Modes", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
-Modes = tuple[tuple[bool, ...], frozenset[str], tuple]  # (module.training per module, trainable params, values)
+# (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
+# model and in torch.optim, e.g. ASGD's eta and mu, take it, so a graph traced under one dtype is not the other's)
+Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype]
 _SKIP = object()
 
 
@@ -126,19 +128,22 @@ def _cell_has_value(cell: Any) -> bool:
 
 @contextlib.contextmanager
 def training_modes(model: nn.Module, modes: Modes | None) -> Iterator[None]:
-    """Set every module's ``training`` flag to ``modes`` for the body (nothing if None); restored after."""
+    """Set every module's ``training`` flag and torch's default dtype to ``modes`` for the body (nothing if None);
+    restored after."""
     if modes is None:
         yield
         return
     modules = list(model.modules())
-    saved = [m.training for m in modules]
+    saved, saved_dtype = [m.training for m in modules], torch.get_default_dtype()
     try:
         for m, mode in zip(modules, modes[0], strict=True):
             m.training = mode
+        torch.set_default_dtype(modes[3])
         yield
     finally:
         for m, mode in zip(modules, saved, strict=True):
             m.training = mode
+        torch.set_default_dtype(saved_dtype)
 
 
 def warn_numbers(batch: Any, meta: tuple, count: int) -> None:

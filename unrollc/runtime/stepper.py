@@ -338,11 +338,14 @@ class Stepper:
             schedule = next((m for m in meta if isinstance(m, (str, int)) and not isinstance(m, bool)), None)
             hint = (f" The meta argument {schedule!r} looks like a checkpoint schedule: `checkpoint` is keyword-only, "
                     f"unroll(state, batches, checkpoint={schedule!r})." if schedule is not None else "")
+            fix = ("pass the meta arguments it takes after the batch: stepper.step(state, batch, *meta), "
+                   "stepper.unroll(state, batches, *meta)" if "missing" in str(exc) else
+                   "take the meta arguments after the batch, e.g. def loss_fn(model, batch, w): x, y = batch; return "
+                   "(w * (model(x) - y).pow(2).mean(1)).mean(), or leave them out of step/unroll")
             raise TypeError(
                 f"unrollc: loss_fn must accept (model, batch, *meta), here {2 + len(meta)} positional arguments "
                 f"(the model, the batch and {len(meta)} meta argument(s) given to step/unroll), but its signature is "
-                f"{getattr(self.loss_fn, '__name__', 'loss_fn')}{signature} ({exc}); e.g. def loss_fn(model, batch): "
-                f"x, y = batch; return F.mse_loss(model(x), y).{hint}"
+                f"{getattr(self.loss_fn, '__name__', 'loss_fn')}{signature} ({exc}); {fix}.{hint}"
             ) from None
         if self.grad_callback is not None and (refused := _cannot_bind(self.grad_callback, {}, *meta)) is not None:
             signature, exc = refused
@@ -454,12 +457,13 @@ class Stepper:
     def _modes(self) -> "Modes":
         """What a step graph is traced for besides its inputs, as it is now: ``module.training`` of every module,
         the trainable parameters (in the optimizer, requiring grad: freezing a layer after compile takes effect,
-        as in eager training), and the Python values the model and ``loss_fn`` may read (see
-        :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants."""
+        as in eager training), the Python values the model and ``loss_fn`` may read (see
+        :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants, and torch's default
+        dtype (what ``torch.zeros(3)`` in a forward and ASGD's scalar state are made in)."""
         if self._pinned_modes is not None:
             return self._pinned_modes
         values = tuple(v for v in python_values(self.model, self.loss_fn, self.grad_callback) if v[:2] not in self._volatile)
-        return tuple(m.training for m in self.model.modules()), self._trainable(), values
+        return tuple(m.training for m in self.model.modules()), self._trainable(), values, torch.get_default_dtype()
 
     def _trainable(self) -> frozenset[str]:
         """The parameters the optimizer updates: in one of its groups and requiring grad (pinned, if pinned)."""
