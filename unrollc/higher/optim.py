@@ -165,11 +165,22 @@ class DifferentiableOptimizer:
         else:
             params = self._fmodel.fast_params if params is None else params
         params = list(params)
+        if bad := [i for i, p in enumerate(params) if not isinstance(p, torch.Tensor)]:
+            raise TypeError(
+                f"DifferentiableOptimizer.step: expected `params` to hold tensors (the fast weights, ordered like "
+                f"module.parameters()), got {type(params[bad[0]]).__name__} at position {bad[0]}; pass "
+                "fmodel.fast_params or the list the previous step returned."
+            )
         if len(params) != self._n_params:
             raise ValueError(
                 f"DifferentiableOptimizer.step: expected {self._n_params} weights in `params` (one per reference "
                 f"parameter, ordered like module.parameters()), got {len(params)}; pass all of them, e.g. "
                 "fmodel.fast_params or the list the previous step returned."
+            )
+        if loss.numel() != 1:
+            raise ValueError(
+                f"DifferentiableOptimizer.step: expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+                "reduce it first, e.g. diffopt.step(loss.mean()) or F.mse_loss(..., reduction='mean')."
             )
         if not loss.requires_grad:
             raise ValueError(
@@ -190,7 +201,15 @@ class DifferentiableOptimizer:
             if t.retains_grad:
                 t.grad = g
         callback = grad_callback if grad_callback is not None else self._grad_callback
-        all_grads = list(callback(all_grads) if callback is not None else all_grads)  # a tuple, as in higher
+        if callback is not None:
+            returned = callback(all_grads)  # given a tuple, as in higher
+            if returned is None:
+                raise TypeError(
+                    "DifferentiableOptimizer.step: grad_callback returned None; it must return the gradients, one per "
+                    "weight in the order it was given them (a callback that clips in place still needs `return grads`)."
+                )
+            all_grads = returned
+        all_grads = list(all_grads)
         if len(all_grads) != len(params):
             raise ValueError(
                 f"DifferentiableOptimizer.step: grad_callback returned {len(all_grads)} gradients for {len(params)} "
