@@ -62,3 +62,28 @@ def test_the_returned_loss_is_labelled_with_the_loss_fn_line():
     loss = stepper.graph.graph.output_node().args[0][-1]
     src = source_of(loss)
     assert src.kind == "user" and src.function == "mse" and src.lineno == line_of("loss")
+
+
+def test_a_forward_run_by_exec_is_not_labelled_as_the_backward():
+    """Code without a file (exec) leaves no frame to keep: its forward ops were labelled as autograd's."""
+    import unrollc
+
+    scope: dict = {"torch": torch}
+    exec(
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.lin = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        return torch.tanh(self.lin(x))\n"
+        "def loss_fn(m, b):\n"
+        "    return m(b).pow(2).mean()\n",
+        scope,
+    )
+    model = scope["Net"]()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), scope["loss_fn"])
+    stepper.step(stepper.init(), torch.randn(3, 4))
+    nodes = {n.target: n for n in stepper.graph.graph.nodes}
+    forward, backward = source_of(nodes[torch.ops.aten.tanh.default]), source_of(nodes[torch.ops.aten.tanh_backward.default])
+    assert forward.kind == "module" and forward.module == "" and forward.short().startswith("source not recorded")
+    assert backward.kind == "autograd"
+    assert "[<model>: Net] source not recorded" in annotated_code(stepper.graph)

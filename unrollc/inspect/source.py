@@ -12,7 +12,8 @@ Recording (during capture, see :func:`recording_sources`):
 Reading (:func:`source_of`, :func:`annotated_code`): the innermost frame in the user's own files wins; else
 the innermost frame of ``torch.optim`` (the optimizer's step); else the innermost ``forward`` (a torch
 module such as ``nn.Linear``). Nodes of the traced backward have no Python frame: they are shown as
-``autograd``.
+``autograd``; an op inside a module's forward without a frame (code run by ``exec``) is a ``module`` node whose
+line is unknown.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class SourceLine:
         """``file.py:12 in fn: code`` with the file relative to torch or to the working directory."""
         if self.kind == "autograd":
             return "autograd: gradient of the loss (traced backward)"
+        if not self.filename:
+            return "source not recorded (code without a file, e.g. run by exec)"
         where = f"{_shorten(self.filename)}:{self.lineno} in {self.function}"
         return f"{where}: {self.code}" if self.code else where
 
@@ -202,7 +205,10 @@ def source_of(node: fx.Node) -> SourceLine | None:
     if not frames and _is_returned_loss(node) and isinstance(node.args[0], fx.Node):
         return source_of(node.args[0])  # the loss the step returns: a view of loss_fn's result
     if not frames:
-        return SourceLine("autograd", module=module_path(node))
+        # The traced backward runs outside every module's forward; an op inside one whose frames were not kept
+        # comes from code without a file (a model defined by exec or compile of a string)
+        path = module_path(node)
+        return SourceLine("autograd") if path is None else SourceLine("module", module=path)
     chosen, kind = user_frame(frames), "user"
     if chosen is None:
         optim = [f for f in frames if f.filename.startswith(_OPTIM_DIR)]

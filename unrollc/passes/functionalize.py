@@ -117,7 +117,7 @@ def _constant_mutated(node: fx.Node) -> CaptureError:
     from ..inspect.source import source_of
 
     where = source_of(node)
-    at = f" at {where.short()}" if where is not None and where.kind != "autograd" else ""
+    at = f" at {where.short()}" if where is not None and where.filename else ""
     return CaptureError(
         f"unrollc.compile: the step writes in place ({node.target}) into a tensor it closes over{at}: a tensor "
         "that is not a parameter, a buffer or optimizer state (a class attribute of the optimizer, a global, a "
