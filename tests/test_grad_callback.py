@@ -407,3 +407,23 @@ def test_a_frozen_parameter_held_by_the_callback_is_its_own_value(recwarn):
                               grad_callback=lambda grads: {n: g / (1 + frozen.norm()) for n, g in grads.items()})
     stepper.unroll(stepper.init(), batches[:2], checkpoint="sqrt")
     assert not [w for w in recwarn if "held by loss_fn" in str(w.message)]
+
+
+def test_detaches_in_a_callback_written_in_another_file_than_the_loss_are_kept(tmp_path, monkeypatch, float64):
+    """The loss from the project's library, the first-order callback in the training script: the callback's
+    detaches stay (found in review: only functions of loss_fn's file were recorded as the user's, so they were
+    stripped as autograd's and the "first-order" meta-gradient was the second-order one)."""
+    import importlib
+
+    (tmp_path / "losslib_for_callback_test.py").write_text(
+        "def mse(model, batch):\n    x, y = batch\n    return (model(x) - y).pow(2).mean()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    losslib = importlib.import_module("losslib_for_callback_test")
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), losslib.mse,
+                              grad_callback=lambda grads: {n: g.detach() for n, g in grads.items()})
+    state = stepper.step(stepper.init(), (torch.randn(5, 4), torch.randn(5, 2)))
+    # W0' = W0 - lr * stopgrad(g0) does not depend on the last layer's weight; the second-order update does
+    assert torch.autograd.grad(state.params["0.weight"].sum(), model[2].weight, allow_unused=True)[0] is None
+    assert sum(n.target == torch.ops.aten.detach.default for n in stepper.graph.graph.nodes) == 4

@@ -372,14 +372,22 @@ def test_a_tensor_valued_static_option_is_compared_by_identity():
     (torch.optim.Adam, {"lr": 0.01}),
     (torch.optim.Adam, {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}),
     (torch.optim.AdamW, {"lr": 0.01}),
-], ids=["SGD-nesterov", "RMSprop-centered-momentum", "Adadelta", "ASGD", "ASGD-t0=10", "Adam", "Adam-amsgrad-wd", "AdamW"])
+    (torch.optim.RAdam, {"lr": 1e-3}),
+    (torch.optim.RAdam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (torch.optim.NAdam, {"lr": 0.01}),
+    (torch.optim.Adamax, {"lr": 0.01}),
+    (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}),
+    (torch.optim.Rprop, {"lr": 0.01}),
+], ids=["SGD-nesterov", "RMSprop-centered-momentum", "Adadelta", "ASGD", "ASGD-t0=10", "Adam", "Adam-amsgrad-wd", "AdamW",
+        "RAdam", "RAdam-decoupled", "NAdam", "Adamax", "Adagrad", "Rprop"])
 def test_float32_trajectory_is_bit_identical_on_the_cpu(cls, kwargs):
     """add_(b, alpha=lr) with lr a tensor is traced as addcmul_(b, lr): one rounding, as ATen's add with a
     Python alpha, so 30 float32 steps end exactly where eager torch.optim ends (two roundings drifted by an ulp
     per step, ~3e-5 relative for centered RMSprop). The optimizer state too: ASGD's average is eager's copy of
     the parameters until t0 (it was ax + (p - ax) * 1, an ulp off), and its sum after. Adam's float beta1 keeps
     its double precision in 1 - beta1 (the lifted tensor was cast to float32 first, as for a tensor beta1: ~70 ulps
-    after 30 steps)."""
+    after 30 steps). RAdam's ``bias_correction2 ** 0.5 / exp_avg_sq_sqrt`` divides a Python float by a tensor,
+    which eager computes as ``reciprocal(tensor) * float`` (an ulp off from step 7 on with lr=1e-3)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
     twin = copy.deepcopy(model)

@@ -328,7 +328,13 @@ def _in_place(func: Any) -> bool:
 
 
 DETACH_OPS = frozenset({torch.ops.aten.detach.default, torch.ops.aten.alias.default})  # what .detach() records
-_NO_GRAD = {"unrollc": "no_grad block"}  # node.meta["custom"], which passes that re-trace keep (fx's _COPY_META_FIELDS)
+# node.meta["custom"]["unrollc"] of a detach that strip_detach keeps (passes that re-trace keep "custom", fx's
+# _COPY_META_FIELDS): one NoGradRegions added for a no-grad block, or one the user's grad_callback wrote.
+_NO_GRAD, _IN_CALLBACK = "no_grad block", "grad_callback"
+
+
+def _keep(node: fx.Node, why: str) -> None:
+    node.meta["custom"] = {**node.meta.get("custom", {}), "unrollc": why}
 
 
 def _stop_gradient(out: Any, inputs: set[int]) -> Any:
@@ -344,15 +350,39 @@ def _stop_gradient(out: Any, inputs: set[int]) -> Any:
         if mode is not None:  # mark the node make_fx just recorded, so that strip_detach keeps it
             node = next(iter(reversed(mode.tracer.graph.nodes)), None)
             if node is not None and node.target in DETACH_OPS:
-                node.meta["custom"] = {**node.meta.get("custom", {}), **_NO_GRAD}
+                _keep(node, _NO_GRAD)
         return d
 
     return tree_map_only(torch.Tensor, detach, out)
 
 
+@contextlib.contextmanager
+def _detaches_kept() -> Iterator[None]:
+    """Every ``detach`` make_fx records in the body is the user's stop-gradient, kept by ``strip_detach``.
+
+    For ``grad_callback``: it runs after the inner gradient, so no detach in it comes from autograd, and
+    ``g.detach()`` there is first-order MAML. ``strip_detach`` also keeps a detach whose innermost recorded
+    frame is the user's, but make_fx records only the frames :func:`~unrollc.inspect.source.recording_sources`
+    anchors; a callback written in another file than ``loss_fn`` would lose its detaches without this mark."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    graph = mode.tracer.graph if mode is not None else None
+    last = next(iter(reversed(graph.nodes)), None) if graph is not None else None
+    yield
+    if graph is None:
+        return
+    started = last is None
+    for node in graph.nodes:
+        if started and node.op == "call_function" and node.target in DETACH_OPS:
+            _keep(node, _IN_CALLBACK)
+        started = started or node is last
+
+
 def stops_gradient(node: fx.Node) -> bool:
-    """Whether ``node`` is a ``detach`` that :class:`NoGradRegions` added for a no-grad block of the user's."""
-    return node.meta.get("custom", {}).get("unrollc") == _NO_GRAD["unrollc"]
+    """Whether ``node`` is a ``detach`` the user asked for that :func:`~unrollc.passes.strip_detach` must keep:
+    one :class:`NoGradRegions` added for a no-grad block, or one traced in the user's ``grad_callback``."""
+    return node.meta.get("custom", {}).get("unrollc") in (_NO_GRAD, _IN_CALLBACK)
 
 
 @contextlib.contextmanager
@@ -475,7 +505,7 @@ def _call_grad_callback(
 ) -> dict[str, torch.Tensor]:
     """``callback(grads, *meta)``, traced like the loss (a ``torch.no_grad()`` block in it is a constant for the
     meta-gradient), its result checked: a gradient of the same shape for every parameter it was given."""
-    with NoGradRegions():
+    with NoGradRegions(), _detaches_kept():
         out = callback(dict(grads), *meta)
     name = getattr(callback, "__qualname__", type(callback).__name__)
     if not isinstance(out, Mapping) or set(out) != set(grads):

@@ -324,6 +324,18 @@ def _up(x: Any) -> Any:
     return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
+_TRUE_DIVISIONS = frozenset({torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide, torch.Tensor.true_divide})
+
+
+def _rtruediv(self: torch.Tensor, other: Any) -> torch.Tensor:
+    """``other / self`` as Python divides two numbers: one correctly rounded division (Tensor.__rtruediv__
+    computes ``reciprocal(self) * other``, two roundings)."""
+    return torch.div(other, self)
+
+
+_PYTHON_DIVISION = {torch.Tensor.__rtruediv__: _rtruediv}
+
+
 def _in_float64(func: Callable) -> Callable:
     """``func`` with its 0-dim floating tensor arguments promoted to float64 (step 4)."""
 
@@ -389,8 +401,12 @@ class ScalarTracker(TorchFunctionMode):
         if name.startswith("_foreach_") and _per_tensor_op(name) is not None:
             return self._unroll_foreach(func, name, args, kwargs)
         func, args, kwargs = self._scalars_to_tensors(func, args, kwargs)
+        if func in _TRUE_DIVISIONS and not kwargs.get("rounding_mode") and self._number_over_data(args):
+            # eager's ``python_float / tensor`` is Tensor.__rtruediv__: ``tensor.reciprocal() * python_float``,
+            # two roundings (RAdam's ``bias_correction2 ** 0.5 / exp_avg_sq_sqrt``), not a division
+            return torch.reciprocal(args[1]) * args[0]
         if not _is_inplace(func) and self._all_tracked_scalars((args, kwargs)) and _is_arithmetic(func):
-            func = _in_float64(func)
+            func = _in_float64(_PYTHON_DIVISION.get(func, func))
         elif _is_inplace(func) and args and isinstance(args[0], torch.Tensor):
             args, kwargs = self._cast_scalars_to(args[0].dtype, args, kwargs)
         out = func(*args, **kwargs)
@@ -403,6 +419,30 @@ class ScalarTracker(TorchFunctionMode):
             return out
         self._track(func, args, kwargs, out)
         return out
+
+    def _number_over_data(self, args: tuple) -> bool:
+        """Whether ``args`` divide a Python number's value (a tracked float64 0-dim tensor that is not a learned
+        hyperparameter, whose eager twin is a tensor) by a tensor computed from data."""
+        if len(args) != 2 or not all(isinstance(a, torch.Tensor) for a in args):
+            return False
+        number, data = args
+        expr = self.exprs.get(number)
+        return (expr is not None and data not in self.exprs and number.dim() == 0 and number.dtype == torch.float64
+                and not self._reads_learned(expr))
+
+    def _reads_learned(self, expr: Any) -> bool:
+        """Whether the expression reads a learned hyperparameter (a tensor in eager code too)."""
+        todo = [expr]
+        while todo:
+            e = todo.pop()
+            if isinstance(e, _Leaf):
+                if e.name in self.learned:
+                    return True
+            elif isinstance(e, _Call):
+                todo += tree_flatten((e.args, e.kwargs))[0]
+            elif isinstance(e, _Item):
+                todo.append(e.call)
+        return False
 
     def _python_number_narrowed(self, x: Any, out: Any) -> bool:
         """Whether ``x.to(...)`` made ``out`` a lower-precision copy of a tracked float64 0-dim tensor (a Python

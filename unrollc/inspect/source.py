@@ -23,7 +23,7 @@ import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,17 +72,22 @@ def _shorten(filename: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- recording
-def _anchors(model: nn.Module, loss_fn: Callable, opt_cls: type) -> set[tuple[str, str]]:
-    """(file, function) pairs whose frames make_fx should keep: the functions of the files that define loss_fn,
-    the optimizer and the model's own (non-torch) module classes, with the functions nested in them (a helper
-    that forward or loss_fn calls, a closure, a lambda), so that their ops map to the helper's line."""
-    codes = []
-    fn = getattr(loss_fn, "func", loss_fn)  # functools.partial
+def _function_of(callable_: Callable) -> Any:
+    """The Python function behind a callable: a ``functools.partial``'s, a callable object's ``__call__``."""
+    fn = getattr(callable_, "func", callable_)  # functools.partial
     fn = getattr(fn, "__call__", fn) if not inspect.isfunction(fn) and not inspect.ismethod(fn) else fn
-    fn = inspect.unwrap(fn)
-    codes.append(getattr(fn, "__code__", None))
+    return inspect.unwrap(fn)
+
+
+def _anchors(model: nn.Module, functions: Sequence[Callable], opt_cls: type) -> set[tuple[str, str]]:
+    """(file, function) pairs whose frames make_fx should keep: the functions of the files that define the given
+    functions (loss_fn, grad_callback), the optimizer and the model's own (non-torch) module classes, with the
+    functions nested in them (a helper that forward or loss_fn calls, a closure, a lambda), so that their ops map
+    to the helper's line."""
+    fns = [_function_of(f) for f in functions]
+    codes = [getattr(fn, "__code__", None) for fn in fns]
     classes = [*opt_cls.__mro__[:-1], *{type(m) for m in model.modules() if not _in_torch(type(m))}]
-    modules = {sys.modules.get(getattr(fn, "__module__", None) or ""), *(sys.modules.get(c.__module__) for c in classes)}
+    modules = {*(sys.modules.get(getattr(fn, "__module__", None) or "") for fn in fns), *(sys.modules.get(c.__module__) for c in classes)}
     members = [value for cls in classes for value in vars(cls).values()]
     members += [value for mod in modules if mod is not None for value in vars(mod).values()]
     for value in members:
@@ -122,15 +127,17 @@ def _with_nested(codes: Iterator[Any]) -> list[Any]:
 
 
 @contextlib.contextmanager
-def recording_sources(model: nn.Module, opt_cls: type, loss_fn: Callable) -> Iterator[None]:
-    """While capturing: keep ``loss_fn``'s and the optimizer's lines in stack traces, record module paths."""
+def recording_sources(model: nn.Module, opt_cls: type, loss_fn: Callable, grad_callback: Callable | None = None) -> Iterator[None]:
+    """While capturing: keep the lines of ``loss_fn``, ``grad_callback`` and the optimizer in stack traces, record
+    module paths."""
     try:
         import torch.fx.proxy as fx_proxy
 
         registry: set = fx_proxy._STACK_TRACE_ANCHORS  # private: degrade to forward-only traces without it
     except (ImportError, AttributeError):
         registry = set()
-    new = _anchors(model, loss_fn, opt_cls) - registry - _on_stack()  # not the callers of compile/step
+    functions = [loss_fn] if grad_callback is None else [loss_fn, grad_callback]
+    new = _anchors(model, functions, opt_cls) - registry - _on_stack()  # not the callers of compile/step
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     stack: list[tuple[str, str]] = []
 

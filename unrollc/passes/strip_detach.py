@@ -12,9 +12,9 @@ Meta-gradients must flow through them, so each such node is replaced by its inpu
 
     clone = aten.clone(grad);  ...  return [..., clone]
 
-A ``.detach()`` in the user's ``forward`` or ``loss_fn`` is a deliberate stop-gradient and stays, and so do
-the detaches capture adds after the ops of a ``torch.no_grad()`` block in them (``capture.NoGradRegions``).
-"""
+A ``.detach()`` in the user's ``forward``, ``loss_fn`` or ``grad_callback`` is a deliberate stop-gradient and
+stays (first-order MAML detaches in the callback), and so do the detaches capture adds after the ops of a
+``torch.no_grad()`` block in them (``capture.NoGradRegions``)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _parse(trace: str) -> list[traceback.FrameSummary]:
 
 
 def strippable(node: fx.Node) -> bool:
-    """A ``detach``/``alias`` that autograd or the optimizer inserted: not the user's, not the end of a no_grad block."""
+    """A ``detach``/``alias`` that autograd or the optimizer inserted: not the user's, not the end of a no_grad block,
+    not in the grad_callback."""
     return node.op == "call_function" and node.target in DETACH_OPS and not written_by_user(node) and not stops_gradient(node)
 
 

@@ -503,7 +503,7 @@ class Stepper:
         args = (state.params, state.buffers, state.opt_state, groups, batch, meta, trainable)
 
         def trace(spec: OptimizerSpec) -> Captured:
-            with recording_sources(self.model, spec.cls, self.loss_fn):  # source lines for explain
+            with recording_sources(self.model, spec.cls, self.loss_fn, self.grad_callback):  # source lines for explain
                 return capture_step(self.model, spec, self.loss_fn, *args, grad_callback=self.grad_callback)
 
         captured, self._spec = trace_with_fallbacks(self._spec, trace)
