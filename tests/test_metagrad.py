@@ -175,6 +175,38 @@ def test_dropout_meta_gradient_is_the_same_for_every_schedule_and_equals_eager(m
         assert torch.equal(torch.rand(2), ref_next), checkpoint
 
 
+def test_batches_drawn_from_the_global_generator_with_dropout_in_the_step_are_warned_about(float64):
+    """A generator that draws its batches from torch's global RNG while the step's dropout draws from it too: a
+    checkpointed unroll reads every batch first, so draws no longer alternate as in eager training and the
+    gradients differ from checkpoint=None's (found in review). That is warned about; a list, a generator that
+    draws nothing, a step without random ops and checkpoint=None are not."""
+    import warnings
+
+    def unroll(checkpoint, p=0.5, as_list=False, draw=True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(p), nn.Tanh(), nn.Linear(8, 1))
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                  lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+        fixed = [(torch.randn(5, 3), torch.randn(5, 1)) for _ in range(6)]
+        torch.manual_seed(1)
+        batches = ((torch.randn(5, 3), torch.randn(5, 1)) for _ in range(6)) if draw else (b for b in fixed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = stepper.unroll(stepper.init(), list(batches) if as_list else batches, checkpoint=checkpoint)
+        grad = torch.autograd.grad(stepper.forward(state, torch.ones(2, 3)).sum(), list(model.parameters()))[0]
+        return [str(w.message) for w in caught], grad
+
+    messages, grad = unroll(2)
+    assert len(messages) == 1 and "drew from torch's global random generator" in messages[0], messages
+    assert "Draw the batches into a list first" in messages[0]
+    _, reference = unroll(None)
+    assert not torch.allclose(grad, reference)  # what the warning is about
+    assert len(unroll("binomial")[0]) == 1
+    for quiet in [dict(checkpoint=None), dict(checkpoint=2, as_list=True), dict(checkpoint=2, p=0.0),
+                  dict(checkpoint=2, draw=False)]:
+        assert unroll(**quiet)[0] == [], quiet
+
+
 @pytest.mark.parametrize("some_steps", [False, True], ids=["every-step", "some-steps"])
 def test_noise_from_the_users_own_generator_is_replayed_by_every_schedule(some_steps, float64):
     """Augmentation noise drawn with generator=g (the user's torch.Generator, not the default one): tracing does

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RngState", "cuda_devices", "fork_rng", "step_generators"]
+__all__ = ["RngState", "cuda_devices", "draws_global_rng", "fork_rng", "step_generators"]
 
 
 def cuda_devices(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
@@ -28,6 +28,16 @@ def step_generators(gm: torch.fx.GraphModule) -> tuple[torch.Generator, ...]:
     """The user's ``torch.Generator`` objects a step graph draws from (``torch.randn(..., generator=g)``)."""
     found = (getattr(gm, str(n.target), None) for n in gm.graph.nodes if n.op == "get_attr")
     return tuple({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+def draws_global_rng(gm: torch.fx.GraphModule) -> bool:
+    """Whether the step graph has a random op (dropout) that draws from torch's global generator, not a
+    ``torch.Generator`` of the user's."""
+    return any(
+        node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in node.target.tags and node.kwargs.get("generator") is None
+        for node in gm.graph.nodes
+    )
 
 
 @dataclass(frozen=True)

@@ -286,14 +286,18 @@ class Stepper:
         if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
             raise TypeError(
                 f"Stepper.unroll: expected `batches`, an iterable with one batch per step (a list, a generator, a "
-                f"DataLoader), got {type(batches).__name__}; for n steps on one batch pass [batch] * n."
+                f"DataLoader), got {type(batches).__name__}; for n steps on one batch pass [batch] * n, and for a tensor "
+                "stacking n batches, batches.unbind(0)."
             )
         policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+        drew = False
         if not isinstance(policy, NoCheckpoint):
+            before = None if isinstance(batches, (list, tuple)) else torch.get_rng_state()
             batches = read_batches(batches)  # the plan needs n, and the backward pass re-reads them
+            drew = before is not None and not torch.equal(before, torch.get_rng_state())
         n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
         hypers = None if hyper is None else self._step_hypers(state, hyper, n)
-        return run_unroll(self, state, batches, bind_modules(meta), policy, hypers)
+        return run_unroll(self, state, batches, bind_modules(meta), policy, hypers, reading_drew_rng=drew)
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""

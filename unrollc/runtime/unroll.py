@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import replace
 from collections.abc import Iterable
@@ -13,7 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..capture import fill_leaves
 from ..errors import InternalError
 from .checkpointed import checkpointed_unroll
-from .rng import step_generators
+from .rng import draws_global_rng, step_generators
 from .schedules import NoCheckpoint, Plan, Policy, resolve_checkpoint
 from .state import UnrollState, distinct_nbytes, first_positions
 
@@ -146,12 +147,14 @@ def run_unroll(
     meta: tuple,
     policy: Policy,
     hypers: list[dict[str, Any]] | None = None,
+    reading_drew_rng: bool = False,
 ) -> UnrollState:
     """Apply the step once per batch; with a checkpoint policy, keep only the states it plans. Without one,
     ``batches`` is read one batch per step, as a loop of ``stepper.step`` reads it. ``state`` and
     ``meta`` come from :meth:`Stepper.unroll`, which checks the state and binds modules in ``meta``; ``hypers``,
     if given, is each step's whole hyperparameter dict (``unroll(hyper=...)``, checked there), and ``policy`` its
-    resolved ``checkpoint=``."""
+    resolved ``checkpoint=``. ``reading_drew_rng``: reading the batches ahead (:func:`read_batches`) moved torch's
+    global generator, which a step with dropout draws from too (warned about)."""
     advance = _advance(stepper)
     if isinstance(policy, NoCheckpoint):  # one batch per step as the iterable yields it, as a step() loop reads it
         losses = []
@@ -174,6 +177,16 @@ def run_unroll(
     distinct = distinct_batches(batches)
     first = state if hypers is None else replace(state, hyper=hypers[0])
     graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
+    if reading_drew_rng and any(map(draws_global_rng, graphs)):
+        warnings.warn(
+            "Stepper.unroll: reading `batches` drew from torch's global random generator, and the step draws from it "
+            f"too (dropout or another random op). A checkpointed unroll ({plan.resolved!r}) reads every batch before "
+            "its first step (its schedule needs n), so the steps draw after all the batches instead of in turn with "
+            "them, as a loop of stepper.step or checkpoint=None does: the batches and the random masks, and so the "
+            "gradients, are not those of such a run. Draw the batches into a list first, or give the data its own "
+            "torch.Generator, or unroll with checkpoint=None.",
+            stacklevel=3,
+        )
     if torch.is_grad_enabled():
         for gm in graphs:
             _refuse_hidden_learned_tensors(gm, stepper)
