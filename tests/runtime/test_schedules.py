@@ -192,6 +192,14 @@ def test_bad_arguments(make, message: str) -> None:
         make()
 
 
+def test_whole_numbers_given_otherwise_are_ints() -> None:
+    """Budget(64e6) is 64 MB (found in review: refused); numpy integers become ints (they showed in reprs)."""
+    assert Budget(64e6) == Budget(64_000_000) and type(Budget(64e6).bytes) is int
+    assert repr(EveryK(np.int64(3))) == "EveryK(k=3)" and type(Binomial(slots=np.int32(4)).slots) is int
+    with pytest.raises(ValueError, match=r"^unrollc.Budget: bytes=1.5 is not a number of bytes"):
+        Budget(1.5)
+
+
 def test_policies_are_hashable_values() -> None:
     assert len({EveryK(2), EveryK(2), Sqrt(), Sqrt(), Binomial(), Binomial(slots=None), Budget(5)}) == 4
     assert hash(Binomial(slots=4).plan(9)) == hash(Binomial(slots=4).plan(9))

@@ -280,7 +280,7 @@ class EveryK:
     k: int
 
     def __post_init__(self) -> None:
-        _require_int("unrollc.EveryK", "k", self.k, 1, "a segment length")
+        object.__setattr__(self, "k", _require_int("unrollc.EveryK", "k", self.k, 1, "a segment length"))  # numpy ints too
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
         """Segments of k steps: forward sweep storing segment starts, then one taped segment at a time."""
@@ -392,7 +392,8 @@ class Binomial:
 
     def __post_init__(self) -> None:
         if self.slots is not None:
-            _require_int("unrollc.Binomial", "slots", self.slots, 1, "a number of stored states (state0 included)")
+            slots = _require_int("unrollc.Binomial", "slots", self.slots, 1, "a number of stored states (state0 included)")
+            object.__setattr__(self, "slots", slots)
 
     def slots_for(self, n: int) -> int:
         """The slots used for n steps."""
@@ -424,7 +425,9 @@ class Budget:
     bytes: int
 
     def __post_init__(self) -> None:
-        _require_int("unrollc.Budget", "bytes", self.bytes, 1, "a number of bytes")
+        value = self.bytes  # Budget(64e6): a float that is a whole number of bytes is one
+        value = int(value) if isinstance(value, float) and value.is_integer() else value
+        object.__setattr__(self, "bytes", _require_int("unrollc.Budget", "bytes", value, 1, "a number of bytes"))
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None,
              grad_bytes: int = 0) -> Plan:
