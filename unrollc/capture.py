@@ -367,16 +367,15 @@ def _detaches_kept() -> Iterator[None]:
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     mode = get_proxy_mode()
-    graph = mode.tracer.graph if mode is not None else None
-    last = next(iter(reversed(graph.nodes)), None) if graph is not None else None
-    yield
-    if graph is None:
+    if mode is None:
+        yield
         return
-    started = last is None
-    for node in graph.nodes:
-        if started and node.op == "call_function" and node.target in DETACH_OPS:
+    graph = mode.tracer.graph
+    before = len(graph.nodes)
+    yield
+    for node in list(graph.nodes)[before:]:  # make_fx appends what the body records
+        if node.op == "call_function" and node.target in DETACH_OPS:
             _keep(node, _IN_CALLBACK)
-        started = started or node is last
 
 
 def stops_gradient(node: fx.Node) -> bool:

@@ -428,21 +428,7 @@ class ScalarTracker(TorchFunctionMode):
         number, data = args
         expr = self.exprs.get(number)
         return (expr is not None and data not in self.exprs and number.dim() == 0 and number.dtype == torch.float64
-                and not self._reads_learned(expr))
-
-    def _reads_learned(self, expr: Any) -> bool:
-        """Whether the expression reads a learned hyperparameter (a tensor in eager code too)."""
-        todo = [expr]
-        while todo:
-            e = todo.pop()
-            if isinstance(e, _Leaf):
-                if e.name in self.learned:
-                    return True
-            elif isinstance(e, _Call):
-                todo += tree_flatten((e.args, e.kwargs))[0]
-            elif isinstance(e, _Item):
-                todo.append(e.call)
-        return False
+                and not _leaf_names(expr) & self.learned)
 
     def _python_number_narrowed(self, x: Any, out: Any) -> bool:
         """Whether ``x.to(...)`` made ``out`` a lower-precision copy of a tracked float64 0-dim tensor (a Python
