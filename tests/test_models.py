@@ -181,3 +181,61 @@ def test_weight_norm_meta_gradient_equals_finite_differences(kind, float64):
     with torch.no_grad():
         fd = central_difference(meta, torch.tensor(0.1))
     assert abs(g - fd) / abs(fd) < 1e-7
+
+
+def test_parameter_gradient_hooks_are_applied_as_in_eager_training(float64):
+    """``Tensor.register_hook`` on a parameter (gradient masking, clamping) changes the gradient eager
+    ``loss.backward()`` accumulates: the step graph applies it too (it was ignored: a weight whose hook zeroes its
+    gradient moved, found in review). Trajectory = eager torch.optim, meta-gradient = a hand-written unroll that
+    applies the hooks; adding or removing a hook traces a new graph; a post-accumulate-grad hook is refused."""
+    from oracles import eager_unroll, sgd_momentum
+
+    torch.manual_seed(0)
+    mask = (torch.rand(5, 4) > 0.5).double()
+    hooks = {"0.weight": lambda g: g * mask, "2.weight": lambda g: g.clamp(-0.01, 0.01), "2.bias": lambda g: None}
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+        for n, hook in hooks.items():
+            model.get_parameter(n).register_hook(hook)
+        return model
+
+    batches = [(torch.randn(3, 4), torch.randn(3, 2)) for _ in range(4)]
+    model = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    final = stepper.unroll(stepper.init(), batches)
+    eager = make()  # deepcopy would drop the hooks
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    for b in batches:
+        opt.zero_grad()
+        loss_fn(eager, b).backward()
+        opt.step()
+    for n, p in eager.named_parameters():
+        torch.testing.assert_close(final.params[n], p, rtol=1e-12, atol=1e-14)
+    assert torch.equal(final.params["0.weight"][mask == 0], model[0].weight[mask == 0])  # masked entries stay
+    assert not torch.equal(final.params["0.weight"][mask == 1], model[0].weight[mask == 1])
+
+    lr = torch.tensor(0.1, requires_grad=True)
+    for checkpoint in (None, 2):
+        out = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        ours = torch.autograd.grad(sum(p.sum() for p in out.params.values()), lr)[0]
+        names = [n for n, _ in model.named_parameters()]
+        sgd = sgd_momentum(lr, 0.9)
+
+        def hooked(params, grads, states, t):
+            grads = [h(g) if (h := hooks.get(n)) is not None and h(g) is not None else g for n, g in zip(names, grads)]
+            return sgd(params, grads, states, t)
+
+        ref = eager_unroll(model, loss_fn, batches, hooked)
+        torch.testing.assert_close(ours, torch.autograd.grad(sum(p.sum() for p in ref), lr)[0], rtol=1e-10, atol=0)
+
+    traced = stepper.trace_count
+    handle = model[2].bias.register_hook(lambda g: g * 0)
+    assert torch.equal(stepper.step(stepper.init(), batches[0]).params["2.bias"], model[2].bias)
+    assert stepper.trace_count == traced + 1
+    handle.remove()
+    model[0].bias.register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(TypeError, match=r"Stepper.step: parameter '0.bias' has a hook registered with "
+                                        r"register_post_accumulate_grad_hook.*grad_callback"):
+        stepper.step(stepper.init(), batches[0])

@@ -219,10 +219,14 @@ class ShadowOptimizer:
         in torch.optim); return the new state tensors in :attr:`state_out` order."""
         for n, p in self.params.items():
             p.grad = grads.get(n)
-        before = _python_values(self.optimizer)
+        before, versions = _python_values(self.optimizer), _tensor_versions(self.optimizer)
         with _compiling(), self.tracker, _AveragesAsEager(self.optimizer):
             self.optimizer.step()
-        self._refuse_python_changes(before, _python_values(self.optimizer))
+        after = _python_values(self.optimizer)
+        for name, (version, old) in _tensor_versions(self.optimizer).items():  # group["lr"] *= 0.5, a tensor lr
+            if name in versions and versions[name][0] != version and option_key(after[name]) == option_key(before[name]):
+                before[name], after[name] = versions[name][1], _InPlace(after[name])
+        self._refuse_python_changes(before, after)
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
         for n, st in new.items():
             for k, v in st.items():
@@ -288,6 +292,29 @@ def _python_values(opt: torch.optim.Optimizer) -> dict[str, Any]:
     values = {f"param_groups[{i}][{k!r}]": v for i, g in enumerate(opt.param_groups) for k, v in g.items() if k != "params"}
     values.update({f"self.{k}": v for k, v in own_attributes(opt).items()})
     return values
+
+
+def _tensor_versions(opt: torch.optim.Optimizer) -> dict[str, tuple[int, Any]]:
+    """``(version counter, copy of the value)`` of the options and attributes of :func:`_python_values` that hold
+    tensors, by the same names: a tensor ``lr`` that ``step()`` scales in place (``group["lr"] *= 0.5``) keeps its
+    identity, not its version."""
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    def copy(x: Any) -> Any:
+        return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+    return {name: (sum(t._version for t in tensors), tree_map(copy, value)) for name, value in _python_values(opt).items()
+            if (tensors := [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)])}
+
+
+class _InPlace:
+    """A value changed in place, for :meth:`OptimizerCapture._refuse_python_changes`'s message."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"{self.value!r}, in place"
 
 
 T = TypeVar("T")
@@ -475,6 +502,7 @@ def capture_step(
             grads, (loss, reassigned) = torch.func.grad_and_value(loss_of, has_aux=True)(
                 {n: p_copy[n] for n in diff_names}, b_copy
             )
+        grads = _run_gradient_hooks(model, grads)
         if grad_callback is not None:  # reading the model's weights (adaptive clipping) reads this step's
             with _reparametrize_module(model, {**p_copy, **b_copy, **reassigned}, tie_weights=True, strict=False):
                 grads = _call_grad_callback(grad_callback, grads, m)
@@ -497,6 +525,28 @@ def capture_step(
         n_meta=n_meta,
     )
     return Captured(gm, signature, list(shadow.tracker.guards), constants, example_inputs)
+
+
+def _run_gradient_hooks(model: nn.Module, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters' ``Tensor.register_hook`` hooks applied to their gradients, in registration order, as eager
+    ``loss.backward()`` applies them to a leaf's gradient before accumulating it (a hook returning None keeps the
+    gradient). Traced: a hook's tensor ops are in the step graph; its Python side effects (logging) happen once."""
+    out = dict(grads)
+    for n, g in grads.items():
+        hooks = model.get_parameter(n)._backward_hooks
+        for hook in (hooks or {}).values():
+            with NoGradRegions(), _detaches_kept():
+                new = hook(g)
+            if new is not None:
+                if not isinstance(new, torch.Tensor) or new.shape != g.shape:
+                    raise CaptureError(
+                        f"unrollc.compile: a gradient hook of parameter {n!r} ({getattr(hook, '__qualname__', hook)}) "
+                        f"returned {type(new).__name__ if not isinstance(new, torch.Tensor) else tuple(new.shape)}, "
+                        f"expected None or a tensor of the gradient's shape {tuple(g.shape)}."
+                    )
+                g = new
+        out[n] = g
+    return out
 
 
 def _call_grad_callback(

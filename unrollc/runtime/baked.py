@@ -10,7 +10,7 @@ import dis
 import functools
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,12 +20,13 @@ from torch.utils._pytree import tree_flatten
 from ..errors import user_stacklevel
 from ..optimizer_spec import Same
 
-__all__ = ["Modes", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
+__all__ = ["Modes", "gradient_hooks", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
 # (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
-# model and in torch.optim, e.g. ASGD's eta and mu, take it, so a graph traced under one dtype is not the other's)
-Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype]
+# model and in torch.optim, e.g. ASGD's eta and mu, take it, so a graph traced under one dtype is not the other's;
+# the parameters' gradient hooks, see gradient_hooks)
+Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype, tuple]
 _SKIP = object()
 
 
@@ -55,6 +56,25 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.update(_global_names(const))
     return tuple(sorted(names))
+
+
+def gradient_hooks(named_params: Iterable[tuple[str, torch.Tensor]], api: str) -> tuple:
+    """``(name, hook ids)`` of the parameters with ``Tensor.register_hook`` hooks: the step graph applies them to
+    the parameter's gradient, as eager ``loss.backward()`` does, so adding or removing one traces a new graph.
+    A post-accumulate-grad hook (``register_post_accumulate_grad_hook``: it reads ``p.grad``, or steps an
+    optimizer, after accumulation) has no place in a functional step: refused, with the fix."""
+    hooks = []
+    for name, p in named_params:
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            raise TypeError(
+                f"{api}: parameter {name!r} has a hook registered with register_post_accumulate_grad_hook; a "
+                "compiled step computes gradients as values and never accumulates them into .grad, so the hook "
+                "would not run. Remove it (handle.remove()) and transform the gradients with "
+                "unrollc.compile(..., grad_callback=lambda grads, *meta: {...}) instead."
+            )
+        if p._backward_hooks:
+            hooks.append((name, tuple(p._backward_hooks)))
+    return tuple(hooks)
 
 
 def python_values(model: nn.Module, loss_fn: Callable[..., Any], grad_callback: Callable[..., Any] | None = None) -> tuple:

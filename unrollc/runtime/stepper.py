@@ -21,7 +21,7 @@ from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from ..traced_functions import RestoredGenerators
-from .baked import Modes, python_values, restored_attributes, training_modes, warn_numbers, warn_written
+from .baked import Modes, gradient_hooks, python_values, restored_attributes, training_modes, warn_numbers, warn_written
 from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
 from .meta import bind_modules
@@ -463,11 +463,13 @@ class Stepper:
         the trainable parameters (in the optimizer, requiring grad: freezing a layer after compile takes effect,
         as in eager training), the Python values the model and ``loss_fn`` may read (see
         :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants, and torch's default
-        dtype (what ``torch.zeros(3)`` in a forward and ASGD's scalar state are made in)."""
+        dtype (what ``torch.zeros(3)`` in a forward and ASGD's scalar state are made in), and the parameters'
+        gradient hooks (``Tensor.register_hook``), which the graph applies to their gradients."""
         if self._pinned_modes is not None:
             return self._pinned_modes
         values = tuple(v for v in python_values(self.model, self.loss_fn, self.grad_callback) if v[:2] not in self._volatile)
-        return tuple(m.training for m in self.model.modules()), self._trainable(), values, torch.get_default_dtype()
+        hooks = gradient_hooks(zip(self._param_names, self._model_params), "Stepper.step")
+        return tuple(m.training for m in self.model.modules()), self._trainable(), values, torch.get_default_dtype(), hooks
 
     def _trainable(self) -> frozenset[str]:
         """The parameters the optimizer updates: in one of its groups and requiring grad (pinned, if pinned)."""
