@@ -160,15 +160,20 @@ def test_init_reads_the_optimizer_as_it_is_now(float64):
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
     opt = O.Adam(model.parameters(), lr=0.01)
     stepper = unrollc.compile(model, opt, mse)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    before = stepper.step(stepper.init(), batches[0])  # a state made before the scheduler: no initial_lr
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for _ in range(3):
         opt.zero_grad()
         mse(model, (torch.randn(8, 3), torch.randn(8, 2))).backward()
         opt.step()
         sched.step()
-    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(5)]
+    assert "initial_lr" not in before.hyper
     state = stepper.init()
     assert state.t == 3 and state.hyper["lr"].item() == pytest.approx(0.00125)
+    # the scheduler, made after compile, added initial_lr to the groups (it was missing: found in review)
+    assert state.hyper["initial_lr"].item() == 0.01
+    assert stepper.step(before, batches[0]).hyper.keys() == before.hyper.keys()  # the older state still steps
     ref = eager_trajectory(model, opt, mse, batches)
     with torch.no_grad():
         state = stepper.unroll(state, batches)

@@ -97,6 +97,7 @@ class Stepper:
         ids = {id(p): n for n, p in named.items()}
         self._spec = OptimizerSpec.from_optimizer(opt, ids)
         self._static_key = self._spec.static_key  # the optimizer's static options as last read (see init)
+        self._compiled_hyper = tuple(frozenset(g) for g in self._spec.hyper)  # a state from before a scheduler's keys
         in_opt = {n for names in self._spec.group_params for n in names}
         self._in_opt = frozenset(in_opt)
         self._model_params = tuple(named.values())
@@ -222,8 +223,12 @@ class Stepper:
     def _reread_static_options(self) -> None:
         """Take the optimizer's static options (``nesterov``, ``maximize``, ``amsgrad``, ...) as they are now: one
         changed since compile (or the last init) selects other code in ``step()``, so the graphs traced with the
-        old value are dropped, as eager torch.optim would run the new one from its next step."""
+        old value are dropped, as eager torch.optim would run the new one from its next step. Hyperparameters
+        added to the groups since (``initial_lr``, from an lr scheduler made after compile) join the state's."""
         now = OptimizerSpec.from_optimizer(self._opt, self._param_ids)
+        if [set(g) for g in now.hyper] != [set(g) for g in self._spec.hyper]:
+            # a float option added since compile: "initial_lr", which an lr scheduler made later sets
+            self._spec = replace(self._spec, hyper=now.hyper)
         if now.static_key != self._static_key:
             # the user's options replace the traced spec's (a capturable or rewritten variant is found again)
             self._spec = replace(self._spec, static=now.static, attributes=now.attributes)
@@ -381,9 +386,11 @@ class Stepper:
         if not isinstance(hyper, Mapping):
             raise TypeError(f"{api}: expected `state.hyper` to be a dict of tensors, got {type(hyper).__name__}.")
         groups = hyper_to_groups(hyper, len(self._spec.hyper), api=api)
-        for i, (got, want) in enumerate(zip(groups, self._spec.hyper, strict=True)):
+        for i, (got, want, compiled) in enumerate(zip(groups, self._spec.hyper, self._compiled_hyper, strict=True)):
             where = "" if len(groups) == 1 else f" of parameter group {i}"
-            if got.keys() != want.keys():
+            # keys added to the groups after compile (initial_lr, max_lr: an lr scheduler's bookkeeping, which no
+            # step reads) may be missing from a state made before
+            if got.keys() != want.keys() and not (got.keys() <= want.keys() and compiled <= got.keys()):
                 missing, unknown = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
                 raise ValueError(
                     f"{api}: the state's hyperparameters{where} are not {self._spec.cls.__name__}'s: "
