@@ -256,10 +256,44 @@ def test_a_meta_module_updating_its_buffers_is_refused_with_the_fix():
 
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
     batch = (torch.randn(7, 4), torch.randn(7, 3))
-    with pytest.raises(unrollc.CaptureError, match=r"updates in place a tensor the step closes over .* Put a module "
-                       r"passed as a meta argument in eval\(\) mode"):
+    with pytest.raises(unrollc.CaptureError, match=r"updates in place a tensor that is not the model's parameter or "
+                       r"buffer.* put a module passed as a meta argument in eval\(\) mode"):
         stepper.step(stepper.init(), batch, loss_net)
     stepper.step(stepper.init(), batch, loss_net.eval())  # the fix works
+
+
+def test_an_in_place_change_of_the_batch_is_refused_with_the_fix():
+    """The message blamed only meta modules and tensor attributes, whose fixes do not apply (found in review)."""
+    def loss_fn(m, b):
+        x, y = b
+        x.mul_(2)
+        return (m(x) - y).pow(2).mean()
+
+    model = nn.Linear(4, 3)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    with pytest.raises(unrollc.CaptureError, match=r"at .*test_pitfalls.py:\d+ \(`x.mul_\(2\)`\).*a tensor of the batch "
+                       r".*x = x \* 2, or x = x.clone\(\) first"):
+        stepper.step(stepper.init(), (torch.randn(7, 4), torch.randn(7, 3)))
+
+
+def test_a_module_backward_hook_is_refused_with_the_fix():
+    """torch.func's own message (an autograd.Function must override setup_context) named neither the hook nor a fix."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    model[2].register_full_backward_hook(lambda mod, grad_in, grad_out: (grad_in[0] * 0.5,))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    with pytest.raises(unrollc.CaptureError, match=r"module backward hook: register_full_backward_hook.*remove the "
+                       r"backward hook; to change the parameters' gradients, pass unrollc.compile\(\.\.\., grad_callback=\.\.\.\)"):
+        stepper.step(stepper.init(), (torch.randn(7, 4), torch.randn(7, 3)))
+
+
+def test_one_batch_given_as_the_batches_of_an_unroll_is_pointed_out():
+    """unroll(state, (x, y)) reads x and y as two batches: the model's shape error now carries a note."""
+    model = nn.Linear(4, 3)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b[0]).sum())
+    with pytest.raises(Exception) as info:
+        stepper.unroll(stepper.init(), (torch.randn(7, 4), torch.randn(7, 3)))
+    assert any("`batches` is a tuple of 2 tensors of shapes (7, 4), (7, 3), read as 2 batches of one tensor each" in n
+               and "stepper.unroll(state, [(x, y)])" in n for n in info.value.__notes__)
 
 
 def _positives_sum_mse(model, batch):

@@ -92,12 +92,22 @@ class CaptureError(RuntimeError):
             )
         elif "mutate a captured Tensor" in text:
             hint = (
-                "the code updates in place a tensor the step closes over (a buffer of a module passed as a meta "
-                "argument, such as BatchNorm's running statistics, or a plain tensor attribute), and a step graph "
-                "carries only the model's parameters and buffers and the optimizer state from one step to the next. "
-                "Put a module passed as a meta argument in eval() mode (or build its BatchNorm with "
-                "track_running_stats=False); register a tensor the model updates as a buffer "
-                "(module.register_buffer)"
+                "the code updates in place a tensor that is not the model's parameter or buffer: a tensor of the "
+                "batch or a meta argument (`x.mul_(2)` on the batch's x), a buffer of a module passed as a meta "
+                "argument (BatchNorm's running statistics), or a plain tensor attribute; a step graph carries only "
+                "the model's parameters and buffers and the optimizer state from one step to the next. Compute a new "
+                "tensor instead of changing the batch (x = x * 2, or x = x.clone() first); put a module passed as a "
+                "meta argument in eval() mode (or build its BatchNorm with track_running_stats=False); register a "
+                "tensor the model updates as a buffer (module.register_buffer)"
+            )
+        elif "setup_context" in text:
+            hint = (
+                "an autograd.Function without a setup_context staticmethod ran in the step (a custom Function written "
+                "as forward(ctx, ...), or a module backward hook: register_full_backward_hook and "
+                "register_backward_hook wrap the module in one), and the step's gradient is computed with torch.func, "
+                "which needs setup_context. Write the Function as forward(...) plus setup_context(ctx, inputs, "
+                "output) (https://pytorch.org/docs/stable/notes/extending.func.html), or remove the backward hook; "
+                "to change the parameters' gradients, pass unrollc.compile(..., grad_callback=...)"
             )
         elif user is None and where is not None and isinstance(exc, KeyError) and "state[" in (where.line or ""):
             hint = (

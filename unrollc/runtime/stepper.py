@@ -302,7 +302,18 @@ class Stepper:
             drew = before is not None and not torch.equal(before, torch.get_rng_state())
         n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
         hypers = None if hyper is None else self._step_hypers(state, hyper, n)
-        return run_unroll(self, state, batches, bind_modules(meta), policy, hypers, reading_drew_rng=drew)
+        try:
+            return run_unroll(self, state, batches, bind_modules(meta), policy, hypers, reading_drew_rng=drew)
+        except Exception as exc:
+            if (isinstance(batches, tuple) and len(batches) > 1 and all(isinstance(b, torch.Tensor) for b in batches)
+                    and len({b.shape for b in batches}) > 1):
+                exc.add_note(
+                    f"Stepper.unroll: `batches` is a tuple of {len(batches)} tensors of shapes "
+                    f"{', '.join(str(tuple(b.shape)) for b in batches)}, read as {len(batches)} batches of one tensor "
+                    "each. If it is one batch (x, y), pass a list of batches: stepper.unroll(state, [(x, y)]), or "
+                    "[(x, y)] * n for n steps on it."
+                )
+            raise
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""
