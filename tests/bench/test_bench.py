@@ -119,8 +119,7 @@ def test_time_and_memory_are_measured_apart() -> None:
 def test_rounds_time_every_config_in_turn_and_pool_the_runs() -> None:
     from unrollc.bench.runner import Config, run_configs
 
-    cfgs = [Config("mlp-small", "sgd", 2, "unrollc", "none", repeats=2, saved_bytes=False),
-            Config("mlp-small", "sgd", 2, "eager", repeats=2, saved_bytes=False)]
+    cfgs = [Config("mlp-small", "sgd", 2, "unrollc", "none", repeats=2, saved_bytes=False)]
     results = run_configs(cfgs, progress=False, rounds=2, jobs=2)  # 2 at once: only counts are checked
     assert [r.config for r in results] == cfgs
     for r in results:
@@ -128,6 +127,8 @@ def test_rounds_time_every_config_in_turn_and_pool_the_runs() -> None:
         assert sorted(r.times_s)[1] <= r.time_s <= sorted(r.times_s)[2]
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         run_configs(cfgs, progress=False, rounds=0)
+    with pytest.raises(ValueError, match="one_process measures each config once; rounds must be 1, got 2"):
+        run_configs(cfgs, progress=False, rounds=2, one_process=True)
 
 
 @pytest.mark.parametrize("method,schedule", [("unrollc", "sqrt"), ("higher", "-"), ("eager", "-")])
@@ -218,6 +219,8 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
         (["--figures", "--n", "4", "--optimizer", "adam"], "leave out --optimizer --n"),
         (["--figures", "--slots", "3"], "leave out --slots"),  # the README's binomial(8) sweep stays binomial(8)
         (["--json", "."], "--json '.' is a folder; give a file path"),
+        (["--one-process", "--rounds", "3"], "--one-process measures each configuration once; leave out --rounds 3"),
+        (["--figures", "--one-process"], "leave out --one-process"),
     ]:
         if "--plot" in argv:
             pytest.importorskip("matplotlib")
@@ -227,6 +230,7 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
     args = parse_args(["--quick", "--n", "5", "5", "--schedules", "none", "--slots", "2"])  # explicit options win
     assert (args.workload, args.n, args.schedules, args.slots, args.every_k) == ("mlp-small", [5], ["none"], 2, 3)
     assert parse_args(["--quick", "--jobs", "1"]).jobs == 1 and parse_args(["--quick"]).jobs == 2
+    assert parse_args(["--quick"]).one_process and not parse_args([]).one_process
     assert parse_args(["--plot", "out/fig"]).plot == "out/fig.png"  # the path the plot is written to
     for option, path, why in [("--csv", "/proc/nope/a.csv", "'/proc/nope' cannot be made"),
                               ("--json", f"{__file__}/x.json", "is a file, not a folder"),

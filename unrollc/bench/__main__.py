@@ -38,12 +38,14 @@ FIGURE_ROUNDS = 3
 DEFAULTS: dict[str, Any] = {
     "workload": "mlp", "optimizer": ["sgd"], "n": [16, 64, 160], "methods": list(METHODS),
     "schedules": ["none", "sqrt", "binomial"], "slots": BINOMIAL_SLOTS, "every_k": EVERY_K, "budget_mib": BUDGET_MIB, "repeats": 1, "jobs": 1,
+    "one_process": False,
 }
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
     "budget_mib": 0.5,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(4))
+    "one_process": True,
 }
-FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib")
+FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib", "one_process")
 
 
 def _at_least(lowest: float, kind: type = int) -> Callable[[str], Any]:
@@ -87,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-saved-bytes", action="store_true", help="skip the extra run counting bytes saved for backward (and FLOPs)")
     p.add_argument("--jobs", type=positive,
                    help="configurations run at once (default 1; more skews timings, --quick uses 2)")
+    p.add_argument("--one-process", action="store_true", default=None,
+                   help="measure time and memory of each configuration in one process (half the processes, for smoke "
+                        "tests; its times carry the memory run's allocator settings; --quick uses it)")
     p.add_argument("--memory-jobs", type=positive,
                    help="memory processes run at once (default: the usable CPUs, at most 4; they measure peaks, saved "
                         "bytes and FLOPs, which CPU contention does not change)")
@@ -97,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="plot path, .png unless another suffix matplotlib writes (default OUT_DIR/bench.png)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny run for tests: mlp-small, n 4 8, every schedule (slots 3, every-k 3, "
-                      "budget 0.5 MiB), 1 repeat, 2 jobs; options given explicitly still apply")
+                      "budget 0.5 MiB), 1 repeat, 2 jobs, one process per configuration; options given explicitly still apply")
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     mode.add_argument("--replot", metavar="FILE", help="run nothing: print the table of a past run's results.json or "
                       "results.csv and write its plot (--plot; --csv/--json convert it, if given)")
@@ -120,6 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.one_process and args.rounds > 1:
+        p.error(f"--one-process measures each configuration once; leave out --rounds {args.rounds}, or --one-process.")
     args.n = list(dict.fromkeys(args.n))  # --n 4 4 runs n=4 once
     for option, path in (("csv", args.csv), ("json", args.json)):  # checked before the run, not after it
         if path and os.path.isdir(path):
@@ -189,7 +196,7 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
 
     return {"argv": sys.argv[1:], "workload": WORKLOADS[args.workload].describe(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpus": usable_cpus(),
-            "threads_per_worker": args.threads, "wall_s": round(seconds, 1),
+            "threads_per_worker": args.threads, "one_process": bool(args.one_process), "wall_s": round(seconds, 1),
             "optimizers": {k: v[1] for k, v in OPTIMIZERS.items()}}
 
 
@@ -276,12 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     compared, sweeps = figure_configs(args) if args.figures else ([], default_configs(args))
     configs = compared + sweeps
     print(f"unrollc.bench: {len(configs)} configurations on {args.device}, "
-          f"{WORKLOADS[args.workload].describe()}, each in fresh processes (time, then memory)", file=sys.stderr)
+          f"{WORKLOADS[args.workload].describe()}, each in "
+          f"{'one fresh process (time and memory)' if args.one_process else 'fresh processes (time, then memory)'}",
+          file=sys.stderr)
     _warn_if_busy(args)
     start = time.perf_counter()
     common = dict(timeout=args.timeout, jobs=args.jobs, memory_jobs=args.memory_jobs)
     results = run_configs(compared, rounds=max(args.rounds, FIGURE_ROUNDS), **common)
-    results += run_configs(sweeps, rounds=args.rounds, **common)
+    results += run_configs(sweeps, rounds=args.rounds, one_process=args.one_process, **common)
     seconds = time.perf_counter() - start
     print(table(results))
     if any(r.config.method == "higher" and r.config.optimizer == "adam" and r.status == "ok" for r in results):

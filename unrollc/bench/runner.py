@@ -295,7 +295,7 @@ def combine(rounds: Sequence[Result]) -> Result:
 
 def run_configs(
     configs: Iterable[Config], *, timeout: float | None = None, progress: bool = True, jobs: int = 1, rounds: int = 1,
-    memory_jobs: int | None = None,
+    memory_jobs: int | None = None, one_process: bool = False,
 ) -> list[Result]:
     """Measure every config in fresh processes; results keep the order of ``configs``.
 
@@ -304,7 +304,9 @@ def run_configs(
     one method's only process (single fresh-process timings were seen to move by 10-20%). ``jobs`` > 1 runs that
     many processes at once (timings then compete for the CPU: use it for smoke tests, not for numbers you report).
     ``memory_jobs`` memory processes run at once (default: ``max(jobs, min(usable CPUs, 4))``); they measure
-    peaks, saved bytes and FLOPs, which do not depend on how much CPU a process gets.
+    peaks, saved bytes and FLOPs, which do not depend on how much CPU a process gets. ``one_process`` measures
+    each config's time and memory in one process (``part="all"``, with the memory process's allocator settings):
+    half the processes, for smoke tests (``--quick``); ``rounds`` must then be 1.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -312,10 +314,12 @@ def run_configs(
         raise ValueError(f"unrollc.bench: rounds must be >= 1, got {rounds}.")
     if memory_jobs is None:
         memory_jobs = max(jobs, min(usable_cpus(), 4))
+    if one_process and rounds != 1:
+        raise ValueError(f"unrollc.bench: one_process measures each config once; rounds must be 1, got {rounds}.")
     configs = list(configs)
     if not configs:
         return []
-    steps = len(configs) * (rounds + 1)
+    steps = len(configs) * (1 if one_process else rounds + 1)
     describe, advance, close = _progress(steps) if progress else (lambda s: None, lambda: None, lambda: None)
 
     def part(name: str, r: int) -> Callable[[tuple[Config, Result | None]], Result]:
@@ -324,6 +328,8 @@ def run_configs(
             describe(f"{cfg.describe()} ({name}{f' {r + 1}/{rounds}' if name == 'time' and rounds > 1 else ''})")
             if timed is not None and timed.status != "ok":
                 res = timed  # no memory run for a config that failed
+            elif name == "all":
+                res = _run_worker(cfg, "all", timeout, MALLOC_ENV)
             elif name == "time":
                 res = _run_worker(cfg, "time", timeout)
             else:
@@ -334,6 +340,9 @@ def run_configs(
         return one
 
     try:
+        if one_process:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                return list(pool.map(part("all", 0), [(c, None) for c in configs]))
         timed: list[list[Result]] = [[] for _ in configs]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for r in range(rounds):
