@@ -2,6 +2,9 @@
 measuring CPU memory: run with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0).
 
     python peak_rss_worker.py SCHEDULE N   ->  prints "measured predicted" in bytes
+
+``SCHEDULE`` prefixed with ``heavy:`` runs a workload whose carried state outweighs its activations (MLP
+256-256-256-4 in float64, batch 8, the initial weights requiring grad after two warm steps, no learned lr).
 """
 
 import sys
@@ -19,6 +22,8 @@ def vm_hwm() -> int:
 def main(schedule: str, n: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if schedule.startswith("heavy:"):
+        return heavy(schedule.removeprefix("heavy:"), n)
     checkpoint = {"binomial2": unrollc.Binomial(slots=2), "binomial4": unrollc.Binomial(slots=4), "every4": 4,
                   "sqrt": "sqrt"}.get(schedule)
     if schedule.startswith("budget"):
@@ -41,6 +46,30 @@ def main(schedule: str, n: int) -> None:
     run(batches)
     cost = unrollc.CostModel.from_stepper(stepper, stepper.init(hyper={"lr": lr}), batches[0])
     print(vm_hwm() - base, cost.predict(checkpoint, n).peak_bytes)
+
+
+def heavy(schedule: str, n: int) -> None:
+    torch.set_default_dtype(torch.float64)
+    checkpoint = {"binomial2": unrollc.Binomial(slots=2), "every5": 5, "sqrt": "sqrt"}[schedule]
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                                torch.nn.Linear(256, 4))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                              lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(8, 256), torch.randn(8, 4)) for _ in range(n)]
+    with torch.no_grad():
+        state = stepper.step(stepper.step(stepper.init(), batches[0]), batches[0])
+    state = state.replace(params={k: v.detach().requires_grad_() for k, v in state.params.items()})
+
+    def run(steps: list) -> None:
+        final = stepper.unroll(state, steps, checkpoint=checkpoint)
+        stepper.forward(final, batches[0][0]).sum().backward()
+
+    run(batches[:3])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = vm_hwm()
+    run(batches)
+    print(vm_hwm() - base, unrollc.CostModel.from_stepper(stepper, state, batches[0]).predict(checkpoint, n).peak_bytes)
 
 
 if __name__ == "__main__":

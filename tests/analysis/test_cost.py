@@ -325,16 +325,19 @@ def test_state_bytes_count_a_shared_step_counter_once():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
-@pytest.mark.parametrize("schedule", ["binomial2", "every4", "sqrt", "budget6700000"])
+@pytest.mark.parametrize("schedule", ["binomial2", "every4", "sqrt", "budget6700000", "heavy:binomial2", "heavy:every5"])
 def test_predicted_peak_is_the_measured_peak_rss(schedule):
     """The prediction against peak RSS in a fresh process (DESIGN.md's malloc settings). Without the backward's
     working set, Binomial(2)'s prediction was half the measured peak, and a Budget unroll went 1.6x over; without
-    the meta-gradients (grad_bytes), Budget(6_000_000) was planned as fitting and peaked at 6.29 MB."""
+    the meta-gradients (grad_bytes), Budget(6_000_000) was planned as fitting and peaked at 6.29 MB. Where the
+    carried state outweighs the activations ("heavy:"), a working set of two states fell short: Binomial(2) was
+    predicted at 10.8 MB and peaked at 14.4 (the final state, the tape's output and revolve's recomputed input
+    were missing)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "peak_rss_worker.py"), schedule, "24"],
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout
     measured, predicted = map(int, out.split())
     assert 0.8 <= measured / predicted <= 1.25, (measured, predicted)
-    if schedule.startswith("budget"):  # Binomial(slots=1): predicted 6.10 MB, measured 6.07-6.44 MB
+    if schedule.startswith("budget"):  # Binomial(slots=1): predicted 6.22 MB, measured 6.23 MB
         assert measured <= int(schedule[len("budget"):]), measured

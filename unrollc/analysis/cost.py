@@ -12,10 +12,13 @@ Three numbers describe a step, all from the step graph without running it (``unr
 
 ``grad_bytes``: the meta-gradients the backward leaves, which accumulate while it runs: the ``.grad`` of the
 distinct leaf tensors that require grad (the initial weights, a learned ``lr``, meta inputs; from a stepper's
-actual inputs, or every parameter input for a bare graph);
+actual inputs, or every parameter input for a bare graph); ``overlap_bytes``: what a taped step saves of its own
+input and output states (a weight ``mm`` saves, a momentum buffer a learned ``lr`` multiplies);
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
-``peak_bytes = (peak_states + 2) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes + grad_bytes`` (the
-stored states, the taped steps, the backward's working set and the meta-gradients, see
+``peak_bytes = (peak_states + W) * state_bytes + peak_taped_steps * taped_step_bytes + min(taped_step_bytes,
+state_bytes) - overlap_bytes + grad_bytes`` (the stored states, the taped steps, the backward's working set of W
+states — ``unrollc.runtime.schedules.working_states``: 2 without checkpointing, 3 for every-k, 4 for binomial —
+and of a step's inner gradients, and the meta-gradients; without checkpointing the overlap is not subtracted; see
 ``unrollc.runtime.schedules.peak_bytes``) and
 ``flops = evaluations * flops_per_step`` (forward evaluations; the backward of the n taped steps is the same for
 every schedule and not included). ``CostModel.expressions(policy)`` gives the same as sympy expressions in ``n``.
@@ -34,7 +37,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InternalError
-from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
+from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, EveryK, Plan, Policy, Sqrt, peak_bytes, resolve_checkpoint
 from .liveness import StepAnalysis, analyze_step
 
 if TYPE_CHECKING:
@@ -59,7 +62,7 @@ class Prediction:
     peak_bytes: int
     time_steps: int
     flops: int
-    working_bytes: int = 0  # the part of peak_bytes that is the backward's working set (two states and one step)
+    working_bytes: int = 0  # the part of peak_bytes that is the backward's working set (states and one step)
     grad_bytes: int = 0     # the part of peak_bytes that is the meta-gradients the backward leaves
 
 
@@ -81,6 +84,7 @@ class CostModel:
     flops_per_step: int
     analysis: StepAnalysis = field(repr=False)  # the per-node liveness analysis the figures come from
     grad_bytes: int = 0
+    overlap_bytes: int = 0  # what a taped step saves of its own input and output states (see peak_bytes)
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod
@@ -104,6 +108,7 @@ class CostModel:
         taped |= set(requires_grad)
         analysis = analyze_step(gm, requires_grad=params)
         taped_analysis = analyze_step(gm, requires_grad=taped)
+        state_inputs = {n.name for n in placeholders if _role(n) in _STATE_ROLES}
         return cls(
             state_bytes=sum(analysis.output_bytes[:-1]),
             step_saved_bytes=analysis.saved_bytes,
@@ -111,6 +116,7 @@ class CostModel:
             flops_per_step=analysis.flops,
             analysis=taped_analysis,
             grad_bytes=sum(_nbytes(n) for n in placeholders if n.name in params),
+            overlap_bytes=sum(st.nbytes for st in taped_analysis.saved if st.owner in state_inputs or st.returned),
         )
 
     @classmethod
@@ -138,7 +144,8 @@ class CostModel:
         """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps; a ``Budget`` is
         resolved with this model's bytes (``plan.resolved`` is the schedule it picks)."""
         policy = resolve_checkpoint(policy, api="unrollc.CostModel.plan")
-        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes, grad_bytes=self.grad_bytes)
+        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes, grad_bytes=self.grad_bytes,
+                           overlap_bytes=self.overlap_bytes)
 
     def predict(self, policy: CheckpointLike, n: int) -> Prediction:
         """Evaluations, stored states, taped steps, peak bytes and FLOPs of an n-step unroll under ``policy``."""
@@ -146,9 +153,11 @@ class CostModel:
         return Prediction(
             policy=plan.policy, resolved=plan.resolved, n=n, evaluations=plan.evaluations,
             peak_states=plan.peak_states, peak_taped_steps=plan.peak_taped_steps,
-            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes, self.grad_bytes),
+            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes, self.grad_bytes, self.overlap_bytes),
             time_steps=plan.evaluations, flops=plan.evaluations * self.flops_per_step,
-            working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes), grad_bytes=self.grad_bytes,
+            working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes, policy=plan.resolved,
+                                     overlap_bytes=self.overlap_bytes),
+            grad_bytes=self.grad_bytes,
         )
 
     def expressions(self, policy: Any) -> CostExprs:
@@ -165,7 +174,9 @@ class CostModel:
                 "expression in n; give the slots: CostModel.expressions(unrollc.Binomial(slots=8))."
             )
         c = policy.cost_expr()
-        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes, self.grad_bytes)
+        resolved = EveryK(1) if isinstance(policy, Sqrt) else policy  # the working set of EveryK's
+        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes, self.grad_bytes,
+                          policy=resolved, overlap_bytes=self.overlap_bytes)
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
     def evaluate(self, policy: CheckpointLike, expr: sympy.Expr, n: int) -> int:
@@ -188,8 +199,11 @@ class CostModel:
         ]
         if a.fallback_ops:
             lines.append(f"  no meta kernel (assumed to save all inputs): {', '.join(a.fallback_ops)}")
-        lines.append("  schedules (n steps; bytes = (states + 2) * state + (taped + 1) * step + meta-gradients, the +2 and +1 "
-                     "the backward's working set):")
+        lines.append("  schedules (n steps; bytes = (states + W) * state + taped * step + min(step, state) - overlap + "
+                     "meta-gradients, the W states (2 without checkpointing, 3 every-k, 4 binomial) and min(step, state) "
+                     "the backward's working set; "
+                     f"overlap {_fmt(self.overlap_bytes)}, what a taped step saves of its input and output states, "
+                     "is counted in W with checkpointing):")
         for policy in (None, "sqrt"):
             e = self.expressions(policy)
             lines.append(f"    {resolve_checkpoint(policy)!r}: evaluations {e.evaluations}, peak bytes {e.peak_bytes}")

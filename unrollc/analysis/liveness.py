@@ -67,10 +67,11 @@ _CPU = torch.device("cpu")
 @dataclass(frozen=True)
 class SavedStorage:
     """One storage autograd saves: ``owner`` is the node that allocates it (a placeholder or an op); ``by`` the
-    ops that save it (through any view of it)."""
+    ops that save it (through any view of it); ``returned``: the graph returns it (or a view of it)."""
     owner: str
     nbytes: int
     by: tuple[str, ...]
+    returned: bool = False
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,9 @@ def analyze_step(gm: fx.GraphModule, *, requires_grad: Iterable[str] | None = No
             )
     rg = frozenset(n.name for n, (_, leaves) in env.items() if any(x is not None and x[0].requires_grad for x in leaves))
     nx.set_node_attributes(graph, {n: True for n in rg}, "requires_grad")
-    saved = tuple(SavedStorage(storages[sid][0], storages[sid][1], tuple(dict.fromkeys(by)))
+    returned = {leaf[1] for arg in tree_flatten(gm.graph.output_node().args[0])[0] if isinstance(arg, fx.Node)
+                for leaf in env.get(arg, (None, []))[1] if leaf is not None}
+    saved = tuple(SavedStorage(storages[sid][0], storages[sid][1], tuple(dict.fromkeys(by)), sid in returned)
                   for sid, by in saved_by.items())
     input_bytes = sum(nbytes for (owner, nbytes) in storages if graph.nodes[owner]["op"] == "placeholder")
     peak, peak_taped = _peak_live(gm, graph, env, storages, set(saved_by))

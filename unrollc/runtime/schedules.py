@@ -16,14 +16,15 @@ Conventions (the counts every plan reports, and every test checks against the ex
 * ``peak_taped_steps`` is the most steps whose autograd graph is alive at once.
 
 Predicted peak memory (``Plan.peak_bytes``, :func:`peak_bytes`) is
-``(peak_states + 2) * state_bytes + (peak_taped_steps + 1) * step_bytes + grad_bytes``: the stored states and
-taped steps, plus the backward's working set, which every schedule has: the gradients w.r.t. the state a taped
-step returns and the state it was given (two states' worth), and the gradients a step's backward computes inside
-it (at most about what the step saved); plus the meta-gradients the backward leaves (``grad_bytes``: the
-``.grad`` of the initial weights and of learned hyperparameters or meta inputs). Only ``Budget`` reads the byte
-counts when planning; the other policies accept and ignore them. Measured against peak RSS on the CPU (MLP
-128-256-256-10, SGD-momentum, n=32), the working set was 2.1-3.9 MB against 3.25 MB predicted; without it,
-Binomial(2)'s prediction was half the peak.
+``(peak_states + W) * state_bytes + peak_taped_steps * step_bytes + min(step_bytes, state_bytes) - overlap +
+grad_bytes``: the stored states and taped steps, plus the backward's working set: ``W`` states
+(:func:`working_states`: 2 without checkpointing, 3 for ``EveryK``/``Sqrt``, 4 for ``Binomial`` — the gradients
+w.r.t. a taped step's output and input states, the unroll's final state, the tape's output and, for revolve, its
+recomputed input) and the gradients a step's backward computes inside it (about what the step saved, at most a
+state's worth); minus what a checkpointed tape saves
+of its own input and output states, counted among the working states already; plus the meta-gradients the
+backward leaves (``grad_bytes``: the ``.grad`` of the initial weights and of learned hyperparameters or meta
+inputs). Only ``Budget`` reads the byte counts when planning; the other policies accept and ignore them.
 
 Binomial is Griewank & Walther's "revolve" (ACM TOMS 26(1), 2000). With ``beta(s, r) = C(s + r, s)`` and
 ``r = min{r : beta(s, r) >= n}``, reversing n steps with s slots (``state0`` is one of them) costs
@@ -163,22 +164,50 @@ class Plan:
         """The actions of the backward sweep, after ``Return()``."""
         return self.actions[self.actions.index(Return()) + 1:]
 
-    def peak_bytes(self, state_bytes: int, step_bytes: int, grad_bytes: int = 0) -> int:
+    def peak_bytes(self, state_bytes: int, step_bytes: int, grad_bytes: int = 0, overlap_bytes: int = 0) -> int:
         """Predicted peak memory: stored states, taped steps, the backward's working set and the meta-gradients
-        it produces (``grad_bytes``; see :func:`peak_bytes`)."""
-        return peak_bytes(self.peak_states, self.peak_taped_steps, state_bytes, step_bytes, grad_bytes)
+        it produces (``grad_bytes``; ``overlap_bytes``: see :func:`peak_bytes`)."""
+        return peak_bytes(self.peak_states, self.peak_taped_steps, state_bytes, step_bytes, grad_bytes,
+                          policy=self.resolved, overlap_bytes=overlap_bytes)
 
 
-def peak_bytes(states: Any, taped_steps: Any, state_bytes: Any, step_bytes: Any, grad_bytes: Any = 0) -> Any:
-    """Predicted peak memory of an unroll that stores ``states`` states and tapes ``taped_steps`` steps at most
-    (numbers or sympy expressions): those, plus the backward's working set of two states (the gradients w.r.t. a
-    taped step's output and input states) and one step (the gradients computed inside a step's backward), plus
-    ``grad_bytes``, the meta-gradients the backward leaves (``.grad`` of the initial weights and of the learned
-    hyperparameters and meta inputs, which accumulate while the backward runs)."""
-    return (states + _WORKING_STATES) * state_bytes + (taped_steps + _WORKING_STEPS) * step_bytes + grad_bytes
+def peak_bytes(states: Any, taped_steps: Any, state_bytes: Any, step_bytes: Any, grad_bytes: Any = 0, *,
+               policy: "Policy | None" = None, overlap_bytes: Any = 0) -> Any:
+    """Predicted peak memory of an unroll under ``policy`` (a resolved schedule: ``NoCheckpoint()`` if None) that
+    stores ``states`` states (the initial one included) and tapes ``taped_steps`` steps at most (numbers or sympy
+    expressions)::
+
+        (states + working_states(policy)) * state_bytes + taped_steps * step_bytes + min(step_bytes, state_bytes)
+            - overlap + grad_bytes
+
+    The working states (see :func:`working_states`) are the states alive besides the stored ones while a taped
+    step is backpropagated, the gradients w.r.t. its output and input states among them; ``min(step_bytes,
+    state_bytes)`` the gradients computed inside a step's backward (measured: about what the step saved where that
+    is little, as with SGD, at most a state's worth where it is a lot, as with Adam, whose saved square roots and
+    quotients need no gradient buffers of their own); ``grad_bytes`` the meta-gradients the backward leaves (``.grad``
+    of the initial weights and of learned hyperparameters and meta inputs). A checkpointed tape's input and output
+    states are counted as working states, so the bytes a taped step saves of its own input and output states
+    (``overlap_bytes``, e.g. a weight saved for ``mm``'s backward) are not counted twice; a plain autograd unroll
+    keeps no state besides what its steps saved, so there they count."""
+    policy = NoCheckpoint() if policy is None else policy
+    overlap = 0 if isinstance(policy, NoCheckpoint) else overlap_bytes
+    inner = sympy.Min(step_bytes, state_bytes) if isinstance(step_bytes + state_bytes, sympy.Basic) else min(step_bytes, state_bytes)
+    return (states + working_states(policy)) * state_bytes + taped_steps * step_bytes + inner - overlap + grad_bytes
 
 
-_WORKING_STATES, _WORKING_STEPS = 2, 1
+def working_states(policy: "Policy") -> int:
+    """States alive besides the stored ones at the backward's peak, by the executor's design: for every schedule the
+    gradients w.r.t. a taped step's output and input states (2); with checkpointing (the custom autograd
+    Function) also the unroll's final state, which the caller holds, and the tape's output state, minus the
+    initial state, which ``states`` counts and the caller owns (+1); with ``Binomial`` also the tape's input,
+    recomputed from a stored state rather than restored (+1). Measured with a tensor-level live-bytes tracker on an
+    MLP with SGD-momentum: Binomial(2) 6.97 states at the peak, 6 of them these."""
+    if isinstance(policy, NoCheckpoint):
+        return _WORKING_STATES
+    return _WORKING_STATES + (2 if isinstance(policy, Binomial) else 1)
+
+
+_WORKING_STATES = 2
 
 
 def _build_plan(policy: "Policy", resolved: "Policy", n: int, actions: list[Action]) -> Plan:
@@ -261,7 +290,8 @@ def _segments_actions(n: int, k: int) -> list[Action]:
 class NoCheckpoint:
     """Keep the graph of every step (a plain autograd loop): n evaluations, n taped steps."""
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
+             overlap_bytes: int = 0) -> Plan:
         """One tape of all n steps (the caller normally runs this as a plain autograd loop)."""
         n = _check_n("NoCheckpoint", n)
         return _build_plan(self, self, n, [Store(0), Tape(0, n), Return(), Backprop(0, n)])
@@ -282,7 +312,8 @@ class EveryK:
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", _require_int("unrollc.EveryK", "k", self.k, 1, "a segment length"))  # numpy ints too
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
+             overlap_bytes: int = 0) -> Plan:
         """Segments of k steps: forward sweep storing segment starts, then one taped segment at a time."""
         n = _check_n("EveryK", n)
         return _build_plan(self, self, n, _segments_actions(n, self.k))
@@ -301,7 +332,8 @@ def _every_k_cost(k: sympy.Expr) -> CostExpr:
 class Sqrt:
     """``EveryK(ceil(sqrt(n)))``: about sqrt(n) stored states and sqrt(n) taped steps, about 2n evaluations."""
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
+             overlap_bytes: int = 0) -> Plan:
         """The plan of ``EveryK(ceil(sqrt(n)))`` (``plan.resolved`` says which k)."""
         n = _check_n("Sqrt", n)
         resolved = EveryK(math.isqrt(n - 1) + 1)   # ceil(sqrt(n)), exactly
@@ -399,7 +431,8 @@ class Binomial:
         """The slots used for n steps."""
         return self.slots if self.slots is not None else max(2, (n - 1).bit_length())
 
-    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0) -> Plan:
+    def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
+             overlap_bytes: int = 0) -> Plan:
         """The revolve schedule: ``evaluations == n + binomial_extra_steps(n, slots)``, ``peak_states <= slots``."""
         n = _check_n("Binomial", n)
         s = self.slots_for(n)
@@ -430,9 +463,10 @@ class Budget:
         object.__setattr__(self, "bytes", _require_int("unrollc.Budget", "bytes", value, 1, "a number of bytes"))
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None,
-             grad_bytes: int = 0) -> Plan:
+             grad_bytes: int = 0, overlap_bytes: int = 0) -> Plan:
         """Choose a schedule from closed-form costs, then build its plan (``grad_bytes``: the meta-gradients the
-        backward leaves, the same for every schedule; :class:`unrollc.CostModel` passes its ``grad_bytes``)."""
+        backward leaves, the same for every schedule; ``overlap_bytes``: what a taped step saves of its own input
+        and output states, see :func:`peak_bytes`; :class:`unrollc.CostModel` passes both)."""
         n = _check_n("Budget", n)
         if state_bytes is None or step_bytes is None:
             raise ValueError(
@@ -442,25 +476,30 @@ class Budget:
                 f"batch).plan({self!r}, {n}), pass Budget.plan(n, state_bytes=..., step_bytes=..., grad_bytes=...), or let "
                 f"stepper.unroll(state, batches, checkpoint={self!r}) plan it."
             )
-        for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes), ("grad_bytes", grad_bytes)):
+        for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes), ("grad_bytes", grad_bytes),
+                            ("overlap_bytes", overlap_bytes)):
             _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
-        S, B, G = state_bytes, step_bytes, grad_bytes
+        S, B, G, O = state_bytes, step_bytes, grad_bytes, overlap_bytes
+
+        def fits(states: int, taped: int, policy: Policy) -> int:
+            return peak_bytes(states, taped, S, B, G, policy=policy, overlap_bytes=O)
+
         # (evaluations, bytes, policy) for every candidate, from the closed forms the plans are tested against;
         # among Binomial(s), the largest s that fits is the cheapest.
-        candidates: list[tuple[int, int, Policy]] = [(n, peak_bytes(1, n, S, B, G), NoCheckpoint())]
+        candidates: list[tuple[int, int, Policy]] = [(n, fits(1, n, NoCheckpoint()), NoCheckpoint())]
         for k in range(1, n + 1):
             segments = -(-n // k)
-            candidates.append((n + k * (segments - 1), peak_bytes(max(1, segments - 1), min(k, n), S, B, G), EveryK(k)))
-        s_fit = (self.bytes - peak_bytes(0, 1, S, B, G)) // S if S > 0 else n
+            candidates.append((n + k * (segments - 1), fits(max(1, segments - 1), min(k, n), EveryK(k)), EveryK(k)))
+        s_fit = (self.bytes - fits(0, 1, Binomial(1))) // S if S > 0 else n
         s = max(1, min(s_fit, n - 1))      # Binomial(1) when none fits: the smallest memory of all
-        candidates.append((n + binomial_extra_steps(n, s), peak_bytes(s, 1, S, B, G), Binomial(slots=s)))
+        candidates.append((n + binomial_extra_steps(n, s), fits(s, 1, Binomial(slots=s)), Binomial(slots=s)))
         fitting = [c for c in candidates if c[1] <= self.bytes]
         if not fitting:
             need = min(c[1] for c in candidates)
             raise ValueError(
                 f"unrollc.Budget: no checkpoint schedule for n={n} steps fits in {self.bytes} bytes with "
                 f"state_bytes={S}, step_bytes={B} and grad_bytes={G}; the smallest needs {need} bytes (one stored "
-                f"state and one taped step, the backward's working set of two states and one step, and the "
+                f"state and one taped step, the backward's working set of states and one step, and the "
                 f"meta-gradients); use Budget({need}) or more."
             )
         _, _, chosen = min(fitting, key=lambda c: (c[0], c[1]))

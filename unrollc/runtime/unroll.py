@@ -94,8 +94,10 @@ def plan_unroll(
         final = max(c.state_bytes for c in costs), state_bytes(s)  # the last layout handed on: its bytes only
         # A step's model sees one batch; the backward leaves a .grad on every batch's leaves that require grad
         # (dataset distillation: n synthetic batches).
+        # What a taped step saves of its own states: the least of the graphs' (a larger prediction, never a smaller).
         kwargs = {"state_bytes": max(final), "step_bytes": max(c.taped_step_bytes for c in costs),
-                  "grad_bytes": grad_leaf_bytes(state, batches, meta)}
+                  "grad_bytes": grad_leaf_bytes(state, batches, meta),
+                  "overlap_bytes": min(c.overlap_bytes for c in costs)}
     return policy.plan(len(batches), **kwargs)
 
 
