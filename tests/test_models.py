@@ -239,3 +239,61 @@ def test_parameter_gradient_hooks_are_applied_as_in_eager_training(float64):
     with pytest.raises(TypeError, match=r"Stepper.step: parameter '0.bias' has a hook registered with "
                                         r"register_post_accumulate_grad_hook.*grad_callback"):
         stepper.step(stepper.init(), batches[0])
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(3, 3)
+        self.alias = self.block  # one submodule under two names
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.alias(torch.tanh(self.block(x)))))
+
+
+def test_a_submodule_registered_under_two_names_steps_and_leaves_the_model_as_it_was(float64):
+    """``self.alias = self.block``: torch's tie_weights swap saw two names for one (module, attribute) and left a plain
+    tensor in the user's model (first the stepped values, then a capture error; found in review). Trajectory =
+    eager torch.optim; the model keeps its Parameters, also when it is a meta argument; the lr meta-gradient equals
+    central differences of the eager trajectory."""
+    torch.manual_seed(0)
+    model = _Aliased()
+    before = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    batches = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(3)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    lr = torch.tensor(0.1, requires_grad=True)
+    final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=2)
+    meta = stepper.forward(final, batches[0][0]).square().sum()
+    (ours,) = torch.autograd.grad(meta, lr)
+    for n, p in model.named_parameters():
+        assert p is before[n] and type(p) is nn.Parameter and torch.equal(p.detach(), values[n]), n
+    assert model.alias is model.block
+
+    def eager(lr_value):
+        m = _Aliased()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.copy_(values[n])
+        opt = torch.optim.SGD(m.parameters(), lr=float(lr_value), momentum=0.9)
+        for b in batches:
+            opt.zero_grad()
+            loss_fn(m, b).backward()
+            opt.step()
+        with torch.no_grad():
+            return m, m(batches[0][0]).square().sum()
+
+    m, _ = eager(0.1)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(final.params[n], p, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, central_difference(lambda x: eager(x)[1], lr.detach()), rtol=1e-6, atol=1e-9)
+
+    def weighted(m, b, critic):  # the aliased module as a meta argument
+        return loss_fn(m, b) + critic(b[1][:, :1].expand(-1, 3)).square().mean()
+
+    critic = _Aliased()
+    critic_params = dict(critic.named_parameters())
+    meta_stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), weighted)
+    meta_stepper.unroll(meta_stepper.init(), batches, critic)
+    assert all(p is critic_params[n] and type(p) is nn.Parameter for n, p in critic.named_parameters())

@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 import torch
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from .errors import CaptureError
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec, option_key, own_attributes
+from .reparam import reparametrized
 from .traced_functions import DECOMPOSITIONS, TracedFunctions, sdpa_math
 
 __all__ = ["Role", "Signature", "Captured", "capture_step", "NodeInfo", "DETACH_OPS", "NoGradRegions", "ShadowOptimizer", "fill_leaves", "input_layout", "stops_gradient"]
@@ -485,7 +485,7 @@ def capture_step(
 
         def loss_of(diff: dict[str, torch.Tensor], bufs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
             weights = {**p_copy, **diff, **bufs}
-            with _reparametrize_module(model, weights, tie_weights=True, strict=False), NoGradRegions():
+            with reparametrized(model, weights), NoGradRegions():
                 loss = loss_fn(model, b, *m)
                 # a buffer the forward re-assigned (self.ema = 0.9 * self.ema + ...) instead of updating it in
                 # place: its new value is the step's output for it, as in eager training
@@ -504,7 +504,7 @@ def capture_step(
             )
         grads = _run_gradient_hooks(model, grads)
         if grad_callback is not None:  # reading the model's weights (adaptive clipping) reads this step's
-            with _reparametrize_module(model, {**p_copy, **b_copy, **reassigned}, tie_weights=True, strict=False):
+            with reparametrized(model, {**p_copy, **b_copy, **reassigned}):
                 grads = _call_grad_callback(grad_callback, grads, m)
         new_state = shadow.step(grads)
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]

@@ -27,7 +27,10 @@ class ModuleArg:
         self.params = params
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.module, self.params, args, kwargs, tie_weights=True)
+        from ..reparam import reparametrized  # functional_call would leave an aliased submodule's tensors swapped
+
+        with reparametrized(self.module, self.params):
+            return self.module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         params = self.__dict__.get("params", {})

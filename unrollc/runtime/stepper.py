@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
@@ -20,6 +19,7 @@ from ..errors import user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
+from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
 from .baked import Modes, gradient_hooks, python_values, restored_attributes, training_modes, warn_numbers, warn_written
 from .execute import instrumented, run_graph
@@ -319,7 +319,7 @@ class Stepper:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""
         self._check_state("Stepper.forward", state)
         weights = {**state.params, **{n: b.clone() for n, b in state.buffers.items()}}
-        with _reparametrize_module(self.model, weights, tie_weights=True, strict=False):
+        with reparametrized(self.model, weights):
             return self.model(*args, **kwargs)
 
     __call__ = forward
@@ -579,7 +579,7 @@ class Stepper:
             m = _detached(meta)
             self._check_arity(batch, meta)
             try:
-                with _reparametrize_module(self.model, {**ps, **bs}, tie_weights=True, strict=False):
+                with reparametrized(self.model, {**ps, **bs}):
                     loss = self.loss_fn(self.model, b, *m)
             except Exception as exc:
                 exc.add_note(
