@@ -55,6 +55,19 @@ class Attention(nn.Module):
         return self.head(self.layer(x).mean(1))
 
 
+class PaddedAttention(Attention):
+    """A key padding mask the model closes over (a plain tensor attribute): torch canonicalizes it with
+    ``zeros_like(mask).masked_fill_(mask, -inf)``, which functionalize left in place (an InternalError, found in
+    review)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = torch.tensor([[False] * 5, [False] * 4 + [True], [False] * 3 + [True] * 2, [False, True] * 2 + [False]])
+
+    def forward(self, x):
+        return self.head(self.layer(x, src_key_padding_mask=self.mask).mean(1))
+
+
 def restored():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     other = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
@@ -68,6 +81,7 @@ MODELS = {
     "gru": (lambda: Recurrent(nn.GRU), lambda: torch.randn(4, 5, 3)),
     "tied-embedding-layernorm": (Tied, lambda: torch.randint(0, 7, (4, 5))),
     "transformer-encoder": (Attention, lambda: torch.randn(4, 5, 4)),
+    "transformer-padding-mask": (PaddedAttention, lambda: torch.randn(4, 5, 4)),
     "load_state_dict": (restored, lambda: torch.randn(4, 3)),
 }
 

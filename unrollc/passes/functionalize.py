@@ -97,18 +97,51 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
         node.name = old.name
         node.target = old.target
         node.meta.update({k: v for k, v in old.meta.items() if k in ("unrollc", "val")})
-    for node in new.graph.nodes:
+    for node in list(new.graph.nodes):  # _out_of_place replaces nodes
         if node.op == "call_function" and mutated_args(node.target):
             names = [a.name for a in node.target._schema.arguments]
             bound = {**dict(zip(names, node.args)), **node.kwargs}
             written = [bound.get(name) for name in mutated_args(node.target)]
             if any(isinstance(a, fx.Node) and a.op == "get_attr" for a in written):
                 raise _constant_mutated(node)
-            raise InternalError(f"functionalize: {node.format_node()} still mutates an argument")
+            if not _out_of_place(new.graph, node, written):
+                raise InternalError(f"functionalize: {node.format_node()} still mutates an argument")
     new.meta.update(gm.meta)
     new.graph.lint()
     new.recompile()
     return new
+
+
+def _returns_alias(node: fx.Node) -> bool:
+    """Whether ``node``'s op returns a view of (or the same tensor as) one of its arguments."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
+
+
+def _out_of_place(graph: fx.Graph, node: fx.Node, written: list[Any]) -> bool:
+    """Rewrite an in-place op that ``torch.func.functionalize`` left in place into its out-of-place variant, when
+    that is exact: it writes into one fresh, unaliased tensor the step made (``zeros_like(mask).masked_fill_(mask,
+    -inf)``, as ``F.multi_head_attention_forward`` does with a key padding mask the loss closes over: an argument
+    that is a real tensor constant, not a functional one, keeps functionalize from rewriting the op). Later uses
+    of the written tensor read the new value. Returns False (nothing changed) otherwise."""
+    if len(written) != 1 or not isinstance(target := written[0], fx.Node) or target.op != "call_function":
+        return False
+    if _returns_alias(target) or any(u is not node and u.op == "call_function" and _returns_alias(u) for u in target.users):
+        return False  # a view of something, or viewed: the write would have to reach the other aliases too
+    packet = node.target._schema.name.split("::")[-1]
+    functional = getattr(getattr(torch.ops.aten, packet.removesuffix("_"), None), node.target._overloadname, None)
+    if not packet.endswith("_") or functional is None:
+        return False
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_after(node):
+        out = graph.call_function(functional, node.args, node.kwargs)
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    for user in list(target.users):
+        if user is not out and order.get(user, len(order)) > order[node]:
+            user.replace_input_with(target, out)
+    graph.erase_node(node)
+    return True
 
 
 def _constant_mutated(node: fx.Node) -> CaptureError:
