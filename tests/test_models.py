@@ -311,3 +311,54 @@ def test_a_submodule_registered_under_two_names_steps_and_leaves_the_model_as_it
     meta_stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), weighted)
     meta_stepper.unroll(meta_stepper.init(), batches, critic)
     assert all(p is critic_params[n] and type(p) is nn.Parameter for n, p in critic.named_parameters())
+
+
+class _EmbeddingMaxNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 3, max_norm=1.0)
+        self.head = nn.Linear(3, 1)
+        with torch.no_grad():
+            self.emb.weight.mul_(3)  # rows above max_norm: the lookups renormalize them
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).mean(1))
+
+
+def test_embedding_max_norm_renormalizes_as_eager_and_has_eager_autograds_meta_gradient(float64):
+    """F.embedding renormalizes the looked-up rows in place under no_grad: the trajectory is eager torch.optim's, and
+    the meta-gradient an eager create_graph unroll's (autograd differentiates as if the weight were unchanged). The
+    functionalized embedding_renorm has no derivative: the meta-backward failed (found in review)."""
+    import copy
+
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = _EmbeddingMaxNorm()
+    pristine = copy.deepcopy(model)
+    batches = [(torch.randint(0, 6, (4, 3)), torch.randn(4, 1)) for _ in range(3)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for b in batches:
+        opt.zero_grad()
+        loss_fn(ref, b).backward()
+        opt.step()
+    with torch.no_grad():
+        final = stepper.unroll(stepper.init(), batches)
+    for n, p in ref.named_parameters():
+        assert torch.equal(final.params[n], p), n
+
+    lr = torch.tensor(0.1, requires_grad=True)
+    grads = []
+    for checkpoint in (None, "sqrt"):
+        out = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        grads.append(torch.autograd.grad(loss_fn(lambda x: stepper.forward(out, x), batches[0]), lr)[0])
+    params = {k: v.clone() for k, v in pristine.named_parameters()}
+    for b in batches:
+        g = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), b), list(params.values()),
+                                create_graph=True)
+        params = {k: p - lr * gi for (k, p), gi in zip(params.items(), g)}
+    expected = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), batches[0]), lr)[0]
+    for got in grads:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)

@@ -405,6 +405,11 @@ def _detaches_kept() -> Iterator[None]:
             _keep(node, _IN_CALLBACK)
 
 
+def keep_stop_gradient(node: fx.Node) -> None:
+    """Mark a ``detach`` a pass adds for a no-grad region, so that ``strip_detach`` keeps it (see :func:`stops_gradient`)."""
+    _keep(node, _NO_GRAD)
+
+
 def stops_gradient(node: fx.Node) -> bool:
     """Whether ``node`` is a ``detach`` the user asked for that :func:`~unrollc.passes.strip_detach` must keep:
     one :class:`NoGradRegions` added for a no-grad block, or one traced in the user's ``grad_callback``."""

@@ -93,6 +93,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
                 node.args = (node.args[0], node.args[1] if len(node.args) > 1 else 0.5)
     _check_data_dependent_sizes(new.graph)
     _exact_scatters(new)
+    _renorm_without_gradient(new.graph)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -110,6 +111,33 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     new.graph.lint()
     new.recompile()
     return new
+
+
+def _renorm_without_gradient(graph: fx.Graph) -> None:
+    """``nn.Embedding(max_norm=...)`` renormalizes the looked-up rows of its weight in place under ``torch.no_grad()``
+    (``F.embedding``): eager autograd then sees the new values and differentiates as if the weight were unchanged.
+    Functionalized, that write is ``w2 = embedding_renorm(w, ...)``, which has no derivative (the meta-gradient
+    failed with torch's NotImplementedError; found in review). It becomes ``detach(embedding_renorm(detach(w))) +
+    (w - detach(w))``: the renormed values exactly, and an identity gradient to ``w``, as in eager."""
+    from ..capture import keep_stop_gradient
+
+    detach = torch.ops.aten.detach.default
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding_renorm.default:
+            continue
+        weight = node.args[0]
+        with graph.inserting_before(node):
+            frozen = graph.call_function(detach, (weight,))
+            renormed = graph.call_function(node.target, (frozen, *node.args[1:]), dict(node.kwargs))
+            values = graph.call_function(detach, (renormed,))
+            zero = graph.call_function(torch.ops.aten.sub.Tensor, (weight, frozen))
+            out = graph.call_function(torch.ops.aten.add.Tensor, (values, zero))
+        for added in (frozen, renormed, values, zero, out):
+            added.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+        keep_stop_gradient(frozen)
+        keep_stop_gradient(values)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
 
 
 def _returns_alias(node: fx.Node) -> bool:
