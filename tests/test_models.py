@@ -362,3 +362,48 @@ def test_embedding_max_norm_renormalizes_as_eager_and_has_eager_autograds_meta_g
     expected = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), batches[0]), lr)[0]
     for got in grads:
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+class _ClampedInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.3, 0.3)  # a weight constraint written in the forward
+        return self.head(torch.tanh(self.lin(x)))
+
+
+def test_an_in_place_write_into_a_weight_under_no_grad_changes_values_not_gradients(float64):
+    """Eager autograd does not see a write under no_grad: the weight takes the new values and its gradient path is
+    unchanged. The meta-gradient went through clamp's mask (-1.649 where eager's is -1.481)."""
+    import copy
+
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = _ClampedInForward()
+    pristine = copy.deepcopy(model)
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.5), loss_fn)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for b in batches:
+        opt.zero_grad()
+        loss_fn(ref, b).backward()
+        opt.step()
+    lr = torch.tensor(0.5, requires_grad=True)
+    final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches)
+    for n, p in ref.named_parameters():
+        assert torch.equal(final.params[n].detach(), p.detach()), n
+    assert torch.equal(model.lin.weight, pristine.lin.weight)  # the user's weight is not clamped
+    ours = torch.autograd.grad(loss_fn(lambda x: stepper.forward(final, x), batches[0]), lr)[0]
+    params = {k: v.clone() for k, v in pristine.named_parameters()}
+    for b in batches:
+        g = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), b), list(params.values()),
+                                create_graph=True)
+        params = {k: p - lr * gi for (k, p), gi in zip(params.items(), g)}
+    expected = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), batches[0]), lr)[0]
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)

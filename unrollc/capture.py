@@ -223,7 +223,7 @@ class ShadowOptimizer:
         with _compiling(), self.tracker, _AveragesAsEager(self.optimizer):
             self.optimizer.step()
         after = _python_values(self.optimizer)
-        for name, (version, old) in _tensor_versions(self.optimizer).items():  # group["lr"] *= 0.5, a tensor lr
+        for name, (version, _) in _tensor_versions(self.optimizer).items():  # group["lr"] *= 0.5, a tensor lr
             if name in versions and versions[name][0] != version and option_key(after[name]) == option_key(before[name]):
                 before[name], after[name] = versions[name][1], _InPlace(after[name])
         self._refuse_python_changes(before, after)
@@ -298,17 +298,19 @@ def _tensor_versions(opt: torch.optim.Optimizer) -> dict[str, tuple[int, Any]]:
     """``(version counter, copy of the value)`` of the options and attributes of :func:`_python_values` that hold
     tensors, by the same names: a tensor ``lr`` that ``step()`` scales in place (``group["lr"] *= 0.5``) keeps its
     identity, not its version."""
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
     from torch.utils._pytree import tree_leaves, tree_map
 
     def copy(x: Any) -> Any:
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
-    return {name: (sum(t._version for t in tensors), tree_map(copy, value)) for name, value in _python_values(opt).items()
-            if (tensors := [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)])}
+    with disable_proxy_modes_tracing():  # the copies are for the message only, not ops of the step graph
+        return {name: (sum(t._version for t in tensors), tree_map(copy, value)) for name, value in _python_values(opt).items()
+                if (tensors := [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)])}
 
 
 class _InPlace:
-    """A value changed in place, for :meth:`OptimizerCapture._refuse_python_changes`'s message."""
+    """A value changed in place, for :meth:`ShadowOptimizer._refuse_python_changes`'s message."""
 
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -327,15 +329,21 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
     Eager autograd treats them as constants. ``torch.func`` honours the block in the traced inner gradient,
     but the recorded ops carry no trace of it: when the step graph is differentiated again (the meta-gradient),
     autograd would differentiate through them. The ``detach`` nodes added here are kept by ``strip_detach``
-    (see :func:`stops_gradient`). In-place ops are left alone (their operands already carry the detach), and so
-    is a result that *is* one of the op's arguments (``h.contiguous()``, ``h.to(h.dtype)``): eager returns the
-    tensor itself, gradient and all.
+    (see :func:`stops_gradient`). A result that *is* one of the op's arguments (``h.contiguous()``,
+    ``h.to(h.dtype)``) is left alone: eager returns the tensor itself, gradient and all. An in-place write into a
+    tensor that requires grad (``self.weight.clamp_(-c, c)`` in the forward) changes its values and not its
+    gradient in eager autograd; here the write becomes ``t.copy_(detach(op(detach(t))) + (t - detach(t)))``: the
+    same values, and an identity gradient to ``t`` (the meta-gradient went through the op, e.g. clamp's mask).
+    Other in-place ops are left alone (their operands already carry the detach).
 
     Not covered: a ``torch.func`` transform called inside the block (its body runs with grad enabled); detach
     its result yourself."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        if (not torch.is_grad_enabled() and _in_place(func) and args and isinstance(args[0], torch.Tensor)
+                and args[0].requires_grad):
+            return _write_without_gradient(func, args, kwargs)
         out = func(*args, **kwargs)
         if torch.is_grad_enabled() or _in_place(func):
             return out
@@ -343,6 +351,18 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
 
         inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         return _stop_gradient(out, inputs)
+
+
+def _write_without_gradient(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func(*args, **kwargs)``, an in-place write into ``args[0]`` under no_grad, with eager autograd's meaning:
+    new values, the old gradient path (see :class:`NoGradRegions`). Returns what ``func`` returns, with
+    ``args[0]`` in place of the tensor written (``t.clamp_(...)`` returns ``t``)."""
+    target = args[0]
+    frozen = _stop_gradient(target, set())
+    work = frozen.clone()
+    out = func(work, *args[1:], **kwargs)
+    target.copy_(_stop_gradient(work, set()) + (target - frozen))
+    return target if out is work else out
 
 
 def _in_place(func: Any) -> bool:
