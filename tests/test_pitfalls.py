@@ -422,3 +422,18 @@ def test_a_bug_in_a_custom_optimizer_keeps_its_type_and_traceback():
     with pytest.raises(KeyError, match="learning_rate") as info:
         stepper.step(stepper.init(), torch.randn(4, 3))
     assert any("raised by your code while unrollc.compile traced" in note for note in info.value.__notes__)
+
+
+def test_a_loss_that_depends_on_no_parameter_is_pointed_out():
+    """loss_fn running a copy of the model: every step changed nothing, silently (unrollc.higher warned already)."""
+    import copy
+
+    model = nn.Linear(4, 3)
+    other = copy.deepcopy(model)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: mse(other, b))
+    batch = (torch.randn(7, 4), torch.randn(7, 3))
+    with pytest.warns(UserWarning, match=r"depends on none of the parameters the optimizer updates.*Call model\(\.\.\.\) "
+                      r"inside loss_fn") as record:
+        state = stepper.step(stepper.init(), batch)
+    assert {w.filename for w in record} == {__file__}
+    assert all(torch.equal(state.params[n], p) for n, p in model.named_parameters())

@@ -524,6 +524,12 @@ class Stepper:
         from ..inspect.source import recording_sources
 
         trainable = self._used(state, batch, meta)
+        if not trainable and self._trainable():
+            warnings.warn(
+                "Stepper.step: the loss loss_fn(model, batch, *meta) returns depends on none of the parameters the "
+                "optimizer updates, so the step changes nothing (torch.optim skips parameters without a gradient). "
+                "Does loss_fn run another module than the `model` it is given (a copy, a global)? Call model(...) "
+                "inside loss_fn.", stacklevel=user_stacklevel())
         args = (state.params, state.buffers, state.opt_state, groups, batch, meta, trainable)
 
         def trace(spec: OptimizerSpec) -> Captured:
