@@ -38,11 +38,11 @@ def test_cost_model_example_prints_what_the_readme_says():
     assert (cost.state_bytes, cost.taped_step_bytes, cost.grad_bytes) == (3194960, 4534320, 1597484)
     assert str(cost.expressions("sqrt").evaluations) == "n + (ceiling(n/ceiling(sqrt(n))) - 1)*ceiling(sqrt(n))"
     p = cost.predict("sqrt", 160)
-    assert (p.evaluations, p.peak_states, p.peak_taped_steps, p.peak_bytes) == (316, 12, 13, 108996468)
+    assert (p.evaluations, p.peak_states, p.peak_taped_steps, p.peak_bytes) == (316, 12, 13, 110335828)
     assert repr(cost.plan(env["unrollc"].Budget(64 * 2**20), 160).resolved) == "Binomial(slots=14)"
     assert cost.expressions("sqrt").evaluations.subs("n", 160) == 316
     for claim in ("3194960, 4534320, 1597484",
-                  "evaluations=316, peak_states=12, peak_taped_steps=13, peak_bytes=108996468", "Binomial(slots=14)"):
+                  "evaluations=316, peak_states=12, peak_taped_steps=13, peak_bytes=110335828", "Binomial(slots=14)"):
         assert claim in src
 
 

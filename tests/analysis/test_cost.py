@@ -325,7 +325,7 @@ def test_state_bytes_count_a_shared_step_counter_once():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
-@pytest.mark.parametrize("schedule", ["binomial2", "every4", "budget6700000", "heavy:binomial2"])
+@pytest.mark.parametrize("schedule", ["binomial2", "every4", "budget7200000", "heavy:binomial2"])
 def test_predicted_peak_is_the_measured_peak_rss(schedule):
     """The prediction against peak RSS in a fresh process (DESIGN.md's malloc settings). Without the backward's
     working set, Binomial(2)'s prediction was half the measured peak, and a Budget unroll went 1.6x over; without
@@ -339,5 +339,5 @@ def test_predicted_peak_is_the_measured_peak_rss(schedule):
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout
     measured, predicted = map(int, out.split())
     assert 0.8 <= measured / predicted <= 1.25, (measured, predicted)
-    if schedule.startswith("budget"):  # Binomial(slots=1): predicted 6.22 MB, measured 6.23 MB
+    if schedule.startswith("budget"):  # Binomial(slots=1): predicted 7.04 MB, measured 6.12 MB
         assert measured <= int(schedule[len("budget"):]), measured

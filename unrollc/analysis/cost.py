@@ -15,10 +15,10 @@ distinct leaf tensors that require grad (the initial weights, a learned ``lr``, 
 actual inputs, or every parameter input for a bare graph); ``overlap_bytes``: what a taped step saves of its own
 input and output states (a weight ``mm`` saves, a momentum buffer a learned ``lr`` multiplies);
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
-``peak_bytes = (peak_states + W) * state_bytes + peak_taped_steps * taped_step_bytes + min(taped_step_bytes,
-state_bytes) - overlap_bytes + grad_bytes`` (the stored states, the taped steps, the backward's working set of W
-states — ``unrollc.runtime.schedules.working_states``: 2 without checkpointing, 3 for every-k, 4 for binomial —
-and of a step's inner gradients, and the meta-gradients; without checkpointing the overlap is not subtracted; see
+``peak_bytes = (peak_states + W) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes - overlap_bytes +
+grad_bytes`` (the stored states, the taped steps, the backward's working set of W states —
+``unrollc.runtime.schedules.working_states``: 2 without checkpointing, 3 for every-k, 4 for binomial — and one
+step, and the meta-gradients; without checkpointing the overlap is not subtracted; see
 ``unrollc.runtime.schedules.peak_bytes``) and
 ``flops = evaluations * flops_per_step`` (forward evaluations; the backward of the n taped steps is the same for
 every schedule and not included). ``CostModel.expressions(policy)`` gives the same as sympy expressions in ``n``.
@@ -199,8 +199,8 @@ class CostModel:
         ]
         if a.fallback_ops:
             lines.append(f"  no meta kernel (assumed to save all inputs): {', '.join(a.fallback_ops)}")
-        lines.append("  schedules (n steps; bytes = (states + W) * state + taped * step + min(step, state) - overlap + "
-                     "meta-gradients, the W states (2 without checkpointing, 3 every-k, 4 binomial) and min(step, state) "
+        lines.append("  schedules (n steps; bytes = (states + W) * state + (taped + 1) * step - overlap + "
+                     "meta-gradients, the W states (2 without checkpointing, 3 every-k, 4 binomial) and +1 step "
                      "the backward's working set; "
                      f"overlap {_fmt(self.overlap_bytes)}, what a taped step saves of its input and output states, "
                      "is counted in W with checkpointing):")
