@@ -342,7 +342,7 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if (not torch.is_grad_enabled() and _in_place(func) and args and isinstance(args[0], torch.Tensor)
-                and args[0].requires_grad):
+                and args[0].requires_grad and getattr(func, "__name__", "") not in _NOT_VALUE_WRITES):
             return _write_without_gradient(func, args, kwargs)
         out = func(*args, **kwargs)
         if torch.is_grad_enabled() or _in_place(func):
@@ -351,6 +351,11 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
 
         inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         return _stop_gradient(out, inputs)
+
+
+# In-place methods that change a tensor's autograd flags, shape or storage rather than its values: left as they are.
+_NOT_VALUE_WRITES = frozenset({"requires_grad_", "detach_", "retain_grad", "resize_", "resize_as_", "set_", "share_memory_",
+                               "as_strided_", "squeeze_", "unsqueeze_", "t_", "transpose_", "swapdims_", "swapaxes_"})
 
 
 def _write_without_gradient(func: Any, args: tuple, kwargs: dict) -> Any:
