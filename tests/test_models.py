@@ -325,42 +325,42 @@ class _EmbeddingMaxNorm(nn.Module):
         return self.head(self.emb(idx).mean(1))
 
 
+def _plain_sgd_meta_gradient(model, batches, lr):
+    """d loss(batches[0]) after an SGD(lr) unroll over ``batches`` / d lr, by a hand-written create_graph unroll of
+    copies of ``model``'s weights (which its forward may write into under no_grad, as eager training would)."""
+    from oracles import eager_unroll, sgd_momentum
+
+    params = eager_unroll(model, loss_fn, batches, sgd_momentum(lr, 0.0), params=[p.clone() for p in model.parameters()])
+    weights = dict(zip((n for n, _ in model.named_parameters()), params))
+    with torch.nn.utils.stateless._reparametrize_module(model, weights):
+        return torch.autograd.grad(loss_fn(model, batches[0]), lr)[0]
+
+
 def test_embedding_max_norm_renormalizes_as_eager_and_has_eager_autograds_meta_gradient(float64):
     """F.embedding renormalizes the looked-up rows in place under no_grad: the trajectory is eager torch.optim's, and
     the meta-gradient an eager create_graph unroll's (autograd differentiates as if the weight were unchanged). The
     functionalized embedding_renorm has no derivative: the meta-backward failed (found in review)."""
     import copy
 
-    from torch.func import functional_call
+    from oracles import eager_trajectory
 
     torch.manual_seed(0)
     model = _EmbeddingMaxNorm()
     pristine = copy.deepcopy(model)
     batches = [(torch.randint(0, 6, (4, 3)), torch.randn(4, 1)) for _ in range(3)]
-    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    for b in batches:
-        opt.zero_grad()
-        loss_fn(ref, b).backward()
-        opt.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepper = unrollc.compile(model, opt, loss_fn)
+    ref = eager_trajectory(model, opt, loss_fn, batches)[-1][0]
     with torch.no_grad():
         final = stepper.unroll(stepper.init(), batches)
-    for n, p in ref.named_parameters():
+    for n, p in ref.items():
         assert torch.equal(final.params[n], p), n
 
     lr = torch.tensor(0.1, requires_grad=True)
-    grads = []
+    expected = _plain_sgd_meta_gradient(pristine, batches, lr)
     for checkpoint in (None, "sqrt"):
         out = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
-        grads.append(torch.autograd.grad(loss_fn(lambda x: stepper.forward(out, x), batches[0]), lr)[0])
-    params = {k: v.clone() for k, v in pristine.named_parameters()}
-    for b in batches:
-        g = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), b), list(params.values()),
-                                create_graph=True)
-        params = {k: p - lr * gi for (k, p), gi in zip(params.items(), g)}
-    expected = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), batches[0]), lr)[0]
-    for got in grads:
+        got = torch.autograd.grad(loss_fn(lambda x: stepper.forward(out, x), batches[0]), lr)[0]
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
@@ -381,29 +381,19 @@ def test_an_in_place_write_into_a_weight_under_no_grad_changes_values_not_gradie
     unchanged. The meta-gradient went through clamp's mask (-1.649 where eager's is -1.481)."""
     import copy
 
-    from torch.func import functional_call
+    from oracles import eager_trajectory
 
     torch.manual_seed(0)
     model = _ClampedInForward()
     pristine = copy.deepcopy(model)
     batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
-    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.5), loss_fn)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    for b in batches:
-        opt.zero_grad()
-        loss_fn(ref, b).backward()
-        opt.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    stepper = unrollc.compile(model, opt, loss_fn)
+    ref = eager_trajectory(model, opt, loss_fn, batches)[-1][0]
     lr = torch.tensor(0.5, requires_grad=True)
     final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches)
-    for n, p in ref.named_parameters():
-        assert torch.equal(final.params[n].detach(), p.detach()), n
+    for n, p in ref.items():
+        assert torch.equal(final.params[n].detach(), p), n
     assert torch.equal(model.lin.weight, pristine.lin.weight)  # the user's weight is not clamped
     ours = torch.autograd.grad(loss_fn(lambda x: stepper.forward(final, x), batches[0]), lr)[0]
-    params = {k: v.clone() for k, v in pristine.named_parameters()}
-    for b in batches:
-        g = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), b), list(params.values()),
-                                create_graph=True)
-        params = {k: p - lr * gi for (k, p), gi in zip(params.items(), g)}
-    expected = torch.autograd.grad(loss_fn(lambda x: functional_call(pristine, params, (x,)), batches[0]), lr)[0]
-    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours, _plain_sgd_meta_gradient(pristine, batches, lr), rtol=1e-12, atol=0)

@@ -219,13 +219,14 @@ class ShadowOptimizer:
         in torch.optim); return the new state tensors in :attr:`state_out` order."""
         for n, p in self.params.items():
             p.grad = grads.get(n)
-        before, versions = _python_values(self.optimizer), _tensor_versions(self.optimizer)
+        before = _python_values(self.optimizer)
+        versions = _tensor_versions(before)
         with _compiling(), self.tracker, _AveragesAsEager(self.optimizer):
             self.optimizer.step()
         after = _python_values(self.optimizer)
-        for name, (version, _) in _tensor_versions(self.optimizer).items():  # group["lr"] *= 0.5, a tensor lr
-            if name in versions and versions[name][0] != version and option_key(after[name]) == option_key(before[name]):
-                before[name], after[name] = versions[name][1], _InPlace(after[name])
+        for name, (version, old) in versions.items():  # group["lr"] *= 0.5 on a tensor lr: same tensor, new version
+            if name in after and option_key(after[name]) == option_key(before[name]) and _version(after[name]) != version:
+                before[name], after[name] = old, _InPlace(after[name])
         self._refuse_python_changes(before, after)
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
         for n, st in new.items():
@@ -294,10 +295,17 @@ def _python_values(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return values
 
 
-def _tensor_versions(opt: torch.optim.Optimizer) -> dict[str, tuple[int, Any]]:
-    """``(version counter, copy of the value)`` of the options and attributes of :func:`_python_values` that hold
-    tensors, by the same names: a tensor ``lr`` that ``step()`` scales in place (``group["lr"] *= 0.5``) keeps its
-    identity, not its version."""
+def _version(value: Any) -> int:
+    """The summed version counters of the tensors in an option or attribute value (``betas``: a tuple)."""
+    from torch.utils._pytree import tree_leaves
+
+    return sum(t._version for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def _tensor_versions(values: dict[str, Any]) -> dict[str, tuple[int, Any]]:
+    """``(version counter, copy of the value)`` of the :func:`_python_values` entries that hold tensors, by the same
+    names: a tensor ``lr`` that ``step()`` scales in place (``group["lr"] *= 0.5``) keeps its identity, not its
+    version."""
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
     from torch.utils._pytree import tree_leaves, tree_map
 
@@ -305,8 +313,8 @@ def _tensor_versions(opt: torch.optim.Optimizer) -> dict[str, tuple[int, Any]]:
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
     with disable_proxy_modes_tracing():  # the copies are for the message only, not ops of the step graph
-        return {name: (sum(t._version for t in tensors), tree_map(copy, value)) for name, value in _python_values(opt).items()
-                if (tensors := [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)])}
+        return {name: (_version(value), tree_map(copy, value)) for name, value in values.items()
+                if any(isinstance(t, torch.Tensor) for t in tree_leaves(value))}
 
 
 class _InPlace:

@@ -37,7 +37,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InternalError
-from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, EveryK, Plan, Policy, Sqrt, peak_bytes, resolve_checkpoint
+from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
 from .liveness import StepAnalysis, analyze_step
 
 if TYPE_CHECKING:
@@ -174,9 +174,8 @@ class CostModel:
                 "expression in n; give the slots: CostModel.expressions(unrollc.Binomial(slots=8))."
             )
         c = policy.cost_expr()
-        resolved = EveryK(1) if isinstance(policy, Sqrt) else policy  # the working set of EveryK's
         peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes, self.grad_bytes,
-                          policy=resolved, overlap_bytes=self.overlap_bytes)
+                          policy=policy, overlap_bytes=self.overlap_bytes)
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
     def evaluate(self, policy: CheckpointLike, expr: sympy.Expr, n: int) -> int:
