@@ -17,7 +17,7 @@ from torch import nn
 
 from .analysis import CostModel
 from .clip import clip_grad_norm, clip_grad_value
-from .errors import CaptureError
+from .errors import BatchModifiedError, CaptureError
 from .optimizer_spec import UnsupportedOptimizerError
 from .higher import get_diff_optim, innerloop_ctx, monkeypatch
 from .inspect import Report, explain
@@ -42,6 +42,7 @@ __all__ = [
     "innerloop_ctx",
     "monkeypatch",
     "get_diff_optim",
+    "BatchModifiedError",
     "CaptureError",
     "UnsupportedOptimizerError",
 ]

@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-__all__ = ["CaptureError", "InternalError", "user_frame", "user_stacklevel"]
+__all__ = ["BatchModifiedError", "CaptureError", "InternalError", "user_frame", "user_stacklevel"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UNROLLC_DIR = os.path.dirname(__file__)
@@ -159,6 +159,12 @@ def _optimizer_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSum
         if f"{os.sep}optim{os.sep}" in frame.filename:
             return frame
     return None
+
+
+class BatchModifiedError(ValueError, RuntimeError):
+    """A tensor of a batch was changed in place after the batches yielded it, which a checkpointed unroll would
+    read as the later values (a ``ValueError``: the batches are wrong; and a ``RuntimeError``, as eager autograd
+    raises for a tensor saved for backward and then changed in place)."""
 
 
 class InternalError(AssertionError):

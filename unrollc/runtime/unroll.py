@@ -12,7 +12,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import fill_leaves
-from ..errors import InternalError
+from ..errors import BatchModifiedError, InternalError
 from .checkpointed import checkpointed_unroll
 from .rng import draws_global_rng, step_generators
 from .schedules import NoCheckpoint, Plan, Policy, resolve_checkpoint
@@ -35,7 +35,7 @@ def read_batches(batches: Iterable[Any]) -> list[Any]:
         versions += [(i, t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
     for i, t, version in versions:
         if t._version != version:
-            raise ValueError(
+            raise BatchModifiedError(
                 f"Stepper.unroll: a tensor of batch {i} ({tuple(t.shape)}, {t.dtype}) was changed in place after "
                 f"`batches` yielded it (its version went from {version} to {t._version}), as a loader that refills "
                 "the same tensors does. A checkpointed unroll reads every batch before its first step (the schedule "
