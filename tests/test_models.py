@@ -397,3 +397,53 @@ def test_an_in_place_write_into_a_weight_under_no_grad_changes_values_not_gradie
     assert torch.equal(model.lin.weight, pristine.lin.weight)  # the user's weight is not clamped
     ours = torch.autograd.grad(loss_fn(lambda x: stepper.forward(final, x), batches[0]), lr)[0]
     torch.testing.assert_close(ours, _plain_sgd_meta_gradient(pristine, batches, lr), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_rrelu_in_training_has_eager_autograds_meta_gradient(checkpoint, float64):
+    """``nn.RReLU`` draws a slope per element in training; torch's derivative of the functional op the step graph
+    holds (``rrelu_with_noise_functional``) reads its uninitialised input buffer instead of the slopes drawn, so
+    the meta-gradient was garbage (found in review). The trajectory and the meta-gradient must equal eager
+    training and a hand-written ``create_graph`` unroll under the same seed, and finite differences of eager
+    ``torch.optim`` training."""
+    from oracles import eager_trajectory, eager_unroll, sgd_momentum
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.RReLU(0.1, 0.3), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(6, 4), torch.randn(6, 2)) for _ in range(3)]
+    xv = torch.randn(5, 4)
+    stepper = unrollc.compile(model, opt, loss_fn)
+
+    def validation(forward, params):
+        model.eval()  # RReLU's eval slope is fixed: the validation loss draws nothing
+        try:
+            return (forward(params, xv) ** 2).mean()
+        finally:
+            model.train()
+
+    lr = torch.tensor(0.1, requires_grad=True)
+    torch.manual_seed(99)
+    final = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+    ours = torch.autograd.grad(validation(lambda s, x: stepper.forward(s, x), final), [lr, *model.parameters()])
+
+    torch.manual_seed(99)
+    trained = eager_trajectory(model, opt, lambda m, b: loss_fn(m, b), batches)[-1][0]
+    assert all(torch.equal(final.params[k], v) for k, v in trained.items())
+
+    names = [n for n, _ in model.named_parameters()]
+
+    def eager_forward(params, x):
+        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, params))):
+            return model(x)
+
+    def eager_meta_loss(lr_value):
+        torch.manual_seed(99)
+        return validation(eager_forward, eager_unroll(model, loss_fn, batches, sgd_momentum(lr_value, 0.9)))
+
+    lr_ref = torch.tensor(0.1, requires_grad=True)
+    ref = torch.autograd.grad(eager_meta_loss(lr_ref), [lr_ref, *model.parameters()])
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    fd = central_difference(lambda v: eager_meta_loss(v).detach(), torch.tensor(0.1))  # autograd inside: no no_grad
+    assert abs(ours[0] - fd) < 1e-6 * abs(fd)

@@ -31,6 +31,8 @@ Invariant established: no node calls an operator whose schema writes to an argum
    ATen's exact derivatives. Each reading is checked on integers against ``as_strided_scatter`` before it is used.
    Any other non-overlapping view of a contiguous tensor (a slice of a Linear's 3-D output, whose base is the 2-D
    product; a diagonal) becomes ``index_put`` at the view's positions, a constant index.
+6. (:func:`_rrelu_exact_gradient`) ``nn.RReLU``'s output in training becomes ``x * detach(noise_out)``: torch's
+   derivative of ``rrelu_with_noise_functional`` reads the wrong noise tensor.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
    ``dynamic_output_shape``) passes through :func:`check_traced_size` where the ops after it were traced with its
    size (a shape argument holds it, or the user's code read it into Python: ``x[mask].shape[0]``), so another
@@ -94,6 +96,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     _check_data_dependent_sizes(new.graph)
     _exact_scatters(new)
     _renorm_without_gradient(new.graph)
+    _rrelu_exact_gradient(new.graph)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -138,6 +141,45 @@ def _renorm_without_gradient(graph: fx.Graph) -> None:
         keep_stop_gradient(values)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+
+
+def _rrelu_exact_gradient(graph: fx.Graph) -> None:
+    """``nn.RReLU`` in training draws a slope per element into its ``noise`` buffer in place
+    (``rrelu_with_noise``). Functionalized, that is ``out, noise_out = rrelu_with_noise_functional(x, noise)``,
+    whose derivative in torch 2.13 reads the *input* ``noise`` (an uninitialised ``empty_like``) instead of the
+    slopes drawn: the meta-gradient through the activation was garbage (found in review). The output becomes
+    ``x * detach(noise_out)``: the same values bit for bit (``x * r`` where ``x < 0``, ``x * 1`` elsewhere, as the
+    kernel computes them) and eager's derivative, the drawn slopes. Eval mode (``training=False``) draws nothing
+    and is left alone."""
+    from ..capture import keep_stop_gradient
+
+    op = torch.ops.aten.rrelu_with_noise_functional.default
+    names = [a.name for a in op._schema.arguments]
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not op:
+            continue
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        if bound.get("training") is not True:
+            continue
+        outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if not outs:
+            continue
+        noise_out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 1), None)
+        with graph.inserting_after(node):
+            if noise_out is None:
+                noise_out = graph.call_function(operator.getitem, (node, 1))
+                noise_out.meta["val"] = node.meta["val"][1]
+        with graph.inserting_after(noise_out):
+            slopes = graph.call_function(torch.ops.aten.detach.default, (noise_out,))
+        with graph.inserting_after(slopes):
+            out = graph.call_function(torch.ops.aten.mul.Tensor, (bound["self"], slopes))
+        for added in (slopes, out):
+            added.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        slopes.meta["val"], out.meta["val"] = node.meta["val"][1], node.meta["val"][0]
+        keep_stop_gradient(slopes)
+        for old in outs:
+            old.replace_all_uses_with(out)
+            graph.erase_node(old)
 
 
 def _returns_alias(node: fx.Node) -> bool:
