@@ -18,7 +18,7 @@ def test_budget_picks_a_fitting_plan_and_keeps_the_gradient(float64):
     everything = cost.predict(unrollc.NoCheckpoint(), 24).peak_bytes
     budget = unrollc.Budget(everything // 3)
     plan = plan_unroll(stepper, state, batches, (), budget)
-    assert plan.peak_bytes(cost.state_bytes, cost.taped_step_bytes) <= everything // 3
+    assert cost.predict(plan.resolved, 24).peak_bytes <= everything // 3
     assert plan.evaluations > 24  # it had to recompute
 
     def grad(checkpoint):
@@ -117,7 +117,7 @@ def test_a_fresh_optimizers_budget_counts_the_state_it_creates_in_the_first_step
     steady = CostModel.from_stepper(stepper, later, batches[0])
     assert steady.taped_step_bytes > fresh.taped_step_bytes  # (state_bytes counts the state a step returns)
     assert plan.resolved != unrollc.NoCheckpoint()
-    assert plan.peak_bytes(steady.state_bytes, steady.taped_step_bytes) <= budget.bytes
+    assert steady.predict(plan.resolved, n).peak_bytes <= budget.bytes
 
 
 def test_a_budget_is_planned_for_the_largest_batch():
@@ -132,7 +132,7 @@ def test_a_budget_is_planned_for_the_largest_batch():
         plan_unroll(stepper, stepper.init(), batches, (), budget)
     budget = unrollc.Budget(large.state_bytes + 3 * large.taped_step_bytes)
     plan = plan_unroll(stepper, stepper.init(), batches, (), budget)
-    assert plan.peak_bytes(large.state_bytes, large.taped_step_bytes) <= budget.bytes
+    assert large.predict(plan.resolved, 8).peak_bytes <= budget.bytes
 
 
 def test_cost_model_of_a_step_with_a_module_meta_argument():

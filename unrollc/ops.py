@@ -34,7 +34,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
     (out,) = ctx.saved_tensors
-    if out.numel() and bool(out.amin() > 0):
+    if out.numel() and (out.device.type == "meta" or bool(out.amin() > 0)):
         # No zero (nor NaN) anywhere: ATen's own sqrt backward, grad / (2 * result), bit for bit. The masked
         # form below costs ~8x more on large tensors (bool masks, two wheres) and is rarely needed.
         return grad / (out + out)

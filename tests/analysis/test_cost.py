@@ -19,6 +19,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import unrollc
+from unrollc.analysis.backward import backward_working_bytes
 from unrollc.analysis.cost import CostModel
 from unrollc.analysis.liveness import analyze_step, grad_sources
 
@@ -27,6 +28,49 @@ from unrollc.analysis.memory import saved_bytes_per_step
 from unrollc.capture import NodeInfo
 from unrollc.runtime.schedules import Binomial, EveryK, NoCheckpoint, Sqrt
 from unrollc.runtime.unroll import state_bytes
+
+
+def _tiny(f, *examples):
+    gm = make_fx(f)(*(val for _, val in examples))
+    for node, (role, val) in zip(gm.graph.find_nodes(op="placeholder"), examples, strict=True):
+        node.meta["unrollc"], node.meta["val"] = NodeInfo(role, node.name), val
+    return gm
+
+
+def test_backward_working_set_of_tiny_graphs():
+    """What the backward allocates beyond the tape, counted by hand: the incoming gradient and the returned ones
+    are not counted (the schedule's working states are), the gradients in between are."""
+    w, x = ("param", torch.randn(5, 3)), ("batch", torch.randn(7, 3))
+    # sum's backward expands the incoming gradient (a view); relu's allocates 7x5 floats; mm's is returned
+    gm = _tiny(lambda w, x: torch.relu(x @ w.t()).sum(), w, x)
+    assert backward_working_bytes(gm, frozenset({"w_1"})) == 7 * 5 * 4
+    # mul's backward (7x5) is alive while tanh's (7x5) is computed
+    gm = _tiny(lambda w, x: (torch.tanh(x @ w.t()) * 2).sum(), w, x)
+    assert backward_working_bytes(gm, frozenset({"w_1"})) == 2 * 7 * 5 * 4
+    assert backward_working_bytes(gm, frozenset()) == 0  # nothing to differentiate
+
+
+def test_a_graph_that_cannot_run_on_meta_tensors_is_priced_at_one_taped_step():
+    def opaque(t):
+        return t * t.sum().item()  # a value read into Python: no meta tensor has one
+
+    gm = _tiny(lambda w, x: (torch.tanh(x @ w.t()) * 2).sum(), ("param", torch.randn(5, 3)), ("batch", torch.randn(7, 3)))
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    node.target, node.args = opaque, (node.args[0],)
+    gm.recompile()
+    assert backward_working_bytes(gm, frozenset({"w_1"})) is None
+    cost = CostModel.from_graph(gm)
+    assert cost.backward_estimated and cost.backward_bytes == cost.taped_step_bytes
+    assert "estimated as one taped step" in str(cost)
+
+
+@pytest.mark.parametrize("case, low, high", [("conv-batchnorm", 1.2, 3.0), ("lstm", 0.01, 0.3), ("mlp-sgd-momentum", 0.2, 2.0)])
+def test_a_steps_backward_is_measured_not_assumed_one_taped_step(case, low, high):
+    """The convolutions' double-backward needs more than the step saved; the LSTM's fused backward far less."""
+    stepper, state, make_batch = _warm(case, lr_requires_grad=True)
+    cost = CostModel.from_stepper(stepper, state, make_batch())
+    assert not cost.backward_estimated
+    assert low < cost.backward_bytes / cost.taped_step_bytes < high, (cost.backward_bytes, cost.taped_step_bytes)
 
 
 def mse(model, batch):
@@ -325,19 +369,21 @@ def test_state_bytes_count_a_shared_step_counter_once():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
-@pytest.mark.parametrize("schedule", ["binomial2", "every4", "budget7200000", "heavy:binomial2"])
+@pytest.mark.parametrize("schedule", ["binomial2", "every4", "budget7200000", "heavy:binomial2", "cnn:binomial2"])
 def test_predicted_peak_is_the_measured_peak_rss(schedule):
     """The prediction against peak RSS in a fresh process (DESIGN.md's malloc settings). Without the backward's
     working set, Binomial(2)'s prediction was half the measured peak, and a Budget unroll went 1.6x over; without
     the meta-gradients (grad_bytes), Budget(6_000_000) was planned as fitting and peaked at 6.29 MB. Where the
     carried state outweighs the activations ("heavy:"), a working set of two states fell short: Binomial(2) was
     predicted at 10.8 MB and peaked at 14.4 (the final state, the tape's output and revolve's recomputed input
-    were missing)."""
+    were missing). On a small CNN with BatchNorm ("cnn:"), whose step's backward needs 1.5 times what the step
+    saves, pricing that backward as one taped step fell short: Binomial(2) 13.1 MB predicted, 15.8 measured
+    (measured here: 0.91-0.99 on all five)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "peak_rss_worker.py"), schedule, "24"],
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout
     measured, predicted = map(int, out.split())
-    assert 0.8 <= measured / predicted <= 1.25, (measured, predicted)
-    if schedule.startswith("budget"):  # Binomial(slots=1): predicted 7.04 MB, measured 6.12 MB
+    assert 0.85 <= measured / predicted <= 1.1, (measured, predicted)
+    if schedule.startswith("budget"):  # Binomial(slots=1): predicted 6.73 MB, measured 6.23 MB
         assert measured <= int(schedule[len("budget"):]), measured

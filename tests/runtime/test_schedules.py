@@ -129,18 +129,20 @@ def candidate_plans(n: int) -> list[Plan]:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 30), state_bytes=st.integers(0, 50), step_bytes=st.integers(0, 50),
-       grad_bytes=st.integers(0, 50), budget=st.integers(1, 2000))
+       grad_bytes=st.integers(0, 50), backward_bytes=st.none() | st.integers(0, 80), budget=st.integers(1, 2000))
 def test_budget_picks_the_cheapest_fitting_plan(n: int, state_bytes: int, step_bytes: int, grad_bytes: int,
-                                                budget: int) -> None:
-    sizes = {"state_bytes": state_bytes, "step_bytes": step_bytes, "grad_bytes": grad_bytes}
-    fitting = [p for p in candidate_plans(n) if p.peak_bytes(state_bytes, step_bytes, grad_bytes) <= budget]
+                                                backward_bytes: int | None, budget: int) -> None:
+    sizes = {"state_bytes": state_bytes, "step_bytes": step_bytes, "grad_bytes": grad_bytes,
+             "backward_bytes": backward_bytes}
+    fitting = [p for p in candidate_plans(n)
+               if p.peak_bytes(state_bytes, step_bytes, grad_bytes, backward_bytes=backward_bytes) <= budget]
     if not fitting:
         with pytest.raises(ValueError, match="no checkpoint schedule"):
             Budget(budget).plan(n, **sizes)
         return
     plan = Budget(budget).plan(n, **sizes)
     assert plan.policy == Budget(budget)
-    assert plan.peak_bytes(state_bytes, step_bytes, grad_bytes) <= budget
+    assert plan.peak_bytes(state_bytes, step_bytes, grad_bytes, backward_bytes=backward_bytes) <= budget
     assert plan.evaluations == min(p.evaluations for p in fitting)
 
 
@@ -160,6 +162,12 @@ def test_budget_examples_and_errors() -> None:
     # of it free 2 slots (with checkpointing only)
     plan = Budget(30_000).plan(100, state_bytes=1000, step_bytes=5000, overlap_bytes=2000)
     assert plan.resolved == Binomial(slots=18) and plan.peak_bytes(1000, 5000, 0, 2000) == 30_000
+    # a step's backward measured at 1000 bytes beyond its tape, not estimated as one more taped step (5000):
+    # 4 more slots; the error names both
+    plan = Budget(30_000).plan(100, state_bytes=1000, step_bytes=5000, backward_bytes=1000)
+    assert plan.resolved == Binomial(slots=20) and plan.peak_bytes(1000, 5000, backward_bytes=1000) == 30_000
+    with pytest.raises(ValueError, match=r"step_bytes=5000, backward_bytes=1000 and grad_bytes=0; the smallest needs 11000"):
+        Budget(10_999).plan(100, state_bytes=1000, step_bytes=5000, backward_bytes=1000)
     with pytest.raises(ValueError, match=r"unrollc.Budget.plan: a memory budget is planned from the bytes .* unrollc.CostModel.from_stepper"):
         Budget(5999).plan(100)
 

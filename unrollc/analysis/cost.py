@@ -1,6 +1,7 @@
 """The cost model of a memory-bounded unroll: bytes and step evaluations of a checkpoint schedule, predicted.
 
-Three numbers describe a step, all from the step graph without running it (``unrollc.analysis.liveness``):
+Four numbers describe a step, all from the step graph without running it on data (``unrollc.analysis.liveness``,
+``unrollc.analysis.backward``):
 
 * ``state_bytes``: one carried state — the ``params', buffers', opt_state'`` the step returns (the state after a
   step, so a fresh optimizer's lazily created state is counted);
@@ -9,16 +10,19 @@ Three numbers describe a step, all from the step graph without running it (``unr
   unroll after its first step), plus the hyperparameters / batch / meta tensors that require grad;
 * ``step_saved_bytes``: the same with only the params (and inputs that require grad) as sources — what
   ``unrollc.analysis.memory.saved_bytes_per_step`` measures for a state;
+* ``backward_bytes``: what the backward of one taped step allocates beyond its tape, the gradients it computes
+  inside (``unrollc.analysis.backward``: the graph and its backward run on meta tensors; one taped step's bytes
+  where a graph cannot run there, listed as ``backward_estimated``);
 
 ``grad_bytes``: the meta-gradients the backward leaves, which accumulate while it runs: the ``.grad`` of the
 distinct leaf tensors that require grad (the initial weights, a learned ``lr``, meta inputs; from a stepper's
 actual inputs, or every parameter input for a bare graph); ``overlap_bytes``: what a taped step saves of its own
 input and output states (a weight ``mm`` saves, a momentum buffer a learned ``lr`` multiplies);
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
-``peak_bytes = (peak_states + W) * state_bytes + (peak_taped_steps + 1) * taped_step_bytes - overlap_bytes +
-grad_bytes`` (the stored states, the taped steps, the backward's working set of W states —
-``unrollc.runtime.schedules.working_states``: 2 without checkpointing, 3 for every-k, 4 for binomial — and one
-step, and the meta-gradients; without checkpointing the overlap is not subtracted; see
+``peak_bytes = (peak_states + W) * state_bytes + peak_taped_steps * taped_step_bytes + backward_bytes -
+overlap_bytes + grad_bytes`` (the stored states, the taped steps, the backward's working set of W states —
+``unrollc.runtime.schedules.working_states``: 2 without checkpointing, 3 for every-k, 4 for binomial — and of
+one step's backward, and the meta-gradients; without checkpointing the overlap is not subtracted; see
 ``unrollc.runtime.schedules.peak_bytes``) and
 ``flops = evaluations * flops_per_step`` (forward evaluations; the backward of the n taped steps is the same for
 every schedule and not included). ``CostModel.expressions(policy)`` gives the same as sympy expressions in ``n``.
@@ -38,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import InternalError
 from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
+from .backward import backward_working_bytes
 from .liveness import StepAnalysis, analyze_step
 
 if TYPE_CHECKING:
@@ -62,7 +67,7 @@ class Prediction:
     peak_bytes: int
     time_steps: int
     flops: int
-    working_bytes: int = 0  # the part of peak_bytes that is the backward's working set (states and one step)
+    working_bytes: int = 0  # the part of peak_bytes that is the backward's working set (states and one step's backward)
     grad_bytes: int = 0     # the part of peak_bytes that is the meta-gradients the backward leaves
 
 
@@ -85,6 +90,8 @@ class CostModel:
     analysis: StepAnalysis = field(repr=False)  # the per-node liveness analysis the figures come from
     grad_bytes: int = 0
     overlap_bytes: int = 0  # what a taped step saves of its own input and output states (see peak_bytes)
+    backward_bytes: int | None = None  # one taped step's backward beyond its tape; None: taped_step_bytes
+    backward_estimated: bool = False   # the graph could not run on meta tensors: backward_bytes is the estimate
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod
@@ -109,6 +116,7 @@ class CostModel:
         analysis = analyze_step(gm, requires_grad=params)
         taped_analysis = analyze_step(gm, requires_grad=taped)
         state_inputs = {n.name for n in placeholders if _role(n) in _STATE_ROLES}
+        backward = backward_working_bytes(gm, frozenset(taped))
         return cls(
             state_bytes=sum(analysis.output_bytes[:-1]),
             step_saved_bytes=analysis.saved_bytes,
@@ -117,6 +125,8 @@ class CostModel:
             analysis=taped_analysis,
             grad_bytes=sum(_nbytes(n) for n in placeholders if n.name in params),
             overlap_bytes=sum(st.nbytes for st in taped_analysis.saved if st.owner in state_inputs or st.returned),
+            backward_bytes=taped_analysis.saved_bytes if backward is None else backward,
+            backward_estimated=backward is None,
         )
 
     @classmethod
@@ -145,7 +155,7 @@ class CostModel:
         resolved with this model's bytes (``plan.resolved`` is the schedule it picks)."""
         policy = resolve_checkpoint(policy, api="unrollc.CostModel.plan")
         return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes, grad_bytes=self.grad_bytes,
-                           overlap_bytes=self.overlap_bytes)
+                           overlap_bytes=self.overlap_bytes, backward_bytes=self.backward_bytes)
 
     def predict(self, policy: CheckpointLike, n: int) -> Prediction:
         """Evaluations, stored states, taped steps, peak bytes and FLOPs of an n-step unroll under ``policy``."""
@@ -153,10 +163,11 @@ class CostModel:
         return Prediction(
             policy=plan.policy, resolved=plan.resolved, n=n, evaluations=plan.evaluations,
             peak_states=plan.peak_states, peak_taped_steps=plan.peak_taped_steps,
-            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes, self.grad_bytes, self.overlap_bytes),
+            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes, self.grad_bytes, self.overlap_bytes,
+                                       self.backward_bytes),
             time_steps=plan.evaluations, flops=plan.evaluations * self.flops_per_step,
             working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes, policy=plan.resolved,
-                                     overlap_bytes=self.overlap_bytes),
+                                     overlap_bytes=self.overlap_bytes, backward_bytes=self.backward_bytes),
             grad_bytes=self.grad_bytes,
         )
 
@@ -175,13 +186,16 @@ class CostModel:
             )
         c = policy.cost_expr()
         peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes, self.grad_bytes,
-                          policy=policy, overlap_bytes=self.overlap_bytes)
+                          policy=policy, overlap_bytes=self.overlap_bytes, backward_bytes=self.backward_bytes)
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
     def evaluate(self, policy: CheckpointLike, expr: sympy.Expr, n: int) -> int:
         """``expr`` (one of ``expressions(policy)``) at ``n``, as an int: ``int(expr.subs("n", n))``."""
         resolve_checkpoint(policy, api="unrollc.CostModel.evaluate")
         return int(sympy.sympify(expr).subs(N, n))
+
+    def _backward(self) -> int:
+        return self.taped_step_bytes if self.backward_bytes is None else self.backward_bytes
 
     # -------------------------------------------------------------------------------------------- report
     def __str__(self) -> str:
@@ -192,15 +206,17 @@ class CostModel:
             f"  saved for backward   {_fmt(self.taped_step_bytes)} per taped step "
             f"({_fmt(self.step_saved_bytes)} with only the params requiring grad)",
             f"  peak live            {_fmt(a.peak_live_bytes)} without grad, {_fmt(a.peak_live_bytes_taped)} taped",
+            f"  step backward        {_fmt(self._backward())} beyond the tape"
+            + (" (estimated as one taped step: the graph cannot run on meta tensors)" if self.backward_estimated else
+               " (the gradients computed inside one taped step's backward)"),
             f"  meta-gradients       {_fmt(self.grad_bytes)}  (.grad of the initial weights and of learned inputs)",
             f"  FLOPs                {self.flops_per_step:,} per step evaluation",
             "  largest saved: " + ", ".join(f"{s.owner} {_fmt(s.nbytes)}" for s in a.top_saved(3)),
         ]
         if a.fallback_ops:
             lines.append(f"  no meta kernel (assumed to save all inputs): {', '.join(a.fallback_ops)}")
-        lines.append("  schedules (n steps; bytes = (states + W) * state + (taped + 1) * step - overlap + "
-                     "meta-gradients, the W states (2 without checkpointing, 3 every-k, 4 binomial) and +1 step "
-                     "the backward's working set; "
+        lines.append("  schedules (n steps; bytes = (states + W) * state + taped * step + step backward - overlap + "
+                     "meta-gradients; W, the working states: 2 without checkpointing, 3 every-k, 4 binomial; "
                      f"overlap {_fmt(self.overlap_bytes)}, what a taped step saves of its input and output states, "
                      "is counted in W with checkpointing):")
         for policy in (None, "sqrt"):

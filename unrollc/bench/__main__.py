@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
-    "budget_mib": 0.5,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(2))
+    "budget_mib": 0.45,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(2))
     "one_process": True,
 }
 FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib", "one_process")

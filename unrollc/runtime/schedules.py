@@ -16,11 +16,12 @@ Conventions (the counts every plan reports, and every test checks against the ex
 * ``peak_taped_steps`` is the most steps whose autograd graph is alive at once.
 
 Predicted peak memory (``Plan.peak_bytes``, :func:`peak_bytes`) is
-``(peak_states + W) * state_bytes + (peak_taped_steps + 1) * step_bytes - overlap + grad_bytes``: the stored
-states and taped steps, plus the backward's working set: ``W`` states (:func:`working_states`: 2 without
+``(peak_states + W) * state_bytes + peak_taped_steps * step_bytes + backward_bytes - overlap + grad_bytes``: the
+stored states and taped steps, plus the backward's working set: ``W`` states (:func:`working_states`: 2 without
 checkpointing, 3 for ``EveryK``/``Sqrt``, 4 for ``Binomial`` — the gradients w.r.t. a taped step's output and
-input states, the unroll's final state, the tape's output and, for revolve, its recomputed input) and one step
-(the gradients a step's backward computes inside it, about what the step saved); minus what a checkpointed tape saves
+input states, the unroll's final state, the tape's output and, for revolve, its recomputed input) and what one
+step's backward allocates beyond its tape (``backward_bytes``, measured by ``unrollc.analysis.backward``; one
+more taped step when not given); minus what a checkpointed tape saves
 of its own input and output states, counted among the working states already; plus the meta-gradients the
 backward leaves (``grad_bytes``: the ``.grad`` of the initial weights and of learned hyperparameters or meta
 inputs). Only ``Budget`` reads the byte counts when planning; the other policies accept and ignore them.
@@ -163,33 +164,38 @@ class Plan:
         """The actions of the backward sweep, after ``Return()``."""
         return self.actions[self.actions.index(Return()) + 1:]
 
-    def peak_bytes(self, state_bytes: int, step_bytes: int, grad_bytes: int = 0, overlap_bytes: int = 0) -> int:
+    def peak_bytes(self, state_bytes: int, step_bytes: int, grad_bytes: int = 0, overlap_bytes: int = 0,
+                   backward_bytes: int | None = None) -> int:
         """Predicted peak memory: stored states, taped steps, the backward's working set and the meta-gradients
-        it produces (``grad_bytes``; ``overlap_bytes``: see :func:`peak_bytes`)."""
+        it produces (``grad_bytes``; ``overlap_bytes``, ``backward_bytes``: see :func:`peak_bytes`)."""
         return peak_bytes(self.peak_states, self.peak_taped_steps, state_bytes, step_bytes, grad_bytes,
-                          policy=self.resolved, overlap_bytes=overlap_bytes)
+                          policy=self.resolved, overlap_bytes=overlap_bytes, backward_bytes=backward_bytes)
 
 
 def peak_bytes(states: Any, taped_steps: Any, state_bytes: Any, step_bytes: Any, grad_bytes: Any = 0, *,
-               policy: "Policy | None" = None, overlap_bytes: Any = 0) -> Any:
+               policy: "Policy | None" = None, overlap_bytes: Any = 0, backward_bytes: Any = None) -> Any:
     """Predicted peak memory of an unroll under ``policy`` (a resolved schedule: ``NoCheckpoint()`` if None) that
     stores ``states`` states (the initial one included) and tapes ``taped_steps`` steps at most (numbers or sympy
     expressions)::
 
-        (states + working_states(policy)) * state_bytes + (taped_steps + 1) * step_bytes - overlap + grad_bytes
+        (states + working_states(policy)) * state_bytes + taped_steps * step_bytes + backward_bytes - overlap
+            + grad_bytes
 
     The working states (see :func:`working_states`) are the states alive besides the stored ones while a taped
-    step is backpropagated, the gradients w.r.t. its output and input states among them; the extra step the
-    gradients computed inside a step's backward (about what the step saved with SGD; less with Adam, whose saved
-    square roots and quotients need no gradient buffers of their own; up to 1.4 times it on a small CNN with
-    BatchNorm, where the prediction falls short); ``grad_bytes`` the meta-gradients the backward leaves (``.grad``
-    of the initial weights and of learned hyperparameters and meta inputs). A checkpointed tape's input and output
+    step is backpropagated, the gradients w.r.t. its output and input states among them; ``backward_bytes`` what
+    that step's backward allocates beyond its tape, the gradients it computes inside
+    (``unrollc.analysis.backward``: about a parameter's worth per layer with SGD on an MLP, 1.5 times the tape on a
+    small CNN with BatchNorm, a tenth of it on an LSTM); without it, one more taped step (``step_bytes``), the
+    estimate before it was measured. ``grad_bytes`` the meta-gradients the backward leaves (``.grad`` of the
+    initial weights and of learned hyperparameters and meta inputs). A checkpointed tape's input and output
     states are counted as working states, so the bytes a taped step saves of its own input and output states
     (``overlap_bytes``, e.g. a weight saved for ``mm``'s backward) are not counted twice; a plain autograd unroll
     keeps no state besides what its steps saved, so there they count."""
     policy = NoCheckpoint() if policy is None else policy
     overlap = 0 if isinstance(policy, NoCheckpoint) else overlap_bytes
-    return (states + working_states(policy)) * state_bytes + (taped_steps + 1) * step_bytes - overlap + grad_bytes
+    backward = step_bytes if backward_bytes is None else backward_bytes
+    return ((states + working_states(policy)) * state_bytes + taped_steps * step_bytes + backward - overlap
+            + grad_bytes)
 
 
 def working_states(policy: "Policy") -> int:
@@ -288,7 +294,7 @@ class NoCheckpoint:
     """Keep the graph of every step (a plain autograd loop): n evaluations, n taped steps."""
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
-             overlap_bytes: int = 0) -> Plan:
+             overlap_bytes: int = 0, backward_bytes: int | None = None) -> Plan:
         """One tape of all n steps (the caller normally runs this as a plain autograd loop)."""
         n = _check_n("NoCheckpoint", n)
         return _build_plan(self, self, n, [Store(0), Tape(0, n), Return(), Backprop(0, n)])
@@ -310,7 +316,7 @@ class EveryK:
         object.__setattr__(self, "k", _require_int("unrollc.EveryK", "k", self.k, 1, "a segment length"))  # numpy ints too
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
-             overlap_bytes: int = 0) -> Plan:
+             overlap_bytes: int = 0, backward_bytes: int | None = None) -> Plan:
         """Segments of k steps: forward sweep storing segment starts, then one taped segment at a time."""
         n = _check_n("EveryK", n)
         return _build_plan(self, self, n, _segments_actions(n, self.k))
@@ -330,7 +336,7 @@ class Sqrt:
     """``EveryK(ceil(sqrt(n)))``: about sqrt(n) stored states and sqrt(n) taped steps, about 2n evaluations."""
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
-             overlap_bytes: int = 0) -> Plan:
+             overlap_bytes: int = 0, backward_bytes: int | None = None) -> Plan:
         """The plan of ``EveryK(ceil(sqrt(n)))`` (``plan.resolved`` says which k)."""
         n = _check_n("Sqrt", n)
         resolved = EveryK(math.isqrt(n - 1) + 1)   # ceil(sqrt(n)), exactly
@@ -429,7 +435,7 @@ class Binomial:
         return self.slots if self.slots is not None else max(2, (n - 1).bit_length())
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None, grad_bytes: int = 0,
-             overlap_bytes: int = 0) -> Plan:
+             overlap_bytes: int = 0, backward_bytes: int | None = None) -> Plan:
         """The revolve schedule: ``evaluations == n + binomial_extra_steps(n, slots)``, ``peak_states <= slots``."""
         n = _check_n("Binomial", n)
         s = self.slots_for(n)
@@ -460,10 +466,11 @@ class Budget:
         object.__setattr__(self, "bytes", _require_int("unrollc.Budget", "bytes", value, 1, "a number of bytes"))
 
     def plan(self, n: int, *, state_bytes: int | None = None, step_bytes: int | None = None,
-             grad_bytes: int = 0, overlap_bytes: int = 0) -> Plan:
+             grad_bytes: int = 0, overlap_bytes: int = 0, backward_bytes: int | None = None) -> Plan:
         """Choose a schedule from closed-form costs, then build its plan (``grad_bytes``: the meta-gradients the
         backward leaves, the same for every schedule; ``overlap_bytes``: what a taped step saves of its own input
-        and output states, see :func:`peak_bytes`; :class:`unrollc.CostModel` passes both)."""
+        and output states; ``backward_bytes``: what one step's backward allocates beyond its tape, ``step_bytes``
+        if not given; see :func:`peak_bytes`; :class:`unrollc.CostModel` passes all three)."""
         n = _check_n("Budget", n)
         if state_bytes is None or step_bytes is None:
             raise ValueError(
@@ -474,12 +481,13 @@ class Budget:
                 f"stepper.unroll(state, batches, checkpoint={self!r}) plan it."
             )
         for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes), ("grad_bytes", grad_bytes),
-                            ("overlap_bytes", overlap_bytes)):
-            _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
+                            ("overlap_bytes", overlap_bytes), ("backward_bytes", backward_bytes)):
+            if value is not None or name != "backward_bytes":
+                _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
         S, B, G, O = state_bytes, step_bytes, grad_bytes, overlap_bytes
 
         def fits(states: int, taped: int, policy: Policy) -> int:
-            return peak_bytes(states, taped, S, B, G, policy=policy, overlap_bytes=O)
+            return peak_bytes(states, taped, S, B, G, policy=policy, overlap_bytes=O, backward_bytes=backward_bytes)
 
         # (evaluations, bytes, policy) for every candidate, from the closed forms the plans are tested against;
         # among Binomial(s), the largest s that fits is the cheapest.
@@ -495,9 +503,10 @@ class Budget:
             need = min(c[1] for c in candidates)
             raise ValueError(
                 f"unrollc.Budget: no checkpoint schedule for n={n} steps fits in {self.bytes} bytes with "
-                f"state_bytes={S}, step_bytes={B} and grad_bytes={G}; the smallest needs {need} bytes (one stored "
-                f"state and one taped step, the backward's working set of states and one step, and the "
-                f"meta-gradients); use Budget({need}) or more."
+                f"state_bytes={S}, step_bytes={B}, backward_bytes={B if backward_bytes is None else backward_bytes} "
+                f"and grad_bytes={G}; the smallest needs {need} bytes (one stored state and one taped step, the "
+                f"backward's working set of states and what one step's backward allocates, and the meta-gradients); "
+                f"use Budget({need}) or more."
             )
         _, _, chosen = min(fitting, key=lambda c: (c[0], c[1]))
         return dataclasses.replace(chosen.plan(n), policy=self)

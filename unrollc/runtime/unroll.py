@@ -97,7 +97,9 @@ def plan_unroll(
         # What a taped step saves of its own states: the least of the graphs' (a larger prediction, never a smaller).
         kwargs = {"state_bytes": max(final), "step_bytes": max(c.taped_step_bytes for c in costs),
                   "grad_bytes": grad_leaf_bytes(state, batches, meta),
-                  "overlap_bytes": min(c.overlap_bytes for c in costs)}
+                  "overlap_bytes": min(c.overlap_bytes for c in costs),
+                  "backward_bytes": max(c.taped_step_bytes if c.backward_bytes is None else c.backward_bytes
+                                        for c in costs)}
     return policy.plan(len(batches), **kwargs)
 
 
