@@ -1,6 +1,7 @@
 """The public API is small, explicit and documented."""
 
 import inspect
+import re
 import warnings
 
 import pytest
@@ -394,3 +395,84 @@ def test_a_loader_that_refills_its_tensors_is_read_per_step_or_refused(checkpoin
     for entries, said in ((4, "4 entries for more than 4 batches"), (6, "6 entries for 5 batches")):
         with pytest.raises(ValueError, match=said):
             stepper.unroll(stepper.init(), iter(batches), hyper=[{}] * entries)
+
+
+@pytest.mark.parametrize("draw", ["random", "numpy"])
+def test_python_or_numpy_randomness_in_the_step_is_warned_about(draw):
+    """A draw from Python's ``random`` or numpy's global generator runs once, while the step is traced, and every
+    step replays it (mixup's ``np.random.beta``): silently baked in, it made training differ from eager (found in
+    review). torch's random ops draw every step and are not warned about."""
+    import random
+
+    np = pytest.importorskip("numpy")
+    model = nn.Linear(4, 2)
+    batches = [(torch.randn(6, 4), torch.randn(6, 2)) for _ in range(3)]
+
+    def mixup(m, b, lam):
+        x, y = b
+        perm = torch.randperm(x.shape[0])
+        return ((m(lam * x + (1 - lam) * x[perm]) - (lam * y + (1 - lam) * y[perm])) ** 2).mean()
+
+    baked = {"random": lambda: random.betavariate(0.4, 0.4), "numpy": lambda: float(np.random.beta(0.4, 0.4))}[draw]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: mixup(m, b, baked()))
+    name = {"random": "Python's `random`", "numpy": "numpy's global generator"}[draw]
+    with pytest.warns(UserWarning, match=f"drew from {re.escape(name)}.*Draw with torch instead") as record:
+        stepper.unroll(stepper.init(), batches)
+    assert record[0].filename == __file__  # points at the user's line
+    def beta():  # Beta(0.4, 0.4) from Gamma draws; Beta's own sampler is refused, with this fix
+        x, y = (torch.distributions.Gamma(torch.tensor(0.4), torch.tensor(1.0), validate_args=False).sample()
+                for _ in range(2))
+        return x / (x + y)
+
+    torched = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: mixup(m, b, beta()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torched.unroll(torched.init(), batches)
+    refused = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, b: mixup(m, b, torch.distributions.Beta(0.4, 0.4, validate_args=False).sample()))
+    with pytest.raises(unrollc.CaptureError, match=r"Dirichlet's, which Beta samples through.* x / \(x \+ y\)"):
+        refused.step(refused.init(), batches[0])
+
+
+def test_distributions_and_packed_sequences_are_refused_with_their_fixes():
+    """Both read values into Python inside torch: the generic "compute it with torch.where" could not be applied
+    there (found in review). The messages name the cause and a fix the user can apply."""
+    from oracles import eager_trajectory
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Vae(nn.Module):
+        def __init__(self, validate):
+            super().__init__()
+            self.enc, self.validate = nn.Linear(4, 4), validate
+
+        def forward(self, x):
+            mu, raw = self.enc(x).chunk(2, dim=1)
+            scale = nn.functional.softplus(raw) + 1e-3
+            return torch.distributions.Normal(mu, scale, validate_args=self.validate).rsample()
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 5, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(pack_padded_sequence(x, [4, 2, 3], batch_first=True, enforce_sorted=False))[1][-1]
+
+    def loss(m, b):
+        return m(b).pow(2).mean()
+
+    model = Vae(None)
+    vae = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss)
+    with pytest.raises(unrollc.CaptureError, match=r"torch.distributions checks its arguments .* validate_args=False"):
+        vae.step(vae.init(), torch.randn(5, 4))
+    model = Vae(False)
+    fine = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss)
+    torch.manual_seed(0)
+    ours = fine.step(fine.init(), torch.randn(5, 4)).params["enc.weight"]
+    torch.manual_seed(0)
+    ref = eager_trajectory(model, torch.optim.SGD(model.parameters(), lr=0.1), loss, [torch.randn(5, 4)])[-1][0]
+    assert torch.equal(ours, ref["enc.weight"])  # the draw is traced: eager's under the same seed
+    model = Packed()
+    packed = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss)
+    with pytest.raises(unrollc.CaptureError, match=r"an RNN over a PackedSequence .* run the RNN on the padded batch"):
+        packed.step(packed.init(), torch.randn(3, 4, 3))

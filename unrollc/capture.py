@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import random
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,7 +32,7 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .errors import CaptureError
+from .errors import CaptureError, user_stacklevel
 from .guards import Guard, ScalarTracker
 from .optimizer_spec import OptimizerSpec, option_key, own_attributes
 from .reparam import reparametrized
@@ -270,7 +273,7 @@ class ShadowOptimizer:
         """``make_fx(fn)(*inputs)``; a failure becomes a :class:`CaptureError` naming the user's (or the
         optimizer's) line, with torch's own exception on ``.trace_failure``."""
         try:
-            with _saved_tensors_hooks_suspended():
+            with _saved_tensors_hooks_suspended(), _warn_if_python_randomness_drawn(self.api):
                 with TracedFunctions(self.inputs):
                     return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
         except CaptureError:
@@ -285,6 +288,35 @@ class ShadowOptimizer:
         finally:
             for p in self.params.values():
                 p.grad = None
+
+
+@contextlib.contextmanager
+def _warn_if_python_randomness_drawn(api: str) -> Iterator[None]:
+    """Warn when tracing drew from Python's ``random`` or numpy's global generator (mixup's ``np.random.beta``,
+    ``if random.random() < p`` augmentation): the value drawn while tracing becomes a constant of the step graph,
+    replayed by every step, where eager training draws anew each step (found in review). torch's random ops are
+    traced as ops and draw every step. Generators the user holds (``np.random.default_rng()``) are not seen."""
+    numpy = sys.modules.get("numpy")  # only if the user's code imported it
+    before = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    yield
+    drawn = [name for name, changed in (
+        ("Python's `random`", random.getstate() != before[0]),
+        ("numpy's global generator (`np.random`)", numpy is not None and _numpy_state_changed(numpy, before[1])),
+    ) if changed]
+    if drawn:
+        warnings.warn(
+            f"{api}: tracing the training step drew from {' and '.join(drawn)}. Such a draw runs once, while the "
+            "step is traced; its value is a constant of the step graph that every step replays, where eager training "
+            "draws anew each step. Draw with torch instead (`torch.rand(())`, "
+            "`torch.distributions.Beta(a, b).sample()`, `torch.randperm`), which every step draws as eager "
+            "PyTorch does under the same seed.",
+            UserWarning, stacklevel=user_stacklevel(),
+        )
+
+
+def _numpy_state_changed(numpy: Any, before: tuple) -> bool:
+    after = numpy.random.get_state()  # ("MT19937", keys, pos, has_gauss, cached_gaussian)
+    return not (after[0] == before[0] and numpy.array_equal(after[1], before[1]) and after[2:] == before[2:])
 
 
 def _python_values(opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -81,6 +81,21 @@ class CaptureError(RuntimeError):
                 "step, which cannot be part of one step graph; give it a fixed momentum (e.g. momentum=0.1), or "
                 "unroll with the model in eval() mode"
             )
+        elif data_dependent and _frame_in(frames, "distributions") is not None:
+            hint = (
+                "torch.distributions checks its arguments with a Python `if` on their values (validate_args, on by "
+                "default), which cannot be part of one step graph; pass validate_args=False to the distribution, or "
+                "call torch.distributions.Distribution.set_default_validate_args(False) once (sampling and log_prob "
+                "are traced and draw every step)"
+            )
+        elif data_dependent and inner is not None and inner.filename.endswith(os.path.join("modules", "rnn.py")):
+            hint = (
+                "an RNN over a PackedSequence (pack_padded_sequence) reads the sequence lengths (its batch_sizes) "
+                "into Python, which cannot "
+                "be part of one step graph; run the RNN on the padded batch and mask instead (e.g. take each "
+                "sequence's last valid output with out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, "
+                "out.shape[2])), and mask padded positions out of the loss)"
+            )
         elif data_dependent:
             hint = _data_dependent_hint((where.line or "") if where else "")
         elif "inside of a function being transformed by a functorch transform" in text:
@@ -99,6 +114,13 @@ class CaptureError(RuntimeError):
                 "tensor instead of changing the batch (x = x * 2, or x = x.clone() first); put a module passed as a "
                 "meta argument in eval() mode (or build its BatchNorm with track_running_stats=False); register a "
                 "tensor the model updates as a buffer (module.register_buffer)"
+            )
+        elif "setup_context" in text and _frame_in(frames, "distributions") is not None:
+            hint = (
+                "this torch.distributions sampler is an autograd.Function without setup_context (Dirichlet's, which "
+                "Beta samples through), which the step's torch.func gradient cannot trace; sample from Gamma instead: "
+                "Beta(a, b) is x / (x + y) for x ~ Gamma(a, 1), y ~ Gamma(b, 1), and Dirichlet(c) is g / g.sum(-1) "
+                "for g ~ Gamma(c, 1)"
             )
         elif "setup_context" in text:
             hint = (
@@ -152,6 +174,12 @@ def _nn_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | 
         if frame.filename.startswith(nn_dir) and not frame.filename.endswith(os.path.join("modules", "module.py")):
             return frame
     return None
+
+
+def _frame_in(frames: list[traceback.FrameSummary], package: str) -> traceback.FrameSummary | None:
+    """The innermost frame in ``torch.<package>``'s code."""
+    directory = os.path.join(_TORCH_DIR, package) + os.sep
+    return next((frame for frame in reversed(frames) if frame.filename.startswith(directory)), None)
 
 
 def _optimizer_frame(frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
