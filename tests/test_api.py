@@ -476,3 +476,39 @@ def test_distributions_and_packed_sequences_are_refused_with_their_fixes():
     packed = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss)
     with pytest.raises(unrollc.CaptureError, match=r"an RNN over a PackedSequence .* run the RNN on the padded batch"):
         packed.step(packed.init(), torch.randn(3, 4, 3))
+
+
+def test_a_batch_that_hides_its_tensors_in_an_object_is_refused_with_the_fix():
+    """A dataclass batch failed with a bare ``TypeError: unhashable type``; another object holding tensors was
+    traced anew every step with its tensors as constants, which no gradient reaches (found in review). Registered
+    as a pytree node, a dataclass batch is flattened like a tuple: one graph, gradients to its tensors."""
+    import dataclasses
+
+    from torch.utils._pytree import register_dataclass
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    class Holder:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    model = nn.Linear(4, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, b: ((m(b.x) - b.y) ** 2).mean())
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    with pytest.raises(TypeError, match=r"the batch holds an instance of .*Batch.*register_dataclass\(.*Batch\)"):
+        stepper.step(stepper.init(), Batch(x, y))
+    with pytest.raises(TypeError, match=r"the batch holds an instance of .*Holder.*register_pytree_node\(.*Holder"):
+        stepper.step(stepper.init(), Holder(x, y))
+    register_dataclass(Batch)
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    final = stepper.unroll(stepper.init(), [Batch(xi, y) for xi in xs], checkpoint="sqrt")
+    tuples = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    ref = tuples.unroll(tuples.init(), [(xi, y) for xi in xs])
+    grads = torch.autograd.grad(final.params["weight"].sum(), xs)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(ref.params["weight"].sum(), xs)))
+    assert all(g.abs().sum() > 0 for g in grads)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
@@ -56,6 +58,35 @@ class CompiledStep:
     graphs: dict[str, fx.GraphModule]
     raw: Captured | None = None
 
+
+
+def _check_opaque_leaves(leaves: list[Any], where: str) -> None:
+    """Refuse a leaf of the batch or the meta arguments that hides tensors from the step graph: unrollc reads
+    them as pytrees, so the tensors inside a dataclass or another object would be constants baked into the graph
+    (no gradient reaches them; every new object traced a new graph), and an unhashable one failed with a bare
+    TypeError (found in review)."""
+    for leaf in leaves:
+        if isinstance(leaf, (torch.Tensor, numbers.Number, str, bytes, type(None), torch.dtype, torch.device)):
+            continue
+        name = type(leaf).__qualname__
+        fields = vars(leaf) if hasattr(leaf, "__dict__") else {}
+        if dataclasses.is_dataclass(leaf) or any(isinstance(v, torch.Tensor) for v in fields.values()):
+            fix = (f"torch.utils._pytree.register_dataclass({name}) once" if dataclasses.is_dataclass(leaf) else
+                   f"torch.utils._pytree.register_pytree_node({name}, flatten, unflatten) once")
+            raise TypeError(
+                f"Stepper: {where} holds an instance of {name}; unrollc reads batches and meta arguments as pytrees of tensors "
+                f"(tuples, lists, dicts, namedtuples) and cannot see the tensors inside it: they would be "
+                "constants of the step graph, which no gradient reaches and which every new object traces anew. "
+                f"Pass its tensors as a tuple or dict, or register the class with {fix}."
+            )
+        try:
+            hash(leaf)
+        except TypeError:
+            raise TypeError(
+                f"Stepper: {where} holds an instance of {name}, which is not a tensor, a number, a string or a pytree "
+                "(tuple, list, dict, namedtuple), and is not hashable: unrollc keys its step graphs on such values. "
+                "Pass tensors in a tuple or dict, or register the class with torch.utils._pytree.register_pytree_node."
+            ) from None
 
 class Stepper:
     """A differentiable training step for ``model``, ``opt`` and ``loss_fn``; build it with
@@ -429,6 +460,8 @@ class Stepper:
         h = tuple((k, input_layout(v) if not isinstance(v, tuple) else tuple(map(input_layout, v))) for g in groups for k, v in sorted(g.items()))
         batch_leaves, batch_spec = tree_flatten(batch)
         meta_leaves, meta_spec = tree_flatten(tuple(meta))
+        _check_opaque_leaves(batch_leaves, "the batch")
+        _check_opaque_leaves(meta_leaves, "a meta argument")
         modes = self._modes()
         return (p, b, s, h, batch_spec, tuple(map(input_layout, batch_leaves)), meta_spec, tuple(map(input_layout, meta_leaves)), modes)
 
