@@ -289,6 +289,20 @@ def _convert(tensor: torch.Tensor, kind: str) -> Any:
     return tensor.item()
 
 
+def _widened(first: Any, other: Any, index: int | None = None) -> Any:
+    """``other`` in the dtype ATen computes ``first + alpha * other`` in, when that is wider than its own (a bfloat16
+    update added to a float32 parameter): multiplied by a 0-dim ``alpha`` tensor in its own dtype, it would be
+    rounded to that dtype first."""
+    if index is not None and isinstance(first, (list, tuple)):
+        first = first[index]
+    if not (isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor)):
+        return other
+    if not (first.is_floating_point() and other.is_floating_point()):
+        return other
+    wide = torch.promote_types(first.dtype, other.dtype)
+    return other.to(wide) if wide != other.dtype else other
+
+
 # Per-tensor ops whose scalar argument a foreach overload takes positionally: (position, keyword).
 _POSITIONAL_SCALAR = {"add": (2, "alpha"), "sub": (2, "alpha"), "addcmul": (3, "value"), "addcdiv": (3, "value")}
 
@@ -517,9 +531,9 @@ class ScalarTracker(TorchFunctionMode):
             del kwargs[kw]
             other = args[1]
             if isinstance(other, (list, tuple)):
-                scaled = [o * scale for o in other]
+                scaled = [_widened(args[0], o, i) * scale for i, o in enumerate(other)]
             else:
-                scaled = other * scale
+                scaled = _widened(args[0], other) * scale
             args = (args[0], scaled, *args[2:])
         return func, args, kwargs
 
@@ -534,11 +548,15 @@ class ScalarTracker(TorchFunctionMode):
         if len(args) != 2 or set(kwargs) != {"alpha"} or not all(isinstance(t, torch.Tensor) for t in args):
             return None
         a, b = args
-        if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dim() == 0 for t in (a, b)):
+        if any(t.device.type != "cpu" or t.dim() == 0 or not t.is_floating_point() for t in (a, b)):
+            return None
+        if a.dtype not in (torch.float32, torch.float64) or torch.promote_types(a.dtype, b.dtype) != a.dtype:
             return None
         inplace = _is_inplace(func)
         fused = torch.Tensor.addcmul_ if inplace else torch.addcmul
-        return fused, (a, b, -scale if name == "sub" else scale), {}
+        # A lower-precision b (Muon's bfloat16 Newton-Schulz update) is widened exactly first, as ATen's add does
+        # before it scales: ``b * h`` in b's dtype rounded the update to 8 bits (found in review).
+        return fused, (a, b.to(a.dtype), -scale if name == "sub" else scale), {}
 
     def _track(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         flat, _ = tree_flatten((args, kwargs))
