@@ -512,3 +512,37 @@ def test_a_batch_that_hides_its_tensors_in_an_object_is_refused_with_the_fix():
     grads = torch.autograd.grad(final.params["weight"].sum(), xs)
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(ref.params["weight"].sum(), xs)))
     assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_lazy_modules_sparse_embeddings_and_activation_checkpointing_are_refused_with_their_fixes():
+    """Each failed deep inside torch: a bare RuntimeError from a lazy module's uninitialised weight at the first
+    step, a dispatcher dump for a sparse gradient, "please open an issue" for torch.utils.checkpoint (found in
+    review). Each is refused naming the cause and the fix, and the fix works."""
+    import torch.utils.checkpoint as activation
+
+    def loss(m, b):
+        return m(b).float().pow(2).mean()
+
+    lazy = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is not initialized yet .*\(model\(x\)\)"):
+        unrollc.compile(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), loss)
+    lazy(torch.randn(2, 5))
+    stepper = unrollc.compile(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), loss)
+    stepper.step(stepper.init(), torch.randn(2, 5))
+
+    sparse = nn.Embedding(7, 3, sparse=True)
+    with pytest.raises(ValueError, match=r"model\. is Embedding\(sparse=True\).*sparse=False"):
+        unrollc.compile(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1), loss)
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(5, 5), nn.Tanh())
+
+        def forward(self, x):
+            return activation.checkpoint(self.block, x, use_reentrant=False)
+
+    model = Checkpointed()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss)
+    with pytest.raises(unrollc.CaptureError, match=r"activation checkpointing .* remove it from the forward.*checkpoint="):
+        stepper.step(stepper.init(), torch.randn(2, 5))

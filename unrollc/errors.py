@@ -115,6 +115,13 @@ class CaptureError(RuntimeError):
                 "meta argument in eval() mode (or build its BatchNorm with track_running_stats=False); register a "
                 "tensor the model updates as a buffer (module.register_buffer)"
             )
+        elif "saved tensor hooks" in text:
+            hint = (
+                "activation checkpointing in the step (torch.utils.checkpoint.checkpoint, non-reentrant) works with "
+                "saved-tensor hooks, which the step's torch.func gradient does not support; remove it from the forward: "
+                "the unroll's own checkpoint= schedules (\"sqrt\", \"binomial\", unrollc.Budget) bound the memory of "
+                "long unrolls, and recompute whole steps instead"
+            )
         elif "setup_context" in text and _frame_in(frames, "distributions") is not None:
             hint = (
                 "this torch.distributions sampler is an autograd.Function without setup_context (Dirichlet's, which "

@@ -60,6 +60,26 @@ class CompiledStep:
 
 
 
+def _check_model(model: nn.Module) -> None:
+    """Refuse, at compile time and with the fix, what a step graph cannot hold (found in review, where they failed
+    later or deep inside torch): a lazy module's parameters before its first forward, and embeddings with sparse
+    gradients."""
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"unrollc.compile: parameter {name!r} is not initialized yet (a lazy module such as nn.LazyLinear "
+                "creates its weights in its first forward). Run the model once on an example batch before "
+                "compiling it (model(x)), which gives every parameter its shape."
+            )
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+            raise ValueError(
+                f"unrollc.compile: model.{name} is {type(m).__name__}(sparse=True): its gradient is a sparse tensor, "
+                "and a step graph carries dense tensors only. Build it with sparse=False (the same values and the "
+                "same updates for SGD, with a dense gradient)."
+            )
+
+
 def _check_opaque_leaves(leaves: list[Any], where: str) -> None:
     """Refuse a leaf of the batch or the meta arguments that hides tensors from the step graph: unrollc reads
     them as pytrees, so the tensors inside a dataclass or another object would be constants baked into the graph
@@ -117,6 +137,7 @@ class Stepper:
                 "unrollc.compile: expected `grad_callback(grads, *meta) -> grads`, a function of the dict of gradients "
                 f"by parameter name (e.g. unrollc.clip_grad_norm(1.0)), or None; got {type(grad_callback).__name__}."
             )
+        _check_model(model)
         self.model = model
         self.loss_fn = loss_fn
         self.grad_callback = grad_callback
