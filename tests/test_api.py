@@ -546,3 +546,21 @@ def test_lazy_modules_sparse_embeddings_and_activation_checkpointing_are_refused
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss)
     with pytest.raises(unrollc.CaptureError, match=r"activation checkpointing .* remove it from the forward.*checkpoint="):
         stepper.step(stepper.init(), torch.randn(2, 5))
+
+
+def test_a_refused_step_leaves_a_meta_modules_buffers_as_they_were():
+    """Tracing runs the loss for real: a learned loss module with BatchNorm in train mode had its running
+    statistics advanced by the step that was then refused (found in review); a retry after the fix started from
+    them."""
+    model = nn.Linear(4, 2)
+    loss_net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Softplus(), nn.Linear(3, 1))
+    before = {k: v.clone() for k, v in loss_net.state_dict().items()}
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, b, net: net((m(b[0]) - b[1]).pow(2)).mean())
+    batch = (torch.randn(5, 4), torch.randn(5, 2))
+    with pytest.raises(unrollc.CaptureError, match="eval"):
+        stepper.step(stepper.init(), batch, loss_net)
+    assert all(torch.equal(v, before[k]) for k, v in loss_net.state_dict().items())
+    loss_net.eval()  # the fix the message gives
+    stepper.step(stepper.init(), batch, loss_net)
+    assert all(torch.equal(v, before[k]) for k, v in loss_net.state_dict().items())

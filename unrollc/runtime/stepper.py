@@ -60,6 +60,26 @@ class CompiledStep:
 
 
 
+@contextlib.contextmanager
+def _meta_buffers_restored_on_failure(meta: tuple) -> Iterator[None]:
+    """Tracing runs the loss for real: a module passed as a meta argument with BatchNorm in train mode updates
+    its running statistics in place before the capture refuses that write. Put them back, so that the refused
+    step leaves the user's module as it was and a retry after the fix starts from the same statistics (found
+    in review)."""
+    from .meta import ModuleArg
+
+    modules = [leaf.module for leaf in tree_flatten(meta, is_leaf=lambda x: isinstance(x, ModuleArg))[0]
+               if isinstance(leaf, ModuleArg)]
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        raise
+
+
 def _check_model(model: nn.Module) -> None:
     """Refuse, at compile time and with the fix, what a step graph cannot hold (found in review, where they failed
     later or deep inside torch): a lazy module's parameters before its first forward, and embeddings with sparse
@@ -518,7 +538,8 @@ class Stepper:
             before = python_values(self.model, self.loss_fn, self.grad_callback)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
                 with training_modes(self.model, self._pinned_modes), restored_attributes(self.model) as written:
-                    compiled = self._capture(state, groups, batch, meta)
+                    with _meta_buffers_restored_on_failure(meta):
+                        compiled = self._capture(state, groups, batch, meta)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
             after = python_values(self.model, self.loss_fn, self.grad_callback)
