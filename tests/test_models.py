@@ -434,7 +434,7 @@ def test_rrelu_in_training_has_eager_autograds_meta_gradient(checkpoint, float64
     names = [n for n, _ in model.named_parameters()]
 
     def eager_forward(params, x):
-        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, params))):
+        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, params, strict=True))):
             return model(x)
 
     def eager_meta_loss(lr_value):

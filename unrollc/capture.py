@@ -295,28 +295,43 @@ def _warn_if_python_randomness_drawn(api: str) -> Iterator[None]:
     """Warn when tracing drew from Python's ``random`` or numpy's global generator (mixup's ``np.random.beta``,
     ``if random.random() < p`` augmentation): the value drawn while tracing becomes a constant of the step graph,
     replayed by every step, where eager training draws anew each step (found in review). torch's random ops are
-    traced as ops and draw every step. Generators the user holds (``np.random.default_rng()``) are not seen."""
-    numpy = sys.modules.get("numpy")  # only if the user's code imported it
-    before = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    traced as ops and draw every step. Generators the user holds (``np.random.default_rng()``) are not seen. A
+    diagnostic only: a state it cannot read is skipped, never a failed capture."""
+    before = _generator_states()
     yield
-    drawn = [name for name, changed in (
-        ("Python's `random`", random.getstate() != before[0]),
-        ("numpy's global generator (`np.random`)", numpy is not None and _numpy_state_changed(numpy, before[1])),
-    ) if changed]
+    after = _generator_states()
+    drawn = [name for name, state in before.items() if name in after and not _same_state(state, after[name])]
     if drawn:
         warnings.warn(
             f"{api}: tracing the training step drew from {' and '.join(drawn)}. Such a draw runs once, while the "
             "step is traced; its value is a constant of the step graph that every step replays, where eager training "
             "draws anew each step. Draw with torch instead (`torch.rand(())`, "
-            "`torch.distributions.Beta(a, b).sample()`, `torch.randperm`), which every step draws as eager "
+            "`torch.distributions.Gamma(a, 1.0).sample()`, `torch.randperm`), which every step draws as eager "
             "PyTorch does under the same seed.",
             UserWarning, stacklevel=user_stacklevel(),
         )
 
 
-def _numpy_state_changed(numpy: Any, before: tuple) -> bool:
-    after = numpy.random.get_state()  # ("MT19937", keys, pos, has_gauss, cached_gaussian)
-    return not (after[0] == before[0] and numpy.array_equal(after[1], before[1]) and after[2:] == before[2:])
+def _generator_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"Python's `random`": random.getstate()}
+    numpy = sys.modules.get("numpy")  # only if the user's code imported it
+    if numpy is not None:
+        try:  # legacy=False: a dict for any bit generator (set_bit_generator(PCG64(...)) included)
+            states["numpy's global generator (`np.random`)"] = numpy.random.get_state(legacy=False)
+        except Exception:  # noqa: BLE001 - an old or unusual numpy: no check
+            pass
+    return states
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """Equality of generator states: nested dicts, tuples and numpy arrays."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    if hasattr(a, "shape") and hasattr(b, "shape"):  # numpy arrays
+        return a.shape == b.shape and bool((a == b).all())
+    return bool(a == b)
 
 
 def _python_values(opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -83,8 +83,9 @@ class CaptureError(RuntimeError):
             )
         elif data_dependent and _frame_in(frames, "distributions") is not None:
             hint = (
-                "torch.distributions checks its arguments with a Python `if` on their values (validate_args, on by "
-                "default), which cannot be part of one step graph; pass validate_args=False to the distribution, or "
+                "torch.distributions read a value into Python, most likely its argument checks (validate_args, on by "
+                "default: a Python `if` on the values), which cannot be part of one step graph; pass "
+                "validate_args=False to the distribution, or "
                 "call torch.distributions.Distribution.set_default_validate_args(False) once (sampling and log_prob "
                 "are traced and draw every step)"
             )
@@ -117,8 +118,9 @@ class CaptureError(RuntimeError):
             )
         elif "saved tensor hooks" in text:
             hint = (
-                "activation checkpointing in the step (torch.utils.checkpoint.checkpoint, non-reentrant) works with "
-                "saved-tensor hooks, which the step's torch.func gradient does not support; remove it from the forward: "
+                "a saved-tensor hook ran in the step, which the step's torch.func gradient does not support: "
+                "activation checkpointing (torch.utils.checkpoint.checkpoint, non-reentrant), "
+                "torch.autograd.graph.save_on_cpu or a hook of your own; remove it from the forward and loss_fn: "
                 "the unroll's own checkpoint= schedules (\"sqrt\", \"binomial\", unrollc.Budget) bound the memory of "
                 "long unrolls, and recompute whole steps instead"
             )

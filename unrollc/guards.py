@@ -299,7 +299,7 @@ def _widened(first: Any, other: Any, index: int | None = None) -> Any:
         return other
     if not (first.is_floating_point() and other.is_floating_point()):
         return other
-    wide = torch.promote_types(first.dtype, other.dtype)
+    wide = torch.result_type(first, other)  # a 0-dim first does not widen a dimensioned other, as in ATen
     return other.to(wide) if wide != other.dtype else other
 
 
@@ -538,10 +538,11 @@ class ScalarTracker(TorchFunctionMode):
         return func, args, kwargs
 
     def _fused_alpha(self, func: Callable, name: str, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict] | None:
-        """``add(a, b, alpha=h)`` -> ``addcmul(a, b, h)`` (``sub``: ``-h``) for CPU float32/float64 tensors: one
-        kernel computing ``a + h * b`` with one rounding, bit for bit ATen's ``add`` with a Python ``alpha``
-        (``b * h`` then ``add`` rounds twice), and still differentiable in ``h``. Other devices and dtypes
-        keep the multiplication (``addcmul`` would round ``h`` to a reduced-precision dtype first)."""
+        """``add(a, b, alpha=h)`` -> ``addcmul(a, b, h)`` (``sub``: ``-h``) for a CPU float32/float64 ``a`` and a
+        ``b`` of its dtype or a narrower one (widened exactly first): one kernel computing ``a + h * b`` with one
+        rounding, bit for bit ATen's ``add`` with a Python ``alpha`` (``b * h`` then ``add`` rounds twice), and still
+        differentiable in ``h``. Other devices and dtypes keep the multiplication, in the wider dtype
+        (:func:`_widened`; ``addcmul`` would round ``h`` to a reduced-precision dtype first)."""
         scale = kwargs.get("alpha")
         if name not in ("add", "sub") or not isinstance(scale, torch.Tensor) or scale.dim() != 0:
             return None

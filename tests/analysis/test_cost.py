@@ -48,6 +48,10 @@ def test_backward_working_set_of_tiny_graphs():
     gm = _tiny(lambda w, x: (torch.tanh(x @ w.t()) * 2).sum(), w, x)
     assert backward_working_bytes(gm, frozenset({"w_1"})) == 2 * 7 * 5 * 4
     assert backward_working_bytes(gm, frozenset()) == 0  # nothing to differentiate
+    # the backward's first view of an input (t(x) for mm's weight gradient) is not an allocation (found in review:
+    # x's 12 MB were counted)
+    gm = _tiny(lambda x, w: torch.tanh(x @ w).sum(), ("batch", torch.randn(1000, 3000)), ("param", torch.randn(3000, 5)))
+    assert backward_working_bytes(gm, frozenset({"w_1"})) == 1000 * 5 * 4  # tanh's backward only
 
 
 def test_a_graph_that_cannot_run_on_meta_tensors_is_priced_at_one_taped_step():

@@ -10,7 +10,8 @@ a small CNN with BatchNorm, whose convolution double-backward runs several convo
 ``backward_working_bytes(gm, requires_grad)`` measures it without real data: the step graph runs on ``meta``
 tensors (shapes, strides and dtypes only; no memory, no arithmetic) with the taped inputs requiring grad, then
 ``torch.autograd.grad`` backpropagates it from gradients shaped like its outputs. A ``TorchDispatchMode`` sees
-every op autograd runs, forward and backward, and records when each storage is made; a weak reference to the
+every op autograd runs, forward and backward, and records when an op returns a storage it has not seen (the
+inputs' storages are known from the start: a view of an input is not an allocation); a weak reference to the
 storage itself (not to the tensor: autograd keeps saved outputs alive through its own tensors) says when it is
 freed. The working set is the peak of the live bytes during the backward minus the live bytes when it starts
 (the tape), not counting the step's outputs, the incoming gradients and the gradients it returns, which the
@@ -45,6 +46,15 @@ class _StorageLifetimes(TorchDispatchMode):
         super().__init__()
         self.events: list[tuple[int, int, int]] = []
         self._alive: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, serial)
+
+    def seed(self, tensors: list[torch.Tensor]) -> None:
+        """Storages that exist before the run (the graph's inputs): alive, and never counted as made by an op (a
+        view of an input taken in the backward would otherwise count the input's storage as new)."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key not in self._alive:
+                self._alive[key] = (weakref.ref(storage, self._freed(key, -1, 0)), -1)
 
     def serial(self, t: torch.Tensor) -> int | None:
         """The serial number of ``t``'s storage, if an op made it and it is alive."""
@@ -111,6 +121,7 @@ def backward_working_bytes(gm: fx.GraphModule, requires_grad: frozenset[str]) ->
         t = _to_meta(val)
         inputs.append(t.requires_grad_(node.name in requires_grad and (t.is_floating_point() or t.is_complex())))
     track = _StorageLifetimes()
+    track.seed(inputs)
     try:
         with torch.random.fork_rng(devices=[]), track, torch.enable_grad():
             outputs = [o for o in tree_leaves(_OnMeta(gm).run(*inputs)) if isinstance(o, torch.Tensor)]

@@ -31,12 +31,12 @@ Invariant established: no node calls an operator whose schema writes to an argum
    ATen's exact derivatives. Each reading is checked on integers against ``as_strided_scatter`` before it is used.
    Any other non-overlapping view of a contiguous tensor (a slice of a Linear's 3-D output, whose base is the 2-D
    product; a diagonal) becomes ``index_put`` at the view's positions, a constant index.
-6. (:func:`_rrelu_exact_gradient`) ``nn.RReLU``'s output in training becomes ``x * detach(noise_out)``: torch's
-   derivative of ``rrelu_with_noise_functional`` reads the wrong noise tensor.
 4. A value whose size depends on the data (boolean-mask indexing, ``nonzero``, ``unique``: ops tagged
    ``dynamic_output_shape``) passes through :func:`check_traced_size` where the ops after it were traced with its
    size (a shape argument holds it, or the user's code read it into Python: ``x[mask].shape[0]``), so another
    size must stop the step with an explanation instead of broadcasting or dividing by the old size silently.
+6. (:func:`_rrelu_exact_gradient`) ``nn.RReLU``'s output in training becomes ``x * detach(noise_out)``: torch's
+   derivative of ``rrelu_with_noise_functional`` reads the wrong noise tensor.
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
-import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
@@ -23,6 +21,7 @@ from ..optimizer_spec import OptimizerSpec
 from ..passes import run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
+from .checks import check_model, check_opaque_leaves, meta_buffers_restored_on_failure
 from .baked import Modes, gradient_hooks, python_values, restored_attributes, training_modes, warn_numbers, warn_written
 from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
@@ -59,75 +58,6 @@ class CompiledStep:
     raw: Captured | None = None
 
 
-
-@contextlib.contextmanager
-def _meta_buffers_restored_on_failure(meta: tuple) -> Iterator[None]:
-    """Tracing runs the loss for real: a module passed as a meta argument with BatchNorm in train mode updates
-    its running statistics in place before the capture refuses that write. Put them back, so that the refused
-    step leaves the user's module as it was and a retry after the fix starts from the same statistics (found
-    in review)."""
-    from .meta import ModuleArg
-
-    modules = [leaf.module for leaf in tree_flatten(meta, is_leaf=lambda x: isinstance(x, ModuleArg))[0]
-               if isinstance(leaf, ModuleArg)]
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-        raise
-
-
-def _check_model(model: nn.Module) -> None:
-    """Refuse, at compile time and with the fix, what a step graph cannot hold (found in review, where they failed
-    later or deep inside torch): a lazy module's parameters before its first forward, and embeddings with sparse
-    gradients."""
-    for name, p in model.named_parameters():
-        if isinstance(p, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"unrollc.compile: parameter {name!r} is not initialized yet (a lazy module such as nn.LazyLinear "
-                "creates its weights in its first forward). Run the model once on an example batch before "
-                "compiling it (model(x)), which gives every parameter its shape."
-            )
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
-            raise ValueError(
-                f"unrollc.compile: model.{name} is {type(m).__name__}(sparse=True): its gradient is a sparse tensor, "
-                "and a step graph carries dense tensors only. Build it with sparse=False (the same values and the "
-                "same updates for SGD, with a dense gradient)."
-            )
-
-
-def _check_opaque_leaves(leaves: list[Any], where: str) -> None:
-    """Refuse a leaf of the batch or the meta arguments that hides tensors from the step graph: unrollc reads
-    them as pytrees, so the tensors inside a dataclass or another object would be constants baked into the graph
-    (no gradient reaches them; every new object traced a new graph), and an unhashable one failed with a bare
-    TypeError (found in review)."""
-    for leaf in leaves:
-        if isinstance(leaf, (torch.Tensor, numbers.Number, str, bytes, type(None), torch.dtype, torch.device)):
-            continue
-        name = type(leaf).__qualname__
-        fields = vars(leaf) if hasattr(leaf, "__dict__") else {}
-        if dataclasses.is_dataclass(leaf) or any(isinstance(v, torch.Tensor) for v in fields.values()):
-            fix = (f"torch.utils._pytree.register_dataclass({name}) once" if dataclasses.is_dataclass(leaf) else
-                   f"torch.utils._pytree.register_pytree_node({name}, flatten, unflatten) once")
-            raise TypeError(
-                f"Stepper: {where} holds an instance of {name}; unrollc reads batches and meta arguments as pytrees of tensors "
-                f"(tuples, lists, dicts, namedtuples) and cannot see the tensors inside it: they would be "
-                "constants of the step graph, which no gradient reaches and which every new object traces anew. "
-                f"Pass its tensors as a tuple or dict, or register the class with {fix}."
-            )
-        try:
-            hash(leaf)
-        except TypeError:
-            raise TypeError(
-                f"Stepper: {where} holds an instance of {name}, which is not a tensor, a number, a string or a pytree "
-                "(tuple, list, dict, namedtuple), and is not hashable: unrollc keys its step graphs on such values. "
-                "Pass tensors in a tuple or dict, or register the class with torch.utils._pytree.register_pytree_node."
-            ) from None
-
 class Stepper:
     """A differentiable training step for ``model``, ``opt`` and ``loss_fn``; build it with
     :func:`unrollc.compile`.
@@ -157,7 +87,7 @@ class Stepper:
                 "unrollc.compile: expected `grad_callback(grads, *meta) -> grads`, a function of the dict of gradients "
                 f"by parameter name (e.g. unrollc.clip_grad_norm(1.0)), or None; got {type(grad_callback).__name__}."
             )
-        _check_model(model)
+        check_model(model)
         self.model = model
         self.loss_fn = loss_fn
         self.grad_callback = grad_callback
@@ -501,8 +431,8 @@ class Stepper:
         h = tuple((k, input_layout(v) if not isinstance(v, tuple) else tuple(map(input_layout, v))) for g in groups for k, v in sorted(g.items()))
         batch_leaves, batch_spec = tree_flatten(batch)
         meta_leaves, meta_spec = tree_flatten(tuple(meta))
-        _check_opaque_leaves(batch_leaves, "the batch")
-        _check_opaque_leaves(meta_leaves, "a meta argument")
+        check_opaque_leaves(batch_leaves, "the batch")
+        check_opaque_leaves(meta_leaves, "a meta argument")
         modes = self._modes()
         return (p, b, s, h, batch_spec, tuple(map(input_layout, batch_leaves)), meta_spec, tuple(map(input_layout, meta_leaves)), modes)
 
@@ -538,7 +468,7 @@ class Stepper:
             before = python_values(self.model, self.loss_fn, self.grad_callback)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
                 with training_modes(self.model, self._pinned_modes), restored_attributes(self.model) as written:
-                    with _meta_buffers_restored_on_failure(meta):
+                    with meta_buffers_restored_on_failure(meta):
                         compiled = self._capture(state, groups, batch, meta)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
