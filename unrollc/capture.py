@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .errors import CaptureError, user_stacklevel
 from .guards import Guard, ScalarTracker
@@ -344,8 +344,6 @@ def _python_values(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 def _version(value: Any) -> int:
     """The summed version counters of the tensors in an option or attribute value (``betas``: a tuple)."""
-    from torch.utils._pytree import tree_leaves
-
     return sum(t._version for t in tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
@@ -354,7 +352,6 @@ def _tensor_versions(values: dict[str, Any]) -> dict[str, tuple[int, Any]]:
     names: a tensor ``lr`` that ``step()`` scales in place (``group["lr"] *= 0.5``) keeps its identity, not its
     version."""
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-    from torch.utils._pytree import tree_leaves, tree_map
 
     def copy(x: Any) -> Any:
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
@@ -402,8 +399,6 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
         out = func(*args, **kwargs)
         if torch.is_grad_enabled() or _in_place(func):
             return out
-        from torch.utils._pytree import tree_leaves
-
         inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         return _stop_gradient(out, inputs)
 

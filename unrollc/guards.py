@@ -557,7 +557,7 @@ class ScalarTracker(TorchFunctionMode):
         fused = torch.Tensor.addcmul_ if inplace else torch.addcmul
         # A lower-precision b (Muon's bfloat16 Newton-Schulz update) is widened exactly first, as ATen's add does
         # before it scales: ``b * h`` in b's dtype rounded the update to 8 bits (found in review).
-        return fused, (a, b.to(a.dtype), -scale if name == "sub" else scale), {}
+        return fused, (a, _widened(a, b), -scale if name == "sub" else scale), {}
 
     def _track(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         flat, _ = tree_flatten((args, kwargs))

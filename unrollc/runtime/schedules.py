@@ -480,10 +480,10 @@ class Budget:
                 f"batch).plan({self!r}, {n}), pass Budget.plan(n, state_bytes=..., step_bytes=..., grad_bytes=...), or let "
                 f"stepper.unroll(state, batches, checkpoint={self!r}) plan it."
             )
+        backward_bytes = step_bytes if backward_bytes is None else backward_bytes  # see peak_bytes
         for name, value in (("state_bytes", state_bytes), ("step_bytes", step_bytes), ("grad_bytes", grad_bytes),
                             ("overlap_bytes", overlap_bytes), ("backward_bytes", backward_bytes)):
-            if value is not None or name != "backward_bytes":
-                _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
+            _require_int("unrollc.Budget.plan", name, value, 0, "a byte count")
         S, B, G, O = state_bytes, step_bytes, grad_bytes, overlap_bytes
 
         def fits(states: int, taped: int, policy: Policy) -> int:
@@ -503,7 +503,7 @@ class Budget:
             need = min(c[1] for c in candidates)
             raise ValueError(
                 f"unrollc.Budget: no checkpoint schedule for n={n} steps fits in {self.bytes} bytes with "
-                f"state_bytes={S}, step_bytes={B}, backward_bytes={B if backward_bytes is None else backward_bytes} "
+                f"state_bytes={S}, step_bytes={B}, backward_bytes={backward_bytes} "
                 f"and grad_bytes={G}; the smallest needs {need} bytes (one stored state and one taped step, the "
                 f"backward's working set of states and what one step's backward allocates, and the meta-gradients); "
                 f"use Budget({need}) or more."
