@@ -90,8 +90,12 @@ class CostModel:
     analysis: StepAnalysis = field(repr=False)  # the per-node liveness analysis the figures come from
     grad_bytes: int = 0
     overlap_bytes: int = 0  # what a taped step saves of its own input and output states (see peak_bytes)
-    backward_bytes: int | None = None  # one taped step's backward beyond its tape; None: taped_step_bytes
+    backward_bytes: int | None = None  # one taped step's backward beyond its tape; given None: taped_step_bytes
     backward_estimated: bool = False   # the graph could not run on meta tensors: backward_bytes is the estimate
+
+    def __post_init__(self) -> None:
+        if self.backward_bytes is None:  # the estimate, so that every reader sees an int
+            object.__setattr__(self, "backward_bytes", self.taped_step_bytes)
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod
@@ -125,7 +129,7 @@ class CostModel:
             analysis=taped_analysis,
             grad_bytes=sum(_nbytes(n) for n in placeholders if n.name in params),
             overlap_bytes=sum(st.nbytes for st in taped_analysis.saved if st.owner in state_inputs or st.returned),
-            backward_bytes=taped_analysis.saved_bytes if backward is None else backward,
+            backward_bytes=backward,  # None: estimated as one taped step (__post_init__)
             backward_estimated=backward is None,
         )
 
@@ -194,9 +198,6 @@ class CostModel:
         resolve_checkpoint(policy, api="unrollc.CostModel.evaluate")
         return int(sympy.sympify(expr).subs(N, n))
 
-    def _backward(self) -> int:
-        return self.taped_step_bytes if self.backward_bytes is None else self.backward_bytes
-
     # -------------------------------------------------------------------------------------------- report
     def __str__(self) -> str:
         a = self.analysis
@@ -206,7 +207,7 @@ class CostModel:
             f"  saved for backward   {_fmt(self.taped_step_bytes)} per taped step "
             f"({_fmt(self.step_saved_bytes)} with only the params requiring grad)",
             f"  peak live            {_fmt(a.peak_live_bytes)} without grad, {_fmt(a.peak_live_bytes_taped)} taped",
-            f"  step backward        {_fmt(self._backward())} beyond the tape"
+            f"  step backward        {_fmt(self.backward_bytes)} beyond the tape"
             + (" (estimated as one taped step: the graph cannot run on meta tensors)" if self.backward_estimated else
                " (the gradients computed inside one taped step's backward)"),
             f"  meta-gradients       {_fmt(self.grad_bytes)}  (.grad of the initial weights and of learned inputs)",

@@ -98,8 +98,7 @@ def plan_unroll(
         kwargs = {"state_bytes": max(final), "step_bytes": max(c.taped_step_bytes for c in costs),
                   "grad_bytes": grad_leaf_bytes(state, batches, meta),
                   "overlap_bytes": min(c.overlap_bytes for c in costs),
-                  "backward_bytes": max(c.taped_step_bytes if c.backward_bytes is None else c.backward_bytes
-                                        for c in costs)}
+                  "backward_bytes": max(c.backward_bytes for c in costs)}
     return policy.plan(len(batches), **kwargs)
 
 
