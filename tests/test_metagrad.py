@@ -3,6 +3,8 @@ float64 central differences, and a hand-written eager unroll with autograd.grad(
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -237,6 +239,49 @@ def test_noise_from_the_users_own_generator_is_replayed_by_every_schedule(some_s
         for a, b in zip(got, ref, strict=True):
             assert rel(a, b) < 1e-10, checkpoint
         assert torch.equal(gen.get_state(), after), checkpoint  # the backward sweep leaves it as eager does
+
+
+def test_a_generator_re_bound_between_unrolls_is_drawn_from():
+    """A generator that loss_fn reads as a global, or the model holds as an attribute, re-bound to a new one
+    between unrolls: the steps draw from the new one, as eager training does (they kept drawing from the traced
+    one, 0.25 off after 3 steps; found in review)."""
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.gen = nn.Linear(3, 1), torch.Generator().manual_seed(1)
+
+        def forward(self, x):
+            return self.l(x + torch.randn(x.shape, generator=self.gen))
+
+    def global_noise(m, b):
+        return (m(b[0] + torch.randn(b[0].shape, generator=_GEN)) - b[1]).pow(2).mean()
+
+    def rebind(model, seed):
+        global _GEN  # noqa: PLW0603
+        _GEN = torch.Generator().manual_seed(seed)
+        model.gen = torch.Generator().manual_seed(seed)
+
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    for model, loss_fn in [(nn.Linear(3, 1), global_noise), (Noisy(), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())]:
+        eager = copy.deepcopy(model)
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+        rebind(model, 1)
+        stepper.unroll(stepper.init(), batches)
+        rebind(model, 2)
+        got = stepper.unroll(stepper.init(), batches)
+        rebind(eager, 2)
+        opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+        for b in batches:
+            opt.zero_grad()
+            loss_fn(eager, b).backward()
+            opt.step()
+        for name, want in eager.named_parameters():
+            assert torch.equal(got.params[name], want), name
+        assert stepper.trace_count == 2
+
+
+_GEN = torch.Generator()
 
 
 def test_radam_capturable_meta_gradient_has_no_nan(float64):

@@ -36,8 +36,8 @@ def _value_key(v: Any) -> Any:
         return v
     if isinstance(v, float):
         return v.hex()  # NaN equals itself
-    if isinstance(v, torch.Tensor):
-        return Same(v)  # read by reference: re-binding the name to another tensor re-traces
+    if isinstance(v, (torch.Tensor, torch.Generator)):
+        return Same(v)  # read by reference: re-binding the name to another tensor or generator re-traces
     if isinstance(v, (tuple, list)) and len(v) <= 8:
         keys = tuple(_value_key(x) for x in v)
         return _SKIP if any(k is _SKIP for k in keys) else keys
