@@ -284,6 +284,37 @@ def test_a_generator_re_bound_between_unrolls_is_drawn_from():
 _GEN = torch.Generator()
 
 
+def test_random_integers_drawn_like_an_activation_do_not_block_the_meta_gradient(float64):
+    """``torch.randint_like(h, ...)`` on an activation: eager autograd treats the draw as a constant, but ATen's op,
+    called as the step graph calls it, returns a tensor with a NotImplemented derivative (the meta-backward
+    raised; found in review). The meta-gradient equals an eager create_graph unroll's under the same seed."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h * torch.randint_like(h, 1, 3))
+
+    def loss_fn(m, b):
+        return (m(b[0]) - b[1]).pow(2).mean()
+
+    model = Net()
+    batches = [(torch.randn(5, 3), torch.randn(5, 1)) for _ in range(4)]
+    torch.manual_seed(3)
+    final = oracles.eager_unroll(model, loss_fn, batches, oracles.sgd_momentum(0.05, 0.9))
+    ref = torch.autograd.grad(final[0].sum(), list(model.parameters()))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn)
+    for checkpoint in [None, 2]:
+        torch.manual_seed(3)
+        state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+        got = torch.autograd.grad(state.params["a.weight"].sum(), list(model.parameters()))
+        for g, want in zip(got, ref, strict=True):
+            assert rel(g, want) < 1e-10, checkpoint
+
+
 def test_radam_capturable_meta_gradient_has_no_nan(float64):
     """RAdam's capturable path selects its rectification with torch.where over a NaN before step 5, which
     poisons where's backward; unrollc traces the equivalent non-capturable maths (a guard on rho_t)."""

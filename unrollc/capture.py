@@ -397,10 +397,18 @@ class NoGradRegions(torch.overrides.TorchFunctionMode):
                 and args[0].requires_grad and getattr(func, "__name__", "") not in _NOT_VALUE_WRITES):
             return _write_without_gradient(func, args, kwargs)
         out = func(*args, **kwargs)
+        if func in _NOT_DIFFERENTIABLE:
+            return _stop_gradient(out, set())
         if torch.is_grad_enabled() or _in_place(func):
             return out
         inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         return _stop_gradient(out, inputs)
+
+
+# Functions whose result eager autograd never connects to their tensor argument, but whose ATen op, called as the
+# step graph calls it, returns a tensor that requires grad with a NotImplemented derivative when the argument
+# requires grad (torch 2.13: ``aten.randint_like.*``; the other ``*_like`` factories are fine): detached in the graph.
+_NOT_DIFFERENTIABLE = frozenset({torch.randint_like})
 
 
 # In-place methods that change a tensor's autograd flags, shape or storage rather than its values: left as they are.
