@@ -436,6 +436,56 @@ def test_create_graph_through_a_checkpointed_unroll_is_refused(float64):
     assert rel(h, fd) < 1e-6
     with pytest.raises(RuntimeError, match="differentiable once; create_graph=True .* checkpoint=None"):
         torch.autograd.grad(meta(lr, "sqrt"), lr, create_graph=True)
+    # A budget that keeps every step's graph is the plain unroll (it was run as a checkpointed one and refused)
+    (g,) = torch.autograd.grad(meta(lr, unrollc.Budget(2**30)), lr, create_graph=True)
+    assert rel(torch.autograd.grad(g, lr)[0], h) < 1e-12
+
+
+def test_torch_func_transforms_over_a_plain_unroll(float64):
+    """torch.func.grad, jvp, vmap and forward-mode AD over an unroll with checkpoint=None give autograd's
+    meta-gradient, also when the step is first traced inside the transform (tracing unwraps the transforms'
+    tensors; it raised torch's "requires_grad_() inside a transform" error); a checkpointed unroll, which they
+    cannot go through, is refused with the fix (found in review)."""
+    import torch.autograd.forward_ad as fwad
+
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(4)]
+    x = torch.randn(5, 3)
+
+    def stepper():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+        return unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), weighted_mse)
+
+    def meta(s, lr, w=torch.ones(6), checkpoint=None):
+        final = s.unroll(s.init(hyper={"lr": lr}), batches, w, checkpoint=checkpoint)
+        return s.forward(final, x).pow(2).mean()
+
+    def grad_at(lr):
+        lr = lr.clone().requires_grad_()
+        return torch.autograd.grad(meta(stepper(), lr), lr)[0]
+
+    lrs = torch.tensor([0.05, 0.1])
+    want = torch.stack([grad_at(v) for v in lrs])
+    s = stepper()  # each transform below traces its stepper's steps inside it
+    assert rel(torch.func.grad(lambda v: meta(s, v))(lrs[1]), want[1]) < 1e-12
+    s = stepper()
+    assert rel(torch.func.jvp(lambda v: meta(s, v), (lrs[1],), (torch.tensor(1.0),))[1], want[1]) < 1e-12
+    s = stepper()
+    assert rel(torch.func.vmap(torch.func.grad(lambda v: meta(s, v)))(lrs), want) < 1e-12
+    s = stepper()
+    with fwad.dual_level():
+        assert rel(fwad.unpack_dual(meta(s, fwad.make_dual(lrs[1], torch.tensor(1.0)))).tangent, want[1]) < 1e-12
+    # vmap over a meta argument (per-example weights): the graphs traced for the first entry serve every entry
+    ws, s = torch.rand(3, 6), stepper()
+    got = torch.func.vmap(lambda w: meta(s, lrs[1], w))(ws)
+    assert rel(got, torch.stack([meta(s, lrs[1], w) for w in ws])) < 1e-12 and s.trace_count == 2
+    s = stepper()
+    for call in (lambda: torch.func.grad(lambda v: meta(s, v, checkpoint=2))(lrs[1]),
+                 lambda: torch.func.vmap(lambda v: meta(s, v, checkpoint="sqrt"))(lrs)):
+        with pytest.raises(RuntimeError, match="inside a torch.func transform .* checkpoint=None there"):
+            call()
+    with fwad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD dual tensors .* checkpoint=None there"):
+        meta(s, fwad.make_dual(lrs[1], torch.tensor(1.0)), checkpoint=2)
 
 
 def test_a_learned_loss_module_passed_as_meta(float64):

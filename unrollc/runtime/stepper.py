@@ -468,8 +468,8 @@ class Stepper:
             before = python_values(self.model, self.loss_fn, self.grad_callback)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
                 with training_modes(self.model, self._pinned_modes), restored_attributes(self.model) as written:
-                    with meta_buffers_restored_on_failure(meta):
-                        compiled = self._capture(state, groups, batch, meta)
+                    with meta_buffers_restored_on_failure(meta), _outside_torch_func(state, groups, batch, meta) as plain:
+                        compiled = self._capture(*plain)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
             after = python_values(self.model, self.loss_fn, self.grad_callback)
@@ -650,6 +650,43 @@ class PassGraphs(dict):
         raise KeyError(
             f"Stepper.graphs: no graph {key!r}; the keys are {list(self)} (one per pass of unrollc.passes.PIPELINE)."
         )
+
+
+@contextlib.contextmanager
+def _outside_torch_func(state: UnrollState, *trees: Any) -> Iterator[tuple[Any, ...]]:
+    """``(state, *trees)`` for tracing a step inside a ``torch.func`` transform: its tensors unwrapped from the
+    transforms' wrappers (one plain tensor per wrapper, so that inputs that are one tensor stay one; requiring
+    grad where the wrapper does; under ``vmap`` the first entry of the batch), with the transforms switched off
+    meanwhile. Tracing needs plain tensors and autograd (``requires_grad_``, ``autograd.grad``); the graph it makes
+    then runs under the transform like any ATen ops, its guards checked on the transform's values (a guard on a
+    value that differs across a vmap batch fails there, as Python control flow on one does). Outside a transform,
+    the inputs as they are."""
+    from torch._C import _functorch
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+    from torch.utils._pytree import tree_map_only
+
+    if _functorch.peek_interpreter_stack() is None:
+        yield (state, *trees)
+        return
+    plain: dict[int, torch.Tensor] = {}
+
+    def unwrap(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in plain:
+            u = t
+            while _functorch.is_functorch_wrapped_tensor(u):
+                if _functorch.is_batchedtensor(u):  # vmap: the first entry, whose shape is the logical one
+                    u, dim = _functorch._unwrap_batched(u, _functorch.maybe_get_level(u))
+                    u = u if dim is None else u.select(dim, 0)
+                else:
+                    u = _functorch.get_unwrapped(u)
+            plain[id(t)] = u.detach().requires_grad_(t.requires_grad) if u.requires_grad != t.requires_grad else u
+        return plain[id(t)]
+
+    with temporarily_clear_interpreter_stack():
+        fields = (state.params, state.buffers, state.opt_state, state.hyper, state.loss)
+        params, buffers, opt_state, hyper, loss = tree_map_only(torch.Tensor, unwrap, fields)
+        yield (replace(state, params=params, buffers=buffers, opt_state=opt_state, hyper=hyper, loss=loss),
+               *tree_map_only(torch.Tensor, unwrap, trees))
 
 
 def _detached(tree: Any) -> Any:

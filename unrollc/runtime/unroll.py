@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ..capture import fill_leaves
 from ..errors import BatchModifiedError, InternalError
@@ -159,7 +159,30 @@ def run_unroll(
     resolved ``checkpoint=``. ``reading_drew_rng``: reading the batches ahead (:func:`read_batches`) moved torch's
     global generator, which a step with dropout draws from too (warned about)."""
     advance = _advance(stepper)
-    if isinstance(policy, NoCheckpoint):  # one batch per step as the iterable yields it, as a step() loop reads it
+    plan = None
+    if not isinstance(policy, NoCheckpoint):  # the plan needs n, and the backward pass re-reads the batches
+        batches = list(batches)
+        if not batches:
+            return state.replace(losses=[])
+        plan = plan_unroll(stepper, state, batches, meta, policy, hypers)
+        if not isinstance(plan.resolved, NoCheckpoint):
+            _refuse_transforms(plan, state.params, state.buffers, state.opt_state, state.hyper, hypers, batches, meta)
+        distinct = distinct_batches(batches)
+        first = state if hypers is None else replace(state, hyper=hypers[0])
+        graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
+        if reading_drew_rng and any(map(draws_global_rng, graphs)):
+            warnings.warn(
+                "Stepper.unroll: reading `batches` drew from torch's global random generator, and the step draws from "
+                f"it too (dropout or another random op). An unroll under {policy!r} reads every batch before its first "
+                "step (its schedule needs n), so the steps draw after all the batches instead of in turn with them, as "
+                "a loop of stepper.step or checkpoint=None does: the batches and the random masks, and so the "
+                "gradients, are not those of such a run. Draw the batches into a list first, or give the data its own "
+                "torch.Generator, or unroll with checkpoint=None.",
+                stacklevel=3,
+            )
+    if plan is None or isinstance(plan.resolved, NoCheckpoint):
+        # One batch per step as the iterable yields it, as a step() loop reads it; a Budget that keeps every
+        # step's graph runs here too, so that it is the plain unroll (create_graph=True, torch.func transforms).
         losses = []
         with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
             for i, batch in enumerate(batches):
@@ -172,24 +195,7 @@ def run_unroll(
         if hypers is not None and len(losses) != len(hypers):
             raise hyper_count_error(len(hypers), len(losses))
         return state.replace(losses=losses)
-    batches = list(batches)
     n = len(batches)
-    if n == 0:
-        return state.replace(losses=[])
-    plan = plan_unroll(stepper, state, batches, meta, policy, hypers)
-    distinct = distinct_batches(batches)
-    first = state if hypers is None else replace(state, hyper=hypers[0])
-    graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
-    if reading_drew_rng and any(map(draws_global_rng, graphs)):
-        warnings.warn(
-            "Stepper.unroll: reading `batches` drew from torch's global random generator, and the step draws from it "
-            f"too (dropout or another random op). A checkpointed unroll ({plan.resolved!r}) reads every batch before "
-            "its first step (its schedule needs n), so the steps draw after all the batches instead of in turn with "
-            "them, as a loop of stepper.step or checkpoint=None does: the batches and the random masks, and so the "
-            "gradients, are not those of such a run. Draw the batches into a list first, or give the data its own "
-            "torch.Generator, or unroll with checkpoint=None.",
-            stacklevel=3,
-        )
     if torch.is_grad_enabled():
         for gm in graphs:
             _refuse_hidden_learned_tensors(gm, stepper)
@@ -286,6 +292,27 @@ def run_unroll(
     out = unpack(n, final, state.hyper if hypers is None else hypers[-1], state.t + n)
     out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
+
+
+def _refuse_transforms(plan: Plan, *trees: Any) -> None:
+    """A checkpointed unroll is one custom ``autograd.Function`` (with ``backward`` only): refused inside a
+    ``torch.func`` transform and with forward-mode dual tensors among its inputs, which it cannot carry."""
+    import torch.autograd.forward_ad as fwad
+
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        within = "inside a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...)"
+    elif fwad._current_level >= 0 and any(
+            fwad.unpack_dual(t).tangent is not None for t in tree_leaves(trees) if isinstance(t, torch.Tensor)):
+        within = "with forward-mode AD dual tensors (torch.autograd.forward_ad.make_dual) among its inputs"
+    else:
+        return
+    raise RuntimeError(
+        f"Stepper.unroll: called {within} with checkpoint={plan.policy!r}; a checkpointed unroll is one custom "
+        "autograd.Function that recomputes steps in torch.autograd's backward pass, and torch.func transforms and "
+        "forward-mode AD cannot go through it. Unroll with checkpoint=None there (every step's graph is kept, and "
+        "the transforms see the step graphs' ATen ops), or take the meta-gradient with torch.autograd.grad(...) or "
+        ".backward() outside any transform."
+    )
 
 
 _DIFFERENTIATED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[frozenset[str], frozenset[str]]]" = (
