@@ -578,3 +578,27 @@ def test_a_refused_step_leaves_a_meta_modules_buffers_as_they_were():
     loss_net.eval()  # the fix the message gives
     stepper.step(stepper.init(), batch, loss_net)
     assert all(torch.equal(v, before[k]) for k, v in loss_net.state_dict().items())
+
+
+def test_a_model_changed_after_compile_is_refused_with_the_fix():
+    """A layer replaced after compile (the optimizer still holds the old one, so eager opt.step() leaves the new
+    layer as it is): init() stepped the new layer by name, or failed in capture with a shape mismatch and an
+    unrelated hint (found in review). A parameter group added after compile is refused the same way."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    stepper = unrollc.compile(model, opt, lambda m, b: m(b).pow(2).mean())
+    stepper.step(stepper.init(), torch.randn(3, 4))
+    model[2] = nn.Linear(8, 3)
+    with pytest.raises(RuntimeError, match=r"replaced: \['2.bias', '2.weight'\].*unrollc.compile\(model, opt, loss_fn\) again"):
+        stepper.init()
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepper = unrollc.compile(model, opt, lambda m, b: m(b).pow(2).mean())
+    model.extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"added: \['extra'\]"):
+        stepper.init()
+    del model.extra
+    stepper.init()  # as it was at compile again
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(RuntimeError, match="compile again after add_param_group"):
+        stepper.init()

@@ -145,6 +145,7 @@ class Stepper:
             buffers: overrides by name.
         """
         named = dict(self.model.named_parameters())
+        self._check_parameters_unchanged(named)
         p = dict(named)
         for n, v in mapping("params", params).items():
             if n not in named:
@@ -174,6 +175,24 @@ class Stepper:
         }
         t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
         return UnrollState(p, b, state, groups_to_hyper(groups), t=t0)
+
+    def _check_parameters_unchanged(self, named: dict[str, torch.Tensor]) -> None:
+        """The model's parameters are the ones it had at compile, by name and identity: the optimizer holds those,
+        so a layer replaced since (``model[2] = nn.Linear(8, 3)``) is one eager ``opt.step()`` would not update."""
+        now = {n: id(q) for n, q in named.items()}
+        then = {n: id(q) for n, q in zip(self._param_names, self._model_params, strict=True)}
+        if now == then:
+            return
+        changed = sorted(n for n in now.keys() & then.keys() if now[n] != then[n])
+        added, removed = sorted(now.keys() - then.keys()), sorted(then.keys() - now.keys())
+        what = "; ".join(f"{label}: {names}" for label, names in
+                         (("replaced", changed), ("added", added), ("removed", removed)) if names)
+        raise RuntimeError(
+            f"Stepper.init: the model's parameters are not the ones it had at unrollc.compile ({what}). A layer or "
+            "parameter was replaced, added or removed since; the stepper, and the optimizer, were made for the old "
+            "ones (eager opt.step() would not update a new one). Build the optimizer for the model as it is now and "
+            "call unrollc.compile(model, opt, loss_fn) again."
+        )
 
     def _override_hyper(self, groups: list[dict[str, Any]], hyper: Mapping[str, Any], api: str) -> list[dict[str, Any]]:
         """``groups`` (per-group hyperparameter tensors) with the user's overrides ``hyper`` applied (bare keys set
