@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -45,9 +45,8 @@ from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Polic
 from .backward import backward_working_bytes
 from .liveness import StepAnalysis, analyze_step
 
-if TYPE_CHECKING:
-    from ..runtime.state import UnrollState
-    from ..runtime.stepper import Stepper
+from ..runtime.state import UnrollState
+from ..runtime.stepper import Stepper
 
 __all__ = ["CostExprs", "CostModel", "Prediction", "grad_leaf_bytes"]
 

@@ -14,16 +14,15 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx
 
 from .diff import PassDiff, diff_pass, input_summary, op_histogram
 
-if TYPE_CHECKING:
-    from ..runtime.state import UnrollState
-    from ..runtime.stepper import Stepper
+from ..runtime.state import UnrollState
+from ..runtime.stepper import Stepper
 
 __all__ = ["Report", "explain", "step_costs"]
 
