@@ -246,7 +246,7 @@ def test_bad_arguments_are_refused_at_once():
         unrollc.compile(model, opt, mse, grad_callback=1.0)
     with pytest.raises(TypeError, match=r"unrollc.clip_grad_norm: expected `max_norm` as a positive number, got -1"):
         unrollc.clip_grad_norm(-1)
-    with pytest.raises(TypeError, match=r"unrollc.clip_grad_value: expected `clip_value` as a number, got '1'"):
+    with pytest.raises(TypeError, match=r"unrollc.clip_grad_value: expected `clip_value` as a positive number, got '1'"):
         unrollc.clip_grad_value("1")
 
 

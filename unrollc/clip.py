@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .errors import ArgumentError
+
 __all__ = ["ClipGradNorm", "ClipGradValue", "clip_grad_norm", "clip_grad_value"]
 
 # torch's norm without its no_grad wrapper: the same grouping by device and dtype and the same kernels
@@ -28,10 +30,11 @@ __all__ = ["ClipGradNorm", "ClipGradValue", "clip_grad_norm", "clip_grad_value"]
 _total_norm = inspect.unwrap(torch.nn.utils.get_total_norm)
 
 
-def _number(api: str, name: str, value: Any, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0):
-        need = "a positive number" if positive else "a number"
-        raise TypeError(f"{api}: expected `{name}` as {need}, got {value!r}.")
+def _positive(api: str, name: str, value: Any) -> float:
+    """``value`` as a float if it is a number > 0, else an error naming the API (``ArgumentError``: a TypeError
+    for a wrong type, a ValueError for a wrong value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ArgumentError(f"{api}: expected `{name}` as a positive number, got {value!r}.")
     return float(value)
 
 
@@ -42,8 +45,8 @@ class ClipGradNorm:
     key (``clip.max_norm = 0.5`` traces a new graph)."""
 
     def __init__(self, max_norm: float, norm_type: float = 2.0, foreach: bool | None = None) -> None:
-        self.max_norm = _number("unrollc.clip_grad_norm", "max_norm", max_norm, positive=True)
-        self.norm_type = _number("unrollc.clip_grad_norm", "norm_type", norm_type, positive=True)
+        self.max_norm = _positive("unrollc.clip_grad_norm", "max_norm", max_norm)
+        self.norm_type = _positive("unrollc.clip_grad_norm", "norm_type", norm_type)
         self.foreach = foreach
 
     def __call__(self, grads: Mapping[str, torch.Tensor], *meta: Any) -> dict[str, torch.Tensor]:
@@ -63,7 +66,7 @@ class ClipGradValue:
     ``torch.nn.utils.clip_grad_value_(params, clip_value)`` does. Build it with :func:`clip_grad_value`."""
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = _number("unrollc.clip_grad_value", "clip_value", clip_value, positive=False)
+        self.clip_value = _positive("unrollc.clip_grad_value", "clip_value", clip_value)  # a negative one sets every entry to it
 
     def __call__(self, grads: Mapping[str, torch.Tensor], *meta: Any) -> dict[str, torch.Tensor]:
         """The clamped gradients (``meta`` is ignored)."""
@@ -93,7 +96,8 @@ def clip_grad_value(clip_value: float) -> ClipGradValue:
     clip_value)`` called between the backward and ``opt.step()``.
 
     Args:
-        clip_value: every gradient entry is clamped to ``[-clip_value, clip_value]``.
+        clip_value: every gradient entry is clamped to ``[-clip_value, clip_value]``; a positive number (torch
+            accepts a negative one and sets every entry to it).
 
     Returns:
         The callback; ``unrollc.compile(model, opt, loss_fn, grad_callback=unrollc.clip_grad_value(0.1))``.

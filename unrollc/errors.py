@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-__all__ = ["BatchModifiedError", "CaptureError", "InternalError", "user_frame", "user_stacklevel"]
+__all__ = ["ArgumentError", "BatchModifiedError", "CaptureError", "InternalError", "user_frame", "user_stacklevel"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UNROLLC_DIR = os.path.dirname(__file__)
@@ -202,6 +202,12 @@ class BatchModifiedError(ValueError, RuntimeError):
     """A tensor of a batch was changed in place after the batches yielded it, which a checkpointed unroll would
     read as the later values (a ``ValueError``: the batches are wrong; and a ``RuntimeError``, as eager autograd
     raises for a tensor saved for backward and then changed in place)."""
+
+
+class ArgumentError(TypeError, ValueError):
+    """An argument a public API refuses where earlier releases raised the other of ``TypeError`` and ``ValueError``
+    (``EveryK(2.5)`` was a ValueError, ``clip_grad_norm(-1)`` a TypeError): ``except`` clauses for either catch it.
+    Raised for the wrong type of argument, as a ``TypeError``, and for a wrong value, as a ``ValueError``."""
 
 
 class InternalError(AssertionError):

@@ -146,6 +146,12 @@ class CostModel:
         from ..runtime.meta import bind_modules
         from ..runtime.unroll import gradient_free_inputs
 
+        if not isinstance(stepper, Stepper) or not isinstance(state, UnrollState):
+            raise TypeError(
+                "unrollc.CostModel.from_stepper: expected (stepper, state, batch, *meta) with the Stepper of "
+                f"unrollc.compile and its init() state, got {type(stepper).__name__} and {type(state).__name__}; "
+                "e.g. CostModel.from_stepper(stepper, stepper.init(), batches[0])."
+            )
         bound = bind_modules(meta)
         gm, grad = traced_with_grad_inputs(stepper, state, batch, bound)
         constant = gradient_free_inputs(stepper._last, state)  # noqa: SLF001 - the graph traced just now

@@ -101,8 +101,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="JSON path (default OUT_DIR/results.json)")
     p.add_argument("--plot", help="plot path, .png unless another suffix matplotlib writes (default OUT_DIR/bench.png)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="tiny run for tests: mlp-small, n 4 8, every schedule (slots 3, every-k 3, "
-                      "budget 0.5 MiB), 1 repeat, 2 jobs, one process per configuration; options given explicitly still apply")
+    mode.add_argument("--quick", action="store_true", help=(
+        f"tiny run for tests: {QUICK['workload']}, n {' '.join(map(str, QUICK['n']))}, every schedule (slots "
+        f"{QUICK['slots']}, every-k {QUICK['every_k']}, budget {QUICK['budget_mib']} MiB), {QUICK['repeats']} repeat, "
+        f"{QUICK['jobs']} jobs, one process per configuration; options given explicitly still apply"))
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     mode.add_argument("--replot", metavar="FILE", help="run nothing: print the table of a past run's results.json or "
                       "results.csv and write its plot (--plot; --csv/--json convert it, if given)")

@@ -169,6 +169,11 @@ class FunctionalModule(nn.Module):
     def _history(self, time: int) -> list[torch.Tensor]:
         if self._fast_params is None:
             raise Exception("Tried to get fast weights of a monkey patched module which does not encapsulate fast weights.")
+        if isinstance(time, bool) or not isinstance(time, int):
+            raise TypeError(
+                f"unrollc.higher: parameters(time=...) takes an int (0: the initial weights, t: after t updates, -1 "
+                f"or None: the latest), got {type(time).__name__} {time!r}."
+            )
         if not self.track_higher_grads and time not in (-1, 0):
             raise ValueError(
                 "The patched model is not tracking higher gradients. Only the latest parameters (time=None or -1) "

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Union
 
 import sympy
 
-from unrollc.errors import InternalError
+from unrollc.errors import ArgumentError, InternalError
 
 __all__ = [
     "Advance", "Backprop", "Binomial", "Budget", "CheckpointLike", "CostExpr", "EveryK", "Free", "NoCheckpoint", "Plan", "Policy",
@@ -263,9 +263,10 @@ def _is_int(value: object, minimum: int) -> bool:
 
 
 def _require_int(api: str, name: str, value: object, minimum: int, what: str) -> int:
-    """``value`` as an int if it is an integer >= minimum (bools refused), else a ValueError naming the API and the fix."""
+    """``value`` as an int if it is an integer >= minimum (bools refused), else an ``ArgumentError`` (a TypeError
+    and a ValueError) naming the API and the fix."""
     if not _is_int(value, minimum):
-        raise ValueError(f"{api}: {name}={value!r} is not {what}; expected an int {name} >= {minimum}.")
+        raise ArgumentError(f"{api}: {name}={value!r} is not {what}; expected an int {name} >= {minimum}.")
     return int(value)  # type: ignore[call-overload]
 
 

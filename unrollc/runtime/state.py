@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 __all__ = ["UnrollState", "hyper_to_groups", "groups_to_hyper"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class UnrollState:
     """The state of an unrolled training run at step ``t``.
 
@@ -33,6 +34,27 @@ class UnrollState:
     t: int = 0
     loss: torch.Tensor | None = None
     losses: list[torch.Tensor] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """A summary: names and shapes, scalar values, the number of losses (the tensors would fill a screen)."""
+        def short(x: Any) -> str:
+            if isinstance(x, (tuple, list)):
+                return "(" + ", ".join(map(short, x)) + ")"
+            if not isinstance(x, torch.Tensor):
+                return repr(x)
+            grad = " (requires grad)" if x.requires_grad else ""
+            if x.dim() == 0 and x.device.type != "meta":
+                with contextlib.suppress(RuntimeError):  # inside a torch.func transform
+                    return f"{x.item():.6g}{grad}"
+            return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}{grad}"
+
+        def entries(d: Mapping[str, Any]) -> str:
+            return "{" + ", ".join(f"{k!r}: {short(v)}" for k, v in d.items()) + "}"
+
+        opt = sorted({k for st in self.opt_state.values() for k in st})
+        return (f"UnrollState(t={self.t}, loss={short(self.loss)}, params={entries(self.params)}, "
+                f"buffers={entries(self.buffers)}, opt_state={len(self.opt_state)} parameters x {opt}, "
+                f"hyper={entries(self.hyper)}, losses=[{len(self.losses)} values])")
 
     def replace(self, **changes: Any) -> "UnrollState":
         """A copy with some fields changed (the state itself is immutable)."""
