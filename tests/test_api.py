@@ -630,3 +630,111 @@ def test_a_model_changed_after_compile_is_refused_with_the_fix():
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
     with pytest.raises(RuntimeError, match="compile again after add_param_group"):
         stepper.init()
+
+
+def test_argument_errors_are_typed_and_named():
+    """Found in review: a wrong type raised ValueError (EveryK(2.5)) and a wrong value TypeError
+    (clip_grad_norm(-1)); they are ArgumentErrors now, both, so either except clause catches them. Bare errors named
+    no API (CostModel.from_stepper(None, ...), fmodel.parameters(time="a")) or the wrong one (stepper.graphs)."""
+    import unrollc.higher as higher
+
+    for make in (lambda: unrollc.EveryK(2.5), lambda: unrollc.Budget("1GB"), lambda: unrollc.Sqrt().plan("10"),
+                 lambda: unrollc.clip_grad_norm(-1), lambda: unrollc.clip_grad_value(-1)):
+        with pytest.raises(TypeError, match=r"unrollc\.\w+") as info:
+            make()
+        assert isinstance(info.value, ValueError)
+    model = nn.Linear(2, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).sum())
+    with pytest.raises(RuntimeError, match=r"^Stepper\.graphs: no step has been traced"):
+        stepper.graphs
+    with pytest.raises(TypeError, match=r"CostModel\.from_stepper: expected .* got NoneType"):
+        unrollc.CostModel.from_stepper(None, None, None)
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, _):
+        with pytest.raises(TypeError, match=r"parameters\(time=\.\.\.\) takes an int.*got str 'a'"):
+            fmodel.parameters(time="a")
+
+
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_an_unroll_over_no_batches_warns(checkpoint):
+    """An exhausted generator passed again gave the initial state back, and meta-gradients without any training,
+    silently (found in review)."""
+    model = nn.Linear(2, 1)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).sum())
+    batches = (torch.randn(3, 2) for _ in range(2))
+    assert stepper.unroll(stepper.init(), batches, checkpoint=checkpoint).t == 2
+    with pytest.warns(UserWarning, match="yielded no batch, so no step ran .* a new iterator") as record:
+        state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
+    assert state.t == 0 and state.losses == [] and record[0].filename == __file__
+
+
+def test_the_state_repr_is_a_summary():
+    """repr(UnrollState) printed every tensor and every loss (a screenful after the quick start; found in review)."""
+    model = nn.Sequential(nn.Linear(3, 40), nn.BatchNorm1d(40))
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01), lambda m, b: m(b).pow(2).mean())
+    state = stepper.unroll(stepper.init(hyper={"lr": torch.tensor(0.01, requires_grad=True)}), [torch.randn(5, 3)] * 50)
+    text = repr(state)
+    assert len(text) < 600 and "tensor(" not in text
+    for part in ("t=50", "'0.weight': float32[40, 3] (requires grad)", "'1.num_batches_tracked': 50",
+                 "4 parameters x ['exp_avg', 'exp_avg_sq', 'step']", "'lr': 0.01 (requires grad)", "'betas': (0.9, 0.999)",
+                 "losses=[50 values]"):
+        assert part in text, part
+
+
+def test_cached_step_graphs_hold_no_copy_of_the_weights():
+    """Every cached step graph kept the tensors it was traced with (copies of the weights and optimizer state in
+    its placeholders' meta and in its "captured" pass graph) and nine pass graphs: memory grew by twice the
+    model per batch layout (found in review). Now they hold fake tensors, and only the most recent traces keep
+    their pass graphs; explain still reports an older one, without the passes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._pytree import tree_leaves
+
+    from unrollc.runtime.stepper import GRAPHS_KEPT
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01), lambda m, b: m(b).pow(2).mean())
+    sizes = range(2, 3 + GRAPHS_KEPT // 2)  # two graphs per batch size (Adam's first step creates its state)
+    for n in sizes:
+        stepper.unroll(stepper.init(), [torch.randn(n, 8)] * 2)
+    entries = [e for entries in stepper._cache.values() for e in entries]
+    assert len(entries) == 2 * len(sizes) > GRAPHS_KEPT
+    for entry in entries:
+        for g in (entry.gm, *entry.graphs.values()):
+            held = [t for n in g.graph.nodes for t in tree_leaves(dict(n.meta)) if isinstance(t, torch.Tensor)]
+            held += [t for _, t in g.named_buffers()] + [t for _, t in g.named_parameters()]
+            real = [t for t in held if not isinstance(t, FakeTensor) and t.device.type != "meta" and t.numel() > 1]
+            assert not real, [tuple(t.shape) for t in real]
+    assert sum("captured" in e.graphs for e in entries) == GRAPHS_KEPT
+    assert all("after cse" in e.graphs for e in entries)  # what steps without grad run
+    stepper.step(stepper.init(), torch.randn(2, 8))  # the oldest graph
+    assert "captured" not in stepper._last.graphs
+    with pytest.raises(RuntimeError, match=r"Stepper\.graphs: .* released to bound memory"):
+        stepper.graphs
+    report = str(unrollc.explain(stepper))
+    assert "released its graphs after each pass" in report and "Passes" not in report and "mm.default" in report
+    with torch.no_grad():  # and the cached graphs still run, with and without grad
+        stepper.unroll(stepper.init(), [torch.randn(2, 8)] * 3)
+    state = stepper.unroll(stepper.init(hyper={"lr": torch.tensor(0.01, requires_grad=True)}), [torch.randn(3, 8)] * 3)
+    torch.autograd.grad(state.loss, state.hyper["lr"])
+
+
+def test_cycling_through_more_layouts_than_the_cache_holds_warns():
+    """More batch layouts than the graph cache holds, in a cycle: every task traced again, silently (found in
+    review). The first trace of an evicted graph warns, once."""
+    from unrollc.runtime import stepper as stepper_module
+
+    model = nn.Linear(4, 2)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    size = stepper_module._CACHE_SIZE
+    stepper_module._CACHE_SIZE = 3
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for n in range(1, 5):  # 4 layouts, 3 kept: no graph traced twice yet
+                stepper.step(stepper.init(), torch.randn(n, 4))
+        with pytest.warns(UserWarning, match="tracing again a step graph the stepper had evicted .* Pad or bucket"):
+            stepper.step(stepper.init(), torch.randn(1, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            stepper.step(stepper.init(), torch.randn(2, 4))  # once per stepper
+    finally:
+        stepper_module._CACHE_SIZE = size

@@ -34,7 +34,7 @@ from torch import fx
 from .capture import NodeInfo, ShadowOptimizer, hyper_leaves, input_layout, trace_with_fallbacks
 from .guards import GuardSet, lookup_or_trace
 from .optimizer_spec import OptimizerSpec
-from .passes import run_pipeline
+from .passes import release_examples, run_pipeline
 from .runtime.execute import run_graph
 from .runtime.state import aliased_state_inputs, guard_aliases
 
@@ -182,6 +182,7 @@ class CompiledUpdate:
         gm, _ = run_pipeline(gm)  # includes safe_sqrt: no NaN meta-gradients where exp_avg_sq == 0
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
+        release_examples(gm)  # the cached update keeps no copy of the parameters, state or gradients
         self.trace_count += 1
         return _Entry(gm, sig, GuardSet(shadow.tracker.guards, guard_aliases(gm.meta["unrollc"]["aliased_inputs"])))
 

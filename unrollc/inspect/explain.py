@@ -22,7 +22,7 @@ from torch import fx
 from .diff import PassDiff, diff_pass, input_summary, op_histogram
 
 from ..runtime.state import UnrollState
-from ..runtime.stepper import Stepper
+from ..runtime.stepper import GRAPHS_KEPT, Stepper
 
 __all__ = ["Report", "explain", "step_costs"]
 
@@ -48,9 +48,9 @@ class Report:
     # ---------------------------------------------------------------------------------------------- text
     def format(self, *, costs: bool = True) -> str:
         """The report as text; ``costs=False`` leaves out the bytes and FLOPs section."""
-        lines = [self.title, "", "Passes (nodes before -> after):"]
-        first = self.passes[0].nodes_before if self.passes else 0
-        lines.append(f"  {'captured':<22}{first:>5}")
+        lines = [self.title]
+        if self.passes:  # none when the stepper has released this graph's pass graphs
+            lines += ["", "Passes (nodes before -> after):", f"  {'captured':<22}{self.passes[0].nodes_before:>5}"]
         for d in self.passes:
             note = "" if d.changed else "   (no change)"
             lines.append(f"  {d.name:<22}{d.nodes_before:>5} -> {d.nodes_after:<5}{note}".rstrip())
@@ -232,7 +232,7 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
     Returns:
         A :class:`Report`: ``print(report)`` in a terminal; notebooks render it (``_repr_html_``).
     """
-    from ..runtime.stepper import Stepper
+    from ..runtime.stepper import GRAPHS_KEPT, Stepper
 
     if not isinstance(stepper, Stepper):
         raise TypeError(
@@ -251,14 +251,15 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
             "unrollc.explain: the stepper has not traced a step yet (the graph depends on the batch's shapes); "
             "call unrollc.explain(stepper, state, batch) to trace one, or run stepper.step(state, batch) first."
         )
-    graphs = stepper.graphs
+    gm = stepper.graph
+    released = "captured" not in stepper._last.graphs  # noqa: SLF001 - an old trace's pass graphs (Stepper.graphs)
+    graphs = {} if released else stepper.graphs
     names = list(graphs)
     module_of = _owners(stepper)
     diffs = [
         diff_pass(after.removeprefix("after "), graphs[before], graphs[after], module_of)
         for before, after in zip(names, names[1:])
     ]
-    gm = stepper.graph
     sig = stepper._last.signature  # noqa: SLF001 - the most recent trace's layout
     outputs = {"params'": len(sig.params), "buffers'": len(sig.buffers), "opt_state'": len(sig.state_out), "loss": 1}
     state_bytes, saved, flops, note = step_costs(gm)
@@ -272,6 +273,10 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
     if stepper.grad_callback is not None:  # a clipping object shows its settings, a function its name
         cb = stepper.grad_callback
         title += f", grad_callback {getattr(cb, '__qualname__', None) or repr(cb)}"
+    if released:
+        title += (f"\nThis step graph was traced more than {GRAPHS_KEPT} traces ago and the stepper has released its "
+                  f"graphs after each pass (it keeps them for its {GRAPHS_KEPT} most recent traces), so the passes are "
+                  "not shown; a fresh stepper on this layout shows them.")
     if sig.state_out and not sig.state_in:
         title += ("\nThe graph of a first step: the optimizer has no state yet and this step creates it; the steps "
                   "after it run another graph (explain after a second step to see that one).")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .cse import cse
 from .dead_code import eliminate_dead_code
@@ -32,7 +34,7 @@ from .safe_sqrt import safe_sqrt
 from .strip_detach import strip_detach
 from .strip_profiler import strip_profiler
 
-__all__ = ["PIPELINE", "run_pipeline", "Pass"]
+__all__ = ["PIPELINE", "run_pipeline", "release_examples", "Pass"]
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -93,3 +95,36 @@ def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     if isinstance(gm.meta.get("unrollc"), dict):
         new.meta["unrollc"] = {k: v for k, v in gm.meta["unrollc"].items() if k != "example_inputs"}
     return new
+
+
+def release_examples(gm: fx.GraphModule) -> None:
+    """Replace the real tensors ``gm`` keeps from its trace by fake tensors of the same layout, dtype and device,
+    which hold no memory: its placeholders' ``meta["val"]`` (the example inputs, copies of the weights and
+    optimizer state at trace time) and, in the ``"captured"`` graph, the closed-over tensors that ``lift_inputs``
+    makes inputs (``meta["unrollc"]["constants"]`` is re-keyed to them). A cached step graph then holds no copy of
+    the model. The graph runs as before: it reads its inputs, not these (``"captured"`` is for reading only).
+    Other graph constants (small tensors the graph computes with) are left as they are."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        return t if isinstance(t, FakeTensor) or t.device.type == "meta" else mode.from_tensor(t)
+
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if isinstance(val := node.meta.get("val"), torch.Tensor):
+            node.meta["val"] = fake(val)
+    info = gm.meta.get("unrollc")
+    constants = info.get("constants") if isinstance(info, dict) else None
+    if not constants:
+        return
+    stand_ins: dict[int, torch.Tensor] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner, _, name = str(node.target).rpartition(".")
+        module = gm.get_submodule(owner)
+        value = getattr(module, name, None)
+        if not isinstance(value, torch.Tensor) or id(value) not in constants:
+            continue
+        stand_in = stand_ins.setdefault(id(value), fake(value.detach()))
+        for slot in (module._parameters, module._buffers, module.__dict__):
+            slot.pop(name, None)
+        module.register_buffer(name, stand_in)
+    info["constants"] = {id(stand_ins[k]) if k in stand_ins else k: v for k, v in constants.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +18,7 @@ from ..capture import Captured, Signature, capture_step, hyper_leaves, input_lay
 from ..errors import user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec
-from ..passes import run_pipeline
+from ..passes import release_examples, run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
 from .checks import check_model, check_opaque_leaves, meta_buffers_restored_on_failure
@@ -55,7 +55,6 @@ class CompiledStep:
     signature: Signature
     guards: GuardSet
     graphs: dict[str, fx.GraphModule]
-    raw: Captured | None = None
 
 
 class Stepper:
@@ -112,6 +111,9 @@ class Stepper:
         self._warned_written: set[str] = set()  # attributes the forward writes, pointed out once (see _lookup)
         self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
         self._new_keys = 0  # step graphs traced for a new key (layouts and values), see _lookup
+        self._recent: deque[dict[str, fx.GraphModule]] = deque()  # the pass graphs of the latest traces (_capture)
+        self._evicted: set[int] = set()  # hashes of the cache keys evicted so far (see _lookup)
+        self._warned_evicted = False
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
@@ -272,7 +274,7 @@ class Stepper:
         # hook or a wrapped forward counting evaluations): then every evaluation goes through it.
         gm = compiled.gm
         if not torch.is_grad_enabled() and not instrumented(gm):
-            gm = compiled.graphs.get("after cse", gm)
+            gm = compiled.graphs.get(_NO_GRAD_GRAPH, gm)
         outs = run_graph(gm, flat)
         return self._unflatten(compiled.signature, state, outs)
 
@@ -348,27 +350,36 @@ class Stepper:
     @property
     def graph(self) -> fx.GraphModule:
         """The final step graph of the most recent step (traced on the first :meth:`step`)."""
-        if self._last is None:
-            raise RuntimeError(
-                "Stepper.graph: no step has been traced yet; the graph depends on the batch's shapes, so call "
-                "stepper.step(state, batch) once first, or stepper.trace(state, batch), which traces without "
-                "running a step."
-            )
-        return self._last.gm
+        return self._traced("Stepper.graph").gm
 
     @property
     def graphs(self) -> dict[str, fx.GraphModule]:
-        """The graph after each pass of the most recent trace: ``"captured"``, ``"after lift_inputs"``, ..."""
-        self.graph  # noqa: B018 - raises the helpful error
-        assert self._last is not None
-        return PassGraphs(self._last.graphs)
+        """The graph after each pass (``"captured"``, ``"after lift_inputs"``, ...) of the most recent step's graph,
+        kept for the stepper's 8 most recent traces (older ones keep only what their steps run, to bound memory)."""
+        graphs = self._traced("Stepper.graphs").graphs
+        if "captured" not in graphs:
+            raise RuntimeError(
+                f"Stepper.graphs: the most recent step ran a step graph traced more than {GRAPHS_KEPT} traces ago, "
+                "whose graphs after each pass were released to bound memory (the stepper keeps them for its "
+                f"{GRAPHS_KEPT} most recent traces; stepper.graph, the final graph, is kept). To inspect its passes, "
+                "step with a fresh stepper (unrollc.compile again) on the same layout."
+            )
+        return PassGraphs(graphs)
 
     @property
     def guards(self) -> list[Guard]:
         """The guards of the most recent step graph (values the optimizer branched on)."""
-        self.graph  # noqa: B018
-        assert self._last is not None
-        return list(self._last.guards)
+        return list(self._traced("Stepper.guards").guards)
+
+    def _traced(self, api: str) -> CompiledStep:
+        """The most recent step's compiled graph, or an error naming ``api`` and the fix if none was traced."""
+        if self._last is None:
+            raise RuntimeError(
+                f"{api}: no step has been traced yet; the graph depends on the batch's shapes, so call "
+                "stepper.step(state, batch) once first, or stepper.trace(state, batch), which traces without "
+                "running a step."
+            )
+        return self._last
 
     # -------------------------------------------------------------------------------------- internal
     def _check_arity(self, batch: Any, meta: tuple) -> None:
@@ -476,9 +487,17 @@ class Stepper:
             self._new_keys += 1
             if self._new_keys == _MANY_KEYS:
                 warn_numbers(batch, meta, self._new_keys)
+            if hash(key) in self._evicted and not self._warned_evicted:
+                self._warned_evicted = True
+                warnings.warn(
+                    f"Stepper.step: tracing again a step graph the stepper had evicted from its cache, which keeps the "
+                    f"{_CACHE_SIZE} most recently used (one per batch layout, two for an optimizer whose first step "
+                    "creates its state, such as Adam or SGD with momentum). The steps cycle through more layouts "
+                    "than that, so graphs are traced again and again (about a second each). Pad or bucket the "
+                    "batches to fewer shapes, or use one stepper per group of shapes.", stacklevel=user_stacklevel())
         self._cache.move_to_end(key)
         while len(self._cache) > _CACHE_SIZE:  # a long run over ever new layouts or values keeps only the recent
-            self._cache.popitem(last=False)
+            self._evicted.add(hash(self._cache.popitem(last=False)[0]))
 
         def trace() -> CompiledStep:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
@@ -571,6 +590,13 @@ class Stepper:
         gm, graphs = run_pipeline(gm, keep=True, check=self.check)
         gm.meta["unrollc"].pop("constants", None)
         gm.meta["unrollc"].pop("example_inputs", None)
+        for g in (gm, *graphs.values()):  # no copy of the weights in the cache
+            release_examples(g)
+        self._recent.append(graphs)
+        if len(self._recent) > GRAPHS_KEPT:  # an older trace keeps what its steps run: its final graph, "after cse"
+            older = self._recent.popleft()
+            for name in [k for k in older if k != _NO_GRAD_GRAPH]:
+                del older[name]
         self.trace_count += 1
         self._warn_held_parameters(gm)
         aliases = guard_aliases(gm.meta["unrollc"]["aliased_inputs"])
@@ -659,6 +685,8 @@ def _describe(tree: Any) -> str:
 
 
 _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
+GRAPHS_KEPT = 8  # traces whose graphs after every pass are kept (stepper.graphs); older ones keep _NO_GRAD_GRAPH
+_NO_GRAD_GRAPH = "after cse"  # what steps without grad run (see Stepper._step)
 _MANY_KEYS = 8  # traces for new keys after which Python numbers among the inputs are pointed out
 
 

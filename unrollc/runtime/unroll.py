@@ -163,6 +163,7 @@ def run_unroll(
     if not isinstance(policy, NoCheckpoint):  # the plan needs n, and the backward pass re-reads the batches
         batches = list(batches)
         if not batches:
+            _warn_no_batch()
             return state.replace(losses=[])
         plan = plan_unroll(stepper, state, batches, meta, policy, hypers)
         if not isinstance(plan.resolved, NoCheckpoint):
@@ -194,6 +195,8 @@ def run_unroll(
                 losses.append(state.loss)
         if hypers is not None and len(losses) != len(hypers):
             raise hyper_count_error(len(hypers), len(losses))
+        if not losses:
+            _warn_no_batch()
         return state.replace(losses=losses)
     n = len(batches)
     if torch.is_grad_enabled():
@@ -292,6 +295,15 @@ def run_unroll(
     out = unpack(n, final, state.hyper if hypers is None else hypers[-1], state.t + n)
     out = out.replace(buffers={k: v if k in learned else v.detach() for k, v in out.buffers.items()})
     return out.replace(loss=losses[-1], losses=list(losses))
+
+
+def _warn_no_batch() -> None:
+    warnings.warn(
+        "Stepper.unroll: `batches` yielded no batch, so no step ran and the state is returned as it was (its "
+        "meta-gradients are those of the initial state). An iterator an earlier unroll exhausted (a generator, "
+        "iter(loader)) yields nothing: pass a list, or a new iterator each time.",
+        stacklevel=4,
+    )
 
 
 def _refuse_transforms(plan: Plan, *trees: Any) -> None:
