@@ -4,6 +4,7 @@ import inspect
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -652,6 +653,9 @@ def test_argument_errors_are_typed_and_named():
     with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, _):
         with pytest.raises(TypeError, match=r"parameters\(time=\.\.\.\) takes an int.*got str 'a'"):
             fmodel.parameters(time="a")
+        fmodel(torch.randn(3, 2))
+        for time in (0, torch.tensor(0), np.int64(0)):  # indexes, as higher's list does
+            assert [tuple(p.shape) for p in fmodel.parameters(time=time)] == [(1, 2), (1,)]
 
 
 @pytest.mark.parametrize("checkpoint", [None, "sqrt"])
@@ -665,6 +669,9 @@ def test_an_unroll_over_no_batches_warns(checkpoint):
     with pytest.warns(UserWarning, match="yielded no batch, so no step ran .* a new iterator") as record:
         state = stepper.unroll(stepper.init(), batches, checkpoint=checkpoint)
     assert state.t == 0 and state.losses == [] and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty list is a zero-step unroll (a sweep over n from 0): no warning
+        assert stepper.unroll(stepper.init(), [], checkpoint=checkpoint).losses == []
 
 
 def test_the_state_repr_is_a_summary():

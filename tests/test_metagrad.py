@@ -481,7 +481,8 @@ def test_torch_func_transforms_over_a_plain_unroll(float64):
     assert rel(got, torch.stack([meta(s, lrs[1], w) for w in ws])) < 1e-12 and s.trace_count == 2
     s = stepper()
     for call in (lambda: torch.func.grad(lambda v: meta(s, v, checkpoint=2))(lrs[1]),
-                 lambda: torch.func.vmap(lambda v: meta(s, v, checkpoint="sqrt"))(lrs)):
+                 lambda: torch.func.vmap(lambda v: meta(s, v, checkpoint="sqrt"))(lrs),
+                 lambda: torch.func.grad(lambda v: meta(s, v, checkpoint=unrollc.Budget(2**30)))(lrs[1])):
         with pytest.raises(RuntimeError, match="inside a torch.func transform .* checkpoint=None there"):
             call()
     with fwad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD dual tensors .* checkpoint=None there"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -169,11 +170,15 @@ class FunctionalModule(nn.Module):
     def _history(self, time: int) -> list[torch.Tensor]:
         if self._fast_params is None:
             raise Exception("Tried to get fast weights of a monkey patched module which does not encapsulate fast weights.")
-        if isinstance(time, bool) or not isinstance(time, int):
+        try:
+            if isinstance(time, bool):
+                raise TypeError
+            time = operator.index(time)  # an int, numpy's or a 0-dim integer tensor (higher indexes a list with it)
+        except TypeError:
             raise TypeError(
                 f"unrollc.higher: parameters(time=...) takes an int (0: the initial weights, t: after t updates, -1 "
                 f"or None: the latest), got {type(time).__name__} {time!r}."
-            )
+            ) from None
         if not self.track_higher_grads and time not in (-1, 0):
             raise ValueError(
                 "The patched model is not tracking higher gradients. Only the latest parameters (time=None or -1) "

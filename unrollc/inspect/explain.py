@@ -232,8 +232,6 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
     Returns:
         A :class:`Report`: ``print(report)`` in a terminal; notebooks render it (``_repr_html_``).
     """
-    from ..runtime.stepper import GRAPHS_KEPT, Stepper
-
     if not isinstance(stepper, Stepper):
         raise TypeError(
             f"unrollc.explain: expected the Stepper returned by unrollc.compile(model, opt, loss_fn), got "

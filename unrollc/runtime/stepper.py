@@ -318,6 +318,7 @@ class Stepper:
                 "stacking n batches, batches.unbind(0)."
             )
         policy = resolve_checkpoint(checkpoint, api="Stepper.unroll")
+        sized = isinstance(batches, Sized)  # an empty list is a zero-step unroll; an empty iterator may be a mistake
         drew = False
         if not isinstance(policy, NoCheckpoint):
             before = None if isinstance(batches, (list, tuple)) else torch.get_rng_state()
@@ -326,7 +327,7 @@ class Stepper:
         n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
         hypers = None if hyper is None else self._step_hypers(state, hyper, n)
         try:
-            return run_unroll(self, state, batches, bind_modules(meta), policy, hypers, reading_drew_rng=drew)
+            out = run_unroll(self, state, batches, bind_modules(meta), policy, hypers, reading_drew_rng=drew)
         except Exception as exc:
             if (isinstance(batches, tuple) and len(batches) > 1 and all(isinstance(b, torch.Tensor) for b in batches)
                     and len({b.shape for b in batches}) > 1):
@@ -337,6 +338,14 @@ class Stepper:
                     "[(x, y)] * n for n steps on it."
                 )
             raise
+        if not out.losses and not sized:
+            warnings.warn(
+                "Stepper.unroll: `batches` yielded no batch, so no step ran and the state is returned as it was (its "
+                "meta-gradients are those of the initial state). An iterator that an earlier unroll exhausted (a "
+                "generator, iter(loader)) yields nothing: pass a list, or a new iterator each time.",
+                stacklevel=2,
+            )
+        return out
 
     def forward(self, state: UnrollState, *args: Any, **kwargs: Any) -> Any:
         """Run the model with the state's weights and buffers (buffers are copied, never updated)."""
@@ -497,6 +506,8 @@ class Stepper:
                     "batches to fewer shapes, or use one stepper per group of shapes.", stacklevel=user_stacklevel())
         self._cache.move_to_end(key)
         while len(self._cache) > _CACHE_SIZE:  # a long run over ever new layouts or values keeps only the recent
+            if len(self._evicted) > 64 * _CACHE_SIZE:  # bounded: a warning's memory, not the cache's
+                self._evicted.clear()
             self._evicted.add(hash(self._cache.popitem(last=False)[0]))
 
         def trace() -> CompiledStep:

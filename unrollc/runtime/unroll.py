@@ -161,13 +161,14 @@ def run_unroll(
     advance = _advance(stepper)
     plan = None
     if not isinstance(policy, NoCheckpoint):  # the plan needs n, and the backward pass re-reads the batches
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # before a Budget's cost model runs there
+            _refuse_transforms(policy)
         batches = list(batches)
         if not batches:
-            _warn_no_batch()
             return state.replace(losses=[])
         plan = plan_unroll(stepper, state, batches, meta, policy, hypers)
         if not isinstance(plan.resolved, NoCheckpoint):
-            _refuse_transforms(plan, state.params, state.buffers, state.opt_state, state.hyper, hypers, batches, meta)
+            _refuse_transforms(policy, state.params, state.buffers, state.opt_state, state.hyper, hypers, batches, meta)
         distinct = distinct_batches(batches)
         first = state if hypers is None else replace(state, hyper=hypers[0])
         graphs = {id(gm): gm for gm in (stepper.trace(first, b, *meta) for b in distinct)}.values()
@@ -195,8 +196,6 @@ def run_unroll(
                 losses.append(state.loss)
         if hypers is not None and len(losses) != len(hypers):
             raise hyper_count_error(len(hypers), len(losses))
-        if not losses:
-            _warn_no_batch()
         return state.replace(losses=losses)
     n = len(batches)
     if torch.is_grad_enabled():
@@ -297,16 +296,7 @@ def run_unroll(
     return out.replace(loss=losses[-1], losses=list(losses))
 
 
-def _warn_no_batch() -> None:
-    warnings.warn(
-        "Stepper.unroll: `batches` yielded no batch, so no step ran and the state is returned as it was (its "
-        "meta-gradients are those of the initial state). An iterator an earlier unroll exhausted (a generator, "
-        "iter(loader)) yields nothing: pass a list, or a new iterator each time.",
-        stacklevel=4,
-    )
-
-
-def _refuse_transforms(plan: Plan, *trees: Any) -> None:
+def _refuse_transforms(policy: Policy, *trees: Any) -> None:
     """A checkpointed unroll is one custom ``autograd.Function`` (with ``backward`` only): refused inside a
     ``torch.func`` transform and with forward-mode dual tensors among its inputs, which it cannot carry."""
     import torch.autograd.forward_ad as fwad
@@ -319,7 +309,7 @@ def _refuse_transforms(plan: Plan, *trees: Any) -> None:
     else:
         return
     raise RuntimeError(
-        f"Stepper.unroll: called {within} with checkpoint={plan.policy!r}; a checkpointed unroll is one custom "
+        f"Stepper.unroll: called {within} with checkpoint={policy!r}; a checkpointed unroll is one custom "
         "autograd.Function that recomputes steps in torch.autograd's backward pass, and torch.func transforms and "
         "forward-mode AD cannot go through it. Unroll with checkpoint=None there (every step's graph is kept, and "
         "the transforms see the step graphs' ATen ops), or take the meta-gradient with torch.autograd.grad(...) or "
