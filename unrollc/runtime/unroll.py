@@ -184,7 +184,7 @@ def run_unroll(
             )
     if plan is None or isinstance(plan.resolved, NoCheckpoint):
         # One batch per step as the iterable yields it, as a step() loop reads it; a Budget that keeps every
-        # step's graph runs here too, so that it is the plain unroll (create_graph=True, torch.func transforms).
+        # step's graph runs here too, so that it is the plain unroll (create_graph=True, forward-mode AD).
         losses = []
         with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
             for i, batch in enumerate(batches):
