@@ -72,8 +72,8 @@ class CaptureError(RuntimeError):
         if where is not None and where.name and where.name != "<module>":
             location += f" in {where.name}"
         data_dependent = "_local_scalar_dense" in str(exc) or "data-dependent" in str(exc)
-        inner = _nn_frame(frames) if user is not None else None  # torch.nn code the user's line called
-        if inner is not None:
+        inner = _nn_frame(frames)  # torch.nn code that failed (the user's line called it, or code run by exec)
+        if inner is not None and user is not None:
             location += f", inside torch.nn at {os.path.relpath(inner.filename, _TORCH_DIR)}:{inner.lineno} (`{inner.line}`)"
         if data_dependent and inner is not None and "num_batches_tracked" in (inner.line or ""):
             hint = (

@@ -59,3 +59,16 @@ def test_batchnorm_cumulative_average_names_torch_nn_line_and_the_fix():
     message = str(_capture(model))
     assert "inside torch.nn at" in message and "batchnorm.py" in message and "num_batches_tracked" in message
     assert "momentum=0.1" in message and "torch.where" not in message
+
+
+def test_batchnorm_cumulative_average_is_named_for_code_run_by_exec():
+    """Code run by ``python -c`` or exec has no source file, so no user frame: the message fell back to the generic
+    ".item() ... torch.where" hint (found in review); it names the BatchNorm fix from torch.nn's frame."""
+    scope = {"nn": nn, "torch": torch, "unrollc": unrollc}
+    exec(  # noqa: S102 - the point of the test
+        "model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))\n"
+        "stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())\n"
+        "try:\n    stepper.step(stepper.init(), torch.randn(5, 3))\nexcept unrollc.CaptureError as e:\n    message = str(e)\n",
+        scope,
+    )
+    assert "momentum=0.1" in scope["message"] and "torch.where" not in scope["message"]
