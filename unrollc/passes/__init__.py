@@ -19,11 +19,14 @@ Read in order, it is the whole compiler after capture::
 from __future__ import annotations
 
 import copy
+import functools
+import traceback
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._pytree import tree_leaves
 
 from .cse import cse
 from .dead_code import eliminate_dead_code
@@ -104,7 +107,7 @@ def release_examples(gm: fx.GraphModule) -> None:
     makes inputs (``meta["unrollc"]["constants"]`` is re-keyed to them). A cached step graph then holds no copy of
     the model. The graph runs as before: it reads its inputs, not these (``"captured"`` is for reading only).
     Other graph constants (small tensors the graph computes with) are left as they are."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = _fake_mode()
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         return t if isinstance(t, FakeTensor) or t.device.type == "meta" else mode.from_tensor(t)
@@ -112,6 +115,10 @@ def release_examples(gm: fx.GraphModule) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         if isinstance(val := node.meta.get("val"), torch.Tensor):
             node.meta["val"] = fake(val)
+    for node in gm.graph.nodes:  # make_fx makes a FakeTensorMode per node, each with the stack it was made in
+        for val in tree_leaves(node.meta.get("val")):
+            if isinstance(val, FakeTensor) and val.fake_mode._stack_trace:
+                val.fake_mode._stack_trace = traceback.StackSummary()  # debugging text only: 5 KB a node
     info = gm.meta.get("unrollc")
     constants = info.get("constants") if isinstance(info, dict) else None
     if not constants:
@@ -128,3 +135,11 @@ def release_examples(gm: fx.GraphModule) -> None:
             slot.pop(name, None)
         module.register_buffer(name, stand_in)
     info["constants"] = {id(stand_ins[k]) if k in stand_ins else k: v for k, v in constants.items()}
+
+
+@functools.cache
+def _fake_mode() -> FakeTensorMode:
+    """The fake mode :func:`release_examples` makes its stand-ins in (one: each mode keeps the stack it was made in)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode._stack_trace = traceback.StackSummary()
+    return mode
