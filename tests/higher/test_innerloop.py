@@ -103,6 +103,30 @@ def test_first_order_from_passed_weights_reaches_them_not_the_model():
         torch.testing.assert_close(w.grad, f.grad)  # first order: d query / d final weights, delivered to w_0
 
 
+@pytest.mark.parametrize("how", ["forward", "update_params"])
+def test_first_order_starts_from_weights_set_on_the_functional_module(how):
+    # The inner loop starts from 2 * theta, set before the first step: the first-order meta-gradient of theta is
+    # 2 * d query / d final weights (it used to be linked to the initial clones: 1x), and a start independent of
+    # theta gives theta no gradient.
+    for scale, independent in ((2.0, False), (1.0, True)):
+        model, x, y, xq, yq = make()
+        start = [torch.randn_like(p, requires_grad=True) if independent else scale * p for p in model.parameters()]
+        with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1), copy_initial_weights=False, track_higher_grads=False) as (fmodel, diffopt):
+            fmodel(x, params=start) if how == "forward" else fmodel.update_params(start)
+            for _ in range(2):
+                diffopt.step(F.mse_loss(fmodel(x), y))
+            final = list(fmodel.parameters())
+            query = F.mse_loss(fmodel(xq), yq)
+            d_final = torch.autograd.grad(query, final, retain_graph=True)
+            query.backward()
+        for p, s, g in zip(model.parameters(), start, d_final, strict=True):
+            if independent:
+                assert p.grad is None
+                torch.testing.assert_close(s.grad, g)
+            else:
+                torch.testing.assert_close(p.grad, scale * g)
+
+
 def test_first_order_inner_steps_leave_no_grad_on_the_weights():
     model, x, y, xq, yq = make()
     with uh.innerloop_ctx(model, O.SGD(model.parameters(), lr=0.1), track_higher_grads=False) as (fmodel, diffopt):

@@ -9,8 +9,9 @@ exactly, options such as ``maximize`` and ``decoupled_weight_decay`` included (`
 Adam's ``eps`` elsewhere and ignores those options).
 
 ``track_higher_grads=False`` (first-order / test mode): no graph through the updates; the new weights
-are ``w_t.detach() + (w_0 - w_0.detach())`` where ``w_0`` are the initial fast weights, so their value is
-``w_t`` and the gradient of an outer loss reaches ``w_0`` unchanged — first-order MAML. With
+are ``w_t.detach() + (w_0 - w_0.detach())`` where ``w_0`` are the weights the first step starts from (the initial
+fast weights, or those set with ``fmodel(x, params=...)``, ``update_params`` or ``step(params=...)``), so their
+value is ``w_t`` and the gradient of an outer loss reaches ``w_0`` unchanged — first-order MAML. With
 ``copy_initial_weights=False`` that delivers first-order gradients to ``model.parameters()`` (``higher``
 silently gives None); the weights keep ``.grad`` after ``backward()`` (``retain_grad``), as in ``higher``.
 """
@@ -155,7 +156,6 @@ class DifferentiableOptimizer:
             )
         if override is not None:
             self._apply_override(override)
-        explicit = params is not None
         if self._fmodel is None or self._fmodel.fast_params is None:
             if params is None:
                 raise ValueError(
@@ -189,9 +189,9 @@ class DifferentiableOptimizer:
                 "gradient. Compute it with the functional module: diffopt.step(loss_fn(fmodel(x), y))."
             )
         if self._first_order_links is None and not self._track_higher_grads:
-            # The weights the first step starts from: the ones passed in, else the functional module's initial ones.
-            start = self._fmodel.init_fast_params if self._fmodel is not None and not explicit else params
-            self._first_order_links = [p - p.detach() if p.requires_grad and torch.is_grad_enabled() else None for p in start]
+            # The weights the first step starts from (the ones passed in, else the functional module's latest: the
+            # initial ones, or what fmodel(x, params=...) / update_params set): later weights link to them.
+            self._first_order_links = [p - p.detach() if p.requires_grad and torch.is_grad_enabled() else None for p in params]
         targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
         # First-order weights retain .grad (as higher's detached leaves have it after backward); autograd.grad
         # fills retained grads too, so the inner gradient must not stay on them.
