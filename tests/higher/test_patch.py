@@ -474,3 +474,52 @@ def test_a_functional_module_pickles_and_lists_its_own_attributes():
     again.eval()
     torch.testing.assert_close(again(x), fmodel(x))
     assert {"write_back", "fast_params", "embed"} <= set(dir(fmodel))
+
+
+def test_load_state_dict_copies_into_the_fast_weights_and_buffers(lib):
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(x), y))
+        saved = {k: v.clone() for k, v in fmodel.state_dict().items()}
+        out = fmodel(x)
+        fmodel.load_state_dict(saved)  # round trip: keys as state_dict() gives them
+        diffopt.step(F.mse_loss(fmodel(x), y))
+        fmodel.load_state_dict(saved)
+        torch.testing.assert_close(fmodel(x), out)
+        zeros = {k: torch.zeros_like(v) for k, v in saved.items() if k.startswith("head.")}
+        result = fmodel.load_state_dict(zeros, strict=False)
+        assert len(result.unexpected_keys) == 0 and "encoder.0.weight" in result.missing_keys
+        assert fmodel.head.weight.abs().sum() == 0 and fmodel.fast_params[-1].abs().sum() == 0
+    assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())  # the user's module is untouched
+
+
+def test_load_state_dict_with_assign_is_refused_with_the_fix():
+    model = nn.Linear(3, 2)
+    fmodel = uh.monkeypatch(model)
+    with pytest.raises(ValueError, match="update_params"):
+        fmodel.load_state_dict(model.state_dict(), assign=True)
+
+
+def test_converting_to_the_current_device_and_dtype_is_a_no_op(lib):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    grads = []
+    for convert in (lambda f: f, lambda f: f.to("cpu").cpu().double().to(torch.float64)):
+        with lib.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (fmodel, diffopt):
+            fmodel = convert(fmodel)
+            diffopt.step(F.mse_loss(fmodel(x), y))
+            grads.append(torch.autograd.grad(F.mse_loss(fmodel(x + 1), y), list(model.parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_real_conversion_is_refused_and_leaves_the_model_alone():
+    model = nn.Linear(3, 2)
+    fmodel = uh.monkeypatch(model)
+    with pytest.raises(RuntimeError, match="convert the model before patching"):
+        fmodel.half()
+    assert model.weight.dtype == torch.float32 and all(p.dtype == torch.float32 for p in fmodel.parameters())

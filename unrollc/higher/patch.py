@@ -29,7 +29,7 @@ import copy
 import operator
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,6 +166,19 @@ class FunctionalModule(nn.Module):
             destination.update(out)
             return destination
         return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Copy ``state_dict`` (keyed as :meth:`state_dict`) into the latest fast weights and the functional module's
+        buffers, in place and without gradient, as on ``higher``'s patched module; the user's module is untouched.
+        Returns torch's ``(missing_keys, unexpected_keys)``."""
+        if assign:
+            raise ValueError(
+                "unrollc.higher: load_state_dict(assign=True) on a functional module is not supported: its fast weights "
+                "are plain tensors, not nn.Parameters. Make tensors the new fast weights with "
+                "fmodel.update_params([...]) (ordered like module.parameters()), or load with assign=False (a copy)."
+            )
+        with self._reparametrized():
+            return self._module.load_state_dict(state_dict, strict=strict)
 
     def _history(self, time: int) -> list[torch.Tensor]:
         if self._fast_params is None:
@@ -333,6 +346,10 @@ class FunctionalModule(nn.Module):
         return self if target == "" else self._module.get_submodule(target)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "FunctionalModule":  # type: ignore[override]
+        tensors = [*self._bufs.values(), *(self._original.parameters() if self.fast_params is None else self._latest())]
+        with torch.no_grad():
+            if all(fn(t) is t for t in tensors):  # .to()/.cpu()/.double() to what they are already: a no-op, as in higher
+                return self
         raise RuntimeError(
             "unrollc.higher: .to()/.cuda()/.float() on a functional module would convert the original model's "
             "parameters, which it shares; convert the model before patching it, or pass device= to monkeypatch "
