@@ -510,6 +510,94 @@ def test_a_learned_loss_module_passed_as_meta(float64):
             assert rel(a, b) < 1e-10, checkpoint
 
 
+class _TemperedLoss(nn.Module):
+    """A learned loss with a Python attribute (``temp``) and dropout: both are baked into a traced step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.5), nn.Softplus(), nn.Linear(4, 1))
+        self.temp = 1.0
+
+    def forward(self, r):
+        return self.net(r / self.temp)
+
+
+def test_a_meta_modules_mode_attributes_and_hooks_changed_between_unrolls_are_seen(float64):
+    """ln.eval(), ln.temp = 3.0 or a forward hook on the loss network after a first unroll: the stepper's next
+    unroll runs with them, as eager code and a fresh stepper do (it kept the graph traced for the first); and a
+    change made between an unroll and its backward leaves the re-run steps of every schedule as they ran."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    loss_fn = lambda m, b, net: net((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)) for _ in range(5)]
+    xv, yv = torch.randn(5, 3), torch.randn(5, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def meta_gradient(stepper, net, checkpoint, change=None):
+        torch.manual_seed(1)
+        final = stepper.unroll(stepper.init(), batches, net, checkpoint=checkpoint)
+        val = (stepper.forward(final, xv) - yv).pow(2).mean()
+        if change is not None:
+            change(net)
+        return torch.autograd.grad(val, list(net.parameters())[:3])
+
+    def eager(net):
+        torch.manual_seed(1)
+        fast = oracles.eager_unroll(model, lambda m, b: loss_fn(m, b, net), batches, oracles.sgd_momentum(0.1, 0.0))
+        names = [n for n, _ in model.named_parameters()]
+        val = (torch.func.functional_call(model, dict(zip(names, fast)), (xv,)) - yv).pow(2).mean()
+        return torch.autograd.grad(val, list(net.parameters())[:3])
+
+    changes = [lambda net: net.eval(), lambda net: setattr(net, "temp", 3.0),
+               lambda net: net.net[2].register_forward_hook(lambda mod, args, out: 2 * out)]
+    for checkpoint in (None, "sqrt", "binomial"):
+        torch.manual_seed(0)
+        net = _TemperedLoss()
+        stepper = unrollc.compile(model, opt, loss_fn)
+        for change in changes:
+            meta_gradient(stepper, net, checkpoint)  # traced with the module as it was
+            change(net)
+            for a, b in zip(meta_gradient(stepper, net, checkpoint), eager(net), strict=True):
+                assert rel(a, b) < 1e-10, checkpoint
+        if checkpoint is not None:  # changed after the unroll, before backward: the re-run steps are those it ran
+            torch.manual_seed(0)
+            net = _TemperedLoss()
+            ref = eager(net)
+            for change in changes[:2]:
+                stepper = unrollc.compile(model, opt, loss_fn)
+                torch.manual_seed(0)
+                net = _TemperedLoss()
+                for a, b in zip(meta_gradient(stepper, net, checkpoint, change), ref, strict=True):
+                    assert rel(a, b) < 1e-10, checkpoint
+
+
+def test_forward_hooks_registered_or_removed_after_a_trace_are_seen(float64):
+    """A forward hook (or pre-hook) added to the model after the first trace, then removed: every step equals
+    eager training with the hooks the model has at that step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    batch = (torch.randn(6, 3), torch.randn(6, 1))
+    eager = copy.deepcopy(model)
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    state = stepper.init()
+    registrations = [lambda m: m[1].register_forward_hook(lambda mod, args, out: 2 * out),
+                     lambda m: m[2].register_forward_pre_hook(lambda mod, args: (args[0] + 1,))]
+    handles: list = []
+    for phase in range(5):  # none, +hook, +pre-hook, -hook, -pre-hook
+        if 1 <= phase <= 2:
+            handles += [(registrations[phase - 1](model), registrations[phase - 1](eager))]
+        elif phase >= 3:
+            for h in handles.pop(0):
+                h.remove()
+        state = stepper.step(state, batch)
+        opt.zero_grad()
+        loss_fn(eager, batch).backward()
+        opt.step()
+        for n, p in eager.named_parameters():
+            assert rel(state.params[n], p) < 1e-12, phase
+
+
 def _eager_meta_gradient(model, batches, meta_loss_of, lr):
     """A hand-written SGD unroll with autograd.grad(create_graph=True) through functional_call; BatchNorm's
     running stats and spectral_norm's power-iteration vectors advance in the buffers, without gradient."""

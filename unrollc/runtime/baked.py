@@ -20,13 +20,14 @@ from torch.utils._pytree import tree_flatten
 from ..errors import user_stacklevel
 from ..optimizer_spec import Same
 
-__all__ = ["Modes", "gradient_hooks", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
+__all__ = ["Modes", "forward_hooks", "gradient_hooks", "module_modes", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
 # (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
 # model and in torch.optim, e.g. ASGD's eta and mu, take it, so a graph traced under one dtype is not the other's;
-# the parameters' gradient hooks, see gradient_hooks)
-Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype, tuple]
+# the parameters' gradient hooks, see gradient_hooks, and the modules' forward hooks, see forward_hooks; the same
+# for each module passed as a meta argument, see module_modes)
+Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype, tuple, tuple]
 _SKIP = object()
 
 
@@ -77,12 +78,38 @@ def gradient_hooks(named_params: Iterable[tuple[str, torch.Tensor]], api: str) -
     return tuple(hooks)
 
 
-def python_values(model: nn.Module, loss_fn: Callable[..., Any], grad_callback: Callable[..., Any] | None = None) -> tuple:
+def forward_hooks(modules: Iterable[nn.Module]) -> tuple:
+    """The forward hooks and forward pre-hooks (their handle ids) of each of ``modules`` and torch's global ones:
+    tracing runs them, so the step graph has what they do baked in, and adding or removing one traces a new graph."""
+    from torch.nn.modules import module as nn_module
+
+    per_module = tuple((i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                       for i, m in enumerate(modules) if m._forward_pre_hooks or m._forward_hooks)
+    return per_module, tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks)
+
+
+def module_modes(modules: Iterable[nn.Module], values: Callable[[int, nn.Module], tuple]) -> tuple:
+    """What a step graph bakes in of the modules passed as meta arguments (a learned loss network), one entry per
+    module: the ``training`` flags of its submodules, its Python values (``values(j, module)``, see
+    :func:`module_values`) and its forward hooks, as for the model."""
+    return tuple((tuple(m.training for m in module.modules()), values(j, module), forward_hooks(module.modules()))
+                 for j, module in enumerate(modules))
+
+
+def module_values(j: int, module: nn.Module) -> tuple:
+    """The public attributes (``self.temperature = 2.0``) of the ``j``-th module passed as a meta argument."""
+    return tuple(item for prefix, m in module.named_modules() for item in _public_values(f"meta{j}.{prefix}", m))
+
+
+def python_values(model: nn.Module, loss_fn: Callable[..., Any], grad_callback: Callable[..., Any] | None = None,
+                  meta_modules: Iterable[nn.Module] = ()) -> tuple:
     """The plain values a step graph bakes in when it is traced: public attributes of the model's modules
-    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute) and the variables ``loss_fn`` (and
-    ``grad_callback``, if any) closes over or reads as globals. A change re-traces, as torch.compile's guards would;
-    values read elsewhere (a helper function's globals, attributes of other objects) stay as traced."""
+    (``self.scale = 3.0``, a dropout ``p``, a plain tensor attribute), of the modules passed as meta arguments, and
+    the variables ``loss_fn`` (and ``grad_callback``, if any) closes over or reads as globals. A change re-traces, as
+    torch.compile's guards would; values read elsewhere (a helper function's globals, attributes of other objects)
+    stay as traced."""
     out = [item for prefix, module in model.named_modules() for item in _public_values(prefix, module)]
+    out += [item for j, module in enumerate(meta_modules) for item in module_values(j, module)]
     out += _function_values("loss_fn", loss_fn)
     if grad_callback is not None:
         out += _function_values("grad_callback", grad_callback)
@@ -147,16 +174,20 @@ def _cell_has_value(cell: Any) -> bool:
 
 
 @contextlib.contextmanager
-def training_modes(model: nn.Module, modes: Modes | None) -> Iterator[None]:
-    """Set every module's ``training`` flag and torch's default dtype to ``modes`` for the body (nothing if None);
-    restored after."""
+def training_modes(model: nn.Module, modes: Modes | None, meta_modules: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Set every module's ``training`` flag (the model's, and those of the modules passed as meta arguments) and
+    torch's default dtype to ``modes`` for the body (nothing if None); restored after."""
     if modes is None:
         yield
         return
     modules = list(model.modules())
+    flags = list(modes[0])
+    for module, entry in zip(meta_modules, modes[5], strict=True):
+        modules += module.modules()
+        flags += entry[0]
     saved, saved_dtype = [m.training for m in modules], torch.get_default_dtype()
     try:
-        for m, mode in zip(modules, modes[0], strict=True):
+        for m, mode in zip(modules, flags, strict=True):
             m.training = mode
         torch.set_default_dtype(modes[3])
         yield

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import register_pytree_node, tree_map
+from torch.utils._pytree import register_pytree_node, tree_flatten, tree_map
 
-__all__ = ["ModuleArg", "bind_modules"]
+__all__ = ["ModuleArg", "bind_modules", "meta_modules"]
 
 
 class ModuleArg:
@@ -50,6 +50,12 @@ def _unflatten(values: Any, context: tuple[nn.Module, tuple[str, ...]]) -> Modul
 
 
 register_pytree_node(ModuleArg, _flatten, _unflatten, serialized_type_name="unrollc.runtime.meta.ModuleArg")
+
+
+def meta_modules(meta: tuple[Any, ...]) -> list[nn.Module]:
+    """The modules bound in ``meta`` (by :func:`bind_modules`), in order."""
+    leaves = tree_flatten(tuple(meta), is_leaf=lambda x: isinstance(x, ModuleArg))[0]
+    return [x.module for x in leaves if isinstance(x, ModuleArg)]
 
 
 def bind_modules(meta: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -22,10 +22,11 @@ from ..passes import release_examples, run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
 from .checks import check_model, check_opaque_leaves, meta_buffers_restored_on_failure
-from .baked import Modes, gradient_hooks, python_values, restored_attributes, training_modes, warn_numbers, warn_written
+from .baked import (Modes, forward_hooks, gradient_hooks, module_modes, module_values, python_values, restored_attributes,
+                    training_modes, warn_numbers, warn_written)
 from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
-from .meta import bind_modules
+from .meta import bind_modules, meta_modules
 from .rng import cuda_devices, fork_rng
 from .schedules import CheckpointLike, NoCheckpoint, resolve_checkpoint
 from .state import UnrollState, aliased_state_inputs, groups_to_hyper, guard_aliases, hyper_to_groups
@@ -472,7 +473,7 @@ class Stepper:
         meta_leaves, meta_spec = tree_flatten(tuple(meta))
         check_opaque_leaves(batch_leaves, "the batch")
         check_opaque_leaves(meta_leaves, "a meta argument")
-        modes = self._modes()
+        modes = self._modes(meta)
         return (p, b, s, h, batch_spec, tuple(map(input_layout, batch_leaves)), meta_spec, tuple(map(input_layout, meta_leaves)), modes)
 
     def _guard_env(self, signature: Signature, state: UnrollState, groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -514,14 +515,15 @@ class Stepper:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
-            before = python_values(self.model, self.loss_fn, self.grad_callback)
+            modules = meta_modules(meta)
+            before = python_values(self.model, self.loss_fn, self.grad_callback, modules)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
-                with training_modes(self.model, self._pinned_modes), restored_attributes(self.model) as written:
+                with training_modes(self.model, self._pinned_modes, modules), restored_attributes(self.model) as written:
                     with meta_buffers_restored_on_failure(meta), _outside_torch_func(state, groups, batch, meta) as plain:
                         compiled = self._capture(*plain)
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
-            after = python_values(self.model, self.loss_fn, self.grad_callback)
+            after = python_values(self.model, self.loss_fn, self.grad_callback, modules)
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
             warn_written(written - self._warned_written)
             self._warned_written |= written
@@ -530,18 +532,21 @@ class Stepper:
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
         return self._last
 
-    def _modes(self) -> "Modes":
+    def _modes(self, meta: tuple = ()) -> "Modes":
         """What a step graph is traced for besides its inputs, as it is now: ``module.training`` of every module,
         the trainable parameters (in the optimizer, requiring grad: freezing a layer after compile takes effect,
         as in eager training), the Python values the model and ``loss_fn`` may read (see
         :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants, and torch's default
-        dtype (what ``torch.zeros(3)`` in a forward and ASGD's scalar state are made in), and the parameters'
-        gradient hooks (``Tensor.register_hook``), which the graph applies to their gradients."""
+        dtype (what ``torch.zeros(3)`` in a forward and ASGD's scalar state are made in), the parameters'
+        gradient hooks (``Tensor.register_hook``), which the graph applies to their gradients, and the modules'
+        forward hooks, which tracing ran; and the same for the modules among the (bound) ``meta`` arguments."""
         if self._pinned_modes is not None:
             return self._pinned_modes
         values = tuple(v for v in python_values(self.model, self.loss_fn, self.grad_callback) if v[:2] not in self._volatile)
-        hooks = gradient_hooks(zip(self._param_names, self._model_params), "Stepper.step")
-        return tuple(m.training for m in self.model.modules()), self._trainable(), values, torch.get_default_dtype(), hooks
+        hooks = gradient_hooks(zip(self._param_names, self._model_params), "Stepper.step"), forward_hooks(self.model.modules())
+        metas = module_modes(meta_modules(meta),
+                             lambda j, m: tuple(v for v in module_values(j, m) if v[:2] not in self._volatile))
+        return tuple(m.training for m in self.model.modules()), self._trainable(), values, torch.get_default_dtype(), hooks, metas
 
     def _trainable(self) -> frozenset[str]:
         """The parameters the optimizer updates: in one of its groups and requiring grad (pinned, if pinned)."""

@@ -186,7 +186,7 @@ def run_unroll(
         # One batch per step as the iterable yields it, as a step() loop reads it; a Budget that keeps every
         # step's graph runs here too, so that it is the plain unroll (create_graph=True, forward-mode AD).
         losses = []
-        with stepper._modes_pinned(stepper._modes()):  # read once per unroll, not per step
+        with stepper._modes_pinned(stepper._modes(meta)):  # read once per unroll, not per step
             for i, batch in enumerate(batches):
                 if hypers is not None:
                     if i == len(hypers):
@@ -202,7 +202,7 @@ def run_unroll(
         for gm in graphs:
             _refuse_hidden_learned_tensors(gm, stepper)
 
-    modes = stepper._modes()
+    modes = stepper._modes(meta)
     # The executor sees flat tuples: state = params + buffers + optimizer state (whose keys appear after
     # the first step of a fresh optimizer), consts = hyperparameters + every batch's tensors + meta tensors.
     param_names, buffer_names = tuple(state.params), tuple(state.buffers)
