@@ -392,6 +392,32 @@ def test_tensors_closed_over_by_loss_fn(float64):
         stepper.unroll(stepper.init(), batches, checkpoint="sqrt")
 
 
+@pytest.mark.parametrize("checkpoint", [None, 2, "sqrt", "binomial"])
+def test_a_closed_over_tensor_changed_in_place_before_backward(checkpoint, float64):
+    """An input shift loss_fn closes over, changed in place between the unroll and its backward. Autograd saved
+    no reference to it, so a plain unroll's backward (as eager autograd's) differentiates the steps that ran; a
+    checkpointed unroll's re-run steps would read the new shift, so the backward is refused rather than wrong.
+    Changed after backward, the next unroll uses it."""
+    model = nn.Linear(3, 4)
+    shift = torch.zeros(3)
+    loss_fn = lambda m, b, w: w * nn.functional.cross_entropy(m(b[0] + shift), b[1])  # noqa: E731
+    batches = [(torch.randn(6, 3), torch.randint(0, 4, (6,))) for _ in range(6)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn)
+    w = torch.tensor(1.0, requires_grad=True)
+    meta = lambda: stepper.unroll(stepper.init(), batches, w, checkpoint=checkpoint).params["weight"].square().sum()  # noqa: E731
+    before = torch.autograd.grad(meta(), w)[0]
+    loss = meta()
+    shift += 1.0
+    if checkpoint is None:
+        assert rel(torch.autograd.grad(loss, w)[0], before) < 1e-12
+    else:
+        with pytest.raises(RuntimeError, match="modified by an in-place operation after the checkpointed unroll"):
+            torch.autograd.grad(loss, w)
+    after = torch.autograd.grad(meta(), w)[0]
+    fast = oracles.eager_unroll(model, lambda m, b: loss_fn(m, b, w), batches, oracles.sgd_momentum(0.1, 0.9))
+    assert rel(after, torch.autograd.grad(fast[0].square().sum(), w)[0]) < 1e-10 and rel(after, before) > 1e-3
+
+
 def test_learned_buffer_gets_the_same_gradient_with_checkpointing(float64):
     class Scaled(nn.Module):
         def __init__(self) -> None:

@@ -207,6 +207,21 @@ def _forward_sweep(step_fn: StepFn, plan: Plan, stats: ExecutionStats, state0: S
     return runner, final
 
 
+def _check_held(held: Sequence[tuple[Tensor, int]]) -> None:
+    """Refuse the backward sweep if a tensor the steps read by reference was modified in place since the forward
+    sweep: its re-runs would compute other states than the steps they replay, and a wrong gradient, silently."""
+    for t, version in held:
+        if t._version != version:
+            raise RuntimeError(
+                f"unrollc: a tensor of shape {tuple(t.shape)} and dtype {t.dtype} that the steps read by reference (a "
+                "tensor loss_fn closes over or reads as a global, or a module's tensor attribute) was modified by an "
+                f"in-place operation after the checkpointed unroll (its version went from {version} to {t._version}). "
+                "The backward pass re-runs steps, which would read the new values and give a wrong gradient. Change "
+                "it after backward(), or assign a new tensor (w = w * 2) instead of changing it in place (w.mul_(2)), "
+                "or pass it as a meta argument."
+            )
+
+
 class _CheckpointedUnroll(torch.autograd.Function):
     """Inputs: state0 + consts. Outputs: the final state + the stacked step losses (shape ``(n,)``)."""
 
@@ -218,6 +233,9 @@ class _CheckpointedUnroll(torch.autograd.Function):
         ctx.rng0 = RngState.now(cuda_devices(tensors), getattr(step_fn, "generators", ()))
         runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs)
         ctx.save_for_backward(*tensors)     # version counters: in-place changes to inputs are caught
+        # and to the tensors the steps read by reference (a class-weight tensor loss_fn closes over), which the
+        # backward sweep's re-runs would read changed
+        ctx.held = [(t, t._version) for t in getattr(step_fn, "held_tensors", tuple)()]
         ctx.runner, ctx.args = runner, (step_fn, plan, stats, n_state, const_needs)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*(t for t in final if not _differentiable(t)))
@@ -233,6 +251,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
             )
         step_fn, plan, stats, n_state, const_needs = ctx.args
         saved = ctx.saved_tensors
+        _check_held(ctx.held)
         runner, ctx.runner = ctx.runner, None   # the backward sweep consumes the stored states and the tape
         with fork_rng(ctx.rng0.devices, ctx.rng0.generators):  # recomputation restores stored states: undo it
             if runner is None:                  # a second backward (retain_graph=True): replay the forward sweep

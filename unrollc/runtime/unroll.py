@@ -286,6 +286,15 @@ def run_unroll(
     # traced once per layout (the stepper's cache), so that every stored state keeps their states too.
     generators = {id(g): g for gm in graphs for g in step_generators(gm)}
     step_fn.generators = tuple(generators.values())  # type: ignore[attr-defined]
+
+    def held_tensors() -> tuple[torch.Tensor, ...]:
+        """The tensors the graphs the steps ran read by reference (checked for in-place changes before re-runs)."""
+        found = {id(v): v for entries in kept.values() for entry in entries
+                 for node in entry.gm.graph.find_nodes(op="get_attr")
+                 if isinstance(v := getattr(entry.gm, str(node.target), None), torch.Tensor)}
+        return tuple(found.values())
+
+    step_fn.held_tensors = held_tensors  # type: ignore[attr-defined]
     shared: dict[int, tuple[int, ...]] = {}  # per step, each state position's first position holding its tensor
     final, losses = checkpointed_unroll(step_fn, n, pack(state), tuple(consts), plan)
     # One tensor at several positions (the shared step counters) comes out of the autograd.Function as
