@@ -30,6 +30,28 @@ def test_budget_picks_a_fitting_plan_and_keeps_the_gradient(float64):
     assert torch.allclose(grad(budget), grad(None), rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_budget_counts_the_generator_state_kept_with_each_stored_state(dropout):
+    """A step that draws random numbers (dropout) keeps the CPU generator's state (5056 bytes) with every stored
+    state, to replay the draws: a Budget counts it; a step that draws nothing keeps none, and its plan is the cost
+    model's."""
+    from unrollc.runtime.rng import stored_rng_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.2) if dropout else nn.Identity(), nn.Tanh(), nn.Linear(64, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(8, 32), torch.randn(8, 1)) for _ in range(60)]
+    state = stepper.init()
+    rng = stored_rng_bytes([stepper.trace(state, batches[0])])
+    assert rng == (torch.get_rng_state().numel() if dropout else 0)
+    cost = CostModel.from_stepper(stepper, state, batches[0])
+    budget = cost.predict(unrollc.Binomial(slots=8), 60).peak_bytes
+    plan = plan_unroll(stepper, state, batches, (), unrollc.Budget(budget))
+    with_rng = CostModel(**{**vars(cost), "state_bytes": cost.state_bytes + rng})
+    assert with_rng.predict(plan.resolved, 60).peak_bytes <= budget
+    assert (plan.resolved == cost.plan(unrollc.Budget(budget), 60).resolved) != dropout
+
+
 def test_budget_runs_exactly_its_plan():
     """Choosing the schedule (the cost model reads the step graph) runs no step of its own."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))

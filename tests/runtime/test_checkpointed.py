@@ -130,6 +130,27 @@ def test_random_draws_are_replayed_and_the_generator_is_left_alone(policy) -> No
     torch.testing.assert_close(torch.rand(3), ref_next, rtol=0, atol=0)
 
 
+def test_a_step_fn_that_draws_nothing_keeps_no_generator_state(monkeypatch) -> None:
+    """``draws_random = False``: the stored states keep no generator state (5 KB each on the CPU, more than the
+    weights of a small model), and the gradients are the plain loop's."""
+    from unrollc.runtime import checkpointed
+
+    taken = []
+    now = checkpointed.RngState.now
+    monkeypatch.setattr(checkpointed.RngState, "now", classmethod(lambda cls, *a: taken.append(1) or now(*a)))
+    n, plan = 12, Binomial(3).plan(12)
+    state0, consts = make_inputs()
+    ref = grads_of(*plain_unroll(n, state0, consts), state0, consts)
+    for draws, expected in ((True, True), (False, False)):
+        fn = Counting()
+        fn.draws_random = draws
+        taken.clear()
+        got = grads_of(*checkpointed_unroll(fn, n, state0, consts, plan), state0, consts)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert (len(taken) > 1) == expected  # one is the unroll's own (a second backward replays from it)
+
+
 @pytest.mark.parametrize("use", ["final", "losses", "one_loss"])
 def test_partial_objectives(use: str) -> None:
     """Gradients when only the final state, only the losses, or a single early loss is used."""

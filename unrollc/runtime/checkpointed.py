@@ -15,8 +15,9 @@ The step function must be a function of (i, state, consts) and the random genera
 updates of its inputs (stored states are reused). Random draws (dropout) are replayed exactly: every stored
 state keeps the generators' state of its moment (:class:`~unrollc.runtime.rng.RngState`: the default ones, and
 the ``torch.Generator`` objects listed in ``step_fn.generators`` if it has that attribute), restored with it,
-so a recomputed step draws what it drew in the forward sweep; the backward sweep leaves the user's
-generators as it found them. Double backward is not supported (``create_graph=True`` raises); a second backward through
+so a recomputed step draws what it drew in the forward sweep (a ``step_fn`` whose attribute ``draws_random`` is
+False draws nothing, and no generator state is kept); the backward sweep leaves the user's generators as it
+found them. Double backward is not supported (``create_graph=True`` raises); a second backward through
 the same unroll (``retain_graph=True``) replays the forward sweep first (``plan.evaluations`` more calls).
 """
 
@@ -87,7 +88,8 @@ class _Runner:
         self.cur: State = ()
         self.cur_index: int | None = 0
         self.stored: dict[int, State] = {}
-        self.rng: dict[int, RngState] = {}                  # the generators' state at each stored state
+        self.rng: dict[int, RngState | None] = {}           # the generators' state at each stored state
+        self.draws: bool = getattr(step_fn, "draws_random", True)  # else no step draws: no generator state is kept
         self.rng_devices: tuple[int, ...] = ()              # CUDA devices whose generators are kept too
         self.rng_generators: tuple[torch.Generator, ...] = getattr(step_fn, "generators", ())  # the user's own
         self.tape: _Tape | None = None
@@ -121,11 +123,12 @@ class _Runner:
         for action in actions:
             if isinstance(action, Store):
                 self.stored[action.index] = self.cur
-                self.rng[action.index] = RngState.now(self.rng_devices, self.rng_generators)
+                self.rng[action.index] = RngState.now(self.rng_devices, self.rng_generators) if self.draws else None
                 self.stats.peak_states = max(self.stats.peak_states, len(self.stored))
             elif isinstance(action, Restore):
                 self.cur, self.cur_index = self.stored[action.index], action.index
-                self.rng[action.index].restore()
+                if (rng := self.rng[action.index]) is not None:
+                    rng.restore()
             elif isinstance(action, Free):
                 del self.stored[action.index]
                 del self.rng[action.index]

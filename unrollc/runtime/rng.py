@@ -5,7 +5,7 @@ live on), and noise drawn with ``generator=g`` from the user's own ``torch.Gener
 graph by :func:`step_generators`). A checkpointed unroll runs some steps twice: once in the forward sweep and again when the
 backward pass recomputes them from a stored state. :class:`RngState` is taken with every stored state
 and restored with it, so the replay sees the same masks, as ``torch.utils.checkpoint`` does for one
-segment. :func:`fork_rng` runs code (tracing, the backward sweep) without moving the user's generators.
+segment; when no step draws, none is kept (a CPU generator's state is 5056 bytes, :func:`stored_rng_bytes`). :func:`fork_rng` runs code (tracing, the backward sweep) without moving the user's generators.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RngState", "cuda_devices", "draws_global_rng", "fork_rng", "step_generators"]
+__all__ = ["RngState", "cuda_devices", "draws_global_rng", "draws_random", "fork_rng", "step_generators", "stored_rng_bytes"]
 
 
 def cuda_devices(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
@@ -38,6 +38,22 @@ def draws_global_rng(gm: torch.fx.GraphModule) -> bool:
         and torch.Tag.nondeterministic_seeded in node.target.tags and node.kwargs.get("generator") is None
         for node in gm.graph.nodes
     )
+
+
+def draws_random(gm: torch.fx.GraphModule) -> bool:
+    """Whether the step graph draws random numbers: from torch's global generator or from one of the user's."""
+    return draws_global_rng(gm) or bool(step_generators(gm))
+
+
+def stored_rng_bytes(graphs: Iterable[torch.fx.GraphModule], devices: tuple[int, ...] = ()) -> int:
+    """Bytes a checkpointed unroll keeps with every stored state for steps running ``graphs``: the generators'
+    states (:class:`RngState`) when a step draws random numbers, else nothing (none is kept)."""
+    graphs = list(graphs)
+    if not any(map(draws_random, graphs)):
+        return 0
+    generators = {id(g): g for gm in graphs for g in step_generators(gm)}.values()
+    states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices), *(g.get_state() for g in generators)]
+    return sum(t.numel() * t.element_size() for t in states)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from ..capture import fill_leaves
 from ..errors import BatchModifiedError, InternalError
 from .checkpointed import checkpointed_unroll
-from .rng import draws_global_rng, step_generators
+from .rng import cuda_devices, draws_global_rng, draws_random, step_generators, stored_rng_bytes
 from .schedules import NoCheckpoint, Plan, Policy, resolve_checkpoint
 from .state import UnrollState, distinct_nbytes, first_positions
 
@@ -92,10 +92,13 @@ def plan_unroll(
                 costs += [CostModel.from_stepper(stepper, s, b, *meta) for b in distinct]
                 s = _after_first_step(stepper, s, batches[0], meta)  # the layout this graph's steps hand on
         final = max(c.state_bytes for c in costs), state_bytes(s)  # the last layout handed on: its bytes only
+        # A stored state keeps the generators' states too when a step draws random numbers (dropout).
+        rng = stored_rng_bytes((stepper.trace(state, b, *meta) for b in distinct),
+                               cuda_devices(tree_leaves((state.params, state.buffers))))
         # A step's model sees one batch; the backward leaves a .grad on every batch's leaves that require grad
         # (dataset distillation: n synthetic batches).
         # What a taped step saves of its own states: the least of the graphs' (a larger prediction, never a smaller).
-        kwargs = {"state_bytes": max(final), "step_bytes": max(c.taped_step_bytes for c in costs),
+        kwargs = {"state_bytes": max(final) + rng, "step_bytes": max(c.taped_step_bytes for c in costs),
                   "grad_bytes": grad_leaf_bytes(state, batches, meta),
                   "overlap_bytes": min(c.overlap_bytes for c in costs),
                   "backward_bytes": max(c.backward_bytes for c in costs)}
@@ -260,6 +263,13 @@ def run_unroll(
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
             # the graph step i ran; a step() the user wrapped may change the state besides: nothing is constant
             carried[i + 1] = _state_entries(new) if wrapped else _carries_gradient(stepper._last, carried[i])
+            if not step_fn.draws_random and id(gm := stepper._last.gm) not in checked:
+                checked.add(id(gm))
+                if draws_random(gm):
+                    raise InternalError(
+                        f"Stepper.unroll: step {i} runs a graph that draws random numbers where the first step's does "
+                        "not, so the checkpointed unroll kept no generator state to replay it. Please report this; "
+                        "unroll with checkpoint=None meanwhile.")
         layouts[i + 1] = _state_keys(new)
         packed = pack(new)
         shared[i + 1] = first_positions(packed)
@@ -286,6 +296,10 @@ def run_unroll(
     # traced once per layout (the stepper's cache), so that every stored state keeps their states too.
     generators = {id(g): g for gm in graphs for g in step_generators(gm)}
     step_fn.generators = tuple(generators.values())  # type: ignore[attr-defined]
+    # No generator state is kept with the stored states when no step draws (the graphs of every batch layout at the
+    # first step; a graph traced later is checked as it runs).
+    step_fn.draws_random = any(map(draws_random, graphs))  # type: ignore[attr-defined]
+    checked: set[int] = set()
 
     def held_tensors() -> tuple[torch.Tensor, ...]:
         """The tensors the graphs the steps ran read by reference (checked for in-place changes before re-runs)."""
