@@ -19,8 +19,10 @@ distinct leaf tensors that require grad (the initial weights, a learned ``lr``, 
 actual inputs, or every parameter input for a bare graph); ``overlap_bytes``: what a taped step saves of its own
 input and output states (a weight ``mm`` saves, a momentum buffer a learned ``lr`` multiplies);
 and ``flops_per_step``. A schedule's plan (``unrollc.runtime.schedules``) turns them into predictions:
-``peak_bytes = (peak_states + W) * state_bytes + peak_taped_steps * taped_step_bytes + backward_bytes -
-overlap_bytes + grad_bytes`` (the stored states, the taped steps, the backward's working set of W states —
+``peak_bytes = (peak_states + W) * state_bytes + peak_taped_steps * tape_bytes + backward_bytes -
+overlap_bytes + grad_bytes`` (the stored states, the taped steps — ``tape_bytes``: ``taped_step_bytes`` less
+``held_saved_bytes``, what a step saves of the batch, meta and hyperparameter tensors, which the user holds and
+which are the same tensors in every step that reads them —, the backward's working set of W states —
 ``unrollc.runtime.schedules.working_states``: 2 without checkpointing, 3 for every-k, 4 for binomial — and of
 one step's backward, and the meta-gradients; without checkpointing the overlap is not subtracted; see
 ``unrollc.runtime.schedules.peak_bytes``) and
@@ -51,6 +53,7 @@ from ..runtime.stepper import Stepper
 __all__ = ["CostExprs", "CostModel", "Prediction", "grad_leaf_bytes"]
 
 _STATE_ROLES = ("param", "buffer", "opt_state")
+_HELD_ROLES = ("batch", "meta", "hyper")  # inputs the user holds, the same tensors in every step that reads them
 _CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, dict[tuple[frozenset[str], frozenset[str]], CostModel]]" = weakref.WeakKeyDictionary()
 
 
@@ -91,10 +94,18 @@ class CostModel:
     overlap_bytes: int = 0  # what a taped step saves of its own input and output states (see peak_bytes)
     backward_bytes: int | None = None  # one taped step's backward beyond its tape; given None: taped_step_bytes
     backward_estimated: bool = False   # the graph could not run on meta tensors: backward_bytes is the estimate
+    held_saved_bytes: int = 0  # what a taped step saves of the batch, meta and hyperparameter tensors (the user's)
 
     def __post_init__(self) -> None:
         if self.backward_bytes is None:  # the estimate, so that every reader sees an int
             object.__setattr__(self, "backward_bytes", self.taped_step_bytes)
+
+    @property
+    def tape_bytes(self) -> int:
+        """The memory one taped step adds: ``taped_step_bytes`` less what it saves of tensors the user holds anyway
+        (``held_saved_bytes``: the batch, a learned loss network's weights passed as meta, a learned ``lr``; a
+        checkpointed tape saves aliases of them). The predictions count this per taped step."""
+        return self.taped_step_bytes - self.held_saved_bytes
 
     # ------------------------------------------------------------------------------------------- build
     @classmethod
@@ -119,6 +130,7 @@ class CostModel:
         analysis = analyze_step(gm, requires_grad=params)
         taped_analysis = analyze_step(gm, requires_grad=taped)
         state_inputs = {n.name for n in placeholders if _role(n) in _STATE_ROLES}
+        held = {n.name for n in placeholders if _role(n) in _HELD_ROLES}
         backward = backward_working_bytes(gm, frozenset(taped))
         return cls(
             state_bytes=sum(analysis.output_bytes[:-1]),
@@ -130,6 +142,7 @@ class CostModel:
             overlap_bytes=sum(st.nbytes for st in taped_analysis.saved if st.owner in state_inputs or st.returned),
             backward_bytes=backward,  # None: estimated as one taped step (__post_init__)
             backward_estimated=backward is None,
+            held_saved_bytes=sum(st.nbytes for st in taped_analysis.saved if st.owner in held),
         )
 
     @classmethod
@@ -163,7 +176,7 @@ class CostModel:
         """The plan of ``policy`` (a policy object or a ``checkpoint=`` shorthand) for n steps; a ``Budget`` is
         resolved with this model's bytes (``plan.resolved`` is the schedule it picks)."""
         policy = resolve_checkpoint(policy, api="unrollc.CostModel.plan")
-        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.taped_step_bytes, grad_bytes=self.grad_bytes,
+        return policy.plan(n, state_bytes=self.state_bytes, step_bytes=self.tape_bytes, grad_bytes=self.grad_bytes,
                            overlap_bytes=self.overlap_bytes, backward_bytes=self.backward_bytes)
 
     def predict(self, policy: CheckpointLike, n: int) -> Prediction:
@@ -172,10 +185,10 @@ class CostModel:
         return Prediction(
             policy=plan.policy, resolved=plan.resolved, n=n, evaluations=plan.evaluations,
             peak_states=plan.peak_states, peak_taped_steps=plan.peak_taped_steps,
-            peak_bytes=plan.peak_bytes(self.state_bytes, self.taped_step_bytes, self.grad_bytes, self.overlap_bytes,
+            peak_bytes=plan.peak_bytes(self.state_bytes, self.tape_bytes, self.grad_bytes, self.overlap_bytes,
                                        self.backward_bytes),
             time_steps=plan.evaluations, flops=plan.evaluations * self.flops_per_step,
-            working_bytes=peak_bytes(0, 0, self.state_bytes, self.taped_step_bytes, policy=plan.resolved,
+            working_bytes=peak_bytes(0, 0, self.state_bytes, self.tape_bytes, policy=plan.resolved,
                                      overlap_bytes=self.overlap_bytes, backward_bytes=self.backward_bytes),
             grad_bytes=self.grad_bytes,
         )
@@ -194,7 +207,7 @@ class CostModel:
                 "expression in n; give the slots: CostModel.expressions(unrollc.Binomial(slots=8))."
             )
         c = policy.cost_expr()
-        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.taped_step_bytes, self.grad_bytes,
+        peak = peak_bytes(c.peak_states, c.peak_taped_steps, self.state_bytes, self.tape_bytes, self.grad_bytes,
                           policy=policy, overlap_bytes=self.overlap_bytes, backward_bytes=self.backward_bytes)
         return CostExprs(c.evaluations, c.peak_states, c.peak_taped_steps, peak)
 
@@ -210,7 +223,8 @@ class CostModel:
             "unrollc cost model of one step",
             f"  carried state        {_fmt(self.state_bytes)}  (params + buffers + optimizer state)",
             f"  saved for backward   {_fmt(self.taped_step_bytes)} per taped step "
-            f"({_fmt(self.step_saved_bytes)} with only the params requiring grad)",
+            f"({_fmt(self.step_saved_bytes)} with only the params requiring grad; "
+            f"{_fmt(self.held_saved_bytes)} of it the batch, meta and hyperparameter tensors you hold)",
             f"  peak live            {_fmt(a.peak_live_bytes)} without grad, {_fmt(a.peak_live_bytes_taped)} taped",
             f"  step backward        {_fmt(self.backward_bytes)} beyond the tape"
             + (" (estimated as one taped step: the graph cannot run on meta tensors)" if self.backward_estimated else

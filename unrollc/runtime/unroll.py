@@ -98,7 +98,7 @@ def plan_unroll(
         # A step's model sees one batch; the backward leaves a .grad on every batch's leaves that require grad
         # (dataset distillation: n synthetic batches).
         # What a taped step saves of its own states: the least of the graphs' (a larger prediction, never a smaller).
-        kwargs = {"state_bytes": max(final) + rng, "step_bytes": max(c.taped_step_bytes for c in costs),
+        kwargs = {"state_bytes": max(final) + rng, "step_bytes": max(c.tape_bytes for c in costs),
                   "grad_bytes": grad_leaf_bytes(state, batches, meta),
                   "overlap_bytes": min(c.overlap_bytes for c in costs),
                   "backward_bytes": max(c.backward_bytes for c in costs)}
