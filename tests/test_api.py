@@ -1,5 +1,6 @@
 """The public API is small, explicit and documented."""
 
+import copy
 import inspect
 import re
 import warnings
@@ -375,6 +376,56 @@ def test_a_python_attribute_the_forward_assigns_is_put_back_and_pointed_out():
         warnings.simplefilter("error")  # once
         stepper.unroll(state, [torch.randn(5, 3) for _ in range(3)])
     assert model.calls == 0 and not hasattr(model, "last")
+
+
+def test_a_tensor_the_forward_carries_between_calls_is_pointed_out():
+    """``self.h = out.detach()`` carried to the next call (truncated-BPTT style): every step reads the value traced,
+    so it is pointed out as for a counter (it was silent for tensors)."""
+
+    class Carrying(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 1)
+            self.h = torch.zeros(4, 1)
+
+        def forward(self, x):
+            out = self.l(x) + 0.5 * self.h
+            self.h = out.detach()
+            return out
+
+    model = Carrying()
+    h = model.h
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    with pytest.warns(UserWarning, match=r"the model's forward assigns h \(a Python attribute\).*register_buffer"):
+        stepper.step(stepper.init(), torch.randn(4, 3))
+    assert model.h is h
+
+
+def test_a_replaced_layer_or_forward_is_traced_again():
+    """A layer without parameters replaced (Tanh -> Sigmoid), or a forward set on an instance, after the first
+    step: the next steps run the new code, as in eager training (they ran the traced graph, silently)."""
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    batches = [(torch.randn(6, 5), torch.randn(6, 2)) for _ in range(5)]
+    changes = [lambda m: m.__setitem__(1, nn.Sigmoid()), lambda m: setattr(m[1], "forward", torch.sigmoid),
+               lambda m: setattr(m[1], "__class__", nn.Softsign)]
+    for change in changes:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+        eager = copy.deepcopy(model)
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+        opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+        state = stepper.init()
+        for i, b in enumerate(batches):
+            if i == 2:
+                change(model)
+                change(eager)
+            state = stepper.step(state, b)
+            opt.zero_grad()
+            loss_fn(eager, b).backward()
+            opt.step()
+        assert stepper.trace_count == 2
+        for n, p in eager.named_parameters():
+            assert torch.equal(state.params[n], p), n
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import user_stacklevel
 from ..optimizer_spec import Same
 
-__all__ = ["Modes", "forward_hooks", "gradient_hooks", "module_modes", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
+__all__ = ["Modes", "forward_hooks", "gradient_hooks", "module_code", "module_modes", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
 # (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
@@ -88,11 +88,18 @@ def forward_hooks(modules: Iterable[nn.Module]) -> tuple:
     return per_module, tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks)
 
 
+def module_code(modules: Iterable[nn.Module]) -> tuple:
+    """Which code each of ``modules`` runs: the module object (``model[1] = nn.Sigmoid()`` replaces a layer without
+    parameters), its class and a ``forward`` set on the instance, compared by identity."""
+    return tuple((Same(m), type(m), Same(vars(m).get("forward"))) for m in modules)
+
+
 def module_modes(modules: Iterable[nn.Module], values: Callable[[int, nn.Module], tuple]) -> tuple:
     """What a step graph bakes in of the modules passed as meta arguments (a learned loss network), one entry per
     module: the ``training`` flags of its submodules, its Python values (``values(j, module)``, see
-    :func:`module_values`) and its forward hooks, as for the model."""
-    return tuple((tuple(m.training for m in module.modules()), values(j, module), forward_hooks(module.modules()))
+    :func:`module_values`), its forward hooks and its submodules' code, as for the model."""
+    return tuple((tuple(m.training for m in module.modules()), values(j, module), forward_hooks(module.modules()),
+                  module_code(module.modules()))
                  for j, module in enumerate(modules))
 
 
@@ -215,11 +222,14 @@ _MISSING = object()
 @contextlib.contextmanager
 def restored_attributes(model: nn.Module) -> Iterator[set[str]]:
     """Put back the public attributes of ``model``'s modules that the body assigns (tracing runs the forward,
-    which may count its calls or keep its last attention map): the user's model is not changed by tracing. The
-    names of those assigned a value other than a tensor (``"encoder.calls"``: tensors are also assigned by
-    hook-based weight_norm and spectral_norm) are added to the set the context yields."""
+    which may count its calls, carry a hidden state or keep its last attention map): the user's model is not
+    changed by tracing. Their names (``"encoder.calls"``) are added to the set the context yields, except the
+    tensors that hook-based weight_norm and spectral_norm assign (recomputed from the parameters every call)."""
     modules = dict(model.named_modules())
     saved = {prefix: _public_attributes(m) for prefix, m in modules.items()}
+    # what hook-based weight_norm / spectral_norm assign (module.weight, recomputed by a pre-hook every call)
+    hooked = {prefix: {h.name for h in m._forward_pre_hooks.values() if isinstance(getattr(h, "name", None), str)}
+              for prefix, m in modules.items()}
     written: set[str] = set()
     try:
         yield written
@@ -230,7 +240,7 @@ def restored_attributes(model: nn.Module) -> Iterator[set[str]]:
                 old = before.get(name, _MISSING)
                 if current.get(name, _MISSING) is old:
                     continue
-                if not isinstance(current.get(name), torch.Tensor):
+                if not (isinstance(current.get(name), torch.Tensor) and name in hooked[prefix]):
                     written.add(f"{prefix}.{name}" if prefix else name)
                 if old is _MISSING:
                     delattr(m, name)

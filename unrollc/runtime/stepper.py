@@ -22,7 +22,7 @@ from ..passes import release_examples, run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
 from .checks import check_model, check_opaque_leaves, meta_buffers_restored_on_failure
-from .baked import (Modes, forward_hooks, gradient_hooks, module_modes, module_values, python_values, restored_attributes,
+from .baked import (Modes, forward_hooks, gradient_hooks, module_code, module_modes, module_values, python_values, restored_attributes,
                     training_modes, warn_numbers, warn_written)
 from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
@@ -539,14 +539,17 @@ class Stepper:
         :func:`~unrollc.runtime.baked.python_values`), which the graph holds as constants, and torch's default
         dtype (what ``torch.zeros(3)`` in a forward and ASGD's scalar state are made in), the parameters'
         gradient hooks (``Tensor.register_hook``), which the graph applies to their gradients, and the modules'
-        forward hooks, which tracing ran; and the same for the modules among the (bound) ``meta`` arguments."""
+        forward hooks, which tracing ran, and code (a layer replaced, a ``forward`` set on an instance); and the same
+        for the modules among the (bound) ``meta`` arguments."""
         if self._pinned_modes is not None:
             return self._pinned_modes
         values = tuple(v for v in python_values(self.model, self.loss_fn, self.grad_callback) if v[:2] not in self._volatile)
-        hooks = gradient_hooks(zip(self._param_names, self._model_params), "Stepper.step"), forward_hooks(self.model.modules())
+        modules = list(self.model.modules())
+        hooks = (gradient_hooks(zip(self._param_names, self._model_params), "Stepper.step"), forward_hooks(modules),
+                 module_code(modules))
         metas = module_modes(meta_modules(meta),
                              lambda j, m: tuple(v for v in module_values(j, m) if v[:2] not in self._volatile))
-        return tuple(m.training for m in self.model.modules()), self._trainable(), values, torch.get_default_dtype(), hooks, metas
+        return tuple(m.training for m in modules), self._trainable(), values, torch.get_default_dtype(), hooks, metas
 
     def _trainable(self) -> frozenset[str]:
         """The parameters the optimizer updates: in one of its groups and requiring grad (pinned, if pinned)."""
