@@ -25,8 +25,8 @@ __all__ = ["Modes", "forward_hooks", "gradient_hooks", "module_code", "module_mo
 
 # (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
 # model and in torch.optim, e.g. ASGD's eta and mu, take it, so a graph traced under one dtype is not the other's;
-# the parameters' gradient hooks, see gradient_hooks, and the modules' forward hooks, see forward_hooks; the same
-# for each module passed as a meta argument, see module_modes)
+# the parameters' gradient hooks, see gradient_hooks, the modules' forward hooks, see forward_hooks, and code, see
+# module_code; the same for each module passed as a meta argument, see module_modes)
 Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype, tuple, tuple]
 _SKIP = object()
 
