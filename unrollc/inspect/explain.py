@@ -23,6 +23,7 @@ from .diff import PassDiff, diff_pass, input_summary, op_histogram
 
 from ..runtime.state import UnrollState
 from ..runtime.stepper import GRAPHS_KEPT, Stepper
+from ..runtime.unroll import gradient_free_from
 
 __all__ = ["Report", "explain", "step_costs"]
 
@@ -71,7 +72,7 @@ class Report:
                 "",
                 "One step:",
                 f"  carried state          {_fmt_bytes(self.state_bytes)}  (params + buffers + optimizer state)",
-                f"  saved for backward     {saved} per taped step (params and optimizer state requiring grad)",
+                f"  saved for backward     {saved} per taped step (trainable params and the state they reach requiring grad)",
                 f"  FLOPs                  ~{flops} per step",
             ]
             if self.cost_note:
@@ -170,15 +171,16 @@ def _fmt_bytes(n: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- costs
-def step_costs(gm: fx.GraphModule) -> tuple[int, int | None, int | None, str]:
-    """``(state_bytes, saved_bytes, flops, note)`` of one step graph (see the module docstring)."""
+def step_costs(gm: fx.GraphModule, constant: frozenset[str] = frozenset()) -> tuple[int, int | None, int | None, str]:
+    """``(state_bytes, saved_bytes, flops, note)`` of one step graph (see the module docstring); ``constant``: the
+    state inputs a taped step takes as constants (step counters, frozen parameters), as ``CostModel.from_graph``."""
     try:
         from ..analysis.cost import CostModel
     except ImportError:
         CostModel = None  # noqa: N806
     if CostModel is not None:
         try:
-            cm = CostModel.from_graph(gm)
+            cm = CostModel.from_graph(gm, constant=constant)
             return cm.state_bytes, cm.taped_step_bytes, cm.flops_per_step, ""
         except Exception as exc:  # noqa: BLE001 - the report must not fail on an analysis problem
             note = f"unrollc.analysis.cost failed ({type(exc).__name__}: {exc}); rough estimate"
@@ -260,7 +262,10 @@ def explain(stepper: "Stepper", state: "UnrollState | None" = None, batch: Any =
     ]
     sig = stepper._last.signature  # noqa: SLF001 - the most recent trace's layout
     outputs = {"params'": len(sig.params), "buffers'": len(sig.buffers), "opt_state'": len(sig.state_out), "loss": 1}
-    state_bytes, saved, flops, note = step_costs(gm)
+    # a taped step as the unroll's: the trainable parameters require grad, what no gradient reaches is constant
+    trainable = stepper._trainable()  # noqa: SLF001
+    reach = frozenset(("param", n) for n in sig.params if n in trainable)
+    state_bytes, saved, flops, note = step_costs(gm, gradient_free_from(stepper._last, reach))  # noqa: SLF001
     spec = stepper._spec  # noqa: SLF001
     n_groups = len(spec.hyper)
     loss_name = getattr(stepper.loss_fn, "__qualname__", type(stepper.loss_fn).__name__)

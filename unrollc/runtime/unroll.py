@@ -392,8 +392,12 @@ def gradient_free_inputs(compiled: Any, state: UnrollState) -> frozenset[str]:
     from ``state`` (its layout): neither ``state`` makes them require grad nor any step computes them from what
     does (step counters, frozen parameters). Re-run steps take these as constants (see ``run_unroll``); the cost
     model prices the taped step without them."""
+    return gradient_free_from(compiled, _state_entries(state, requiring_grad=True))
+
+
+def gradient_free_from(compiled: Any, reach: frozenset[tuple[str, Any]]) -> frozenset[str]:
+    """:func:`gradient_free_inputs` for a state whose entries ``reach`` (:func:`_entries`) require grad."""
     deps = _state_dependencies(compiled)
-    reach = _state_entries(state, requiring_grad=True)
     while not (grown := reach | (_carries_gradient(compiled, reach) & deps.inputs.keys())) <= reach:
         reach = grown
     placeholders = [node.name for node in compiled.gm.graph.find_nodes(op="placeholder")]
