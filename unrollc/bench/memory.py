@@ -3,7 +3,8 @@
 CPU: glibc keeps freed memory in its arenas, so the worker process is started with
 ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` (large tensors are mmap'ed and returned on free).
 The peak is ``VmHWM`` (high-water mark of the resident set) minus ``VmRSS`` just before the run, with the
-high-water mark reset through ``/proc/self/clear_refs`` (writing ``5``; Linux >= 4.0). Where that reset is not
+high-water mark reset through ``/proc/self/clear_refs`` (writing ``5``; Linux >= 4.0); the kernel's counters are
+approximate, so the baseline is the smaller of the two just after the reset and a run that frees memory has peak 0. Where that reset is not
 available, a thread samples ``VmRSS`` every millisecond instead (it can miss short peaks).
 
 CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocated bytes before.
@@ -86,7 +87,9 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             self.how = "cuda max_memory_allocated"
         elif _reset_hwm():
-            self._base = rss_bytes() or 0
+            # the kernel's RSS counters are approximate (per-CPU caches): the high-water mark just reset can read
+            # below VmRSS, and the peak of a run that frees memory below the baseline (a peak of 0)
+            self._base = min(rss_bytes() or 0, (_status_kib("VmHWM") or 0) * 1024)
             self.how = "VmHWM (clear_refs)"
         else:
             self._base = self._sampled = rss_bytes() or 0
@@ -105,11 +108,11 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
         elif self._thread is None:
-            self.peak = (_status_kib("VmHWM") or 0) * 1024 - self._base
+            self.peak = max(0, (_status_kib("VmHWM") or 0) * 1024 - self._base)  # never below the start
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self._sampled, rss_bytes() or 0) - self._base
+            self.peak = max(0, self._sampled, rss_bytes() or 0) - self._base
 
 
 class _Saved:
