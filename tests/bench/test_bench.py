@@ -390,3 +390,17 @@ def test_a_run_that_frees_memory_has_a_peak_of_zero_not_a_negative_one() -> None
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout.split()[-1]) >= 0, out.stdout
+
+
+def test_progress_into_a_log_is_plain_lines_even_with_tqdm(monkeypatch, capsys):
+    """stderr not a terminal (a log file, CI): one line per start, not a tqdm bar's carriage-return redraws."""
+    pytest.importorskip("tqdm")
+    from unrollc.bench.runner import _progress
+
+    describe, advance, close = _progress(2)
+    for i in range(2):
+        describe(f"config {i}")
+        advance()
+    close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == ["[1/2] config 0 ...", "[2/2] config 1 ..."]

@@ -264,10 +264,13 @@ def _run_worker(cfg: Config, part: str, timeout: float | None, extra_env: dict[s
 
 
 def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None], Callable[[], None]]:
-    """(describe, advance, close) callbacks: tqdm if installed, else plain prints to stderr."""
+    """(describe, advance, close) callbacks: a tqdm bar if installed and stderr is a terminal, else plain lines on
+    stderr (a log file or CI output gets one line per start, not a bar's carriage-return redraws)."""
     try:
         from tqdm import tqdm
     except ImportError:
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
         started = itertools.count(1)  # with --jobs, several parts start before the first ends: number the starts
         lock = threading.Lock()
 
