@@ -796,3 +796,157 @@ def test_cycling_through_more_layouts_than_the_cache_holds_warns():
             stepper.step(stepper.init(), torch.randn(2, 4))  # once per stepper
     finally:
         stepper_module._CACHE_SIZE = size
+
+
+class _Mode(__import__("enum").Enum):
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+
+
+@__import__("dataclasses").dataclass
+class _Config:
+    scale: float = 1.0
+
+
+class _Configurable(nn.Module):
+    """Attributes of the kinds a config holds, all read by the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(5, 2)
+        self.mode, self.gain, self.act, self.cfg, self.table = _Mode.TANH, np.float32(1.0), torch.tanh, _Config(), [1.0] * 10
+
+    def forward(self, x):
+        h = self.l(x) * float(self.gain) * self.cfg.scale * self.table[9]
+        return torch.tanh(h) if self.mode is _Mode.TANH else self.act(h)
+
+
+@pytest.mark.parametrize("change", ["enum", "numpy scalar", "function", "dataclass", "long list", "generator batches"])
+def test_config_attributes_changed_between_steps_are_seen(change):
+    """An Enum, a numpy scalar, a function, a dataclass config or a list of 10 changed between steps (they were
+    baked in silently), and a generator of batches that changes the model between batches of one plain unroll
+    (read once per unroll, and a graph traced for one value was cached under another's key)."""
+    edits = {"enum": lambda m: setattr(m, "mode", _Mode.SIGMOID), "numpy scalar": lambda m: setattr(m, "gain", np.float32(3.0)),
+             "function": lambda m: setattr(m, "act", torch.sigmoid), "dataclass": lambda m: setattr(m, "cfg", _Config(2.0)),
+             "long list": lambda m: m.table.__setitem__(9, 4.0), "generator batches": lambda m: setattr(m, "gain", np.float32(3.0))}
+    if change == "function":
+        edits[change] = lambda m: (setattr(m, "mode", _Mode.SIGMOID), setattr(m, "act", torch.relu))
+    torch.manual_seed(0)
+    model = _Configurable()
+    eager = copy.deepcopy(model)
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    batches = [(torch.randn(6, 5), torch.randn(6, 2)) for _ in range(4)]
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.5), loss_fn)
+    opt = torch.optim.SGD(eager.parameters(), lr=0.5)
+    if change == "function":  # the first steps already run self.act
+        for m in (model, eager):
+            m.mode = _Mode.SIGMOID
+    for i, b in enumerate(batches):  # eager: the change before step 2
+        if i == 2:
+            edits[change](eager)
+        opt.zero_grad()
+        loss_fn(eager, b).backward()
+        opt.step()
+
+    def batches_changing_the_model():
+        for i, b in enumerate(batches):
+            if i == 2:
+                edits[change](model)
+            yield b
+
+    if change == "generator batches":
+        state = stepper.unroll(stepper.init(), batches_changing_the_model())
+    else:
+        state = stepper.init()
+        for b in batches_changing_the_model():
+            state = stepper.step(state, b)
+    assert stepper.trace_count == 2
+    for n, p in eager.named_parameters():
+        assert torch.equal(state.params[n], p), n
+
+
+def test_a_loss_module_changed_between_steps_is_seen():
+    """loss_fn an nn.Module: its eval(), a submodule's attribute or a buffer re-bound between steps (the graph kept
+    the module as traced)."""
+
+    class WeightedLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.register_buffer("w", torch.ones(2))
+
+        def forward(self, m, b):
+            return (self.drop(m(b[0]) - b[1]).pow(2) * self.w).mean()
+
+    edits = [lambda f: f.eval(), lambda f: setattr(f.drop, "p", 0.25), lambda f: setattr(f, "w", torch.tensor([1.0, 3.0]))]
+    for edit in edits:
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2)
+        eager, loss_fn = copy.deepcopy(model), WeightedLoss()
+        eager_loss = copy.deepcopy(loss_fn)
+        stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.5), loss_fn)
+        opt = torch.optim.SGD(eager.parameters(), lr=0.5)
+        state = stepper.init()
+        for i in range(4):
+            b = (torch.randn(6, 5), torch.randn(6, 2))
+            if i == 2:
+                edit(loss_fn)
+                edit(eager_loss)
+            torch.manual_seed(i)
+            state = stepper.step(state, b)
+            torch.manual_seed(i)
+            opt.zero_grad()
+            eager_loss(eager, b).backward()
+            opt.step()
+        for n, p in eager.named_parameters():
+            assert torch.equal(state.params[n], p), n
+
+
+def test_autocast_backward_hooks_and_parametrizations_after_compile():
+    """A graph traced under torch.autocast is not reused without it (and the other way round); a module backward
+    hook or a parametrization added after the first step is refused at the next step with the fix, as when present
+    at the first trace (the old graph ran without it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    eager = copy.deepcopy(model)
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    state = stepper.init()
+    for i in range(4):
+        b = (torch.randn(6, 5), torch.randn(6, 2))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=i % 2 == 0):
+            state = stepper.step(state, b)
+            opt.zero_grad()
+            loss_fn(eager, b).backward()
+        opt.step()
+        for n, p in eager.named_parameters():
+            assert torch.equal(state.params[n], p), (i, n)
+    handle = model[2].register_full_backward_hook(lambda *a: None)
+    with pytest.raises(unrollc.CaptureError, match="module backward hook"):
+        stepper.step(state, b)
+    handle.remove()
+    nn.utils.parametrize.register_parametrization(model[0], "weight", nn.Identity())
+    with pytest.raises(RuntimeError, match=r"Stepper.step: the model's parameters are not the ones it had at unrollc.compile"):
+        stepper.step(state, b)
+
+
+def test_traces_release_their_generated_source_and_a_stepper_cannot_be_copied():
+    """torch.fx caches every generated module's source for ever: ~19 entries (0.5 MiB) per trace stayed after the
+    stepper was gone. A copy of a stepper failed with a misleading error about the optimizer's parameters."""
+    import gc
+
+    from torch.fx.graph_module import _loader
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    before = len(_loader.eval_cache)
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    state = stepper.init()
+    for n in range(2, 6):
+        state = stepper.step(state, torch.randn(n, 4))
+    assert len(_loader.eval_cache) > before + 10
+    with pytest.raises(TypeError, match=r"copy.deepcopy\(\(model, opt\)\)"):
+        copy.deepcopy(stepper)
+    del stepper, state
+    gc.collect()
+    assert len(_loader.eval_cache) <= before + 2

@@ -6,7 +6,9 @@ temperature). A change of any of them traces a new graph, as torch.compile's gua
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import dis
+import enum
 import functools
 import types
 import warnings
@@ -20,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import user_stacklevel
 from ..optimizer_spec import Same
 
-__all__ = ["Modes", "forward_hooks", "gradient_hooks", "module_code", "module_modes", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
+__all__ = ["Modes", "autocast_state", "forward_hooks", "gradient_hooks", "module_code", "module_modes", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
 # (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
@@ -31,21 +33,35 @@ Modes = tuple[tuple[bool, ...], frozenset[str], tuple, torch.dtype, tuple, tuple
 _SKIP = object()
 
 
-def _value_key(v: Any) -> Any:
+def _value_key(v: Any, depth: int = 0) -> Any:
     """A comparable stand-in for a value a traced graph may have baked in, or _SKIP for what is not one."""
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
+    if v is None or isinstance(v, (bool, int, str, enum.Enum)):
+        return v  # an Enum member is a singleton: compared by identity
     if isinstance(v, float):
         return v.hex()  # NaN equals itself
     if isinstance(v, (torch.Tensor, torch.Generator)):
         return Same(v)  # read by reference: re-binding the name to another tensor or generator re-traces
-    if isinstance(v, (tuple, list)) and len(v) <= 8:
-        keys = tuple(_value_key(x) for x in v)
+    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
+        return Same(v)  # self.act = torch.sigmoid: the code the forward calls
+    if isinstance(v, types.MethodType):
+        return ("method", Same(v.__func__), Same(v.__self__))
+    if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "shape", None) == ():
+        return ("numpy", type(v).__name__, _value_key(v.item()))  # np.float32(0.5), np.int64(3)
+    if depth >= 3:
+        return _SKIP
+    if isinstance(v, (tuple, list)) and len(v) <= _LONGEST:
+        keys = tuple(_value_key(x, depth + 1) for x in v)
         return _SKIP if any(k is _SKIP for k in keys) else keys
-    if isinstance(v, dict) and len(v) <= 16:  # a config dict of numbers
-        items = tuple((k, _value_key(x)) for k, x in v.items() if isinstance(k, (str, int)))
+    if isinstance(v, dict) and len(v) <= _LONGEST:  # a config dict of numbers
+        items = tuple((k, _value_key(x, depth + 1)) for k, x in v.items() if isinstance(k, (str, int)))
         return _SKIP if len(items) != len(v) or any(k is _SKIP for _, k in items) else ("dict", items)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a config object: its fields
+        items = tuple((f.name, _value_key(getattr(v, f.name), depth + 1)) for f in dataclasses.fields(v))
+        return _SKIP if any(k is _SKIP for _, k in items) else ("dataclass", type(v), items)
     return _SKIP
+
+
+_LONGEST = 64  # longer lists and dicts are not compared every step (README: baked in)
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,13 +95,21 @@ def gradient_hooks(named_params: Iterable[tuple[str, torch.Tensor]], api: str) -
 
 
 def forward_hooks(modules: Iterable[nn.Module]) -> tuple:
-    """The forward hooks and forward pre-hooks (their handle ids) of each of ``modules`` and torch's global ones:
-    tracing runs them, so the step graph has what they do baked in, and adding or removing one traces a new graph."""
+    """The hooks (their handle ids) of each of ``modules`` and torch's global ones: forward hooks and pre-hooks, which
+    tracing runs, so the step graph has what they do baked in, and module backward hooks, which tracing refuses
+    (with the fix); adding or removing one traces a new graph."""
     from torch.nn.modules import module as nn_module
 
-    per_module = tuple((i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-                       for i, m in enumerate(modules) if m._forward_pre_hooks or m._forward_hooks)
-    return per_module, tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks)
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    per_module = tuple((i, *(tuple(getattr(m, k)) for k in kinds))
+                       for i, m in enumerate(modules) if any(getattr(m, k) for k in kinds))
+    return per_module, *(tuple(getattr(nn_module, f"_global{k}")) for k in kinds)
+
+
+def autocast_state() -> tuple:
+    """Whether ``torch.autocast`` is on, and in which dtype, for the CPU and CUDA: tracing records the casts it
+    inserts, so a graph traced under autocast is another graph."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
 
 
 def module_code(modules: Iterable[nn.Module]) -> tuple:
@@ -138,7 +162,12 @@ def _function_values(label: str, fn: Callable[..., Any]) -> list[tuple[str, Any,
         owner, fn = fn, getattr(type(fn), "__call__", fn)  # a callable object (a loss class)
         if isinstance(owner, nn.Module):
             fn = getattr(type(owner), "forward", fn)
-    if owner is not None and not isinstance(owner, types.ModuleType):
+    if isinstance(owner, nn.Module):  # a loss module: its layers' modes, values, hooks and code, its buffers
+        modules = list(owner.modules())
+        out += [(label, "<modes>", tuple(m.training for m in modules)), (label, "<hooks>", forward_hooks(modules)),
+                (label, "<layers>", module_code(modules)), (label, "<buffers>", tuple(map(Same, owner.buffers())))]
+        out += [item for prefix, m in owner.named_modules() for item in _public_values(f"{label}.self.{prefix}".rstrip("."), m)]
+    elif owner is not None and not isinstance(owner, types.ModuleType):
         out += _public_values(f"{label}.self", owner)
     code = getattr(fn, "__code__", None)
     if code is not None:

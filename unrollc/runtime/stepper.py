@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import linecache
 import warnings
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, replace
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _loader as _fx_sources
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
@@ -22,7 +25,8 @@ from ..passes import release_examples, run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
 from .checks import check_model, check_opaque_leaves, meta_buffers_restored_on_failure
-from .baked import (Modes, forward_hooks, gradient_hooks, module_code, module_modes, module_values, python_values, restored_attributes,
+from .baked import (Modes, autocast_state, forward_hooks, gradient_hooks, module_code, module_modes, module_values,
+                    python_values, restored_attributes,
                     training_modes, warn_numbers, warn_written)
 from .execute import instrumented, run_graph
 from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
@@ -118,6 +122,17 @@ class Stepper:
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
+    def __deepcopy__(self, memo: dict) -> "Stepper":
+        raise TypeError(
+            "Stepper cannot be copied or pickled: it holds step graphs traced for this model's and this optimizer's "
+            "own tensors. Copy the model and the optimizer together, model2, opt2 = copy.deepcopy((model, opt)), and "
+            "compile the copy: unrollc.compile(model2, opt2, loss_fn). A state (stepper.init(), unroll's result) "
+            "can be copied, pickled and saved."
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self.__deepcopy__({})
+
     def __repr__(self) -> str:
         loss = getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
         traced = sum(len(entries) for entries in self._cache.values())
@@ -179,7 +194,7 @@ class Stepper:
         t0 = max((int(st["step"]) for st in state.values() if "step" in st), default=0)
         return UnrollState(p, b, state, groups_to_hyper(groups), t=t0)
 
-    def _check_parameters_unchanged(self, named: dict[str, torch.Tensor]) -> None:
+    def _check_parameters_unchanged(self, named: dict[str, torch.Tensor], api: str = "Stepper.init") -> None:
         """The model's parameters are the ones it had at compile, by name and identity: the optimizer holds those,
         so a layer replaced since (``model[2] = nn.Linear(8, 3)``) is one eager ``opt.step()`` would not update."""
         now = {n: id(q) for n, q in named.items()}
@@ -191,7 +206,7 @@ class Stepper:
         what = "; ".join(f"{label}: {names}" for label, names in
                          (("replaced", changed), ("added", added), ("removed", removed)) if names)
         raise RuntimeError(
-            f"Stepper.init: the model's parameters are not the ones it had at unrollc.compile ({what}). A layer or "
+            f"{api}: the model's parameters are not the ones it had at unrollc.compile ({what}). A layer or "
             "parameter was replaced, added or removed since; the stepper, and the optimizer, were made for the old "
             "ones (eager opt.step() would not update a new one). Build the optimizer for the model as it is now and "
             "call unrollc.compile(model, opt, loss_fn) again."
@@ -515,7 +530,10 @@ class Stepper:
             # Tracing runs the loss and the step for real: random ops (dropout) must not advance the user's
             # generators, or a seeded run would differ between the first unroll and later ones, and a
             # checkpointed unroll's recomputed steps would draw other numbers than the steps they replay.
+            # a layer replaced or a parametrization added since compile: refused as init() refuses it
+            self._check_parameters_unchanged(dict(self.model.named_parameters()), "Stepper.step")
             modules = meta_modules(meta)
+            sources = set(_fx_sources.eval_cache)
             before = python_values(self.model, self.loss_fn, self.grad_callback, modules)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
                 with training_modes(self.model, self._pinned_modes, modules), restored_attributes(self.model) as written:
@@ -527,6 +545,9 @@ class Stepper:
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
             warn_written(written - self._warned_written)
             self._warned_written |= written
+            # torch.fx keeps every generated module's source for tracebacks, process-wide and for ever (~0.5 MiB
+            # per trace of a small MLP): it goes with the traced step, when the cache drops it
+            weakref.finalize(compiled, _forget_sources, tuple(set(_fx_sources.eval_cache) - sources))
             return compiled
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
@@ -546,7 +567,7 @@ class Stepper:
         values = tuple(v for v in python_values(self.model, self.loss_fn, self.grad_callback) if v[:2] not in self._volatile)
         modules = list(self.model.modules())
         hooks = (gradient_hooks(zip(self._param_names, self._model_params), "Stepper.step"), forward_hooks(modules),
-                 module_code(modules))
+                 module_code(modules), autocast_state())
         metas = module_modes(meta_modules(meta),
                              lambda j, m: tuple(v for v in module_values(j, m) if v[:2] not in self._volatile))
         return tuple(m.training for m in modules), self._trainable(), values, torch.get_default_dtype(), hooks, metas
@@ -693,6 +714,13 @@ class Stepper:
         for (n, k), v in zip(sig.state_out, outs[n_p + n_b : -1], strict=True):
             opt_state.setdefault(n, {})[k] = v
         return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
+
+
+def _forget_sources(keys: tuple[str, ...]) -> None:
+    """Drop the generated sources torch.fx cached for the graphs of a step the stepper no longer holds."""
+    for key in keys:
+        _fx_sources.eval_cache.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 def _describe(tree: Any) -> str:

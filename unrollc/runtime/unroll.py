@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import replace
@@ -189,7 +190,10 @@ def run_unroll(
         # One batch per step as the iterable yields it, as a step() loop reads it; a Budget that keeps every
         # step's graph runs here too, so that it is the plain unroll (create_graph=True, forward-mode AD).
         losses = []
-        with stepper._modes_pinned(stepper._modes(meta)):  # read once per unroll, not per step
+        # What the model and loss_fn bake in is read once per unroll from a list or tuple (no user code runs between
+        # its steps), and per step from other iterables (a generator may change the model between batches).
+        pinned = isinstance(batches, (list, tuple))
+        with stepper._modes_pinned(stepper._modes(meta)) if pinned else contextlib.nullcontext():
             for i, batch in enumerate(batches):
                 if hypers is not None:
                     if i == len(hypers):
