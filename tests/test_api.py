@@ -947,6 +947,67 @@ def test_traces_release_their_generated_source_and_a_stepper_cannot_be_copied():
     assert len(_loader.eval_cache) > before + 10
     with pytest.raises(TypeError, match=r"copy.deepcopy\(\(model, opt\)\)"):
         copy.deepcopy(stepper)
+    kept = stepper.graphs["after cse"]  # a graph the user keeps keeps its source (tracebacks, inspect)
     del stepper, state
     gc.collect()
+    assert "def forward" in inspect.getsource(kept.forward)
+    del kept
+    gc.collect()
     assert len(_loader.eval_cache) <= before + 2
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_tools_and_eager_calls_between_steps_do_not_retrace():
+    """FlopCounterMode registers torch's global module hooks around each call, and hook-based weight_norm re-binds
+    module.weight at every eager forward: neither is what a step graph bakes in (each traced every step anew)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: m(b).pow(2).mean())
+    state = stepper.init()
+    for _ in range(3):
+        with FlopCounterMode(display=False):
+            state = stepper.step(state, torch.randn(5, 4))
+        model(torch.randn(2, 4))  # an eager forward: the weight_norm hook re-binds model[0].weight
+    assert stepper.trace_count == 1
+
+
+def test_a_meta_modules_buffer_and_the_attributes_its_forward_writes():
+    """A buffer of a loss network passed as meta, re-bound between steps, is seen (the graph reads it by reference);
+    an attribute its forward writes is put back after tracing, pointed out, and traces nothing more."""
+
+    class LossNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(1, 1)
+            self.register_buffer("w", torch.ones(1))
+            self.calls = 0
+
+        def forward(self, r):
+            self.calls += 1
+            return self.l(r) * self.w
+
+    torch.manual_seed(0)
+    model, net = nn.Linear(3, 1), LossNet()
+    eager = copy.deepcopy(model)
+    loss_fn = lambda m, b, n: n((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    state = stepper.init()
+    with pytest.warns(UserWarning, match=r"LossNet \(meta argument 0\)\.calls"):
+        state = stepper.step(state, (torch.randn(6, 3), torch.randn(6, 1)), net)
+    torch.manual_seed(0)
+    eager_net = copy.deepcopy(net)
+    for i in range(4):
+        b = (torch.randn(6, 3), torch.randn(6, 1))
+        if i == 2:
+            net.w = torch.full((1,), 5.0)
+            eager_net.w = torch.full((1,), 5.0)
+        state = stepper.step(state, b, net) if i else stepper.init()
+        opt.zero_grad()
+        if i:
+            loss_fn(eager, b, eager_net).backward()
+            opt.step()
+    assert net.calls == 0 and stepper.trace_count == 2
+    for n, p in eager.named_parameters():
+        assert torch.equal(state.params[n], p), n

@@ -1013,3 +1013,54 @@ def test_a_wrapped_step_that_changes_the_state_keeps_every_gradient(float64):
         grads[checkpoint], = torch.autograd.grad(((stepper.forward(final, x) - y) ** 2).mean(), w)
     torch.testing.assert_close(grads[1], grads[None], rtol=1e-10, atol=0)
     torch.testing.assert_close(grads[2], grads[None], rtol=1e-10, atol=0)
+
+
+class _NoisySGD(torch.optim.Optimizer):
+    """SGD with Gaussian noise where the group's ``noise`` is nonzero (Langevin-style)."""
+
+    def __init__(self, params, lr=0.1, noise=0.0):
+        super().__init__(params, dict(lr=lr, noise=noise))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-g["lr"])
+                    if g["noise"] != 0:
+                        p.add_(torch.randn_like(p) * g["noise"])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_noise_that_starts_after_the_first_steps_is_replayed_by_every_schedule(float64):
+    """A per-step noise schedule starting at 0: the first step's graph draws nothing and later ones draw. The stored
+    states kept no generator state until the first draw (an internal error, briefly); those restore the start's."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    stepper = unrollc.compile(model, _NoisySGD(model.parameters(), lr=0.1), lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(7)]
+    hyper = [{"noise": 0.0}] * 3 + [{"noise": 0.01}] * 4
+    grads = []
+    for checkpoint in (None, 2, "binomial"):
+        lr = torch.tensor(0.1, requires_grad=True)
+        torch.manual_seed(1)
+        out = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint, hyper=hyper)
+        grads.append(torch.autograd.grad(out.loss + out.params["weight"].sum(), lr)[0])
+    assert rel(grads[1], grads[0]) < 1e-12 and rel(grads[2], grads[0]) < 1e-12
+
+
+def test_an_inference_mode_tensor_the_model_holds_works_under_checkpointing(float64):
+    """A constant made under torch.inference_mode has no version counter (the held-tensor check crashed on it)."""
+    with torch.inference_mode():
+        offset = torch.full((1,), 0.5)
+    model = nn.Linear(4, 1)
+    model.offset = offset
+    loss_fn = lambda m, b: (m(b[0]) + m.offset - b[1]).pow(2).mean()  # noqa: E731
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(4)]
+    grads = []
+    for checkpoint in (None, 2):
+        lr = torch.tensor(0.1, requires_grad=True)
+        out = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint=checkpoint)
+        grads.append(torch.autograd.grad(out.params["weight"].sum(), lr)[0])
+    assert rel(grads[1], grads[0]) < 1e-12

@@ -95,15 +95,15 @@ def gradient_hooks(named_params: Iterable[tuple[str, torch.Tensor]], api: str) -
 
 
 def forward_hooks(modules: Iterable[nn.Module]) -> tuple:
-    """The hooks (their handle ids) of each of ``modules`` and torch's global ones: forward hooks and pre-hooks, which
+    """The hooks (their handle ids) of each of ``modules``: forward hooks and pre-hooks, which
     tracing runs, so the step graph has what they do baked in, and module backward hooks, which tracing refuses
     (with the fix); adding or removing one traces a new graph."""
-    from torch.nn.modules import module as nn_module
-
     kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
     per_module = tuple((i, *(tuple(getattr(m, k)) for k in kinds))
                        for i, m in enumerate(modules) if any(getattr(m, k) for k in kinds))
-    return per_module, *(tuple(getattr(nn_module, f"_global{k}")) for k in kinds)
+    # torch's global module hooks are left out: tools register them for a moment around each call
+    # (FlopCounterMode's module tracker), which would trace every step anew
+    return per_module
 
 
 def autocast_state() -> tuple:
@@ -121,9 +121,9 @@ def module_code(modules: Iterable[nn.Module]) -> tuple:
 def module_modes(modules: Iterable[nn.Module], values: Callable[[int, nn.Module], tuple]) -> tuple:
     """What a step graph bakes in of the modules passed as meta arguments (a learned loss network), one entry per
     module: the ``training`` flags of its submodules, its Python values (``values(j, module)``, see
-    :func:`module_values`), its forward hooks and its submodules' code, as for the model."""
+    :func:`module_values`), its hooks, its submodules' code and its buffers (the graph reads them by reference)."""
     return tuple((tuple(m.training for m in module.modules()), values(j, module), forward_hooks(module.modules()),
-                  module_code(module.modules()))
+                  module_code(module.modules()), tuple(map(Same, module.buffers())))  # buffers: read by reference
                  for j, module in enumerate(modules))
 
 
@@ -195,10 +195,18 @@ def _public_values(where: str, obj: Any) -> list[tuple[str, str, Any]]:
     return [(where, name, key) for name, v in _public_attributes(obj).items() if (key := _value_key(v)) is not _SKIP]
 
 
-def _public_attributes(obj: Any) -> dict[str, Any]:
+def _public_attributes(obj: Any, hook_assigned: bool = False) -> dict[str, Any]:
     """The attributes of ``obj`` a user sets and a traced graph may read: public, and not a module's ``training``
-    flag (the modes are keyed separately)."""
-    return {name: v for name, v in getattr(obj, "__dict__", {}).items() if name[0] != "_" and name != "training"}
+    flag (the modes are keyed separately) nor, unless ``hook_assigned``, what a hook-based weight_norm /
+    spectral_norm assigns before every call (recomputed from the parameters: re-bound by every eager forward)."""
+    hooked = _hook_assigned(obj) if isinstance(obj, nn.Module) and not hook_assigned else set()
+    return {name: v for name, v in getattr(obj, "__dict__", {}).items()
+            if name[0] != "_" and name != "training" and name not in hooked}
+
+
+def _hook_assigned(module: nn.Module) -> set[str]:
+    """Names that forward pre-hooks with a ``name`` (torch's WeightNorm, SpectralNorm) assign on ``module``."""
+    return {h.name for h in module._forward_pre_hooks.values() if isinstance(getattr(h, "name", None), str)}
 
 
 def _cell_has_value(cell: Any) -> bool:
@@ -255,16 +263,15 @@ def restored_attributes(model: nn.Module) -> Iterator[set[str]]:
     changed by tracing. Their names (``"encoder.calls"``) are added to the set the context yields, except the
     tensors that hook-based weight_norm and spectral_norm assign (recomputed from the parameters every call)."""
     modules = dict(model.named_modules())
-    saved = {prefix: _public_attributes(m) for prefix, m in modules.items()}
+    saved = {prefix: _public_attributes(m, hook_assigned=True) for prefix, m in modules.items()}
     # what hook-based weight_norm / spectral_norm assign (module.weight, recomputed by a pre-hook every call)
-    hooked = {prefix: {h.name for h in m._forward_pre_hooks.values() if isinstance(getattr(h, "name", None), str)}
-              for prefix, m in modules.items()}
+    hooked = {prefix: _hook_assigned(m) for prefix, m in modules.items()}
     written: set[str] = set()
     try:
         yield written
     finally:
         for prefix, m in modules.items():
-            before, current = saved[prefix], _public_attributes(m)
+            before, current = saved[prefix], _public_attributes(m, hook_assigned=True)
             for name in set(current) | set(before):
                 old = before.get(name, _MISSING)
                 if current.get(name, _MISSING) is old:

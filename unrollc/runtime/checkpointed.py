@@ -15,9 +15,10 @@ The step function must be a function of (i, state, consts) and the random genera
 updates of its inputs (stored states are reused). Random draws (dropout) are replayed exactly: every stored
 state keeps the generators' state of its moment (:class:`~unrollc.runtime.rng.RngState`: the default ones, and
 the ``torch.Generator`` objects listed in ``step_fn.generators`` if it has that attribute), restored with it,
-so a recomputed step draws what it drew in the forward sweep (a ``step_fn`` whose attribute ``draws_random`` is
-False draws nothing, and no generator state is kept); the backward sweep leaves the user's generators as it
-found them. Double backward is not supported (``create_graph=True`` raises); a second backward through
+so a recomputed step draws what it drew in the forward sweep (while a ``step_fn``'s attribute ``draws_random`` is
+False, no step has drawn yet and no generator state is kept: the states stored meanwhile restore the generators'
+state at the start; the step function sets it True before its first draw); the backward sweep leaves the user's
+generators as it found them. Double backward is not supported (``create_graph=True`` raises); a second backward through
 the same unroll (``retain_graph=True``) replays the forward sweep first (``plan.evaluations`` more calls).
 """
 
@@ -89,7 +90,7 @@ class _Runner:
         self.cur_index: int | None = 0
         self.stored: dict[int, State] = {}
         self.rng: dict[int, RngState | None] = {}           # the generators' state at each stored state
-        self.draws: bool = getattr(step_fn, "draws_random", True)  # else no step draws: no generator state is kept
+        self.rng0: RngState | None = None                   # theirs at the start: of every state stored before a draw
         self.rng_devices: tuple[int, ...] = ()              # CUDA devices whose generators are kept too
         self.rng_generators: tuple[torch.Generator, ...] = getattr(step_fn, "generators", ())  # the user's own
         self.tape: _Tape | None = None
@@ -123,11 +124,13 @@ class _Runner:
         for action in actions:
             if isinstance(action, Store):
                 self.stored[action.index] = self.cur
-                self.rng[action.index] = RngState.now(self.rng_devices, self.rng_generators) if self.draws else None
+                # a step function that has not drawn yet (draws_random False) keeps none: the start's is theirs
+                draws = getattr(self.step_fn, "draws_random", True)
+                self.rng[action.index] = RngState.now(self.rng_devices, self.rng_generators) if draws else None
                 self.stats.peak_states = max(self.stats.peak_states, len(self.stored))
             elif isinstance(action, Restore):
                 self.cur, self.cur_index = self.stored[action.index], action.index
-                if (rng := self.rng[action.index]) is not None:
+                if (rng := self.rng[action.index] or self.rng0) is not None:
                     rng.restore()
             elif isinstance(action, Free):
                 del self.stored[action.index]
@@ -197,10 +200,11 @@ class _Runner:
                 self.const_grads[j] = g if self.const_grads[j] is None else self.const_grads[j] + g
 
 def _forward_sweep(step_fn: StepFn, plan: Plan, stats: ExecutionStats, state0: State, consts: State,
-                   const_needs: Sequence[bool]) -> tuple[_Runner, State]:
+                   const_needs: Sequence[bool], rng0: RngState | None = None) -> tuple[_Runner, State]:
     """Run the plan's forward actions; the runner keeps the stored states and the last tape for backward."""
     const_leaves = tuple(_leaf(c, need) for c, need in zip(consts, const_needs, strict=True))
     runner = _Runner(step_fn, plan.n, consts, const_leaves, stats)
+    runner.rng0 = rng0
     runner.rng_devices = cuda_devices((*state0, *consts))  # once: stores happen up to n times
     runner.cur = state0
     runner.run(plan.forward_actions)
@@ -234,7 +238,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         const_needs = ctx.needs_input_grad[4 + n_state:]
         # a second backward replays the sweep from here
         ctx.rng0 = RngState.now(cuda_devices(tensors), getattr(step_fn, "generators", ()))
-        runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs)
+        runner, final = _forward_sweep(step_fn, plan, stats, tensors[:n_state], tensors[n_state:], const_needs, ctx.rng0)
         ctx.save_for_backward(*tensors)     # version counters: in-place changes to inputs are caught
         # and to the tensors the steps read by reference (a class-weight tensor loss_fn closes over), which the
         # backward sweep's re-runs would read changed
@@ -259,7 +263,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         with fork_rng(ctx.rng0.devices, ctx.rng0.generators):  # recomputation restores stored states: undo it
             if runner is None:                  # a second backward (retain_graph=True): replay the forward sweep
                 ctx.rng0.restore()
-                runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs)
+                runner, _ = _forward_sweep(step_fn, plan, stats, saved[:n_state], saved[n_state:], const_needs, ctx.rng0)
             elif 0 in runner.stored:
                 runner.stored[0] = saved[:n_state]
             runner.state_grad, runner.loss_grads = list(grads[:-1]), grads[-1]

@@ -536,9 +536,13 @@ class Stepper:
             sources = set(_fx_sources.eval_cache)
             before = python_values(self.model, self.loss_fn, self.grad_callback, modules)
             with fork_rng(cuda_devices(_tensors_of(state.params, state.buffers, batch, meta))), RestoredGenerators():
-                with training_modes(self.model, self._pinned_modes, modules), restored_attributes(self.model) as written:
+                with training_modes(self.model, self._pinned_modes, modules), contextlib.ExitStack() as restoring:
+                    written = restoring.enter_context(restored_attributes(self.model))
+                    meta_written = [restoring.enter_context(restored_attributes(m)) for m in modules]
                     with meta_buffers_restored_on_failure(meta), _outside_torch_func(state, groups, batch, meta) as plain:
                         compiled = self._capture(*plain)
+            written |= {f"{type(m).__name__} (meta argument {j}).{name}" for j, (m, names) in
+                        enumerate(zip(modules, meta_written, strict=True)) for name in names}
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
             after = python_values(self.model, self.loss_fn, self.grad_callback, modules)
@@ -546,8 +550,14 @@ class Stepper:
             warn_written(written - self._warned_written)
             self._warned_written |= written
             # torch.fx keeps every generated module's source for tracebacks, process-wide and for ever (~0.5 MiB
-            # per trace of a small MLP): it goes with the traced step, when the cache drops it
-            weakref.finalize(compiled, _forget_sources, tuple(set(_fx_sources.eval_cache) - sources))
+            # per trace of a small MLP): each graph's goes with the graph, the rest (tracing's own) with the step
+            new = set(_fx_sources.eval_cache) - sources
+            for gm in (compiled.gm, *compiled.graphs.values()):
+                key = getattr(getattr(gm.forward, "__code__", None), "co_filename", None)
+                if key in new:
+                    new.discard(key)
+                    weakref.finalize(gm, _forget_sources, (key,))
+            weakref.finalize(compiled, _forget_sources, tuple(new))
             return compiled
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")

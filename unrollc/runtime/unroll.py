@@ -268,12 +268,8 @@ def run_unroll(
             # the graph step i ran; a step() the user wrapped may change the state besides: nothing is constant
             carried[i + 1] = _state_entries(new) if wrapped else _carries_gradient(stepper._last, carried[i])
             if not step_fn.draws_random and id(gm := stepper._last.gm) not in checked:
-                checked.add(id(gm))
-                if draws_random(gm):
-                    raise InternalError(
-                        f"Stepper.unroll: step {i} runs a graph that draws random numbers where the first step's does "
-                        "not, so the checkpointed unroll kept no generator state to replay it. Please report this; "
-                        "unroll with checkpoint=None meanwhile.")
+                checked.add(id(gm))  # a later graph (per-step hyperparameters, a guard) may draw: keep states from here
+                step_fn.draws_random = draws_random(gm)
         layouts[i + 1] = _state_keys(new)
         packed = pack(new)
         shared[i + 1] = first_positions(packed)
@@ -300,8 +296,8 @@ def run_unroll(
     # traced once per layout (the stepper's cache), so that every stored state keeps their states too.
     generators = {id(g): g for gm in graphs for g in step_generators(gm)}
     step_fn.generators = tuple(generators.values())  # type: ignore[attr-defined]
-    # No generator state is kept with the stored states when no step draws (the graphs of every batch layout at the
-    # first step; a graph traced later is checked as it runs).
+    # No generator state is kept with the stored states while no step has drawn (the graphs of every batch layout at
+    # the first step; a graph traced later is checked as it runs, before it draws).
     step_fn.draws_random = any(map(draws_random, graphs))  # type: ignore[attr-defined]
     checked: set[int] = set()
 
@@ -309,7 +305,7 @@ def run_unroll(
         """The tensors the graphs the steps ran read by reference (checked for in-place changes before re-runs)."""
         found = {id(v): v for entries in kept.values() for entry in entries
                  for node in entry.gm.graph.find_nodes(op="get_attr")
-                 if isinstance(v := getattr(entry.gm, str(node.target), None), torch.Tensor)}
+                 if isinstance(v := getattr(entry.gm, str(node.target), None), torch.Tensor) and not v.is_inference()}
         return tuple(found.values())
 
     step_fn.held_tensors = held_tensors  # type: ignore[attr-defined]
