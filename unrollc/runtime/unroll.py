@@ -297,7 +297,8 @@ def run_unroll(
     generators = {id(g): g for gm in graphs for g in step_generators(gm)}
     step_fn.generators = tuple(generators.values())  # type: ignore[attr-defined]
     # No generator state is kept with the stored states while no step has drawn (the graphs of every batch layout at
-    # the first step; a graph traced later is checked as it runs, before it draws).
+    # the first step; a graph traced later is checked when it first runs): a state stored before the first draw
+    # restores the generators' state at the unroll's start, which is theirs (checkpointed.py).
     step_fn.draws_random = any(map(draws_random, graphs))  # type: ignore[attr-defined]
     checked: set[int] = set()
 
