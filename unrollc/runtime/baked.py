@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import user_stacklevel
 from ..optimizer_spec import Same
 
-__all__ = ["Modes", "autocast_state", "forward_hooks", "gradient_hooks", "module_code", "module_modes", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
+__all__ = ["Modes", "autocast_state", "forward_hooks", "gradient_hooks", "module_code", "module_modes", "module_state", "module_values", "python_values", "restored_attributes", "training_modes", "warn_numbers", "warn_written"]
 
 
 # (module.training per module, trainable params, values, torch's default dtype: factory calls and Python scalars in the
@@ -118,13 +118,20 @@ def module_code(modules: Iterable[nn.Module]) -> tuple:
     return tuple((Same(m), type(m), Same(vars(m).get("forward"))) for m in modules)
 
 
+def module_state(module: nn.Module) -> tuple:
+    """What a step graph bakes in of a module it calls without carrying its tensors (one passed as a meta argument,
+    an ``nn.Module`` loss_fn), besides its Python values: the ``training`` flags of its submodules, their hooks and
+    code, and its buffers (the graph reads them by reference)."""
+    modules = list(module.modules())
+    return (tuple(m.training for m in modules), forward_hooks(modules), module_code(modules),
+            tuple(map(Same, module.buffers())))
+
+
 def module_modes(modules: Iterable[nn.Module], values: Callable[[int, nn.Module], tuple]) -> tuple:
     """What a step graph bakes in of the modules passed as meta arguments (a learned loss network), one entry per
-    module: the ``training`` flags of its submodules, its Python values (``values(j, module)``, see
-    :func:`module_values`), its hooks, its submodules' code and its buffers (the graph reads them by reference)."""
-    return tuple((tuple(m.training for m in module.modules()), values(j, module), forward_hooks(module.modules()),
-                  module_code(module.modules()), tuple(map(Same, module.buffers())))  # buffers: read by reference
-                 for j, module in enumerate(modules))
+    module: :func:`module_state` (the ``training`` flags first) and its Python values (``values(j, module)``, see
+    :func:`module_values`)."""
+    return tuple((*module_state(module), values(j, module)) for j, module in enumerate(modules))
 
 
 def module_values(j: int, module: nn.Module) -> tuple:
@@ -162,10 +169,8 @@ def _function_values(label: str, fn: Callable[..., Any]) -> list[tuple[str, Any,
         owner, fn = fn, getattr(type(fn), "__call__", fn)  # a callable object (a loss class)
         if isinstance(owner, nn.Module):
             fn = getattr(type(owner), "forward", fn)
-    if isinstance(owner, nn.Module):  # a loss module: its layers' modes, values, hooks and code, its buffers
-        modules = list(owner.modules())
-        out += [(label, "<modes>", tuple(m.training for m in modules)), (label, "<hooks>", forward_hooks(modules)),
-                (label, "<layers>", module_code(modules)), (label, "<buffers>", tuple(map(Same, owner.buffers())))]
+    if isinstance(owner, nn.Module):  # a loss module: its layers' modes, hooks and code, its buffers, its values
+        out.append((label, "<module>", module_state(owner)))
         out += [item for prefix, m in owner.named_modules() for item in _public_values(f"{label}.self.{prefix}".rstrip("."), m)]
     elif owner is not None and not isinstance(owner, types.ModuleType):
         out += _public_values(f"{label}.self", owner)
