@@ -5,6 +5,7 @@ steps, and differentiable under every checkpoint schedule."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -211,3 +212,45 @@ def test_an_option_switched_on_later_that_needs_state_from_the_first_step_is_exp
     learned = torch.tensor(0.0, requires_grad=True)
     state = stepper.unroll(stepper.init(), batches, hyper=[{"momentum": learned}] + schedule[1:])
     assert "momentum_buffer" in state.opt_state["0.weight"]
+
+
+def test_values_the_optimizers_constructor_refuses_are_pointed_out_and_run_as_eager_would(float64):
+    """torch.optim checks ranges only in its constructor; its param_groups take anything. unrollc runs the step with
+    the value (as eager does after ``group["lr"] = -0.1``) and warns, once per unroll, at the user's line."""
+    model, batches = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    stepper = unrollc.compile(model, opt, mse)
+    with pytest.warns(UserWarning, match=r"Stepper.init: lr=-0.1 \(Invalid learning rate: -0.1\).*SGD") as rec:
+        state = stepper.init(hyper={"lr": -0.1})
+    assert rec[0].filename == __file__
+    state = stepper.unroll(state, batches[:3])
+    params, _ = eager_with_schedule(model, opt, batches[:3], [{"lr": -0.1}] * 3)
+    for name, p in params.items():
+        torch.testing.assert_close(state.params[name], p, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="Nesterov momentum requires a momentum"):
+        stepper.init(hyper={"momentum": 0.0})
+
+    schedule = [{"lr": 0.1}, {"lr": -1.0}, {"lr": 0.05}, {"lr": -2.0}, {"lr": -3.0}]
+    with pytest.warns(UserWarning, match=r"hyper\[1\]: lr=-1.0 .*\(and 2 later steps\)") as rec:
+        stepper.unroll(stepper.init(), batches[:5], hyper=schedule)
+    assert len(rec) == 1 and rec[0].filename == __file__
+
+    adam = unrollc.compile(model, torch.optim.Adam(model.parameters()), mse)
+    with pytest.warns(UserWarning, match=r"betas=\(1.0, 0.9\) \(Invalid beta parameter at index 0: 1.0\)"):
+        adam.init(hyper={"betas": (1.0, 0.9)})
+
+
+def test_values_in_range_and_values_the_optimizer_already_held_are_not_pointed_out(float64):
+    model, batches = make()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stepper = unrollc.compile(model, opt, mse)
+    opt.param_groups[0]["eps"] = -1.0  # set by the user on the group, as eager allows: not an override
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stepper.init()
+        state = stepper.init(hyper={"lr": torch.tensor(0.01, requires_grad=True), "eps": -1.0})
+        stepper.unroll(state, batches[:2], hyper=[{"lr": 0.02}, {"betas": (0.5, 0.5)}])
+        # inside a transform the values cannot be read; the check steps aside
+        lr = torch.tensor(0.01)
+        torch.func.grad(lambda lr: mse(model, batches[3]) * 0 + stepper.forward(
+            stepper.unroll(stepper.init(hyper={"lr": -lr}), batches[:2]), batches[3][0]).sum())(lr)

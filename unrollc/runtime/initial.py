@@ -4,6 +4,8 @@ and hyperparameters turned into the tensors a step graph carries."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 
 from ..capture import state_number_tensor
 
-__all__ = ["READ_AT_CONSTRUCTION", "hyper_tensor", "mapping", "own_state_entry", "same_shape"]
+__all__ = ["READ_AT_CONSTRUCTION", "hyper_tensor", "mapping", "own_state_entry", "refused_values", "REFUSED_ADVICE", "same_shape"]
 
 
 def own_state_entry(key: str, value: Any, shared: dict[tuple, torch.Tensor]) -> torch.Tensor:
@@ -57,6 +59,70 @@ def hyper_tensor(key: str, v: Any, like: Any = None, api: str = "Stepper.init") 
             f"{api}: hyperparameter {key!r} must be a float or a 0-dim tensor, got {type(v).__name__}."
         )
     return torch.tensor(float(v), dtype=torch.float64)
+
+
+def refused_values(cls: type, static: tuple[tuple[str, Any], ...], before: Mapping[str, Any],
+                   after: Mapping[str, Any]) -> str | None:
+    """What is wrong with the hyperparameters ``after`` (one group's, overrides applied) when the constructor of the
+    optimizer class ``cls`` refuses them (``lr=-0.1``, ``betas=(1.0, 0.999)``) while it accepts ``before`` (the
+    values they replace), e.g. ``"lr=-0.1 (Invalid learning rate: -0.1)"``; None when it accepts them.
+
+    torch.optim checks ranges only in its constructor and a step runs with whatever its groups hold, so unrollc
+    warns rather than refuses (a learned value may pass through such a range). Values it cannot read as numbers
+    (inside a torch.func transform) and optimizers whose constructor refuses ``before`` as well are not checked."""
+    old, new = _as_floats(before), _as_floats(after)
+    if old is None or new is None or old == new:
+        return None
+    error = _constructor_error(cls, static, new)
+    if error is None or _constructor_error(cls, static, old) is not None:
+        return None
+    changed = ", ".join(f"{k}={new[k]!r}" for k in new if new[k] != old.get(k))
+    return f"{changed} ({error})"
+
+
+REFUSED_ADVICE = (
+    "unrollc runs the step with the values as given (eager param_groups accept them too, and a learned value may "
+    "pass through such a range), but the update may be meaningless or NaN; check the values, or keep a learned one "
+    "in range (e.g. lr = softplus(raw), beta = sigmoid(raw))."
+)
+
+
+def _as_floats(group: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``group``'s values as floats (tuples of floats for ``betas``), or None when one cannot be read (a value
+    wrapped by a torch.func transform)."""
+    def value(v: Any) -> Any:
+        return tuple(value(x) for x in v) if isinstance(v, tuple) else float(v)
+
+    try:
+        with torch.no_grad():
+            return {k: value(v) for k, v in group.items()}
+    except Exception:  # noqa: BLE001 - a transform's wrapped tensor has no value to check
+        return None
+
+
+def _constructor_error(cls: type, static: tuple[tuple[str, Any], ...], floats: dict[str, Any]) -> str | None:
+    """The ValueError ``cls``'s constructor raises for these options on a one-element parameter, or None."""
+    accepted = _constructor_options(cls)
+    options = {k: v for k, v in (*static, *floats.items()) if accepted is None or k in accepted}
+    try:
+        cls([torch.zeros(1, requires_grad=True)], **options)
+    except ValueError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - a constructor that cannot be built this way is not checked
+        return None
+    return None
+
+
+@functools.cache
+def _constructor_options(cls: type) -> frozenset[str] | None:
+    """The keyword arguments ``cls.__init__`` accepts (None: it takes ``**kwargs``, or has no readable signature)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
 
 
 # Options torch.optim reads only when it builds the optimizer (Adagrad fills state["sum"] with it there).

@@ -29,7 +29,7 @@ from .baked import (Modes, autocast_state, forward_hooks, gradient_hooks, module
                     python_values, restored_attributes,
                     training_modes, warn_numbers, warn_written)
 from .execute import instrumented, run_graph
-from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, same_shape
+from .initial import READ_AT_CONSTRUCTION, hyper_tensor, mapping, own_state_entry, refused_values, REFUSED_ADVICE, same_shape
 from .meta import bind_modules, meta_modules
 from .rng import cuda_devices, fork_rng
 from .schedules import CheckpointLike, NoCheckpoint, resolve_checkpoint
@@ -212,11 +212,14 @@ class Stepper:
             "call unrollc.compile(model, opt, loss_fn) again."
         )
 
-    def _override_hyper(self, groups: list[dict[str, Any]], hyper: Mapping[str, Any], api: str) -> list[dict[str, Any]]:
+    def _override_hyper(self, groups: list[dict[str, Any]], hyper: Mapping[str, Any], api: str,
+                        check: bool = True) -> list[dict[str, Any]]:
         """``groups`` (per-group hyperparameter tensors) with the user's overrides ``hyper`` applied (bare keys set
-        every group, ``"1.lr"`` group 1), each checked against the optimizer's options; ``groups`` is not changed."""
-        groups = [dict(g) for g in groups]
-        for g, override in zip(groups, hyper_to_groups(hyper, len(groups), api=api), strict=True):
+        every group, ``"1.lr"`` group 1), each checked against the optimizer's options; ``groups`` is not changed.
+        With ``check``, values the optimizer's constructor would refuse (``lr=-0.1``) are pointed out."""
+        before, groups = groups, [dict(g) for g in groups]
+        overrides = hyper_to_groups(hyper, len(groups), api=api)
+        for g, override in zip(groups, overrides, strict=True):
             for k, v in override.items():
                 if k not in g:
                     raise KeyError(
@@ -232,7 +235,17 @@ class Stepper:
                         f"{k}=... and compile that one."
                     )
                 g[k] = value
+        if check and (why := self._refused(before, groups)):
+            warnings.warn(f"{api}: {why} is refused by torch.optim.{self._spec.cls.__name__}'s constructor. "
+                          f"{REFUSED_ADVICE}", stacklevel=user_stacklevel())
         return groups
+
+    def _refused(self, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str | None:
+        """What the optimizer's constructor would refuse in the hyperparameters ``after`` that it accepts in
+        ``before`` (both per group), e.g. ``"lr=-0.1 (Invalid learning rate: -0.1)"``; None if nothing."""
+        why = [refused_values(self._spec.cls, static, old, new)
+               for static, old, new in zip(self._spec.static, before, after, strict=True)]
+        return "; ".join(f"group {i}: {w}" if len(why) > 1 else w for i, w in enumerate(why) if w) or None
 
     def _step_hypers(self, state: UnrollState, hyper: Any, n: int | None) -> list[dict[str, Any]]:
         """``unroll(hyper=...)``: one override mapping per step -> each step's whole hyperparameter dict (``n``,
@@ -256,8 +269,16 @@ class Stepper:
                     f"Stepper.unroll: hyper[{i}] must be a mapping of overrides such as {{'lr': lr_tensor}}, got "
                     f"{type(h).__name__}."
                 )
-            steps.append(groups_to_hyper(self._override_hyper(base, h, f"Stepper.unroll: hyper[{i}]")))
-        return steps
+            steps.append(self._override_hyper(base, h, f"Stepper.unroll: hyper[{i}]", check=False))
+        refused = [(i, why) for i, g in enumerate(steps) if (why := self._refused(base, g))]
+        if refused:
+            (i, why), more = refused[0], len(refused) - 1
+            warnings.warn(
+                f"Stepper.unroll: hyper[{i}]: {why} is refused by torch.optim.{self._spec.cls.__name__}'s constructor"
+                f"{f' (and {more} later step' + ('s' if more > 1 else '') + ')' if more else ''}. {REFUSED_ADVICE}",
+                stacklevel=user_stacklevel(),
+            )
+        return [groups_to_hyper(g) for g in steps]
 
     def _reread_static_options(self) -> None:
         """Take the optimizer's static options (``nesterov``, ``maximize``, ``amsgrad``, ...) as they are now: one
