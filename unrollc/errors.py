@@ -204,6 +204,12 @@ class BatchModifiedError(ValueError, RuntimeError):
     raises for a tensor saved for backward and then changed in place)."""
 
 
+class LossError(ValueError, RuntimeError):
+    """``diffopt.step(loss)`` got a loss it cannot differentiate (not a scalar, or not requiring grad): a
+    ``ValueError``, and a ``RuntimeError`` as ``higher`` raises there (its ``torch.autograd.grad`` call does), so
+    ``except RuntimeError`` written for ``higher`` still catches it."""
+
+
 class ArgumentError(TypeError, ValueError):
     """An argument a public API refuses where earlier releases raised the other of ``TypeError`` and ``ValueError``
     (``EveryK(2.5)`` was a ValueError, ``clip_grad_norm(-1)`` a TypeError): ``except`` clauses for either catch it.

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..capture import state_number_tensor
-from ..errors import user_stacklevel
+from ..errors import LossError, user_stacklevel
 from ..optimizer_spec import OptimizerSpec, UnsupportedOptimizerError, is_hyper_value
 from ..update import CompiledUpdate
 from . import patch as _patch
@@ -178,12 +178,12 @@ class DifferentiableOptimizer:
                 "fmodel.fast_params or the list the previous step returned."
             )
         if loss.numel() != 1:
-            raise ValueError(
+            raise LossError(
                 f"DifferentiableOptimizer.step: expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
                 "reduce it first, e.g. diffopt.step(loss.mean()) or F.mse_loss(..., reduction='mean')."
             )
         if not loss.requires_grad:
-            raise ValueError(
+            raise LossError(
                 "DifferentiableOptimizer.step: the loss does not require grad, so it cannot be differentiated by the "
                 "fast weights: it was computed under torch.no_grad(), detached, or from tensors that carry no "
                 "gradient. Compute it with the functional module: diffopt.step(loss_fn(fmodel(x), y))."
