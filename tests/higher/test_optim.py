@@ -11,6 +11,7 @@ from torch import nn
 
 import unrollc
 import unrollc.higher as uh
+import oracles
 from unrollc.optimizer_spec import UnsupportedOptimizerError
 
 O = torch.optim
@@ -130,6 +131,29 @@ def test_override_learning_rate_receives_exact_gradient(float64):
     eps = 1e-6
     numeric = (meta_loss(torch.tensor(0.1 + eps)) - meta_loss(torch.tensor(0.1 - eps))) / (2 * eps)
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_asgd_learned_learning_rate_gets_the_finite_difference_gradient_where_highers_is_cut(float64):
+    """ASGD's step size eta = lr / (1 + lambd * lr * t) ** alpha: higher 0.2.1 computes it with math.pow on floats,
+    so its lr meta-gradient misses that path; unrollc traces torch.optim.ASGD and keeps it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    (x, y), (xv, yv) = data(), data()
+    opt = O.ASGD(model.parameters(), lr=0.05, lambd=1e-2, t0=3, weight_decay=0.01)
+
+    def meta_loss(lib, lr):
+        with lib.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+            for _ in range(6):
+                diffopt.step(loss_of(fmodel(x), y))
+            return loss_of(fmodel(xv), yv)
+
+    lr = torch.tensor(0.05, requires_grad=True)
+    (grad,) = torch.autograd.grad(meta_loss(uh, lr), lr)
+    numeric = oracles.central_difference(lambda v: meta_loss(uh, v), lr)
+    torch.testing.assert_close(grad, numeric, rtol=1e-7, atol=1e-10)
+    higher = pytest.importorskip("higher")
+    (grad_h,) = torch.autograd.grad(meta_loss(higher, lr), lr)
+    assert abs(grad_h - numeric) > 1e-4 * abs(numeric)  # README: "Where higher is wrong"
 
 
 def test_per_group_override_and_step_override(lib):
