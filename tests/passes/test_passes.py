@@ -28,8 +28,8 @@ def calls(gm: fx.GraphModule):
 
 def test_pipeline_is_the_documented_literal_tuple():
     assert [p.__name__ for p in PIPELINE] == [
-        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "eliminate_dead_code", "cse",
-        "safe_sqrt",
+        "lift_inputs", "functionalize", "strip_detach", "strip_profiler", "remove_copies", "eliminate_dead_code",
+        "python_pow", "cse", "safe_sqrt",
     ]
 
 
@@ -134,6 +134,41 @@ def test_adam_meta_gradient_is_finite_with_dead_units(float64):
     targets = [n.target for n in stepper.graph.graph.nodes]
     assert torch.ops.aten.sqrt.default not in targets
     assert torch.ops.unrollc.safe_sqrt.default in targets or torch.ops.unrollc.safe_sqrt_masked.default in targets
+
+
+def test_python_pow_touches_only_the_optimizers_powers_of_python_numbers(float64):
+    """Adam's ``bias_correction2 ** 0.5`` (hyperparameters and the step counter only) gets C's pow; the user's own
+    ``** 0.5`` on a 0-dim tensor, and Adam's maths on a 0-dim parameter's state, stay ATen's; lint checks it."""
+    from unrollc.inspect.lint import check_after
+    from unrollc.passes.python_pow import pows_of_python_numbers
+
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+            self.temperature = nn.Parameter(torch.tensor(1.5))  # 0-dim: its exp_avg_sq is 0-dim too
+
+        def forward(self, x):
+            return self.l(x) / self.temperature ** 0.5  # the user's own power of a 0-dim tensor
+
+    model = Tempered()
+    stepper = unrollc.compile(model, torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.99)),
+                              lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batch = (torch.randn(8, 3), torch.randn(8, 2))
+    stepper.step(stepper.step(stepper.init(), batch), batch)
+    before, after = stepper.graphs["after eliminate_dead_code"], stepper.graphs["after python_pow"]
+    found = pows_of_python_numbers(before)
+    assert len(found) == 3  # bias_correction2 ** 0.5 for each of the 3 parameters, before cse merges them
+    assert all(n.args[1] == 0.5 and n.meta["val"].dim() == 0 for n in found)
+    user = [n for n in before.graph.nodes if n.target is torch.ops.aten.pow.Tensor_Scalar and n not in found]
+    assert any(n.args[1] == 0.5 for n in user)  # the forward's ** 0.5 (its backward's powers, the loss's pow(2))
+    kept = [n for n in after.graph.nodes if n.target is torch.ops.aten.pow.Tensor_Scalar]
+    assert [n.name for n in kept] == [n.name for n in user]
+    assert pows_of_python_numbers(after) == []
+    assert PIPELINE[6].__name__ == "python_pow"
+    check_after(after, [p.__name__ for p in PIPELINE[:7]])
+    with pytest.raises(Exception, match="python_pow"):
+        check_after(before, [p.__name__ for p in PIPELINE[:7]])
 
 
 def _views(x: torch.Tensor) -> list[torch.Tensor]:

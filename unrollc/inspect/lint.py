@@ -104,6 +104,16 @@ def _safe_sqrts(gm: fx.GraphModule) -> list[str]:
     ]
 
 
+def _python_pows(gm: fx.GraphModule) -> list[str]:
+    from ..passes.python_pow import pows_of_python_numbers
+
+    return [
+        f"`{node.name}` = aten.pow.Tensor_Scalar on a number eager torch.optim computes in Python: ATen's fast paths "
+        "(0.5 -> sqrt) round differently from Python's **"
+        for node in pows_of_python_numbers(gm)
+    ]
+
+
 def _no_duplicates(gm: fx.GraphModule) -> list[str]:
     from ..passes.cse import cse_key
 
@@ -123,6 +133,7 @@ GUARANTEES: tuple[Guarantee, ...] = (
     Guarantee("strip_detach", "every detach was written by the user or ends a torch.no_grad() block", _only_user_detach),
     Guarantee("strip_profiler", "no profiler op remains", _no_profiler),
     Guarantee("remove_copies", "no clone, lift_fresh_copy or same-layout copy remains", _no_copies),
+    Guarantee("python_pow", "no power of a Python number of the optimizer's is computed by ATen's scalar fast paths", _python_pows),
     Guarantee("cse", "no two nodes call the same deterministic operator on the same arguments", _no_duplicates),
     Guarantee("eliminate_dead_code", "every node is used", _no_dead_nodes),
     Guarantee("safe_sqrt", "every sqrt outside the user's code has derivative 0 at 0", _safe_sqrts),

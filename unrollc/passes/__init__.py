@@ -8,6 +8,7 @@ Read in order, it is the whole compiler after capture::
     strip_profiler       record_function ranges of Optimizer.step -> removed
     remove_copies        clone / lift_fresh_copy / same-shape copy -> their source
     eliminate_dead_code  unused nodes -> removed
+    python_pow           the optimizer's powers of Python numbers (bias_correction2 ** 0.5) -> C's pow, as Python's **
     cse                  identical pure computations (the optimizer's per-parameter hyperparameter maths) -> one
     safe_sqrt            the optimizer's sqrt -> same values, derivative 0 at 0 (no NaN meta-gradients);
                          last, so "after cse" is the graph for steps that need no gradient
@@ -32,6 +33,7 @@ from .cse import cse
 from .dead_code import eliminate_dead_code
 from .functionalize import functionalize
 from .lift_inputs import lift_inputs
+from .python_pow import python_pow
 from .remove_copies import remove_copies
 from .safe_sqrt import safe_sqrt
 from .strip_detach import strip_detach
@@ -48,6 +50,7 @@ PIPELINE: tuple[Pass, ...] = (
     strip_profiler,
     remove_copies,
     eliminate_dead_code,
+    python_pow,
     cse,
     safe_sqrt,
 )
