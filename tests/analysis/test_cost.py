@@ -359,6 +359,9 @@ def test_budget_prediction_fits_and_str():
         model.expressions(unrollc.runtime.schedules.Budget(budget))
     text = str(model)
     assert "saved for backward" in text and "Sqrt()" in text
+    # every kind of schedule's expressions (binomial with fixed slots: its memory does not grow with n)
+    assert f"EveryK(k=4): evaluations {model.expressions(EveryK(4)).evaluations}," in text
+    assert f"Binomial(slots=8): evaluations {model.expressions(Binomial(slots=8)).evaluations}," in text
 
 
 def test_cost_model_is_public_and_binomial_needs_slots_for_expressions():

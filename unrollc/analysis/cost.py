@@ -43,7 +43,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InternalError
-from ..runtime.schedules import N, Binomial, Budget, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
+from ..runtime.schedules import N, Binomial, Budget, EveryK, CheckpointLike, Plan, Policy, peak_bytes, resolve_checkpoint
 from .backward import backward_working_bytes
 from .liveness import StepAnalysis, analyze_step
 
@@ -239,7 +239,7 @@ class CostModel:
                      "meta-gradients; W, the working states: 2 without checkpointing, 3 every-k, 4 binomial; "
                      f"overlap {_fmt(self.overlap_bytes)}, what a taped step saves of its input and output states, "
                      "is counted in W with checkpointing):")
-        for policy in (None, "sqrt"):
+        for policy in (None, "sqrt", EveryK(4), Binomial(slots=8)):  # binomial with fixed slots: memory flat in n
             e = self.expressions(policy)
             lines.append(f"    {resolve_checkpoint(policy)!r}: evaluations {e.evaluations}, peak bytes {e.peak_bytes}")
         return "\n".join(lines)
