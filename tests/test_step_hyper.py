@@ -173,6 +173,23 @@ def test_a_learned_zero_gets_its_gradient_after_steps_that_ran_a_plain_zero(chec
     torch.testing.assert_close(g, fd.detach(), rtol=1e-5, atol=1e-9)
 
 
+def test_a_learned_momentum_zero_then_nonzero_is_torch_optims_limit_not_its_value_at_zero(float64):
+    """README: a learned momentum at exactly 0 takes the general branch, so its buffer follows the gradient through
+    the steps at 0; torch.optim (discontinuous there) starts the buffer at the first nonzero step. unrollc equals
+    eager with 1e-200 in place of the zeros, and differs from eager with plain zeros."""
+    model, batches = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    stepper = unrollc.compile(model, opt, mse)
+    momenta = [0.0] * 4 + [0.5] * (N - 4)
+    learned = torch.tensor(momenta, requires_grad=True)
+    state = stepper.unroll(stepper.init(), batches, hyper=[{"momentum": learned[i]} for i in range(N)])
+    limit, _ = eager_with_schedule(model, opt, batches, [{"momentum": m or 1e-200} for m in momenta])
+    at_zero, _ = eager_with_schedule(model, opt, batches, [{"momentum": m} for m in momenta])
+    for name, p in limit.items():
+        torch.testing.assert_close(state.params[name], p, rtol=1e-13, atol=1e-15)
+    assert max((state.params[n] - p).abs().max().item() for n, p in at_zero.items()) > 1e-4
+
+
 def test_a_budget_plans_for_the_state_that_per_step_hyperparameters_create(float64):
     """Momentum switched on by the per-step hyperparameters creates momentum buffers: the budget counts them, as
     it does when the state's own momentum is nonzero (found in review: it planned without them and overran)."""
