@@ -408,22 +408,7 @@ def test_float32_trajectory_is_bit_identical_on_the_cpu(cls, kwargs):
     float does (in float32 it was an ulp off within 30 steps)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
-    twin = copy.deepcopy(model)
-    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(30)]
-    stepper = unrollc.compile(model, cls(model.parameters(), **kwargs), mse)
-    state = stepper.init()
-    eager = cls(twin.parameters(), **kwargs)
-    with torch.no_grad():
-        for batch in batches:
-            state = stepper.step(state, batch)
-    for batch in batches:
-        eager.zero_grad()
-        mse(twin, batch).backward()
-        eager.step()
-    for n, p in twin.named_parameters():
-        assert torch.equal(state.params[n], p.detach()), n
-        for k, v in eager.state[p].items():
-            assert torch.equal(state.opt_state[n][k], v), (n, k)
+    assert_bit_identical_to_eager(model, cls, kwargs, [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(30)])
 
 
 @pytest.mark.parametrize("cls,kwargs", [
@@ -443,8 +428,12 @@ def test_float64_trajectory_is_bit_identical_on_the_cpu(cls, kwargs, float64):
     exponent (C's pow): with betas=(0.9, 0.99) Adam's parameters were an ulp off eager's from step 42 on."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    assert_bit_identical_to_eager(model, cls, kwargs, [(torch.randn(8, 5), torch.randn(8, 3)) for _ in range(60)])
+
+
+def assert_bit_identical_to_eager(model, cls, kwargs, batches):
+    """Parameters and optimizer state after stepping ``model`` with unrollc and a copy of it with eager ``cls``."""
     twin = copy.deepcopy(model)
-    batches = [(torch.randn(8, 5), torch.randn(8, 3)) for _ in range(60)]
     stepper = unrollc.compile(model, cls(model.parameters(), **kwargs), mse)
     with torch.no_grad():
         state = stepper.unroll(stepper.init(), batches)
