@@ -1013,3 +1013,58 @@ def test_a_meta_modules_buffer_and_the_attributes_its_forward_writes():
     assert net.calls == 0 and stepper.trace_count == 2
     for n, p in eager.named_parameters():
         assert torch.equal(state.params[n], p), n
+
+
+def test_anomaly_mode_does_not_break_tracing():
+    """torch.autograd.set_detect_anomaly(True) (default check_nan) read every traced gradient into Python, so every
+    trace failed with a capture error blaming the user's code (found by the interop tester). Tracing turns it off;
+    the steps run under it as eager code does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                              lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    batches = [(torch.randn(6, 4), torch.randn(6, 1)) for _ in range(3)] + [(torch.randn(3, 4), torch.randn(3, 1))]
+    with torch.autograd.set_detect_anomaly(True):
+        state = stepper.unroll(stepper.init(), batches, checkpoint=2)  # traces, including a new layout
+        assert torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
+        torch.stack(state.losses).sum().backward()
+    plain = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                            lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    reference = plain.unroll(plain.init(), batches)
+    for n, p in reference.params.items():
+        assert torch.equal(state.params[n], p), n
+
+
+def test_wrappers_and_modes_unrollc_cannot_step_are_refused_with_the_fix():
+    """Found by the interop tester: these failed with torch's internal errors, blamed on loss_fn."""
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+
+    def loss_fn(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    batch = (torch.randn(6, 4), torch.randn(6, 1))
+    wrapped = torch.compile(make(), backend="eager")
+    with pytest.raises(TypeError, match=r"torch.compile wrapper .*unrollc.compile\(model._orig_mod, opt, loss_fn\)"):
+        unrollc.compile(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), loss_fn)
+    scripted = torch.jit.script(make())
+    with pytest.raises(TypeError, match=r"ScriptModule .*Pass the nn.Module before scripting it"):
+        unrollc.compile(scripted, torch.optim.SGD(scripted.parameters(), lr=0.1), loss_fn)
+
+    model = make()
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    state = stepper.init()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"Stepper.step: called inside torch.inference_mode\(\).*torch.no_grad"):
+            stepper.step(state, batch)
+        with pytest.raises(RuntimeError, match=r"Stepper.unroll: called inside torch.inference_mode\(\)"):
+            stepper.unroll(state, [batch])
+        made_there = stepper.init()
+        out = stepper.forward(state, batch[0])  # evaluation is fine
+    assert out.shape == (6, 1)
+    with pytest.raises(RuntimeError, match=r"on a state made inside torch.inference_mode\(\).*stepper.init\(\)"):
+        stepper.step(made_there, batch)
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    stepper.step(state, batch)  # still works outside

@@ -20,6 +20,18 @@ __all__ = ["check_model", "check_opaque_leaves", "meta_buffers_restored_on_failu
 def check_model(model: nn.Module) -> None:
     """Refuse at compile time a lazy module's parameters or buffers before its first forward (a bare RuntimeError at
     the first step), and an embedding whose trainable weight gets sparse gradients (a dispatcher error)."""
+    if type(model).__name__ == "OptimizedModule" and type(model).__module__.startswith("torch._dynamo"):
+        raise TypeError(
+            "unrollc.compile: the model is a torch.compile wrapper (OptimizedModule); unrollc traces the step itself "
+            "and cannot trace through TorchDynamo. Pass the module it wraps, unrollc.compile(model._orig_mod, opt, "
+            "loss_fn) (the same parameters, so the same optimizer), and torch.compile the eager model for eager use."
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "unrollc.compile: the model is a torch.jit.ScriptModule (torch.jit.script/trace of the whole model), whose "
+            "submodules and parameters unrollc cannot re-bind to a step's weights. Pass the nn.Module before "
+            "scripting it; scripted submodules inside an ordinary module work."
+        )
     tensors = [("parameter", n, t) for n, t in model.named_parameters()] + [("buffer", n, t) for n, t in model.named_buffers()]
     for kind, name, t in tensors:
         if nn.parameter.is_lazy(t):

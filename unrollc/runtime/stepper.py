@@ -468,6 +468,8 @@ class Stepper:
                 "start from this stepper's init()."
             )
         self._check_hyper(api, state.hyper)
+        if api != "Stepper.forward":
+            _check_not_inference(api, state)
 
     def _check_hyper(self, api: str, hyper: Any) -> None:
         """The state's hyperparameters are this optimizer's, every one a tensor (a state changed with
@@ -647,7 +649,10 @@ class Stepper:
         args = (state.params, state.buffers, state.opt_state, groups, batch, meta, trainable)
 
         def trace(spec: OptimizerSpec) -> Captured:
-            with recording_sources(self.model, spec.cls, self.loss_fn, self.grad_callback):  # source lines for explain
+            # Anomaly mode's NaN check reads every traced gradient into Python (a data-dependent bool, refused by
+            # tracing); the graph's steps still run under it, where it checks the real tensors.
+            with recording_sources(self.model, spec.cls, self.loss_fn, self.grad_callback), \
+                    torch.autograd.set_detect_anomaly(False):
                 return capture_step(self.model, spec, self.loss_fn, *args, grad_callback=self.grad_callback)
 
         captured, self._spec = trace_with_fallbacks(self._spec, trace)
@@ -763,6 +768,21 @@ def _describe(tree: Any) -> str:
 
 
 _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
+def _check_not_inference(api: str, state: UnrollState) -> None:
+    """Steps record autograd graphs and advance tensors by version: refused inside ``torch.inference_mode()`` and
+    on a state made there (its tensors are inference tensors), with the fix, as eager training cannot run there
+    either. ``Stepper.forward`` is allowed (evaluation)."""
+    made_there = any(t.is_inference() for t in (*state.params.values(), *state.buffers.values()))
+    if torch.is_inference_mode_enabled() or made_there:
+        where = "inside torch.inference_mode()" if not made_there else "on a state made inside torch.inference_mode()"
+        raise RuntimeError(
+            f"{api}: called {where}; a step records what its meta-gradient needs and advances buffers and optimizer "
+            "state, which inference mode (and its inference tensors) forbid, as for eager training. Call "
+            "stepper.init() and the steps outside inference_mode (use torch.no_grad() for steps without a graph); "
+            "stepper.forward(state, x) may run inside it."
+        )
+
+
 GRAPHS_KEPT = 8  # traces whose graphs after every pass are kept (stepper.graphs); older ones keep _NO_GRAD_GRAPH
 _NO_GRAD_GRAPH = "after cse"  # what steps without grad run (see Stepper._step)
 _MANY_KEYS = 8  # traces for new keys after which Python numbers among the inputs are pointed out
