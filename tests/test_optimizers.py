@@ -424,7 +424,7 @@ def test_float32_trajectory_is_bit_identical_on_the_cpu(cls, kwargs):
 def test_float64_trajectory_is_bit_identical_on_the_cpu(cls, kwargs, float64):
     """Eager torch.optim computes ``bias_correction2 ** 0.5`` (Adam, RAdam; Adafactor's ``step ** 0.5``) with Python
     floats, which call C's pow; the traced step computes it on float64 tensors, where ATen's pow with a Python exponent
-    takes sqrt (not correctly rounded on this CPU, 1.4% of inputs). The python_pow pass gives those powers a tensor
+    takes sqrt (not correctly rounded on this CPU, 1-2% of inputs). The python_pow pass gives those powers a tensor
     exponent (C's pow): with betas=(0.9, 0.99) Adam's parameters were an ulp off eager's from step 42 on."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))

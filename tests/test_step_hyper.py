@@ -267,6 +267,20 @@ def test_values_in_range_and_values_the_optimizer_already_held_are_not_pointed_o
         stepper.init()
         state = stepper.init(hyper={"lr": torch.tensor(0.01, requires_grad=True), "eps": -1.0})
         stepper.unroll(state, batches[:2], hyper=[{"lr": 0.02}, {"betas": (0.5, 0.5)}])
+        # a subclass's constructor is never run for the check (it may warn, draw random numbers, count instances)
+        built = []
+
+        class Counting(torch.optim.Adam):
+            def __init__(self, *args, **kwargs):
+                built.append(1)
+                super().__init__(*args, **kwargs)
+
+        counting = unrollc.compile(model, Counting(model.parameters()), mse)
+        counting.unroll(counting.init(), batches[:2], hyper=[{"lr": 0.5}, {"lr": 0.4}])  # traced (builds its own)
+        traced = len(built)
+        counting.init(hyper={"lr": -1.0})
+        counting.unroll(counting.init(), batches[:2], hyper=[{"lr": 0.5}, {"lr": -0.5}])
+        assert len(built) == traced
         # inside a transform the values cannot be read; the check steps aside
         lr = torch.tensor(0.01)
         torch.func.grad(lambda lr: mse(model, batches[3]) * 0 + stepper.forward(

@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-__all__ = ["ArgumentError", "BatchModifiedError", "CaptureError", "InternalError", "user_frame", "user_stacklevel"]
+__all__ = ["ArgumentError", "BatchModifiedError", "CaptureError", "InternalError", "LossError", "user_frame", "user_stacklevel"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UNROLLC_DIR = os.path.dirname(__file__)

@@ -55,8 +55,8 @@ def _reduce(op: Any, builtin: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _item(x: Any) -> Any:
     """``x.item()`` kept a tensor: a Python number's precision (float64 for a lower-precision float)."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
-        return x.to(torch.float64)
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64 and x.device.type != "mps":
+        return x.to(torch.float64)  # (MPS has no float64: there the value keeps its dtype, as before)
     return x.item() if not isinstance(x, torch.Tensor) else x
 
 

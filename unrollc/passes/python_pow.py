@@ -9,8 +9,8 @@ Eager ``torch.optim`` computes its scalar maths in Python floats: Adam's ``bias_
 rectification, Adafactor's ``step ** 0.5``. unrollc carries hyperparameters and step counters as float64 tensors
 so that they can be learned, so the traced step computes those lines with tensors, and ATen's ``pow`` with a
 Python exponent has fast paths (``0.5`` is ``sqrt``, ``-0.5`` is ``rsqrt``, small integers are products) that
-round differently from C's ``pow``, which Python calls: measured on random inputs, ``x ** 0.5`` differs in ~1.7%
-of cases (CPU ``sqrt`` here is not correctly rounded either), ``x ** -0.5`` in ~23%. For Adam with
+round differently from C's ``pow``, which Python calls: measured on random inputs, ``x ** 0.5`` differs in 1-2% of
+cases (CPU ``sqrt`` here is not correctly rounded either), ``x ** -0.5`` in ~23%. For Adam with
 ``betas=(0.9, 0.99)`` in float64, that put the parameters one ulp off eager's from step 42 on. ATen's ``pow``
 with a tensor exponent calls C's ``pow`` on 0-dim CPU tensors: bit for bit Python's ``**``::
 
@@ -18,8 +18,10 @@ with a tensor exponent calls C's ``pow`` on 0-dim CPU tensors: bit for bit Pytho
                                                        pow_5 = aten.pow.Tensor_Tensor(rsub_3, full_like)
 
 The derivative is pow's (the exponent is a constant). The user's own ``**`` in ``forward``/``loss_fn``, powers of
-tensors that depend on the weights, the batch or other optimizer state, and other dtypes and devices (where eager
-code computes with tensors too, or where no Python float is involved) are not touched.
+tensors that depend on the weights, the batch or other optimizer state, and other dtypes and devices are not
+touched. Hyperparameters are rewritten whatever the user gave: with float64 *tensor* ``betas`` eager code computes
+these powers with ATen's fast paths, and the step graph with C's ``pow`` (an ulp apart at most, as before the pass,
+which the README documents for tensor hyperparameters).
 """
 
 from __future__ import annotations

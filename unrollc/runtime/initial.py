@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,12 +65,16 @@ def hyper_tensor(key: str, v: Any, like: Any = None, api: str = "Stepper.init") 
 def refused_values(cls: type, static: tuple[tuple[str, Any], ...], before: Mapping[str, Any],
                    after: Mapping[str, Any]) -> str | None:
     """What is wrong with the hyperparameters ``after`` (one group's, overrides applied) when the constructor of the
-    optimizer class ``cls`` refuses them (``lr=-0.1``, ``betas=(1.0, 0.999)``) while it accepts ``before`` (the
-    values they replace), e.g. ``"lr=-0.1 (Invalid learning rate: -0.1)"``; None when it accepts them.
+    ``torch.optim`` class ``cls`` refuses them (``lr=-0.1``, ``betas=(1.0, 0.999)``) while it accepts ``before``
+    (the values they replace), e.g. ``"lr=-0.1 (Invalid learning rate: -0.1)"``; None when it accepts them.
 
     torch.optim checks ranges only in its constructor and a step runs with whatever its groups hold, so unrollc
-    warns rather than refuses (a learned value may pass through such a range). Values it cannot read as numbers
-    (inside a torch.func transform) and optimizers whose constructor refuses ``before`` as well are not checked."""
+    warns rather than refuses (a learned value may pass through such a range). Not checked: other classes (a
+    subclass's constructor may have side effects: it is never run), values not on the CPU (reading them would
+    synchronise a device), values inside a torch.func transform, and optimizers whose constructor refuses
+    ``before`` as well. Values ``after`` shares with ``before`` (the same objects) are not read."""
+    if not cls.__module__.startswith("torch.optim") or all(after[k] is before.get(k) for k in after):
+        return None
     old, new = _as_floats(before), _as_floats(after)
     if old is None or new is None or old == new:
         return None
@@ -88,10 +93,14 @@ REFUSED_ADVICE = (
 
 
 def _as_floats(group: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``group``'s values as floats (tuples of floats for ``betas``), or None when one cannot be read (a value
-    wrapped by a torch.func transform)."""
+    """``group``'s values as floats (tuples of floats for ``betas``), or None when one cannot be read cheaply (a
+    tensor on a GPU, a value wrapped by a torch.func transform)."""
     def value(v: Any) -> Any:
-        return tuple(value(x) for x in v) if isinstance(v, tuple) else float(v)
+        if isinstance(v, tuple):
+            return tuple(value(x) for x in v)
+        if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+            raise ValueError("not read: a device tensor")
+        return float(v)
 
     try:
         with torch.no_grad():
@@ -102,10 +111,20 @@ def _as_floats(group: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _constructor_error(cls: type, static: tuple[tuple[str, Any], ...], floats: dict[str, Any]) -> str | None:
     """The ValueError ``cls``'s constructor raises for these options on a one-element parameter, or None."""
-    accepted = _constructor_options(cls)
-    options = {k: v for k, v in (*static, *floats.items()) if accepted is None or k in accepted}
     try:
-        cls([torch.zeros(1, requires_grad=True)], **options)
+        return _cached_constructor_error(cls, static, tuple(floats.items()))
+    except TypeError:  # an unhashable static option
+        return _cached_constructor_error.__wrapped__(cls, static, tuple(floats.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_constructor_error(cls: type, static: tuple[tuple[str, Any], ...], floats: tuple) -> str | None:
+    accepted = _constructor_options(cls)
+    options = {k: v for k, v in (*static, *floats) if accepted is None or k in accepted}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the constructor's own notes (differentiable RMSprop's) are not news here
+            cls([torch.zeros(1, requires_grad=True)], **options)
     except ValueError as e:
         return str(e)
     except Exception:  # noqa: BLE001 - a constructor that cannot be built this way is not checked
