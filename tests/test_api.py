@@ -1068,3 +1068,38 @@ def test_wrappers_and_modes_unrollc_cannot_step_are_refused_with_the_fix():
     for n, t in model.state_dict().items():
         assert torch.equal(t, before[n]), n
     stepper.step(state, batch)  # still works outside
+
+
+def test_a_tensor_re_bound_every_outer_iteration_is_pointed_out_with_the_fix():
+    """A tensor read by reference is part of the graph key: re-bound every outer iteration (class weights recomputed
+    per epoch), each iteration traced a new graph and the cache kept the old tensors alive, with no warning (found
+    by the re-tracing tester). The third re-bind warns, once per name; an in-place update traces nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    model.scale = torch.ones(1)
+    W = torch.ones(8)
+
+    def loss_fn(m, b):
+        return (W * (m(b[0]) - b[1]).pow(2).squeeze(1)).mean() * m.scale.sum()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(2)]
+    stepper.unroll(stepper.init(), batches)
+    messages = []
+    for _ in range(5):
+        W = torch.rand(8)  # noqa: F841 - read by loss_fn
+        model.scale = torch.rand(1)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            stepper.unroll(stepper.init(), batches)
+        messages += [str(w.message) for w in rec if "re-bound" in str(w.message)]
+    assert len(messages) == 2, messages
+    assert any("loss_fn's variable 'W' was re-bound to a new tensor 3 times" in m and "W.copy_(new_value)" in m
+               for m in messages)
+    assert any("the tensor attribute model.scale was re-bound" in m for m in messages)
+    traced = stepper.trace_count
+    for _ in range(3):
+        with torch.no_grad():
+            W.copy_(torch.rand(8))
+        stepper.unroll(stepper.init(), batches)
+    assert stepper.trace_count == traced

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
 from ..errors import user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
-from ..optimizer_spec import OptimizerSpec
+from ..optimizer_spec import OptimizerSpec, Same
 from ..passes import release_examples, run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
@@ -119,6 +119,7 @@ class Stepper:
         self._recent: deque[dict[str, fx.GraphModule]] = deque()  # the pass graphs of the latest traces (_capture)
         self._evicted: set[int] = set()  # hashes of the cache keys evicted so far (see _lookup)
         self._warned_evicted = False
+        self._bindings: dict[tuple[str, str], tuple[int, int]] = {}  # tensor values in keys: (id last traced, re-binds)
         self.trace_count = 0
 
     # ----------------------------------------------------------------------------------------- state
@@ -535,6 +536,7 @@ class Stepper:
             self._new_keys += 1
             if self._new_keys == _MANY_KEYS:
                 warn_numbers(batch, meta, self._new_keys)
+            self._note_rebound_tensors(key[-1][2])
             if hash(key) in self._evicted and not self._warned_evicted:
                 self._warned_evicted = True
                 warnings.warn(
@@ -585,6 +587,29 @@ class Stepper:
 
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
         return self._last
+
+    def _note_rebound_tensors(self, values: tuple) -> None:
+        """Count, per name, the new step graphs traced because a tensor the model or ``loss_fn`` reads by reference
+        was re-bound to another (``W = new_weights`` every outer iteration): each traces again (0.1-1 s) and the cache
+        keeps the old tensors alive; the third time, the fix is pointed out, once per name."""
+        for owner, name, value in values:
+            if not (isinstance(value, Same) and isinstance(value.obj, torch.Tensor)):
+                continue
+            last, count = self._bindings.get((owner, name), (id(value.obj), 0))
+            if last != id(value.obj):
+                count += 1
+                if count == _REBINDS_POINTED_OUT:
+                    where = f"loss_fn's variable {name!r}" if owner == "loss_fn" else (
+                        f"grad_callback's variable {name!r}" if owner == "grad_callback" else
+                        f"the tensor attribute {'.'.join(p for p in ('model', owner, name) if p)}")
+                    warnings.warn(
+                        f"Stepper.step: {where} was re-bound to a new tensor {count} times; a tensor read by reference "
+                        "is part of what a step graph is traced for, so each new one traces a new graph (about a "
+                        "second each) and the cached graphs keep the old tensors alive. Update it in place "
+                        f"({name}.copy_(new_value)), or pass it to loss_fn as a meta argument "
+                        "(stepper.unroll(state, batches, value) with loss_fn(model, batch, value)): an input of one "
+                        "graph.", stacklevel=user_stacklevel())
+            self._bindings[(owner, name)] = (id(value.obj), count)
 
     def _modes(self, meta: tuple = ()) -> "Modes":
         """What a step graph is traced for besides its inputs, as it is now: ``module.training`` of every module,
@@ -785,6 +810,7 @@ def _check_not_inference(api: str, state: UnrollState) -> None:
 
 GRAPHS_KEPT = 8  # traces whose graphs after every pass are kept (stepper.graphs); older ones keep _NO_GRAD_GRAPH
 _NO_GRAD_GRAPH = "after cse"  # what steps without grad run (see Stepper._step)
+_REBINDS_POINTED_OUT = 3  # new graphs traced for one re-bound tensor before the fix is pointed out
 _MANY_KEYS = 8  # traces for new keys after which Python numbers among the inputs are pointed out
 
 
