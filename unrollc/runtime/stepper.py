@@ -69,6 +69,12 @@ class Stepper:
     The step graph is traced on the first :meth:`step` (it depends on the batch's shapes) and cached by
     the layout of its inputs; a new shape, dtype or device, or a change of a value the optimizer branches
     on (see :mod:`unrollc.guards`), traces again.
+
+    Attributes:
+        model: the user's module (never changed by steps).
+        loss_fn: ``loss_fn(model, batch, *meta) -> scalar tensor``.
+        grad_callback: ``grad_callback(grads, *meta) -> grads``, or None.
+        trace_count: the number of step graphs traced so far (one grows every outer iteration: a re-trace to fix).
     """
 
     def __init__(
