@@ -208,7 +208,7 @@ def test_a_nan_meta_gradient_is_an_error_and_json_stays_valid(tmp_path: "os.Path
 
 
 def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture[str]) -> None:
-    from unrollc.bench.__main__ import parse_args
+    from unrollc.bench.__main__ import default_configs, parse_args
 
     for argv, message in [
         (["--n", "0"], "argument --n: must be >= 1, got 0"),
@@ -231,6 +231,10 @@ def test_command_line_checks_values_before_running(capsys: pytest.CaptureFixture
     assert (args.workload, args.n, args.schedules, args.slots, args.every_k) == ("mlp-small", [5], ["none"], 2, 3)
     assert parse_args(["--quick", "--jobs", "1"]).jobs == 1 and parse_args(["--quick"]).jobs == 2
     assert parse_args(["--quick"]).one_process and not parse_args([]).one_process
+    # --quick's budget fits each optimizer (0.45 MiB was under Adam's smallest schedule: error rows), unless given
+    budgets = {(c.optimizer, c.budget_mib) for c in default_configs(parse_args(["--quick", "--optimizer", "sgd", "adam"]))}
+    assert budgets == {("sgd", 0.45), ("adam", 0.9)}
+    assert {c.budget_mib for c in default_configs(parse_args(["--quick", "--optimizer", "adam", "--budget-mib", "2"]))} == {2.0}
     assert parse_args(["--plot", "out/fig"]).plot == "out/fig.png"  # the path the plot is written to
     for option, path, why in [("--csv", "/proc/nope/a.csv", "'/proc/nope' cannot be made"),
                               ("--json", f"{__file__}/x.json", "is a file, not a folder"),

@@ -42,7 +42,9 @@ DEFAULTS: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "workload": "mlp-small", "n": [4, 8], "schedules": list(SCHEDULES), "slots": 3, "every_k": 3, "repeats": 1, "jobs": 2,
-    "budget_mib": 0.45,  # small enough that the budget row picks a checkpointing schedule (EveryK(2), Binomial(2))
+    # per optimizer, small enough that the budget row picks a checkpointing schedule (SGD: EveryK(2), Binomial(2);
+    # Adam: EveryK(2), Binomial(3)); Adam's larger state needs 0.67 MiB at least
+    "budget_mib": {"sgd": 0.45, "adam": 0.9},
     "one_process": True,
 }
 FIGURES_FIXED = ("workload", "optimizer", "n", "methods", "schedules", "slots", "every_k", "budget_mib", "one_process")
@@ -103,7 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help=(
         f"tiny run for tests: {QUICK['workload']}, n {' '.join(map(str, QUICK['n']))}, every schedule (slots "
-        f"{QUICK['slots']}, every-k {QUICK['every_k']}, budget {QUICK['budget_mib']} MiB), {QUICK['repeats']} repeat, "
+        f"{QUICK['slots']}, every-k {QUICK['every_k']}, budget "
+        f"{', '.join(f'{v} MiB ({k})' for k, v in QUICK['budget_mib'].items())}), {QUICK['repeats']} repeat, "
         f"{QUICK['jobs']} jobs, one process per configuration; options given explicitly still apply"))
     mode.add_argument("--figures", action="store_true", help="the README figure set (takes ~30 minutes on 2 cores)")
     mode.add_argument("--replot", metavar="FILE", help="run nothing: print the table of a past run's results.json or "
@@ -165,7 +168,8 @@ def _unwritable(path: str) -> str | None:
 def _config(args: argparse.Namespace, optimizer: str, n: int, method: str, schedule: str = "-", **kw: Any) -> Config:
     fields: dict[str, Any] = dict(workload=args.workload, optimizer=optimizer, n=n, method=method, schedule=schedule,
                                   device=args.device, repeats=args.repeats, slots=args.slots, k=args.every_k,
-                                  saved_bytes=not args.no_saved_bytes, threads=args.threads, budget_mib=args.budget_mib)
+                                  saved_bytes=not args.no_saved_bytes, threads=args.threads,
+                                  budget_mib=args.budget_mib[optimizer] if isinstance(args.budget_mib, dict) else args.budget_mib)
     fields.update(kw)
     return Config(**fields)
 
