@@ -243,9 +243,13 @@ class Stepper:
                     )
                 g[k] = value
         if check and (why := self._refused(before, groups)):
-            warnings.warn(f"{api}: {why} is refused by torch.optim.{self._spec.cls.__name__}'s constructor. "
-                          f"{REFUSED_ADVICE}", stacklevel=user_stacklevel())
+            self._warn_refused(f"{api}: {why}")
         return groups
+
+    def _warn_refused(self, what: str, more: str = "") -> None:
+        """Point out values the optimizer's constructor refuses (``what``: where and why), at the user's line."""
+        warnings.warn(f"{what} is refused by torch.optim.{self._spec.cls.__name__}'s constructor{more}. {REFUSED_ADVICE}",
+                      stacklevel=user_stacklevel())
 
     def _refused(self, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str | None:
         """What the optimizer's constructor would refuse in the hyperparameters ``after`` that it accepts in
@@ -280,11 +284,8 @@ class Stepper:
         refused = [(i, why) for i, g in enumerate(steps) if (why := self._refused(base, g))]
         if refused:
             (i, why), more = refused[0], len(refused) - 1
-            warnings.warn(
-                f"Stepper.unroll: hyper[{i}]: {why} is refused by torch.optim.{self._spec.cls.__name__}'s constructor"
-                f"{f' (and {more} later step' + ('s' if more > 1 else '') + ')' if more else ''}. {REFUSED_ADVICE}",
-                stacklevel=user_stacklevel(),
-            )
+            self._warn_refused(f"Stepper.unroll: hyper[{i}]: {why}",
+                               f" (and {more} later step{'s' if more > 1 else ''})" if more else "")
         return [groups_to_hyper(g) for g in steps]
 
     def _reread_static_options(self) -> None:
@@ -798,7 +799,6 @@ def _describe(tree: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-_CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
 def _check_not_inference(api: str, state: UnrollState) -> None:
     """Steps record autograd graphs and advance tensors by version: refused inside ``torch.inference_mode()`` and
     on a state made there (its tensors are inference tensors), with the fix, as eager training cannot run there
@@ -814,6 +814,7 @@ def _check_not_inference(api: str, state: UnrollState) -> None:
         )
 
 
+_CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
 GRAPHS_KEPT = 8  # traces whose graphs after every pass are kept (stepper.graphs); older ones keep _NO_GRAD_GRAPH
 _NO_GRAD_GRAPH = "after cse"  # what steps without grad run (see Stepper._step)
 _REBINDS_POINTED_OUT = 3  # new graphs traced for one re-bound tensor before the fix is pointed out
