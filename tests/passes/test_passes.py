@@ -210,3 +210,90 @@ def test_a_contiguous_base_with_other_strides_in_size_one_dims_is_read_by_its_sh
     src = torch.randn(view.shape)
     got = _scatter_as_slices(lambda f, *a, **k: f(*a, **k), base, src, recipe)
     assert torch.equal(got, torch.as_strided_scatter(base, src, view.shape, view.stride(), view.storage_offset()))
+
+
+def _functionalize_module():
+    import sys
+
+    return sys.modules["unrollc.passes.functionalize"]
+
+
+@pytest.mark.parametrize("model_fn, opt_cls", [
+    (lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)), torch.optim.SGD),
+    (lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), torch.optim.Adam),
+])
+def test_functionalize_rewrites_common_steps_without_a_re_trace(monkeypatch, model_fn, opt_cls):
+    """The optimizer's updates, an in-place activation and BatchNorm's running statistics are rewritten in place
+    (step 0, no make_fx re-trace); the trajectory stays eager's, bit for bit."""
+    from oracles import eager_trajectory
+
+    module = _functionalize_module()
+    taken = []
+    original = module._rewrite_in_place
+    monkeypatch.setattr(module, "_rewrite_in_place", lambda graph: taken.append(original(graph)) or taken[-1])
+    torch.manual_seed(0)
+    model = model_fn()
+    kwargs = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+    opt = opt_cls(model.parameters(), lr=0.1, **kwargs)
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    batches = [(torch.randn(6, 4), torch.randn(6, 2)) for _ in range(3)]
+    expected = eager_trajectory(model, opt, loss_fn, batches)
+    stepper = unrollc.compile(model, opt, loss_fn)
+    state = stepper.init()
+    for batch, (params, buffers, _) in zip(batches, expected, strict=True):
+        state = stepper.step(state, batch)
+        for name, p in params.items():
+            assert torch.equal(state.params[name], p), name
+        for name, b in buffers.items():
+            assert torch.equal(state.buffers[name], b), name
+    assert taken and all(taken)
+
+
+class _WideMomentum(torch.optim.Optimizer):
+    """SGD-momentum keeping a float64 buffer for float32 weights: ``p.add_(buf)`` computes in float64 and stores
+    float32, where the out-of-place ``add`` would give float64."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"] = torch.zeros_like(p, dtype=torch.float64)
+                st["buf"].mul_(0.9).add_(p.grad)
+                p.add_(st["buf"], alpha=-group["lr"])
+
+
+def test_functionalize_keeps_an_in_place_ops_dtype():
+    from oracles import eager_trajectory
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = _WideMomentum(model.parameters())
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    batches = [(torch.randn(6, 4), torch.randn(6, 2)) for _ in range(4)]
+    stepper = unrollc.compile(model, opt, loss_fn)
+    state = stepper.init()
+    for batch, (params, _, opt_state) in zip(batches, eager_trajectory(model, opt, loss_fn, batches), strict=True):
+        state = stepper.step(state, batch)
+        for name, p in params.items():
+            assert state.params[name].dtype == torch.float32
+            assert torch.equal(state.params[name], p), name
+            assert torch.equal(state.opt_state[name]["buf"], opt_state[name]["buf"]), name
+
+
+def test_functionalize_re_traces_when_a_view_is_read_across_a_write():
+    """``v = w.view(-1)`` read after ``w.add_`` sees the new values: step 0 leaves such graphs to the re-trace."""
+    graph = fx.Graph()
+    w = graph.placeholder("w")
+    v = graph.call_function(torch.ops.aten.view.default, (w, [-1]))
+    add = graph.call_function(torch.ops.aten.add_.Tensor, (w, 1.0))
+    s = graph.call_function(torch.ops.aten.sum.default, (v,))
+    graph.output([add, s])
+    w.meta["val"] = torch.zeros(2, 2)
+    before = [n.format_node() for n in graph.nodes]
+    assert _functionalize_module()._rewrite_in_place(graph) is False
+    assert [n.format_node() for n in graph.nodes] == before  # unchanged

@@ -20,15 +20,20 @@ Read in order, it is the whole compiler after capture::
 from __future__ import annotations
 
 import copy
-import functools
+import linecache
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx.graph_module import _loader as _fx_sources
 from torch.utils._pytree import tree_leaves
 
+from ..capture import fake_mode
 from .cse import cse
 from .dead_code import eliminate_dead_code
 from .functionalize import functionalize
@@ -39,7 +44,7 @@ from .safe_sqrt import safe_sqrt
 from .strip_detach import strip_detach
 from .strip_profiler import strip_profiler
 
-__all__ = ["PIPELINE", "run_pipeline", "release_examples", "Pass"]
+__all__ = ["PIPELINE", "run_pipeline", "release_examples", "LazyGraphModule", "Pass"]
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -76,7 +81,7 @@ def run_pipeline(
     done: list[str] = []
     for p in passes:
         n_outputs = _n_outputs(gm) if done else None  # lift_inputs may not change it either, but checks start after it
-        gm = p(gm)
+        gm = p(_lazy(gm))  # a pass's recompile() then only marks the code stale: it is generated once, at the end
         done.append(p.__name__)
         if check:
             from ..inspect.lint import check_after
@@ -84,6 +89,8 @@ def run_pipeline(
             check_after(gm, done, n_outputs)
         if keep:
             graphs[f"after {p.__name__}"] = _snapshot(gm)
+    if isinstance(gm, _LazyGraphModule):
+        gm.real_recompile()
     return gm, graphs
 
 
@@ -92,8 +99,37 @@ def _n_outputs(gm: fx.GraphModule) -> int:
     return len(output.args[0])
 
 
+class LazyGraphModule(_LazyGraphModule):
+    """A ``GraphModule`` whose Python code is generated when it is first run or read (torch's
+    ``_LazyGraphModule``), and whose generated source torch.fx's process-wide caches forget when it is collected.
+
+    The pipeline's graphs are made of it: each pass used to generate the code of the whole graph again, and each
+    kept pass graph its own, which no one reads unless inspecting (a fifth of a trace's time for 50 parameter
+    tensors)."""
+
+    def _real_recompile(self) -> Any:
+        code = super()._real_recompile()
+        key = self.forward.__code__.co_filename  # torch.fx's key of the source (linecache, its loader)
+        weakref.finalize(self, _forget_source, key)
+        return code
+
+
+def _forget_source(key: str) -> None:
+    _fx_sources.eval_cache.pop(key, None)
+    linecache.cache.pop(key, None)
+
+
+def _lazy(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` as a :class:`LazyGraphModule` sharing its graph, attributes and metadata (``gm`` itself if it is one)."""
+    if isinstance(gm, LazyGraphModule):
+        return gm
+    new = LazyGraphModule(gm, gm.graph)
+    new.meta = gm.meta
+    return new
+
+
 def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new = LazyGraphModule(gm, copy.deepcopy(gm.graph))
     # Own copy of unrollc's metadata: the runtime drops capture-only entries from the live graph's dict
     # later, while explain reads ``constants`` of the "captured" snapshot (which get_attr became which input).
     # The example inputs are only needed by lift_inputs and are not kept.
@@ -110,7 +146,7 @@ def release_examples(gm: fx.GraphModule) -> None:
     makes inputs (``meta["unrollc"]["constants"]`` is re-keyed to them). A cached step graph then holds no copy of
     the model. The graph runs as before: it reads its inputs, not these (``"captured"`` is for reading only).
     Other graph constants (small tensors the graph computes with) are left as they are."""
-    mode = _fake_mode()
+    mode = fake_mode()
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         return t if isinstance(t, FakeTensor) or t.device.type == "meta" else mode.from_tensor(t)
@@ -118,7 +154,7 @@ def release_examples(gm: fx.GraphModule) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         if isinstance(val := node.meta.get("val"), torch.Tensor):
             node.meta["val"] = fake(val)
-    for node in gm.graph.nodes:  # make_fx makes a FakeTensorMode per node, each with the stack it was made in
+    for node in gm.graph.nodes:  # a FakeTensorMode keeps the stack it was made in (functionalize's re-trace)
         for val in tree_leaves(node.meta.get("val")):
             if isinstance(val, FakeTensor) and val.fake_mode._stack_trace:
                 val.fake_mode._stack_trace = traceback.StackSummary()  # debugging text only: 5 KB a node
@@ -140,9 +176,3 @@ def release_examples(gm: fx.GraphModule) -> None:
     info["constants"] = {id(stand_ins[k]) if k in stand_ins else k: v for k, v in constants.items()}
 
 
-@functools.cache
-def _fake_mode() -> FakeTensorMode:
-    """The fake mode :func:`release_examples` makes its stand-ins in (one: each mode keeps the stack it was made in)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    mode._stack_trace = traceback.StackSummary()
-    return mode

@@ -41,6 +41,7 @@ Invariant established: no node calls an operator whose schema writes to an argum
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from typing import Any
 import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -67,6 +69,13 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     if any(not isinstance(e, torch.Tensor) for e in examples):
         raise InternalError("functionalize: every placeholder needs a tensor example in meta['val']")
 
+    if _rewrite_in_place(gm.graph):  # step 0: the common case, without a re-trace
+        _exact_scatters(gm)
+        _renorm_without_gradient(gm.graph)
+        _rrelu_exact_gradient(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        return gm
     _record_data_dependent_sizes(gm.graph)  # the traced sizes, from the real trace (see step 4)
 
     def run(*args: torch.Tensor) -> object:
@@ -180,6 +189,154 @@ def _rrelu_exact_gradient(graph: fx.Graph) -> None:
         for old in outs:
             old.replace_all_uses_with(out)
             graph.erase_node(old)
+
+
+def _rewrite_in_place(graph: fx.Graph) -> bool:
+    """Step 0: rewrite every in-place op of ``graph`` into its out-of-place variant directly, where that is exact
+    without tracking aliases, and return True; else change nothing and return False (the re-trace, step 1, does
+    it). Exact when every write is ``op_(self, ...)`` (an op whose functional ``op`` has the same overload) into
+    a tensor that is not a view, and no view of a written tensor is read after a write that it would see: the
+    optimizer's ``param.add_(...)``, ``exp_avg.lerp_(...)``, an activation's ``relu_``. Then later readers of the
+    written tensor read the op's new value. Data-dependent sizes and random draws take the re-trace, whose
+    steps 3 and 4 they need. A third to a half of a trace's time was the re-trace (make_fx's per-op cost)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    storages = [_storage(n.meta.get("val")) for n in nodes if n.op == "placeholder"]
+    if len(set(storages) - {None}) < len([k for k in storages if k is not None]):
+        return False  # inputs sharing memory: a write into one is seen by the other (the re-trace tracks that)
+    plan: list[tuple[fx.Node, Any, dict[int, int | None]]] = []  # (op, its functional op, {written arg: output})
+    root_of: dict[fx.Node, fx.Node] = {}  # an in-place op's result -> the tensor it wrote into (its chain's root)
+    writes: dict[fx.Node, list[int]] = {}  # root -> positions of the writes into it
+    casts: dict[fx.Node, torch.dtype | None] = {}  # op_ -> the dtype its functional op's result is cast to
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        if _data_dependent(node) or torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+            return False
+        written = mutated_args(node.target)
+        if not written:
+            continue
+        if node.target in _WRITES_TO_OUTPUTS:
+            functional, outputs = _WRITES_TO_OUTPUTS[node.target]
+        else:
+            functional = _functional_variant(node.target)
+            if functional is None or written != [node.target._schema.arguments[0].name]:
+                return False
+            outputs = {0: None}  # op_(self, ...): the functional op's result is self's new value
+            cast = _cast_needed(node, functional)
+            if cast is False:
+                return False
+            casts[node] = cast
+        if len(node.args) <= max(outputs) or any(not isinstance(node.args[i], fx.Node) for i in outputs):
+            return False
+        for i in outputs:
+            target = node.args[i]
+            root = root_of.get(target, target)
+            if root.op not in ("placeholder", "call_function") or (root.op == "call_function" and _returns_alias(root)):
+                return False  # a write into a view, or into a graph constant (the re-trace explains that one)
+            if outputs[i] is None:
+                root_of[node] = root
+            writes.setdefault(root, []).append(order[node])
+        plan.append((node, functional, outputs))
+    if not plan:
+        return True
+    for root, positions in writes.items():  # a view of a written tensor must not be read across a write
+        members = [root, *(n for n, r in root_of.items() if r is root)]
+        pending = [u for m in members for u in m.users if u.op == "call_function" and u not in root_of and _returns_alias(u)]
+        seen: set[fx.Node] = set()
+        while pending:
+            view = pending.pop()
+            if view in seen:
+                continue
+            seen.add(view)
+            last_read = max((order[u] for u in view.users), default=order[view])
+            if any(order[view] < p < last_read for p in positions):
+                return False
+            pending += [u for u in view.users if u.op == "call_function" and _returns_alias(u)]
+    for node, functional, outputs in plan:
+        with graph.inserting_after(node):
+            out = graph.call_function(functional, node.args, node.kwargs)
+        out.meta.update(node.meta)
+        order[out] = order[node]
+        result = out
+        if casts.get(node) is not None:  # float32 self, float64 other: computed in float64, stored in self
+            with graph.inserting_after(out):
+                result = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": casts[node]})
+            result.meta.update(node.meta)
+            order[result] = order[node]
+        node.replace_all_uses_with(result)  # a multi-output op's first outputs are its in-place form's outputs
+        for i, k in outputs.items():
+            target = out.args[i]
+            value = result
+            if k is not None:
+                with graph.inserting_after(out):
+                    value = graph.call_function(operator.getitem, (out, k))
+                value.meta.update({**node.meta, "val": target.meta.get("val")})
+                order[value] = order[node]
+            for user in list(target.users):
+                if user not in (out, result, value) and order.get(user, len(order)) > order[node]:
+                    user.replace_input_with(target, value)
+        graph.erase_node(node)
+    return True
+
+
+def _cast_needed(node: fx.Node, functional: Any) -> torch.dtype | None | bool:
+    """For ``node = op_(self, ...)``: None if ``functional(self, ...)`` gives a tensor of self's dtype and shape,
+    self's dtype if it gives another dtype (an in-place op computes in the promoted dtype and stores in self's),
+    False if another shape or unknown."""
+    from ..capture import fake_mode
+
+    self_val = node.args[0].meta.get("val")
+    vals = tree_map(lambda a: a.meta.get("val", _MISSING) if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+    if not isinstance(self_val, torch.Tensor) or any(v is _MISSING for v in tree_leaves(vals)):
+        return False
+    try:
+        with fake_mode():
+            result = functional(*vals[0], **vals[1])
+    except Exception:  # noqa: BLE001 - whatever the reason, the re-trace decides
+        return False
+    if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(self_val.shape):
+        return False
+    return None if result.dtype == self_val.dtype else self_val.dtype
+
+
+_MISSING = object()
+
+
+@functools.cache
+def _functional_variant(op: Any) -> Any:
+    """``aten.op`` for an in-place ``aten.op_``: its overload taking the same arguments (names and types; the
+    overload names may differ: ``pow_.Scalar(Tensor self, Scalar exponent)`` is ``pow.Tensor_Scalar``), or None."""
+    schema = op._schema
+    packet = schema.name.split("::")[-1]
+    if schema.name.split("::")[0] != "aten" or not packet.endswith("_") or packet.startswith("_"):
+        return None
+    functional = getattr(torch.ops.aten, packet.removesuffix("_"), None)
+
+    def arguments(s: Any) -> list[tuple[str, str, bool]]:
+        return [(a.name, str(a.type), a.kwarg_only) for a in s.arguments]
+
+    for name in getattr(functional, "overloads", lambda: [])():
+        candidate = getattr(functional, name)
+        if arguments(candidate._schema) == arguments(schema) and not mutated_args(candidate):
+            return candidate
+    return None
+
+
+# Ops that write into arguments other than their first, with the functional op that returns the new values:
+# {written argument's position: functional output's position}.
+_WRITES_TO_OUTPUTS: dict[Any, tuple[Any, dict[int, int | None]]] = {
+    torch.ops.aten._native_batch_norm_legit.default: (  # BatchNorm in training: the running statistics
+        torch.ops.aten._native_batch_norm_legit_functional.default, {3: 3, 4: 4}),
+}
+
+
+def _storage(val: Any) -> tuple | None:
+    """Which memory a real example tensor uses (None for other values and empty storages)."""
+    if not isinstance(val, torch.Tensor) or isinstance(val, FakeTensor) or val.device.type == "meta":
+        return None
+    ptr = val.untyped_storage().data_ptr()
+    return (val.device, ptr) if ptr else None
 
 
 def _returns_alias(node: fx.Node) -> bool:
