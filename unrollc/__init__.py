@@ -17,7 +17,7 @@ from torch import nn
 
 from .analysis import CostModel
 from .clip import clip_grad_norm, clip_grad_value
-from .errors import BatchModifiedError, CaptureError
+from .errors import BatchModifiedError, CaptureError, ModelChangedError
 from .optimizer_spec import UnsupportedOptimizerError
 from .higher import get_diff_optim, innerloop_ctx, monkeypatch
 from .inspect import Report, explain
@@ -43,6 +43,7 @@ __all__ = [
     "monkeypatch",
     "get_diff_optim",
     "BatchModifiedError",
+    "ModelChangedError",
     "CaptureError",
     "UnsupportedOptimizerError",
 ]

@@ -19,9 +19,11 @@ placeholders from the start. Inside the traced function:
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import random
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
@@ -112,6 +116,35 @@ def _compiling() -> Iterator[None]:
         yield
     finally:
         torch.compiler.is_compiling = original
+
+
+class _DataAssignments(torch.overrides.TorchFunctionMode):
+    """While the optimizer step is traced: ``p.data = new`` (old hand-written optimizers:
+    ``p.data = p.data - lr * p.grad.data``) becomes ``p.copy_(new)`` without gradient, the same values in the same
+    tensor. The assignment itself swaps the tensor's memory outside the dispatcher, so no op of the step graph
+    recorded it, and every step left the weights unchanged (found in review). A new shape, dtype or device is
+    refused with the fix."""
+
+    _SET_DATA = torch.Tensor.data.__set__
+
+    def __init__(self, api: str) -> None:
+        super().__init__()
+        self.api = api
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func != self._SET_DATA or len(args) != 2 or not all(isinstance(a, torch.Tensor) for a in args):
+            return func(*args, **kwargs)
+        tensor, new = args
+        if (new.shape, new.dtype, new.device) != (tensor.shape, tensor.dtype, tensor.device):
+            raise CaptureError(
+                f"{self.api}: the optimizer's step() assigns `.data` of a {tuple(tensor.shape)} {tensor.dtype} tensor "
+                f"a {tuple(new.shape)} {new.dtype} tensor on {new.device}; a step graph updates its tensors in "
+                "place. Write the new values into the tensor instead: p.copy_(new) under torch.no_grad()."
+            )
+        with torch.no_grad():
+            tensor.copy_(new)
+        return None
 
 
 class _AveragesAsEager(torch.overrides.TorchFunctionMode):
@@ -224,13 +257,15 @@ class ShadowOptimizer:
             p.grad = grads.get(n)
         before = _python_values(self.optimizer)
         versions = _tensor_versions(before)
-        with _compiling(), self.tracker, _AveragesAsEager(self.optimizer):
+        with _compiling(), self.tracker, _AveragesAsEager(self.optimizer), _detaches_kept(_IN_OPTIMIZER), \
+                _DataAssignments(self.api):
             self.optimizer.step()
         after = _python_values(self.optimizer)
         for name, (version, old) in versions.items():  # group["lr"] *= 0.5 on a tensor lr: same tensor, new version
             if name in after and option_key(after[name]) == option_key(before[name]) and _version(after[name]) != version:
                 before[name], after[name] = old, _InPlace(after[name])
         self._refuse_python_changes(before, after)
+        self._refuse_state_of_no_parameter()
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
         for n, st in new.items():
             for k, v in st.items():
@@ -243,16 +278,32 @@ class ShadowOptimizer:
         """A step that changes a group option or an attribute of the optimizer (``group["lr"] *= 0.5``,
         ``self.k += 1``) would run every later step with the value it had when traced: refused, with the fix."""
         changed = [name for name in before if option_key(after.get(name)) != option_key(before[name])]
+        changed += [name for name in after if name not in before]  # g["k"] = g.get("k", 0) + 1: a key made by step()
         if changed:
             name = changed[0]
+            was = repr(before[name]) if name in before else "not set"
             raise CaptureError(
-                f"{self.api}: {type(self.optimizer).__name__}.step() changes {name} ({before[name]!r} -> "
+                f"{self.api}: {type(self.optimizer).__name__}.step() changes {name} ({was} -> "
                 f"{after.get(name)!r}). A step graph carries parameters, buffers and optimizer state from one step "
                 "to the next, and takes options and optimizer attributes as they were when it was traced, so the "
                 "change would be lost, and every step would use the first value. Keep a value that changes "
                 "per step in the per-parameter state as a tensor (self.state[p]['k'] = torch.tensor(...)), or "
                 "change the option between steps from outside (a learning-rate schedule: "
                 "stepper.init(hyper={'lr': ...}) or an lr tensor in the group)."
+            )
+
+    def _refuse_state_of_no_parameter(self) -> None:
+        """``self.state["global"]["t"] += 1``: optimizer state under a key that is not a parameter is not carried
+        by the step graph (which carries each parameter's state), so every step would read its first value."""
+        ids = {id(p) for p in self.params.values()}
+        extra = [k for k in self.optimizer.state if id(k) not in ids]
+        if extra:
+            raise CaptureError(
+                f"{self.api}: {type(self.optimizer).__name__}.step() keeps state under {extra[0]!r}, which is not "
+                "one of its parameters. A step graph carries each parameter's optimizer state from one step to the "
+                "next (self.state[p] for p in the groups' params), so this state would be frozen at its first "
+                "value. Keep it in a parameter's state instead, e.g. self.state[group['params'][0]]['t'] as a "
+                "tensor, or per parameter as torch.optim does (state['step'])."
             )
 
     def _state_tensor(self, name: str, key: str, value: Any) -> torch.Tensor:
@@ -274,7 +325,7 @@ class ShadowOptimizer:
         optimizer's) line, with torch's own exception on ``.trace_failure``."""
         try:
             with _saved_tensors_hooks_suspended(), _warn_if_python_randomness_drawn(self.api):
-                with TracedFunctions(self.inputs):
+                with TracedFunctions(self.inputs), _values_in_one_fake_mode():
                     return make_fx(fn, decompositions, record_stack_traces=True)(*inputs)
         except CaptureError:
             raise
@@ -288,6 +339,25 @@ class ShadowOptimizer:
         finally:
             for p in self.params.values():
                 p.grad = None
+
+
+@functools.cache
+def fake_mode() -> FakeTensorMode:
+    """The fake-tensor mode of the values (``node.meta["val"]``) that tracing records, and of the stand-ins
+    :func:`~unrollc.passes.release_examples` puts in place of real tensors: one for the process, holding no
+    stack (a ``FakeTensorMode`` keeps the stack it was made in, 5 KB)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode._stack_trace = traceback.StackSummary()
+    return mode
+
+
+@contextlib.contextmanager
+def _values_in_one_fake_mode() -> Iterator[None]:
+    """Let ``make_fx``'s real-tensor trace record every node's value in :func:`fake_mode`. Left to itself it makes
+    a new ``FakeTensorMode`` per node, whose stack extraction was a quarter of the time of a trace (1.6 instead of
+    2.2 s of CPU for 50 parameter tensors); it looks for a mode in the tracing context first."""
+    with tracing(TracingContext(fake_mode())):
+        yield
 
 
 @contextlib.contextmanager
@@ -440,7 +510,7 @@ def _in_place(func: Any) -> bool:
 DETACH_OPS = frozenset({torch.ops.aten.detach.default, torch.ops.aten.alias.default})  # what .detach() records
 # node.meta["custom"]["unrollc"] of a detach that strip_detach keeps (passes that re-trace keep "custom", fx's
 # _COPY_META_FIELDS): one NoGradRegions added for a no-grad block, or one the user's grad_callback wrote.
-_NO_GRAD, _IN_CALLBACK = "no_grad block", "grad_callback"
+_NO_GRAD, _IN_CALLBACK, _IN_OPTIMIZER = "no_grad block", "grad_callback", "optimizer step"
 
 
 def _keep(node: fx.Node, why: str) -> None:
@@ -467,13 +537,19 @@ def _stop_gradient(out: Any, inputs: set[int]) -> Any:
 
 
 @contextlib.contextmanager
-def _detaches_kept() -> Iterator[None]:
-    """Every ``detach`` make_fx records in the body is the user's stop-gradient, kept by ``strip_detach``.
+def _detaches_kept(why: str = _IN_CALLBACK) -> Iterator[None]:
+    """Mark every ``detach`` make_fx records in the body: for ``strip_detach`` to keep (``_IN_CALLBACK``) or to
+    remove (``_IN_OPTIMIZER``), whichever file the code is in.
 
     For ``grad_callback``: it runs after the inner gradient, so no detach in it comes from autograd, and
     ``g.detach()`` there is first-order MAML. ``strip_detach`` also keeps a detach whose innermost recorded
     frame is the user's, but make_fx records only the frames :func:`~unrollc.inspect.source.recording_sources`
-    anchors; a callback written in another file than ``loss_fn`` would lose its detaches without this mark."""
+    anchors; a callback written in another file than ``loss_fn`` would lose its detaches without this mark.
+
+    For the optimizer's ``step()``: its detaches are removed, as torch.optim's own are (``torch.clone(grad).detach()``,
+    ``p.data``/``p.grad.data`` in a hand-written optimizer, lucidrains' Lion, transformers' AdamW): they keep eager
+    training from building a graph, and the meta-gradient goes through the update. A user's optimizer counts as
+    the user's code by its file, and its detaches cut the meta-gradient silently before (found in review)."""
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     mode = get_proxy_mode()
@@ -485,12 +561,17 @@ def _detaches_kept() -> Iterator[None]:
     yield
     for node in list(graph.nodes)[before:]:  # make_fx appends what the body records
         if node.op == "call_function" and node.target in DETACH_OPS:
-            _keep(node, _IN_CALLBACK)
+            _keep(node, why)
 
 
 def keep_stop_gradient(node: fx.Node) -> None:
     """Mark a ``detach`` a pass adds for a no-grad region, so that ``strip_detach`` keeps it (see :func:`stops_gradient`)."""
     _keep(node, _NO_GRAD)
+
+
+def in_optimizer_step(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``detach`` traced in the optimizer's ``step()``, which ``strip_detach`` removes."""
+    return node.meta.get("custom", {}).get("unrollc") == _IN_OPTIMIZER
 
 
 def stops_gradient(node: fx.Node) -> bool:
@@ -594,7 +675,8 @@ def capture_step(
         if grad_callback is not None:  # reading the model's weights (adaptive clipping) reads this step's
             with reparametrized(model, {**p_copy, **b_copy, **reassigned}):
                 grads = _call_grad_callback(grad_callback, grads, m)
-        new_state = shadow.step(grads)
+        with reparametrized(model, {**p_copy, **b_copy, **reassigned}):  # optimizer step hooks may read the model
+            new_state = shadow.step(grads)
         new_buffers = [reassigned.get(n, t) for n, t in b_copy.items()]
         return list(p_copy.values()) + new_buffers + new_state + [loss]
 

@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-__all__ = ["ArgumentError", "BatchModifiedError", "CaptureError", "InternalError", "LossError", "user_frame", "user_stacklevel"]
+__all__ = ["ArgumentError", "BatchModifiedError", "CaptureError", "InternalError", "LossError", "ModelChangedError", "user_frame", "user_stacklevel"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UNROLLC_DIR = os.path.dirname(__file__)
@@ -172,7 +172,8 @@ def _data_dependent_hint(line: str) -> str:
     return (
         f"the code {what}, which depends on the data and cannot be part of one step graph; compute it with "
         "tensor ops instead, e.g. torch.where(cond, a, b) for a branch, or keep the value a tensor "
-        "(x / y.abs().max() instead of x / float(y.abs().max()))"
+        "(x / y.abs().max() instead of x / float(y.abs().max())); a value read only to log it (loss.item()) "
+        "or check it (assert torch.isfinite(h).all()) belongs outside loss_fn: log state.loss / state.losses"
     )
 
 
@@ -202,6 +203,12 @@ class BatchModifiedError(ValueError, RuntimeError):
     """A tensor of a batch was changed in place after the batches yielded it, which a checkpointed unroll would
     read as the later values (a ``ValueError``: the batches are wrong; and a ``RuntimeError``, as eager autograd
     raises for a tensor saved for backward and then changed in place)."""
+
+
+class ModelChangedError(ValueError, RuntimeError):
+    """The ``batches`` iterable of a checkpointed unroll changed the model (or what ``loss_fn`` reads) while the
+    unroll read it ahead of its first step, so every step would run with the last value (a ``ValueError``: the
+    batches are wrong for this schedule; and a ``RuntimeError``, as :class:`BatchModifiedError`)."""
 
 
 class LossError(ValueError, RuntimeError):

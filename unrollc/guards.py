@@ -30,6 +30,7 @@ Python value is a data-dependent branch and fails loudly at trace time.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -203,10 +204,19 @@ def lookup_or_trace(entries: list[Any], env_of: Callable[[Any], Mapping[str, tor
             return entry
     failed = [str(g) for g in entries[-1].guards] if entries else []
     if len(entries) >= MAX_TRACES_PER_LAYOUT:
+        numbers = entries and any(getattr(g, "kind", "bool") != "bool" for g in entries[-1].guards)
+        fix = (
+            " The optimizer reads such a value into a Python number (float(), .item(), math.sqrt(...) of its step "
+            "counter, e.g. lr * math.sqrt(1 - beta2 ** state['step'])), which a step graph holds as a constant, so "
+            "every new value needs a new graph. Compute it with tensor ops instead (torch.sqrt, tensor arithmetic "
+            "on state['step'] kept as a tensor)."
+            if numbers else
+            " It branches on a value that changes every step (an `if` on the step counter or a hyperparameter), "
+            "which a step graph cannot hold; compute both sides and select with torch.where instead."
+        )
         raise RuntimeError(
             f"{api}: traced {len(entries)} graphs for the same input layout because values the optimizer "
-            f"branches on keep changing (guards: {failed}); this optimizer branches on a value that changes "
-            "every step and cannot be compiled."
+            f"reads keep changing (guards: {failed}).{fix}"
         )
     if len(entries) >= 4:
         warnings.warn(f"{api}: re-tracing for the {len(entries) + 1}th time with the same input layout; guards that "
@@ -381,6 +391,27 @@ def _is_inplace(func: Callable) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
+def _warn_learned_read(leaves: list[str], kind: str) -> None:
+    """A learned hyperparameter read into a Python number by the optimizer (transformers' legacy AdamW:
+    ``lr * math.sqrt(1 - beta2 ** step)``): the number is a constant of the step graph, so the meta-gradient misses
+    the path through it, silently before (9.04 where finite differences give 0.0048, found in review)."""
+    import traceback
+
+    from .errors import user_frame, user_stacklevel
+
+    frames = traceback.extract_stack()[:-2]
+    where = user_frame(frames) or next((f for f in reversed(frames) if f"{os.sep}optim{os.sep}" in f.filename), None)
+    at = f" at {where.filename}:{where.lineno} (`{where.line}`)" if where is not None else ""
+    names = ", ".join(repr(n.removeprefix("hyper:")) for n in leaves)
+    warnings.warn(
+        f"unrollc: the optimizer's step reads the learned hyperparameter {names} into a Python {kind}{at} (float(), "
+        ".item(), math.sqrt(...)). That number is a constant of the step graph, so the meta-gradient misses the path "
+        "through this use (the other uses carry it). Compute with tensor ops instead (torch.sqrt, tensor arithmetic) "
+        "to differentiate through it.",
+        stacklevel=user_stacklevel(),
+    )
+
+
 class ScalarTracker(TorchFunctionMode):
     """Tracks tensors computed from guarded leaves and records :class:`Guard` s (see module docstring)."""
 
@@ -409,6 +440,8 @@ class ScalarTracker(TorchFunctionMode):
             learned = tested if tested in self.learned else None
             if learned is not None:
                 value = True  # take the branch that uses the learned hyperparameter (see the class docstring)
+            elif kind != "bool" and (read := sorted(_leaf_names(expr) & self.learned)):
+                _warn_learned_read(read, kind)
             self.guards.append(Guard(expr, kind, value, learned, plain=tested if learned is None else None))
             return value
         name = getattr(func, "__name__", "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +69,8 @@ class OptimizerSpec:
         hyper: per group, the hyperparameters as Python floats or tensors (``lr``, ``betas``, ...).
         attributes: what the optimizer's own ``__init__`` stored on the instance besides torch.optim.Optimizer's
             attributes (a custom optimizer's ``self.scale = scale``): static, as the static options.
+        step_hooks: the optimizer's own step hooks (``opt.register_step_pre_hook`` and ``..._post_hook``: WGAN
+            weight clipping), which its step runs and so the step graph does; static, as the static options.
     """
 
     cls: type
@@ -77,6 +79,7 @@ class OptimizerSpec:
     hyper: tuple[dict[str, Any], ...]
     rewritten: bool = False
     attributes: tuple[tuple[str, Any], ...] = ()  # a custom optimizer's own instance attributes (self.scale)
+    step_hooks: tuple[tuple[Callable, ...], tuple[Callable, ...]] = ((), ())  # (pre, post)
 
     def with_capturable(self) -> "OptimizerSpec":
         """The same optimizer with ``capturable=True`` in every group that has the option: its foreach
@@ -88,7 +91,7 @@ class OptimizerSpec:
     def static_key(self) -> Any:
         """The static options as a hashable key that compares safely with ``==`` (see :func:`option_key`);
         computed once per spec (the fields are immutable: a changed option makes a new spec)."""
-        return option_key((self.static, self.attributes))
+        return option_key((self.static, self.attributes, self.step_hooks))
 
     @property
     def capturable(self) -> bool:
@@ -147,7 +150,8 @@ class OptimizerSpec:
             hyper.append({k: v for k, v in opts.items() if is_hyper_value(v)})
             static.append(tuple(sorted((k, _freeze(v)) for k, v in opts.items() if not is_hyper_value(v))))
         attributes = tuple(sorted(own_attributes(opt).items()))
-        return cls(kind, tuple(group_params), tuple(static), tuple(hyper), attributes=attributes)
+        hooks = (tuple(opt._optimizer_step_pre_hooks.values()), tuple(opt._optimizer_step_post_hooks.values()))
+        return cls(kind, tuple(group_params), tuple(static), tuple(hyper), attributes=attributes, step_hooks=hooks)
 
     def build(self, params_per_group: list[list[torch.Tensor]], hyper: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """A fresh optimizer of the same class over ``params_per_group`` with the given hyperparameters."""
@@ -161,6 +165,11 @@ class OptimizerSpec:
             opt.add_param_group(g)
         for name, value in self.attributes:  # the user's values, not the constructor's defaults
             setattr(opt, name, value if isinstance(value, torch.Tensor) else _copied(value))
+        pre, post = self.step_hooks
+        for hook in pre:
+            opt.register_step_pre_hook(hook)
+        for hook in post:
+            opt.register_step_post_hook(hook)
         return opt
 
 

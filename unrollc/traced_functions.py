@@ -149,6 +149,8 @@ class TracedFunctions(RestoredGenerators):
                                   "nonzero, unique) into Python; count with a tensor instead: mask.sum()")
             if _reads_data_length(func, args, kwargs):
                 mark_size_read(args[0])
+            elif _reads_shape(func, args, kwargs) and _called_by_user():  # x[mask].shape: dim 0 if it is read
+                return _DataShape(func(*args, **kwargs), args[0])
         if func is torch.Tensor.__setitem__ and _is_masked_fill(*args):
             # t[mask] = v with a mask of t's own shape: masked_fill_, the same values without the data-dependent
             # count of the mask (torch.optim.Rprop's sign[sign.gt(0)] = etaplus on a 0-dim parameter failed).
@@ -167,8 +169,13 @@ class TracedFunctions(RestoredGenerators):
                 "(the largest class value + 1), which cannot be part of a step graph; pass it: F.one_hot(y, num_classes)."
             )
         out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) and _sized_by_data(func, args):
-            self.sized_by_data[id(out)] = out
+        if _sized_by_data(func, args):
+            for t in out if isinstance(out, tuple) else (out,):  # torch.where(mask): one index tensor per dim
+                if isinstance(t, torch.Tensor):
+                    self.sized_by_data[id(t)] = t
+        elif (isinstance(out, torch.Tensor) and out.dim() and args and isinstance(args[0], torch.Tensor)
+              and args[0].dim() and self.sized_by_data.get(id(args[0])) is args[0] and out.shape[0] == args[0].shape[0]):
+            self.sized_by_data[id(out)] = out  # nonzero(m).squeeze(1), x[mask] * 2: dim 0 is still the data's
         return out
 
 
@@ -181,8 +188,8 @@ _SIZED_BY_DATA = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.masked_se
 
 
 def _sized_by_data(func: Any, args: tuple) -> bool:
-    """Whether ``func(*args)`` returns a tensor whose size depends on the values of its inputs."""
-    if func in _SIZED_BY_DATA:
+    """Whether ``func(*args)`` returns a tensor (or tensors) whose size depends on the values of its inputs."""
+    if func in _SIZED_BY_DATA or (func is torch.where and len(args) == 1):
         return True
     if func is torch.Tensor.__getitem__ and len(args) > 1:
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -204,15 +211,85 @@ def _reads_data_length(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     return (func is torch.Tensor.size or func == torch.Tensor.shape.__get__) and t.dim() == 1
 
 
+def _reads_shape(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """``t.shape`` or ``t.size()`` of an N-D tensor (the whole size; which dims are read is seen later)."""
+    return ((func == torch.Tensor.shape.__get__ or (func is torch.Tensor.size and len(args) == 1 and not kwargs))
+            and args[0].dim() > 1)
+
+
+def _called_by_user() -> bool:
+    """Whether the torch function being handled was called from outside torch (torch's own code gets real sizes)."""
+    import os
+    import sys
+
+    here = os.path.dirname(__file__)
+    frame = sys._getframe(2)  # past the torch function modes (unrollc's, make_fx's) to the code that called
+    while frame is not None and (frame.f_code.co_name == "__torch_function__" or frame.f_code.co_filename.startswith(here)):
+        frame = frame.f_back
+    return frame is not None and not frame.f_code.co_filename.startswith(os.path.dirname(torch.__file__))
+
+
+class _DataShape(tuple):
+    """``x.shape`` of a tensor whose dim 0 the data decide (``x[mask]``, ``nonzero``), as the user's code gets it
+    while the step is traced: reading dim 0 into Python (``x[mask].shape[0]`` as a divisor, unpacking ``n, d =``)
+    marks it as read (:func:`mark_size_read`), so each step checks it; ``x[mask].shape[1]`` does not (the
+    count may change freely). It was frozen at its traced value without a check (found in review). A tuple with
+    torch.Size's ``numel``; torch's functions take it as a size."""
+
+    def __new__(cls, size: torch.Size, tensor: torch.Tensor) -> "_DataShape":
+        shape = super().__new__(cls, size)
+        shape._tensor = tensor
+        return shape
+
+    def _read(self) -> None:
+        mark_size_read(self._tensor)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            if 0 in range(len(self))[index]:
+                self._read()
+            return torch.Size(tuple.__getitem__(self, index))
+        if operator.index(index) in (0, -len(self)):
+            self._read()
+        return tuple.__getitem__(self, index)
+
+    def __iter__(self) -> Any:
+        self._read()
+        return tuple.__iter__(self)
+
+    def numel(self) -> int:
+        """The number of elements, as ``torch.Size.numel`` (reads dim 0)."""
+        self._read()
+        return torch.Size(self).numel()
+
+    def __repr__(self) -> str:
+        return f"torch.Size({list(tuple.__iter__(self))})"
+
+
 def mark_size_read(t: torch.Tensor) -> None:
     """Marks the traced node of ``t`` (a tensor whose size depends on the data) as having its size read into Python
     (``x[mask].shape[0]``, ``.size(0)``, ``.numel()``): whatever the int became (a divisor, a shape) is a constant of
     the step graph, so the step checks that each batch gives ``t`` its traced size (``functionalize``, step 4)."""
-    node = _traced_node(t)
+    node = _data_dependent_origin(_traced_node(t))
     if node is not None:
-        if node.target is operator.getitem:  # one output of torch.unique: the op's metadata reaches its outputs
-            node = node.args[0]
         node.meta["custom"] = {**node.meta.get("custom", {}), SIZE_READ: True}
+
+
+def _data_dependent_origin(node: Any, depth: int = 12) -> Any:
+    """The op whose output size the data decide (tagged ``dynamic_output_shape``) that ``node`` computes from, the
+    nearest first (``node`` itself; the op of a ``unique`` output; ``nonzero`` under ``squeeze``), or None."""
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        following = []
+        for n in frontier:
+            if n is None or n in seen or getattr(n, "op", None) != "call_function":
+                continue
+            seen.add(n)
+            if torch.Tag.dynamic_output_shape in getattr(n.target, "tags", ()):
+                return n
+            following += [a for a in n.all_input_nodes]
+        frontier = following
+    return None
 
 
 def _traced_node(t: torch.Tensor) -> Any:

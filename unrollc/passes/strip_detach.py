@@ -22,7 +22,7 @@ import traceback
 
 from torch import fx
 
-from ..capture import DETACH_OPS, stops_gradient
+from ..capture import DETACH_OPS, in_optimizer_step, stops_gradient
 from ..errors import user_frame
 
 __all__ = ["strip_detach", "strippable", "written_by_user"]
@@ -49,9 +49,12 @@ def _parse(trace: str) -> list[traceback.FrameSummary]:
 
 
 def strippable(node: fx.Node) -> bool:
-    """A ``detach``/``alias`` that autograd or the optimizer inserted: not the user's, not the end of a no_grad block,
-    not in the grad_callback."""
-    return node.op == "call_function" and node.target in DETACH_OPS and not written_by_user(node) and not stops_gradient(node)
+    """A ``detach``/``alias`` that autograd or the optimizer inserted: any in the optimizer's ``step()`` (even one
+    the user wrote there: ``p.data``), else one that is not the user's, not the end of a no_grad block, not in the
+    grad_callback."""
+    if node.op != "call_function" or node.target not in DETACH_OPS:
+        return False
+    return in_optimizer_step(node) or (not written_by_user(node) and not stops_gradient(node))
 
 
 def strip_detach(gm: fx.GraphModule) -> fx.GraphModule:

@@ -249,13 +249,22 @@ def training_modes(model: nn.Module, modes: Modes | None, meta_modules: Iterable
 def warn_numbers(batch: Any, meta: tuple, count: int) -> None:
     """A Python number in the batch or the meta arguments is a constant of the step graph: each new value traces
     a new one (a learned-loss temperature annealed as a float re-traced every meta-iteration)."""
-    numbers = [x for x in tree_flatten((batch, meta))[0] if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    leaves = tree_flatten((batch, meta))[0]
+    numbers = [x for x in leaves if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    others = [x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, type(None), nn.Module))]
     if numbers:
         warnings.warn(
             f"Stepper.step: {count} step graphs traced so far. The Python numbers among the batch and meta arguments "
             f"({', '.join(map(repr, numbers[:4]))}{', ...' if len(numbers) > 4 else ''}) are constants of a step graph, "
             "so every new value traces a new one (about a second each); pass them as tensors (torch.tensor(value)) "
             "to make them inputs of one graph.", stacklevel=user_stacklevel())
+    elif others:  # a string id per batch ({"x": ..., "id": "shard-3"}): a new graph every step, 0.25 s each
+        shown = ", ".join(repr(x) if isinstance(x, str) else type(x).__name__ for x in others[:4])
+        warnings.warn(
+            f"Stepper.step: {count} step graphs traced so far. The batch and meta arguments hold values that are not "
+            f"tensors ({shown}{', ...' if len(others) > 4 else ''}); each is a constant of a step graph, so every new "
+            "value traces a new one (about a second each). Keep what loss_fn does not need out of the batch (ids, "
+            "file names), and pass numbers as tensors.", stacklevel=user_stacklevel())
 
 
 _MISSING = object()

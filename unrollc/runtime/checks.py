@@ -41,6 +41,15 @@ def check_model(model: nn.Module) -> None:
                 "compiling it (model(x)), which gives every parameter and buffer its shape."
             )
     for name, m in model.named_modules():
+        if m._backward_pre_hooks or (m._backward_hooks and m._is_full_backward_hook):
+            where = f"model.{name}" if name else "the model"
+            raise ValueError(
+                f"unrollc.compile: {where} ({type(m).__name__}) has a backward hook (register_full_backward_hook or "
+                "register_full_backward_pre_hook), which wraps the module in an autograd.Function that the step's "
+                "torch.func gradient cannot trace. Remove the hook; to change the parameters' gradients pass "
+                "unrollc.compile(..., grad_callback=...), or register a tensor hook (p.register_hook), which each "
+                "step applies."
+            )
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad:
             where = f"model.{name}" if name else "the model"
             raise ValueError(

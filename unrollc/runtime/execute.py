@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..ops import COMPOSITE_KERNELS
 
@@ -49,14 +50,41 @@ def instrumented(gm: fx.GraphModule) -> bool:
 
 
 def run_graph(gm: fx.GraphModule, args: Sequence[Any]) -> Any:
-    """``gm(*args)``, with each op called directly (see the module docstring)."""
-    if instrumented(gm):
-        return gm(*args)
-    return _direct(gm)(gm, *args)
+    """``gm(*args)``, with each op called directly (see the module docstring). An error an op raises (an
+    embedding index out of range at step 2) gets a note naming the user's line that op was traced from."""
+    try:
+        if instrumented(gm):
+            return gm(*args)
+        return _direct(gm)(gm, *args)
+    except Exception as exc:
+        note = _traced_from(gm, exc)
+        if note:
+            exc.add_note(note)
+        raise
+
+
+def _traced_from(gm: fx.GraphModule, exc: BaseException) -> str | None:
+    """``"unrollc: raised by ... traced from model.py:12 in forward: ..."`` for the step graph's line in ``exc``'s
+    traceback (None when the error is not raised by a line of ``gm``'s code)."""
+    from ..inspect.source import source_of
+
+    tb, line = exc.__traceback__, None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.startswith(("<unrollc graph", "<eval_with_key")):  # the innermost: a graph may call another
+            line = linecache.getline(filename, tb.tb_lineno)
+        tb = tb.tb_next
+    name = line.strip().split(" = ", 1)[0] if line and " = " in line else None
+    node = next((n for n in gm.graph.nodes if n.name == name), None) if name else None
+    where = source_of(node) if node is not None else None
+    if where is None:
+        return None
+    return f"unrollc: raised by the step graph's `{node.name}` ({node.target}), traced from {where.short()}"
 
 
 def _direct(gm: fx.GraphModule) -> Callable[..., Any]:
     """``gm``'s generated ``forward`` with its op calls bound to the overloads' ``_op``; made once per code."""
+    _LazyGraphModule.force_recompile(gm)  # a lazy graph's code is generated when first needed
     cached = _DIRECT.get(gm)
     if cached is not None and cached[0] is gm._code:
         return cached[1]

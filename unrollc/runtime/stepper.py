@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph_module import _loader as _fx_sources
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Captured, Signature, capture_step, hyper_leaves, input_layout, trace_with_fallbacks
-from ..errors import user_stacklevel
+from ..errors import CaptureError, user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec, Same
 from ..passes import release_examples, run_pipeline
@@ -299,7 +300,7 @@ class Stepper:
             self._spec = replace(self._spec, hyper=now.hyper)
         if now.static_key != self._static_key:
             # the user's options replace the traced spec's (a capturable or rewritten variant is found again)
-            self._spec = replace(self._spec, static=now.static, attributes=now.attributes)
+            self._spec = replace(self._spec, static=now.static, attributes=now.attributes, step_hooks=now.step_hooks)
             self._static_key = now.static_key
             self._cache.clear()
 
@@ -367,7 +368,8 @@ class Stepper:
         drew = False
         if not isinstance(policy, NoCheckpoint):
             before = None if isinstance(batches, (list, tuple)) else torch.get_rng_state()
-            batches = read_batches(batches)  # the plan needs n, and the backward pass re-reads them
+            read_modes = None if before is None else (lambda: self._modes(bind_modules(meta)))
+            batches = read_batches(batches, read_modes)  # the plan needs n, and the backward pass re-reads them
             drew = before is not None and not torch.equal(before, torch.get_rng_state())
         n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
         hypers = None if hyper is None else self._step_hypers(state, hyper, n)
@@ -572,7 +574,10 @@ class Stepper:
                     written = restoring.enter_context(restored_attributes(self.model))
                     meta_written = [restoring.enter_context(restored_attributes(m)) for m in modules]
                     with meta_buffers_restored_on_failure(meta), _outside_torch_func(state, groups, batch, meta) as plain:
+                        seed = torch.initial_seed()
                         compiled = self._capture(*plain)
+                        if torch.initial_seed() != seed:
+                            _warn_seeded_in_step()
             written |= {f"{type(m).__name__} (meta argument {j}).{name}" for j, (m, names) in
                         enumerate(zip(modules, meta_written, strict=True)) for name in names}
             # Values the forward itself writes (a counter, `self.last_attention = w`) change with every run: as
@@ -743,18 +748,27 @@ class Stepper:
             m = _detached(meta)
             self._check_arity(batch, meta)
             try:
-                with reparametrized(self.model, {**ps, **bs}):
+                # restored: the trace runs the forward again, and a counter it keeps must read as in eager's step
+                with reparametrized(self.model, {**ps, **bs}), restored_attributes(self.model):
                     loss = self.loss_fn(self.model, b, *m)
             except Exception as exc:
+                self._refuse_backward_in_loss_fn(ps, exc)
                 exc.add_note(
                     f"unrollc: raised by loss_fn(model, batch, *meta) with batch = {_describe(batch)}"
                     + (f" and meta = {_describe(meta)}" if meta else "")
                     + "; Stepper.step takes one batch, Stepper.unroll a list with one batch per step."
                 )
                 raise
+            self._refuse_backward_in_loss_fn(ps)
+            if isinstance(loss, (tuple, list, dict)):
+                raise TypeError(
+                    f"Stepper.step: loss_fn(model, batch, *meta) must return the loss alone, a scalar tensor, got a "
+                    f"{type(loss).__name__} of {len(loss)}; return only the loss, and compute the other outputs "
+                    "(logits, accuracy) outside loss_fn, e.g. with stepper.forward(state, x)."
+                )
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(
-                    "unrollc: loss_fn(model, batch, *meta) must return a scalar tensor, got "
+                    "Stepper.step: loss_fn(model, batch, *meta) must return a scalar tensor, got "
                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; "
                     "reduce it, e.g. with .mean()."
                 )
@@ -762,6 +776,17 @@ class Stepper:
                 return frozenset()
             grads = torch.autograd.grad(loss, [ps[n] for n in names], allow_unused=True)
         return frozenset(n for n, g in zip(names, grads, strict=True) if g is not None)
+
+    @staticmethod
+    def _refuse_backward_in_loss_fn(params: dict[str, torch.Tensor], cause: BaseException | None = None) -> None:
+        """``loss.backward()`` (with ``opt.step()``) inside ``loss_fn``, as in the eager loop it came from: torch's
+        error ("backward through the graph a second time", from unrollc's code) did not say what to change."""
+        if any(p.grad is not None for p in params.values()):
+            raise CaptureError(
+                "Stepper.step: loss_fn(model, batch, *meta) called backward() (the parameters got a .grad). loss_fn "
+                "only computes and returns the loss; the stepper differentiates it and runs the optimizer's step. "
+                "Remove loss.backward(), opt.zero_grad() and opt.step() from loss_fn."
+            ) from cause
 
     def _flatten(
         self, sig: Signature, state: UnrollState, groups: list[dict[str, Any]], batch: Any, meta: tuple
@@ -782,6 +807,19 @@ class Stepper:
         for (n, k), v in zip(sig.state_out, outs[n_p + n_b : -1], strict=True):
             opt_state.setdefault(n, {})[k] = v
         return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
+
+
+def _warn_seeded_in_step() -> None:
+    """``torch.manual_seed`` in the forward or ``loss_fn`` (a fixed dropout mask): it runs while a step is traced,
+    not when the step graph runs, whose random ops draw on from where the generator is (found in review: another
+    trajectory from step 1, without a word)."""
+    warnings.warn(
+        "Stepper.step: loss_fn or the model's forward called torch.manual_seed (or torch.random.seed). Python code "
+        "runs only while a step is traced: the step graph's random ops then draw from torch's generator where it "
+        "is, not from a fresh seed each step as in eager training. For the same random numbers every step, draw "
+        "them from a torch.Generator seeded each step and passed as a meta argument, or pass the mask itself.",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _forget_sources(keys: tuple[str, ...]) -> None:
@@ -822,7 +860,13 @@ _MANY_KEYS = 8  # traces for new keys after which Python numbers among the input
 
 
 class PassGraphs(dict):
-    """``Stepper.graphs``: a dict whose missing keys are reported with the keys it has."""
+    """``Stepper.graphs``: a dict whose missing keys are reported with the keys it has. Its graphs generate their
+    Python code when first read from it (``passes.LazyGraphModule``: most are never read)."""
+
+    def __getitem__(self, key: Any) -> fx.GraphModule:
+        gm = super().__getitem__(key)
+        _LazyGraphModule.force_recompile(gm)  # gm.forward is the generated code, for inspect.getsource and tracebacks
+        return gm
 
     def __missing__(self, key: Any) -> fx.GraphModule:
         raise KeyError(

@@ -6,14 +6,14 @@ import contextlib
 import warnings
 import weakref
 from dataclasses import replace
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ..capture import fill_leaves
-from ..errors import BatchModifiedError, InternalError
+from ..errors import BatchModifiedError, InternalError, ModelChangedError
 from .checkpointed import checkpointed_unroll
 from .rng import cuda_devices, draws_global_rng, draws_random, step_generators, stored_rng_bytes
 from .schedules import NoCheckpoint, Plan, Policy, resolve_checkpoint
@@ -25,15 +25,27 @@ if TYPE_CHECKING:
 __all__ = ["hyper_count_error", "plan_unroll", "read_batches", "run_unroll", "state_bytes"]
 
 
-def read_batches(batches: Iterable[Any]) -> list[Any]:
+def read_batches(batches: Iterable[Any], modes: Callable[[], Any] | None = None) -> list[Any]:
     """Every batch of a checkpointed unroll, read before its first step (the plan needs n, and the backward pass
     re-runs steps on them): refused if a tensor was changed in place after the iterable yielded it, as a loader
-    that refills the same buffers does, since every step would then read the last batch's values."""
+    that refills the same buffers does, since every step would then read the last batch's values. ``modes``
+    (``Stepper._modes``, for an iterable other than a list or tuple): refused too if what the step graph bakes in
+    changed while the batches were read (a generator annealing ``model.temp``): every step would run with the
+    last value, where a plain unroll runs each step with the value its batch was yielded with."""
     read: list[Any] = []
     versions: list[tuple[int, torch.Tensor, int]] = []
+    first = None
     for i, batch in enumerate(batches):
         read.append(batch)
         versions += [(i, t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+        if modes is None:
+            continue
+        if i == 0:
+            first = modes()  # a value set before the first batch holds for every step: as the plain unroll runs
+        elif (now := modes()) != first:
+            raise _model_changed(f"before batch {i}", first, now)
+    if first is not None and (now := modes()) != first:  # code after its last yield
+        raise _model_changed("after the last batch", first, now)
     for i, t, version in versions:
         if t._version != version:
             raise BatchModifiedError(
@@ -45,6 +57,28 @@ def read_batches(batches: Iterable[Any]) -> list[Any]:
                 "per step."
             )
     return read
+
+
+def _model_changed(when: str, first: Any, now: Any) -> ModelChangedError:
+    return ModelChangedError(
+        f"Stepper.unroll: the `batches` iterable changed what the step reads from the model or loss_fn while it "
+        f"was read, {when}{_changed_values(first, now)}. A checkpointed unroll reads every batch before its first "
+        "step (the schedule needs n), so every step would run with the last value, not with the one its batch was "
+        "yielded with. Unroll with checkpoint=None (it reads one batch per step), or unroll each stretch of equal "
+        "values separately, or pass the changing value as a meta argument or a per-step hyperparameter "
+        "(unroll(hyper=...)) instead of setting it on the model."
+    )
+
+
+def _changed_values(first: Any, now: Any) -> str:
+    """``": model.temp"``: the names of the Python values (``Stepper._modes``'s third part) that differ, if any."""
+    try:
+        before, after = dict(((v[0], v[1]), v[2:]) for v in first[2]), dict(((v[0], v[1]), v[2:]) for v in now[2])
+    except (TypeError, IndexError):
+        return ""
+    names = sorted(f"{owner}.{name}" if owner else f"model.{name}" for (owner, name) in before.keys() | after.keys()
+                   if before.get((owner, name)) != after.get((owner, name)))
+    return f" ({', '.join(names[:5])})" if names else " (a module's mode, hooks or code)"
 
 
 def hyper_count_error(entries: int, batches: int | str) -> ValueError:
@@ -228,13 +262,19 @@ def run_unroll(
         hyper_positions.append([where[id(x)] for x in leaves])
     batch_trees = [tree_flatten(b) for b in batches]
     meta_leaves, meta_spec = tree_flatten(tuple(meta))
-    batch_slices = []
-    for leaves, _ in batch_trees:
-        start = len(consts)
-        consts += [x for x in leaves if isinstance(x, torch.Tensor)]
-        batch_slices.append((start, len(consts)))
-    meta_start = len(consts)
-    consts += [x for x in meta_leaves if isinstance(x, torch.Tensor)]
+
+    def positions_of(leaves: list[Any]) -> list[int]:
+        """Each tensor's position in consts, added once: a batch repeated every step (dataset distillation's
+        ``[(synthetic, labels)] * n``) is one input, whose gradient the checkpointed backward accumulates in one
+        tensor, not n (n gradients were held until the end: binomial grew linearly, a Budget was exceeded)."""
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and id(x) not in where:
+                where[id(x)] = len(consts)
+                consts.append(x)
+        return [where[id(x)] for x in leaves if isinstance(x, torch.Tensor)]
+
+    batch_positions = [positions_of(leaves) for leaves, _ in batch_trees]
+    meta_positions = positions_of(meta_leaves)
 
     kept: dict[Any, list[Any]] = {}  # the step graphs the steps ran, by cache key (Stepper._graphs_kept)
 
@@ -259,9 +299,8 @@ def run_unroll(
         positions, (_, hyper_spec) = hyper_positions[i % len(hyper_trees)], hyper_trees[i % len(hyper_trees)]
         hyper = tree_unflatten([c[j] for j in positions], hyper_spec)
         leaves, spec = batch_trees[i]
-        start, stop = batch_slices[i]
-        batch = tree_unflatten(fill_leaves(leaves, c[start:stop]), spec)
-        m = tree_unflatten(fill_leaves(meta_leaves, c[meta_start:]), meta_spec)
+        batch = tree_unflatten(fill_leaves(leaves, [c[j] for j in batch_positions[i]]), spec)
+        m = tree_unflatten(fill_leaves(meta_leaves, [c[j] for j in meta_positions]), meta_spec)
         # Recomputed in backward after a model.eval() or with more layouts since: still the graphs it ran.
         with stepper._modes_pinned(modes), stepper._graphs_kept(kept):
             new = advance(unpack(i, flat, hyper, state.t + i), batch, m)
