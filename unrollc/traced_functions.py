@@ -151,6 +151,10 @@ class TracedFunctions(RestoredGenerators):
                 mark_size_read(args[0])
             elif _reads_shape(func, args, kwargs) and _called_by_user():  # x[mask].shape: dim 0 if it is read
                 return _DataShape(func(*args, **kwargs), args[0])
+        for arg in (*args, *kwargs.values()):  # torch.zeros(h.shape): torch reads every dim, without __getitem__
+            for shape in (arg if isinstance(arg, (list, tuple)) and not isinstance(arg, _DataShape) else (arg,)):
+                if isinstance(shape, _DataShape):
+                    shape._read()
         if func is torch.Tensor.__setitem__ and _is_masked_fill(*args):
             # t[mask] = v with a mask of t's own shape: masked_fill_, the same values without the data-dependent
             # count of the mask (torch.optim.Rprop's sign[sign.gt(0)] = etaplus on a 0-dim parameter failed).
@@ -256,6 +260,16 @@ class _DataShape(tuple):
     def __iter__(self) -> Any:
         self._read()
         return tuple.__iter__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._read()
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        self._read()
+        return tuple.__ne__(self, other)
+
+    __hash__ = tuple.__hash__
 
     def numel(self) -> int:
         """The number of elements, as ``torch.Size.numel`` (reads dim 0)."""
