@@ -1178,3 +1178,67 @@ def test_a_batch_repeated_every_step_is_one_input_of_a_checkpointed_unroll(monke
         grads.append(torch.autograd.grad(state.params["weight"].sum(), synthetic)[0])
     assert seen == [len(stepper.init().hyper) + 2]  # the hyperparameters, synthetic and labels: once each
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
+class _BroadcastCopy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(torch.empty(x.shape[0], 4).copy_(h[0]) + h)  # copy_ broadcasting one row
+
+
+class _Float32Buffer(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"] = torch.zeros_like(p, dtype=torch.float32)
+                st["buf"].copy_(p.grad)  # float64 -> float32
+                p.add_(st["buf"], alpha=-group["lr"])
+
+
+def test_a_converting_or_broadcasting_copy_has_eagers_derivative(float64):
+    """ATen's functional copy (what a functionalized copy_ becomes) has no derivative: the meta-gradient failed
+    with "derivative for aten::copy is not implemented" where eager's copy_ sends the gradient to its source."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(3)]
+    val = torch.randn(5, 3)
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    model = _BroadcastCopy()
+
+    def eager(lr: torch.Tensor) -> torch.Tensor:
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=float(lr))
+        for b in batches:
+            opt.zero_grad()
+            loss_fn(m, b).backward()
+            opt.step()
+        with torch.no_grad():
+            return m(val).sum()
+
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    lr = torch.tensor(0.1, requires_grad=True)
+    state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches, checkpoint="sqrt")
+    (got,) = torch.autograd.grad(stepper.forward(state, val).sum(), lr)
+    torch.testing.assert_close(got, central_difference(eager, lr.detach()), rtol=1e-6, atol=1e-9)
+
+    linear = nn.Linear(3, 2)
+    stepper = unrollc.compile(linear, _Float32Buffer(linear.parameters()), loss_fn)
+    lr = torch.tensor(0.1, requires_grad=True)
+    state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches)
+    (got,) = torch.autograd.grad(stepper.forward(state, val).sum(), lr)
+    params = [p.detach().clone().requires_grad_() for p in linear.parameters()]  # the eager unroll, by hand
+    weights = params
+    for x, y in batches:
+        grads = torch.autograd.grad(loss_fn(lambda v: nn.functional.linear(v, *weights), (x, y)), weights, create_graph=True)
+        weights = [w - lr * g.float().double() for w, g in zip(weights, grads, strict=True)]
+    (want,) = torch.autograd.grad(nn.functional.linear(val, *weights).sum(), lr)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

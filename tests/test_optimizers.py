@@ -706,3 +706,72 @@ def test_a_learned_hyperparameter_read_into_python_is_pointed_out_and_a_counter_
         stepper.step(stepper.init(hyper={"betas": (torch.tensor(0.9), beta2)}), batches[0])
     with pytest.warns(UserWarning, match="re-tracing"), pytest.raises(RuntimeError, match=r"reads such a value into a Python number .*torch.sqrt"):
         stepper.unroll(stepper.init(), batches)
+
+
+class _DecayedSGD(torch.optim.SGD):
+    """Registers its own step hook in __init__ (decoupled decay after each step)."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, lr=lr)
+        self.register_step_post_hook(_DecayedSGD._decay)
+
+    @staticmethod
+    def _decay(opt, args, kwargs):
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.mul_(0.9)
+
+
+class _ConfiguredSGD(torch.optim.Optimizer):
+    """Keeps a read-only configuration in its state under a key that is not a parameter."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+        self.state["config"] = {"scale": 0.5}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"] * self.state["config"]["scale"])
+
+
+@pytest.mark.parametrize("opt_cls", [_DecayedSGD, _ConfiguredSGD])
+def test_hooks_and_state_an_optimizers_own_init_makes(opt_cls, float64):
+    """Found in review: a hook the constructor registers ran twice (the rebuilt optimizer's constructor registers
+    it again); state the constructor keeps under a non-parameter key, and the step only reads, was refused."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    eager = copy.deepcopy(model)  # the oracle's deepcopy of an optimizer drops its hooks: built anew here
+    eager_opt = opt_cls(eager.parameters())
+    for batch in batches:
+        eager_opt.zero_grad()
+        mse(eager, batch).backward()
+        eager_opt.step()
+    stepper = unrollc.compile(model, opt_cls(model.parameters()), mse)
+    state = stepper.unroll(stepper.init(), batches)
+    for name, p in eager.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_a_step_hook_reaching_the_users_optimizer_is_refused_and_the_model_put_back():
+    """A hook looping over the optimizer it closes over (not the one it is passed) clamped the real weights while
+    the step was traced, then failed with torch's "leaf Variable ... in-place"."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+
+    def clip(_, args, kwargs):
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.clamp_(-0.01, 0.01)
+
+    opt.register_step_post_hook(clip)
+    weight = model.weight.detach().clone()
+    stepper = unrollc.compile(model, opt, mse)
+    with pytest.raises(unrollc.CaptureError, match=r"wrote into the model's own tensors \(weight, bias\) \(put back\).*"
+                       r"optimizer step hook looping over the optimizer it closes over"):
+        stepper.step(stepper.init(), (torch.randn(4, 3), torch.randn(4, 1)))
+    assert torch.equal(model.weight, weight)

@@ -307,7 +307,7 @@ def test_a_module_backward_hook_is_refused_with_the_fix():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
     model[2].register_full_backward_hook(lambda mod, grad_in, grad_out: (grad_in[0] * 0.5,))  # after: at the step
-    with pytest.raises(unrollc.CaptureError, match=r"module backward hook: register_full_backward_hook.*remove the "
+    with pytest.raises(unrollc.CaptureError, match=r"module.s full backward hook: register_full_backward_hook.*remove the "
                        r"backward hook; to change the parameters' gradients, pass unrollc.compile\(\.\.\., grad_callback=\.\.\.\)"):
         stepper.step(stepper.init(), (torch.randn(7, 4), torch.randn(7, 3)))
 

@@ -257,6 +257,7 @@ class ShadowOptimizer:
             p.grad = grads.get(n)
         before = _python_values(self.optimizer)
         versions = _tensor_versions(before)
+        others = self._state_of_no_parameter()
         with _compiling(), self.tracker, _AveragesAsEager(self.optimizer), _detaches_kept(_IN_OPTIMIZER), \
                 _DataAssignments(self.api):
             self.optimizer.step()
@@ -265,7 +266,7 @@ class ShadowOptimizer:
             if name in after and option_key(after[name]) == option_key(before[name]) and _version(after[name]) != version:
                 before[name], after[name] = old, _InPlace(after[name])
         self._refuse_python_changes(before, after)
-        self._refuse_state_of_no_parameter()
+        self._refuse_state_of_no_parameter(others)
         new = {n: self.optimizer.state.get(p, {}) for n, p in self.params.items()}
         for n, st in new.items():
             for k, v in st.items():
@@ -292,11 +293,17 @@ class ShadowOptimizer:
                 "stepper.init(hyper={'lr': ...}) or an lr tensor in the group)."
             )
 
-    def _refuse_state_of_no_parameter(self) -> None:
-        """``self.state["global"]["t"] += 1``: optimizer state under a key that is not a parameter is not carried
-        by the step graph (which carries each parameter's state), so every step would read its first value."""
+    def _state_of_no_parameter(self) -> dict[Any, tuple[Any, int]]:
+        """``{key: (value key, tensor versions)}`` of the optimizer state under keys that are not parameters."""
         ids = {id(p) for p in self.params.values()}
-        extra = [k for k in self.optimizer.state if id(k) not in ids]
+        return {k: (option_key(v), _version(v)) for k, v in self.optimizer.state.items() if id(k) not in ids}
+
+    def _refuse_state_of_no_parameter(self, before: dict[Any, tuple[Any, int]]) -> None:
+        """``self.state["global"]["t"] += 1``: optimizer state under a key that is not a parameter is not carried
+        by the step graph (which carries each parameter's state), so every step would read its first value.
+        State there that the step only reads (``self.state["config"]`` set in ``__init__``) is fine."""
+        after = self._state_of_no_parameter()
+        extra = [k for k in after if before.get(k) != after[k]]
         if extra:
             raise CaptureError(
                 f"{self.api}: {type(self.optimizer).__name__}.step() keeps state under {extra[0]!r}, which is not "

@@ -134,8 +134,8 @@ class CaptureError(RuntimeError):
         elif "setup_context" in text:
             hint = (
                 "an autograd.Function without a setup_context staticmethod ran in the step (a custom Function written "
-                "as forward(ctx, ...), or a module backward hook: register_full_backward_hook and "
-                "register_backward_hook wrap the module in one), and the step's gradient is computed with torch.func, "
+                "as forward(ctx, ...), or a module's full backward hook: register_full_backward_hook and "
+                "register_full_backward_pre_hook wrap the module in one), and the step's gradient is computed with torch.func, "
                 "which needs setup_context. Write the Function as forward(...) plus setup_context(ctx, inputs, "
                 "output) (https://pytorch.org/docs/stable/notes/extending.func.html), or remove the backward hook; "
                 "to change the parameters' gradients, pass unrollc.compile(..., grad_callback=...)"

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bernoulli_like", "safe_sqrt", "safe_sqrt_masked"]
+__all__ = ["bernoulli_like", "copy_into", "safe_sqrt", "safe_sqrt_masked"]
 
 
 @torch.library.custom_op("unrollc::safe_sqrt", mutates_args=())
@@ -69,7 +69,23 @@ safe_sqrt_masked.__doc__ = """``torch.sqrt(x)`` with derivative 0 where ``x == 0
 # unrollc's CompositeImplicitAutograd ops and their Python kernels: what the dispatcher runs for any tensor
 # (autograd sees the kernel's ATen ops either way), so the runtime may call the kernel without the dispatcher's
 # round trip into Python (unrollc/runtime/execute.py).
-COMPOSITE_KERNELS: dict[torch._ops.OpOverload, Any] = {safe_sqrt_masked: _safe_sqrt_masked}
+
+# ``copy_into``: what a functionalized ``dst.copy_(src)`` computes (``aten.copy(dst, src)``: src converted to dst's
+# dtype, broadcast to its shape, in its layout), with a derivative: ATen has none for the functional ``copy``
+# (found in review: a float32 optimizer buffer copied from a float64 gradient, ``torch.empty(n, 4).copy_(h[0])``),
+# while eager's in-place ``copy_`` sends the gradient to ``src`` (summed over broadcast dims, in src's dtype).
+_lib.define("copy_into(Tensor dst, Tensor src) -> Tensor")
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(dst.shape, dst.stride(), dtype=dst.dtype, device=dst.device).copy_(src)
+
+
+_lib.impl("copy_into", _copy_into, "CompositeImplicitAutograd")
+copy_into = torch.ops.unrollc.copy_into.default
+copy_into.__doc__ = """``aten.copy(dst, src)`` with eager ``copy_``'s derivative (to ``src``; none to ``dst``)."""
+
+COMPOSITE_KERNELS: dict[torch._ops.OpOverload, Any] = {safe_sqrt_masked: _safe_sqrt_masked, copy_into: _copy_into}
 
 
 @torch.library.custom_op("unrollc::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -166,11 +167,22 @@ class OptimizerSpec:
         for name, value in self.attributes:  # the user's values, not the constructor's defaults
             setattr(opt, name, value if isinstance(value, torch.Tensor) else _copied(value))
         pre, post = self.step_hooks
-        for hook in pre:
-            opt.register_step_pre_hook(hook)
-        for hook in post:
-            opt.register_step_post_hook(hook)
+        for hooks, register in ((pre, opt.register_step_pre_hook), (post, opt.register_step_post_hook)):
+            own = {_hook_identity(h) for h in (opt._optimizer_step_pre_hooks if hooks is pre else opt._optimizer_step_post_hooks).values()}
+            for hook in hooks:
+                if _hook_identity(hook) in own:
+                    continue  # the constructor registered it again (self.register_step_post_hook(self._decay))
+                if inspect.ismethod(hook) and isinstance(hook.__self__, torch.optim.Optimizer):
+                    hook = types.MethodType(hook.__func__, opt)  # a method of the user's optimizer: of this one
+                register(hook)
         return opt
+
+
+def _hook_identity(hook: Callable) -> Any:
+    """A step hook, with a bound method of an optimizer taken as its function (the same hook on another instance)."""
+    if inspect.ismethod(hook) and isinstance(hook.__self__, torch.optim.Optimizer):
+        return ("method", hook.__func__)
+    return ("function", id(hook))
 
 
 # What torch.optim.Optimizer.__init__ itself stores on an instance, and what an lr scheduler adds (its flag

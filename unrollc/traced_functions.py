@@ -178,7 +178,8 @@ class TracedFunctions(RestoredGenerators):
                 if isinstance(t, torch.Tensor):
                     self.sized_by_data[id(t)] = t
         elif (isinstance(out, torch.Tensor) and out.dim() and args and isinstance(args[0], torch.Tensor)
-              and args[0].dim() and self.sized_by_data.get(id(args[0])) is args[0] and out.shape[0] == args[0].shape[0]):
+              and args[0].dim() and self.sized_by_data.get(id(args[0])) is args[0] and out.shape[0] == args[0].shape[0]
+              and _keeps_dim0(func, args, kwargs)):
             self.sized_by_data[id(out)] = out  # nonzero(m).squeeze(1), x[mask] * 2: dim 0 is still the data's
         return out
 
@@ -213,6 +214,28 @@ def _reads_data_length(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
         dim = args[1] if len(args) > 1 else kwargs["dim"]
         return isinstance(dim, int) and dim % max(t.dim(), 1) == 0
     return (func is torch.Tensor.size or func == torch.Tensor.shape.__get__) and t.dim() == 1
+
+
+# Functions whose result keeps their first argument's dim 0 as its own (elementwise maths, conversions, squeeze):
+# a data-dependent length stays data-dependent through them. Others (mean(0), h[0], .T) are not followed, even when
+# a length happens to be equal (found in review: a (D,) mean read as D refused the next batch's other count).
+_KEEPS_DIM0 = frozenset({
+    "squeeze", "view", "reshape", "flatten", "float", "double", "half", "bfloat16", "long", "int", "bool", "to",
+    "type", "type_as", "contiguous", "clone", "detach", "abs", "neg", "exp", "log", "sqrt", "square", "sigmoid",
+    "tanh", "relu", "sin", "cos", "clamp", "pow", "mul", "add", "sub", "div", "__mul__", "__rmul__", "__add__",
+    "__radd__", "__sub__", "__rsub__", "__truediv__", "__rtruediv__", "__pow__", "__neg__", "__abs__",
+})
+
+
+def _keeps_dim0(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "unsqueeze":
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % (args[0].dim() + 1) != 0
+    if name == "__getitem__":  # h[:, 0], h[..., :2]: dim 0 untouched
+        index = args[1] if len(args) > 1 and isinstance(args[1], tuple) else (args[1] if len(args) > 1 else None,)
+        return bool(index) and (index[0] is Ellipsis or index[0] == slice(None))
+    return name in _KEEPS_DIM0
 
 
 def _reads_shape(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
@@ -278,6 +301,9 @@ class _DataShape(tuple):
 
     def __repr__(self) -> str:
         return f"torch.Size({list(tuple.__iter__(self))})"
+
+    def __reduce__(self) -> tuple:  # copy, deepcopy and pickle give a torch.Size
+        return torch.Size, (tuple(tuple.__iter__(self)),)
 
 
 def mark_size_read(t: torch.Tensor) -> None:

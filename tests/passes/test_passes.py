@@ -297,3 +297,54 @@ def test_functionalize_re_traces_when_a_view_is_read_across_a_write():
     before = [n.format_node() for n in graph.nodes]
     assert _functionalize_module()._rewrite_in_place(graph) is False
     assert [n.format_node() for n in graph.nodes] == before  # unchanged
+
+
+class _SetAliasMomentum(torch.optim.Optimizer):
+    """``view = empty_like(p).set_(buf)`` shares the buffer's memory: the update written into buf is read through it."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if "m" not in st:
+                    st["m"] = torch.zeros_like(p)
+                view = torch.empty_like(p).set_(st["m"])
+                st["m"].mul_(0.9).add_(p.grad)
+                p.add_(view, alpha=-group["lr"])
+
+
+class _ViewOfClone(nn.Module):
+    """``h[:, :2].clone()`` is contiguous where its source is not: a view or as_strided of it reads that layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.l1(x)[:, :2].clone()
+        return self.l2(h.reshape(-1)).expand(4, 2) + torch.as_strided(h, (4, 2), (2, 1))
+
+
+@pytest.mark.parametrize("model_fn, opt_cls", [(lambda: nn.Linear(3, 2), _SetAliasMomentum), (_ViewOfClone, torch.optim.SGD)])
+def test_aliasing_the_passes_must_keep(model_fn, opt_cls, float64):
+    """Found in review: ``set_`` aliasing was rewritten as a plain write (0.2 off eager, and no derivative for
+    aten.set); remove_copies dropped a clone that changes the layout (a view error, or as_strided reading other
+    memory, 0.086 off)."""
+    from oracles import eager_trajectory
+
+    torch.manual_seed(0)
+    model = model_fn()
+    opt = opt_cls(model.parameters(), lr=0.1)
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    batches = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(3)]
+    expected = eager_trajectory(model, opt, loss_fn, batches)[-1][0]
+    stepper = unrollc.compile(model, opt, loss_fn)
+    lr = torch.tensor(0.1, requires_grad=True)
+    state = stepper.unroll(stepper.init(hyper={"lr": lr}), batches)
+    for name, p in expected.items():
+        torch.testing.assert_close(state.params[name], p, rtol=0, atol=1e-15)
+    torch.autograd.grad(sum(p.sum() for p in state.params.values()), lr)  # differentiable

@@ -286,7 +286,7 @@ class DifferentiableOptimizer:
         if self._base_spec is None:
             ids = {id(p): f"{g}.{i}" for g, group in enumerate(self._other.param_groups) for i, p in enumerate(group["params"])}
             try:
-                spec = OptimizerSpec.from_optimizer(self._other, ids)
+                spec = replace(OptimizerSpec.from_optimizer(self._other, ids), step_hooks=((), ()))  # as higher: none
             except UnsupportedOptimizerError as exc:
                 raise UnsupportedOptimizerError(str(exc).replace("unrollc.compile", "unrollc.higher")) from None
             maths = next((_STANDS_FOR[c] for c in type(self).__mro__ if c in _STANDS_FOR), None)

@@ -73,6 +73,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
         _exact_scatters(gm)
         _renorm_without_gradient(gm.graph)
         _rrelu_exact_gradient(gm.graph)
+        _differentiable_copies(gm.graph)
         gm.graph.lint()
         gm.recompile()
         return gm
@@ -106,6 +107,7 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     _exact_scatters(new)
     _renorm_without_gradient(new.graph)
     _rrelu_exact_gradient(new.graph)
+    _differentiable_copies(new.graph)
     for old, node in zip(placeholders, (n for n in new.graph.nodes if n.op == "placeholder"), strict=True):
         node.name = old.name
         node.target = old.target
@@ -123,6 +125,19 @@ def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     new.graph.lint()
     new.recompile()
     return new
+
+
+def _differentiable_copies(graph: fx.Graph) -> None:
+    """A functional ``copy(dst, src)`` that converts, broadcasts or changes the layout becomes ``unrollc.copy_into``:
+    the same values, and eager ``copy_``'s derivative, which ATen's ``copy`` lacks (the meta-gradient failed with
+    "derivative for aten::copy is not implemented"). A copy that changes nothing is left for ``remove_copies``."""
+    from .remove_copies import _same_layout
+
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.copy.default):
+        dst, src = node.args[0], node.args[1]
+        if not (_same_layout(node, src) and _same_layout(dst, src)) and not node.kwargs.get("non_blocking"):
+            node.target = ops.copy_into
+            node.args = (dst, src)
 
 
 def _renorm_without_gradient(graph: fx.Graph) -> None:
@@ -257,12 +272,14 @@ def _rewrite_in_place(graph: fx.Graph) -> bool:
         with graph.inserting_after(node):
             out = graph.call_function(functional, node.args, node.kwargs)
         out.meta.update(node.meta)
+        if "unrollc functional val" in out.meta:  # promoted: float64 where the in-place op stores float32
+            out.meta["val"] = out.meta.pop("unrollc functional val")
         order[out] = order[node]
         result = out
         if casts.get(node) is not None:  # float32 self, float64 other: computed in float64, stored in self
             with graph.inserting_after(out):
                 result = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": casts[node]})
-            result.meta.update(node.meta)
+            result.meta.update({k: v for k, v in node.meta.items() if k != "unrollc functional val"})
             order[result] = order[node]
         node.replace_all_uses_with(result)  # a multi-output op's first outputs are its in-place form's outputs
         for i, k in outputs.items():
@@ -297,7 +314,10 @@ def _cast_needed(node: fx.Node, functional: Any) -> torch.dtype | None | bool:
         return False
     if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(self_val.shape):
         return False
-    return None if result.dtype == self_val.dtype else self_val.dtype
+    if result.dtype == self_val.dtype:
+        return None
+    node.meta["unrollc functional val"] = result  # the functional op's own value (its dtype), for its node
+    return self_val.dtype
 
 
 _MISSING = object()
@@ -309,7 +329,7 @@ def _functional_variant(op: Any) -> Any:
     overload names may differ: ``pow_.Scalar(Tensor self, Scalar exponent)`` is ``pow.Tensor_Scalar``), or None."""
     schema = op._schema
     packet = schema.name.split("::")[-1]
-    if schema.name.split("::")[0] != "aten" or not packet.endswith("_") or packet.startswith("_"):
+    if schema.name.split("::")[0] != "aten" or not packet.endswith("_") or packet.startswith("_") or packet in _ALIASING:
         return None
     functional = getattr(torch.ops.aten, packet.removesuffix("_"), None)
 
@@ -318,9 +338,15 @@ def _functional_variant(op: Any) -> Any:
 
     for name in getattr(functional, "overloads", lambda: [])():
         candidate = getattr(functional, name)
-        if arguments(candidate._schema) == arguments(schema) and not mutated_args(candidate):
+        returns_view = any(r.alias_info is not None for r in candidate._schema.returns)  # t_ -> t: metadata, not values
+        if arguments(candidate._schema) == arguments(schema) and not mutated_args(candidate) and not returns_view:
             return candidate
     return None
+
+
+# In-place ops that make ``self`` share another tensor's memory, which their schema does not mark (``set_(source)``:
+# a later write into ``source`` is seen through ``self``; found in review): left to the re-trace.
+_ALIASING = frozenset({"set_", "resize_"})
 
 
 # Ops that write into arguments other than their first, with the functional op that returns the new values:
@@ -335,6 +361,8 @@ def _storage(val: Any) -> tuple | None:
     """Which memory a real example tensor uses (None for other values and empty storages)."""
     if not isinstance(val, torch.Tensor) or isinstance(val, FakeTensor) or val.device.type == "meta":
         return None
+    if val.layout != torch.strided:  # a sparse batch (torch.sparse.mm(adj, x)): no storage to compare
+        return ("layout", id(val))
     ptr = val.untyped_storage().data_ptr()
     return (val.device, ptr) if ptr else None
 

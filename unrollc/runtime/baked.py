@@ -246,10 +246,24 @@ def training_modes(model: nn.Module, modes: Modes | None, meta_modules: Iterable
         torch.set_default_dtype(saved_dtype)
 
 
-def warn_numbers(batch: Any, meta: tuple, count: int) -> None:
+def warn_numbers(batch: Any, meta: tuple, count: int, traced: list[list[Any]] | None = None) -> None:
     """A Python number in the batch or the meta arguments is a constant of the step graph: each new value traces
-    a new one (a learned-loss temperature annealed as a float re-traced every meta-iteration)."""
+    a new one (a learned-loss temperature annealed as a float re-traced every meta-iteration). ``traced``: the
+    leaves of the traces so far; a value that was the same in all of them (``"split": "train"``) is not the cause."""
     leaves = tree_flatten((batch, meta))[0]
+    def differs(a: Any, b: Any) -> bool:
+        if type(a) is not type(b):
+            return True
+        if isinstance(a, torch.Tensor):
+            return False
+        try:
+            return bool(a != b)
+        except Exception:  # noqa: BLE001 - a value without a plain comparison (a numpy array): count it as changed
+            return True
+
+    varied = [i for i, x in enumerate(leaves)
+              if traced is None or any(len(t) != len(leaves) or differs(t[i], x) for t in traced)]
+    leaves = [leaves[i] for i in varied]
     numbers = [x for x in leaves if isinstance(x, (int, float)) and not isinstance(x, bool)]
     others = [x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, type(None), nn.Module))]
     if numbers:

@@ -121,6 +121,7 @@ class Stepper:
         self._pinned_modes: Modes | None = None  # see _modes_pinned
         self._kept: dict[Any, list[CompiledStep]] | None = None  # see _graphs_kept
         self._warned_written: set[str] = set()  # attributes the forward writes, pointed out once (see _lookup)
+        self._traced_leaves: list[list[Any]] = []  # the batch and meta leaves of the first _MANY_KEYS traces
         self._volatile: set[tuple[Any, Any]] = set()  # (module path, attribute) the forward writes (see _lookup)
         self._new_keys = 0  # step graphs traced for a new key (layouts and values), see _lookup
         self._recent: deque[dict[str, fx.GraphModule]] = deque()  # the pass graphs of the latest traces (_capture)
@@ -368,8 +369,8 @@ class Stepper:
         drew = False
         if not isinstance(policy, NoCheckpoint):
             before = None if isinstance(batches, (list, tuple)) else torch.get_rng_state()
-            read_modes = None if before is None else (lambda: self._modes(bind_modules(meta)))
-            batches = read_batches(batches, read_modes)  # the plan needs n, and the backward pass re-reads them
+            with self._forward_writes_ignored() as read_modes:
+                batches = read_batches(batches, None if before is None else lambda: read_modes(bind_modules(meta)))
             drew = before is not None and not torch.equal(before, torch.get_rng_state())
         n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
         hypers = None if hyper is None else self._step_hypers(state, hyper, n)
@@ -543,8 +544,10 @@ class Stepper:
                 entries = self._cache[key] = kept
         if not entries:
             self._new_keys += 1
+            if self._new_keys <= _MANY_KEYS:  # the values of the first traces: which ones changed between them
+                self._traced_leaves.append(tree_flatten((batch, meta))[0])
             if self._new_keys == _MANY_KEYS:
-                warn_numbers(batch, meta, self._new_keys)
+                warn_numbers(batch, meta, self._new_keys, self._traced_leaves)
             self._note_rebound_tensors(key[-1][2])
             if hash(key) in self._evicted and not self._warned_evicted:
                 self._warned_evicted = True
@@ -574,9 +577,9 @@ class Stepper:
                     written = restoring.enter_context(restored_attributes(self.model))
                     meta_written = [restoring.enter_context(restored_attributes(m)) for m in modules]
                     with meta_buffers_restored_on_failure(meta), _outside_torch_func(state, groups, batch, meta) as plain:
-                        seed = torch.initial_seed()
-                        compiled = self._capture(*plain)
-                        if torch.initial_seed() != seed:
+                        with self._model_kept_unchanged(), _seeding_recorded() as seeded:
+                            compiled = self._capture(*plain)
+                        if seeded:
                             _warn_seeded_in_step()
             written |= {f"{type(m).__name__} (meta argument {j}).{name}" for j, (m, names) in
                         enumerate(zip(modules, meta_written, strict=True)) for name in names}
@@ -584,6 +587,9 @@ class Stepper:
             # part of the key they would re-trace every step, so they are left out (and stay as traced).
             after = python_values(self.model, self.loss_fn, self.grad_callback, modules)
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
+            # ...and those it wrote that tracing put back (`self.last_out = h`): an eager forward between steps
+            # (pseudo-labelling in a generator) re-binds them, which must not re-trace nor count as a change
+            self._volatile |= {tuple(name.rpartition(".")[::2]) for name in written if " (meta argument" not in name}
             warn_written(written - self._warned_written)
             self._warned_written |= written
             # torch.fx keeps every generated module's source for tracebacks, process-wide and for ever (~0.5 MiB
@@ -597,7 +603,12 @@ class Stepper:
             weakref.finalize(compiled, _forget_sources, tuple(new))
             return compiled
 
+        volatile = len(self._volatile)
         self._last = lookup_or_trace(entries, lambda entry: self._guard_env(entry.signature, state, groups), trace, "Stepper.step")
+        if len(self._volatile) != volatile and self._kept is None:  # the trace found attributes the forward writes:
+            new_key = self._key(state, groups, batch, meta)  # the key leaves them out from now on, so this one does
+            if new_key != key and self._cache.get(key) is entries:
+                self._cache[new_key] = self._cache.pop(key)
         return self._last
 
     def _note_rebound_tensors(self, values: tuple) -> None:
@@ -777,6 +788,70 @@ class Stepper:
             grads = torch.autograd.grad(loss, [ps[n] for n in names], allow_unused=True)
         return frozenset(n for n, g in zip(names, grads, strict=True) if g is not None)
 
+    @contextlib.contextmanager
+    def _forward_writes_ignored(self) -> Iterator[Callable[[tuple], "Modes"]]:
+        """``Stepper._modes`` for reading a checkpointed unroll's batches, without the model attributes an eager
+        forward run meanwhile writes (a generator pseudo-labelling with ``model(x)``, whose forward keeps
+        ``self.last_out = h``): what the forward writes it writes every call, so it is not a change the steps would
+        miss (found in review: refused as one, even before the first trace, which finds such names)."""
+        from .baked import _public_attributes
+
+        modules = dict(self.model.named_modules())
+        written: set[tuple[str, str]] = set()
+        seen: dict[str, dict[str, Any]] = {}
+
+        def before(module: nn.Module, args: Any) -> None:
+            seen.update({p: dict(_public_attributes(m)) for p, m in modules.items()})
+
+        def after(module: nn.Module, args: Any, out: Any) -> None:
+            for p, m in modules.items():
+                now, was = _public_attributes(m), seen.get(p, {})
+                written.update((p, k) for k in now.keys() | was.keys() if now.get(k, _ABSENT) is not was.get(k, _ABSENT))
+
+        def modes(meta: tuple) -> "Modes":
+            m = self._modes(meta)
+            return (m[0], m[1], tuple(v for v in m[2] if v[:2] not in written), *m[3:])
+
+        handles = [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
+        try:
+            yield modes
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _model_kept_unchanged(self) -> Iterator[None]:
+        """Refuse a trace that wrote into the user's own parameters or buffers (an optimizer step hook that loops over
+        the user's optimizer or model it closes over, not the one it is passed: the real weights were clamped and
+        torch then failed on a leaf written in place). With step hooks, the tensors are copied first and put back."""
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        versions = {n: t._version for n, t in tensors.items()}
+        hooks = any(self._spec.step_hooks) if hasattr(self._spec, "step_hooks") else False
+        with torch.no_grad():
+            copies = {n: t.detach().clone() for n, t in tensors.items()} if hooks else {}
+        failure: BaseException | None = None
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - re-raised below, or as the cause of the refusal
+            failure = exc
+        changed = [n for n, t in tensors.items() if t._version != versions[n]]
+        if changed:
+            with torch.no_grad():
+                for n in changed:
+                    if n in copies:
+                        tensors[n].copy_(copies[n])
+            raise CaptureError(
+                f"Stepper.step: tracing the step wrote into the model's own tensors ({', '.join(changed[:4])}"
+                f"{', ...' if len(changed) > 4 else ''}){' (put back)' if copies else ''}. The step runs on copies: "
+                "code that reaches the model's tensors another way than through the model it is given (an "
+                "optimizer step hook looping over the optimizer it closes over instead of the one it is passed, "
+                "`def hook(opt, args, kwargs): for group in opt.param_groups: ...`) changes the real weights instead "
+                "of the step's. Use the hook's optimizer argument, or the model itself (its weights are the step's "
+                "while the step runs)."
+            ) from failure
+        if failure is not None:
+            raise failure
+
     @staticmethod
     def _refuse_backward_in_loss_fn(params: dict[str, torch.Tensor], cause: BaseException | None = None) -> None:
         """``loss.backward()`` (with ``opt.step()``) inside ``loss_fn``, as in the eager loop it came from: torch's
@@ -807,6 +882,33 @@ class Stepper:
         for (n, k), v in zip(sig.state_out, outs[n_p + n_b : -1], strict=True):
             opt_state.setdefault(n, {})[k] = v
         return UnrollState(params, buffers, opt_state, state.hyper, t=state.t + 1, loss=outs[-1])
+
+
+@contextlib.contextmanager
+def _seeding_recorded() -> Iterator[list[bool]]:
+    """A list that holds True once the body called ``torch.manual_seed`` / ``torch.seed`` (as ``torch.X`` or
+    ``torch.random.X``), or changed the default generator's seed another way."""
+    import torch.random as torch_random
+
+    calls: list[bool] = []
+    patched = [(module, name, getattr(module, name)) for module in (torch, torch_random) for name in ("manual_seed", "seed")]
+
+    def recording(original: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(True)
+            return original(*args, **kwargs)
+        return call
+
+    seed = torch.initial_seed()
+    for module, name, original in patched:
+        setattr(module, name, recording(original))
+    try:
+        yield calls
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)
+        if torch.initial_seed() != seed and not calls:
+            calls.append(True)
 
 
 def _warn_seeded_in_step() -> None:
@@ -852,6 +954,7 @@ def _check_not_inference(api: str, state: UnrollState) -> None:
         )
 
 
+_ABSENT = object()
 _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
 GRAPHS_KEPT = 8  # traces whose graphs after every pass are kept (stepper.graphs); older ones keep _NO_GRAD_GRAPH
 _NO_GRAD_GRAPH = "after cse"  # what steps without grad run (see Stepper._step)
@@ -867,6 +970,15 @@ class PassGraphs(dict):
         gm = super().__getitem__(key)
         _LazyGraphModule.force_recompile(gm)  # gm.forward is the generated code, for inspect.getsource and tracebacks
         return gm
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> Any:
+        return [self[k] for k in self]
+
+    def items(self) -> Any:
+        return [(k, self[k]) for k in self]
 
     def __missing__(self, key: Any) -> fx.GraphModule:
         raise KeyError(

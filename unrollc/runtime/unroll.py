@@ -72,11 +72,15 @@ def _model_changed(when: str, first: Any, now: Any) -> ModelChangedError:
 
 def _changed_values(first: Any, now: Any) -> str:
     """``": model.temp"``: the names of the Python values (``Stepper._modes``'s third part) that differ, if any."""
+    def values(modes: Any) -> dict[tuple[str, str], Any]:
+        meta = [v for module in modes[5] for v in module[-1]]  # a meta module's values: ("meta0.", "scale", ...)
+        return {(v[0], v[1]): v[2:] for v in (*modes[2], *meta)}
+
     try:
-        before, after = dict(((v[0], v[1]), v[2:]) for v in first[2]), dict(((v[0], v[1]), v[2:]) for v in now[2])
-    except (TypeError, IndexError):
+        before, after = values(first), values(now)
+    except (TypeError, IndexError, ValueError):
         return ""
-    names = sorted(f"{owner}.{name}" if owner else f"model.{name}" for (owner, name) in before.keys() | after.keys()
+    names = sorted(f"{owner.rstrip('.')}.{name}" if owner else f"model.{name}" for (owner, name) in before.keys() | after.keys()
                    if before.get((owner, name)) != after.get((owner, name)))
     return f" ({', '.join(names[:5])})" if names else " (a module's mode, hooks or code)"
 
