@@ -813,3 +813,49 @@ def test_parameters_sharing_one_gradient_tensor_get_their_own(float64):
     state = stepper.unroll(stepper.init(), batches)
     for name, p in ref[-1][0].items():
         assert torch.equal(state.params[name], p), name
+
+
+def _two_names_one_buffer(p, grad, st, lr):
+    if "a" not in st:
+        st["a"] = torch.zeros_like(p)
+        st["b"] = st["a"]
+    st["a"].mul_(0.9).add_(grad)
+    p.add_(st["b"], alpha=-lr)
+
+
+def _state_is_the_parameter(p, grad, st, lr):
+    if "anchor" not in st:
+        st["anchor"] = p
+    p.add_(grad, alpha=-lr).add_(p - st["anchor"], alpha=0.5)
+
+
+def _rows_of_one_tensor(p, grad, st, lr):
+    if "both" not in st:
+        st["both"] = torch.zeros(2, *p.shape)
+        st["m"], st["v"] = st["both"][0], st["both"][1]
+    st["m"].mul_(0.9).add_(grad)
+    st["v"].mul_(0.99).add_(grad * grad)
+    p.add_(st["both"][0] / (st["both"][1].sqrt() + 1e-8), alpha=-lr)
+
+
+@pytest.mark.parametrize("body", [_two_names_one_buffer, _state_is_the_parameter, _rows_of_one_tensor])
+def test_optimizer_state_sharing_memory_is_refused(body):
+    """Entries of one parameter's state sharing memory (with each other or the parameter) became separate graph
+    inputs after the first step, silently (0.13-0.38 off eager): refused at the step that would lose it."""
+
+    class Shared(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    body(p, p.grad, self.state[p], group["lr"])
+
+    model = nn.Linear(3, 2)
+    stepper = unrollc.compile(model, Shared(model.parameters()), mse)
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    state = stepper.step(stepper.init(), batch)  # the first step makes the state: traced with its sharing
+    with pytest.raises(unrollc.CaptureError, match=r"state of parameter '\w+' keeps .* in the same memory"):
+        stepper.step(state, batch)

@@ -221,6 +221,7 @@ class ShadowOptimizer:
         self.inputs: frozenset[int] = frozenset()  # ids of the copies lifted into inputs (see capture_step)
         copy = lambda t: t.detach().clone()  # noqa: E731
         learned = frozenset(f"hyper:{n}" for n, t in hyper_leaves(hyper, len(hyper) == 1) if isinstance(t, torch.Tensor) and t.requires_grad)
+        _refuse_shared_state(params, opt_state, api)
         self.params = {n: copy(t) for n, t in params.items()}
         self.state = {p: {k: copy(v) for k, v in st.items()} for p, st in opt_state.items()}
         h_copy = [{k: tuple(map(copy, v)) if isinstance(v, tuple) else copy(v) for k, v in g.items()} for g in hyper]
@@ -749,6 +750,33 @@ def _call_grad_callback(
                 f"{tuple(g.shape)} and dtype {g.dtype}; return a gradient of the parameter's shape and dtype."
             )
     return {n: out[n] for n in grads}
+
+
+def _refuse_shared_state(params: Mapping[str, torch.Tensor], opt_state: Mapping[str, Mapping[str, Any]], api: str) -> None:
+    """One parameter's optimizer state entries sharing memory with each other or with the parameter
+    (``st["b"] = st["a"]``, ``st["anchor"] = p``, two rows of one tensor): each is its own input of a step graph, so
+    a write into one would not reach the other from the second step on (found in review: 0.13-0.38 off eager,
+    silently). The first step, which makes them, is traced with the sharing; refused from there."""
+    for name, st in opt_state.items():
+        seen: dict[tuple, str] = {}
+        entries = [(f"state[{k!r}]", v) for k, v in st.items()] + [("the parameter itself", params.get(name))]
+        for label, t in entries:
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
+                continue
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):  # a tensor without storage (a wrapper): nothing to compare
+                continue
+            if not ptr:
+                continue
+            if (t.device, ptr) in seen:
+                raise CaptureError(
+                    f"{api}: the optimizer's state of parameter {name!r} keeps {seen[(t.device, ptr)]} and {label} in "
+                    "the same memory (the same tensor, or views of one). A step graph carries each state entry as its "
+                    "own tensor, so from the second step on a write into one would not reach the other. Keep each "
+                    "entry its own tensor (one key, or a .clone()), and read the parameter from the group's params."
+                )
+            seen[(t.device, ptr)] = label
 
 
 def _distinct(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
