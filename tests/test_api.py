@@ -1337,3 +1337,94 @@ def test_a_data_dependent_shape_copies_as_a_torch_size():
     stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
     stepper.step(stepper.init(), torch.randn(6, 3))
     assert seen and all(type(s) is torch.Size for s in seen)
+
+
+def test_second_review_regressions(float64):
+    """Found in the second review: (1) a number the forward writes (an annealed temperature) dropped out of the key,
+    so the user's own change of it was ignored (1.11 off eager); (2) an inference-mode buffer crashed the trace's
+    write check; (3) a generator whose first batch needs no forward was refused when later ones pseudo-label;
+    (4) a numpy index on a masked selection crashed."""
+
+    class Annealed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.temp = nn.Linear(3, 1), 1.0
+            with torch.inference_mode():
+                self.register_buffer("shift", torch.full((3,), 0.1))
+
+        def forward(self, x):
+            out = self.lin(x - self.shift) / self.temp
+            self.temp = max(self.temp * 0.5, 0.1)
+            self.last_out = out
+            return out
+
+    torch.manual_seed(0)
+    model = Annealed()
+    mse = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    stepper = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1), mse)
+    batch = (torch.randn(4, 3), torch.randn(4, 1))
+    with pytest.warns(UserWarning, match="temp"):
+        state = stepper.step(stepper.init(), batch)
+    model.temp = 0.2  # the user sets it between steps: the next step uses it, as eager's would
+    got = stepper.step(state, batch)
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            p.copy_(state.params[name])
+    opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    mse(eager, batch).backward()
+    opt.step()
+    assert torch.equal(got.params["lin.weight"], eager.lin.weight) and stepper.trace_count == 2
+
+    labelled = (torch.randn(8, 3), torch.randn(8, 1))
+
+    def pseudo_labelled():
+        yield labelled  # no forward before the first batch
+        for _ in range(3):
+            x = torch.randn(8, 3)
+            with torch.no_grad():
+                y = model(x)
+            yield x, y
+
+    model.temp = 1.0
+    assert len(stepper.unroll(stepper.init(), pseudo_labelled(), checkpoint=2).losses) == 4
+
+    import numpy as np
+
+    indexed = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              lambda m, b: m(b[0])[b[1].squeeze(1) > 0][np.array([0])].sum())
+    indexed.step(indexed.init(), (torch.randn(4, 3), torch.tensor([[1.0], [1.0], [-1.0], [1.0]])))
+
+
+class _ClosureHookSGD(torch.optim.SGD):
+    """Registers a lambda (a new function per instance) and a functools.partial as step hooks in __init__."""
+
+    def __init__(self, params, lr=0.1):
+        import functools
+
+        super().__init__(params, lr=lr)
+        self.register_step_post_hook(lambda opt, args, kwargs: _ClosureHookSGD._decay(opt, 0.9))
+        self.register_step_post_hook(functools.partial(lambda opt, args, kwargs, f: _ClosureHookSGD._decay(opt, f), f=0.95))
+
+    @staticmethod
+    def _decay(opt, factor):
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.mul_(factor)
+
+
+def test_constructor_hooks_made_per_instance_run_once(float64):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    mse = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    eager = copy.deepcopy(model)
+    opt = _ClosureHookSGD(eager.parameters())
+    for b in batches:
+        opt.zero_grad()
+        mse(eager, b).backward()
+        opt.step()
+    stepper = unrollc.compile(model, _ClosureHookSGD(model.parameters()), mse)
+    state = stepper.unroll(stepper.init(), batches)
+    assert torch.equal(state.params["weight"], eager.weight)

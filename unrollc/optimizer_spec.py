@@ -151,7 +151,10 @@ class OptimizerSpec:
             hyper.append({k: v for k, v in opts.items() if is_hyper_value(v)})
             static.append(tuple(sorted((k, _freeze(v)) for k, v in opts.items() if not is_hyper_value(v))))
         attributes = tuple(sorted(own_attributes(opt).items()))
-        hooks = (tuple(opt._optimizer_step_pre_hooks.values()), tuple(opt._optimizer_step_post_hooks.values()))
+        def own(hook: Callable) -> Callable:  # a method of this optimizer: bound to the rebuilt one in build()
+            return _OwnMethod(hook.__func__) if inspect.ismethod(hook) and hook.__self__ is opt else hook
+
+        hooks = (tuple(map(own, opt._optimizer_step_pre_hooks.values())), tuple(map(own, opt._optimizer_step_post_hooks.values())))
         return cls(kind, tuple(group_params), tuple(static), tuple(hyper), attributes=attributes, step_hooks=hooks)
 
     def build(self, params_per_group: list[list[torch.Tensor]], hyper: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -172,17 +175,34 @@ class OptimizerSpec:
             for hook in hooks:
                 if _hook_identity(hook) in own:
                     continue  # the constructor registered it again (self.register_step_post_hook(self._decay))
-                if inspect.ismethod(hook) and isinstance(hook.__self__, torch.optim.Optimizer):
-                    hook = types.MethodType(hook.__func__, opt)  # a method of the user's optimizer: of this one
+                if isinstance(hook, _OwnMethod):
+                    hook = types.MethodType(hook.func, opt)  # a method of the user's optimizer: of this one
                 register(hook)
         return opt
 
 
+@dataclass(frozen=True)
+class _OwnMethod:
+    """A step hook that is a method of the user's optimizer itself (``self.register_step_post_hook(self._clip)``)."""
+
+    func: Callable
+
+    def __call__(self, *args: Any) -> Any:  # not called: build() binds it to the rebuilt optimizer
+        raise TypeError("unrollc: an optimizer's own step-hook method is bound when the optimizer is rebuilt")
+
+
 def _hook_identity(hook: Callable) -> Any:
-    """A step hook, with a bound method of an optimizer taken as its function (the same hook on another instance)."""
-    if inspect.ismethod(hook) and isinstance(hook.__self__, torch.optim.Optimizer):
+    """What makes two step hooks the same hook of two instances of an optimizer: a bound method's function, a
+    ``functools.partial``'s function, a function's code (a lambda or closure made in ``__init__`` is a new function
+    for each instance, with the same code)."""
+    if isinstance(hook, _OwnMethod):
+        return ("method", hook.func)
+    if inspect.ismethod(hook):
         return ("method", hook.__func__)
-    return ("function", id(hook))
+    if isinstance(hook, functools.partial):
+        return ("partial", _hook_identity(hook.func))
+    code = getattr(hook, "__code__", None)
+    return ("code", code) if code is not None else ("object", id(hook))
 
 
 # What torch.optim.Optimizer.__init__ itself stores on an instance, and what an lr scheduler adds (its flag

@@ -234,7 +234,7 @@ def _keeps_dim0(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
         return isinstance(dim, int) and dim % (args[0].dim() + 1) != 0
     if name == "__getitem__":  # h[:, 0], h[..., :2]: dim 0 untouched
         index = args[1] if len(args) > 1 and isinstance(args[1], tuple) else (args[1] if len(args) > 1 else None,)
-        return bool(index) and (index[0] is Ellipsis or index[0] == slice(None))
+        return bool(index) and (index[0] is Ellipsis or (isinstance(index[0], slice) and index[0] == slice(None)))
     return name in _KEEPS_DIM0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import linecache
+import threading
 import warnings
 import weakref
 from collections import OrderedDict, deque
@@ -369,8 +370,8 @@ class Stepper:
         drew = False
         if not isinstance(policy, NoCheckpoint):
             before = None if isinstance(batches, (list, tuple)) else torch.get_rng_state()
-            with self._forward_writes_ignored() as read_modes:
-                batches = read_batches(batches, None if before is None else lambda: read_modes(bind_modules(meta)))
+            with self._forward_writes_ignored() as same:
+                batches = read_batches(batches, None if before is None else lambda: self._modes(bind_modules(meta)), same)
             drew = before is not None and not torch.equal(before, torch.get_rng_state())
         n = len(batches) if isinstance(batches, Sized) else None  # a generator is counted as the steps run
         hypers = None if hyper is None else self._step_hypers(state, hyper, n)
@@ -545,7 +546,7 @@ class Stepper:
         if not entries:
             self._new_keys += 1
             if self._new_keys <= _MANY_KEYS:  # the values of the first traces: which ones changed between them
-                self._traced_leaves.append(tree_flatten((batch, meta))[0])
+                self._traced_leaves.append([None if isinstance(x, torch.Tensor) else x for x in tree_flatten((batch, meta))[0]])
             if self._new_keys == _MANY_KEYS:
                 warn_numbers(batch, meta, self._new_keys, self._traced_leaves)
             self._note_rebound_tensors(key[-1][2])
@@ -589,7 +590,8 @@ class Stepper:
             self._volatile |= {item[:2] for item in set(before) ^ set(after)}
             # ...and those it wrote that tracing put back (`self.last_out = h`): an eager forward between steps
             # (pseudo-labelling in a generator) re-binds them, which must not re-trace nor count as a change
-            self._volatile |= {tuple(name.rpartition(".")[::2]) for name in written if " (meta argument" not in name}
+            self._volatile |= {key for name in written if " (meta argument" not in name
+                               and isinstance(_attribute(self.model, key := tuple(name.rpartition(".")[::2])), torch.Tensor)}
             warn_written(written - self._warned_written)
             self._warned_written |= written
             # torch.fx keeps every generated module's source for tracebacks, process-wide and for ever (~0.5 MiB
@@ -789,7 +791,7 @@ class Stepper:
         return frozenset(n for n, g in zip(names, grads, strict=True) if g is not None)
 
     @contextlib.contextmanager
-    def _forward_writes_ignored(self) -> Iterator[Callable[[tuple], "Modes"]]:
+    def _forward_writes_ignored(self) -> Iterator[Callable[["Modes", "Modes"], bool]]:
         """``Stepper._modes`` for reading a checkpointed unroll's batches, without the model attributes an eager
         forward run meanwhile writes (a generator pseudo-labelling with ``model(x)``, whose forward keeps
         ``self.last_out = h``): what the forward writes it writes every call, so it is not a change the steps would
@@ -808,13 +810,15 @@ class Stepper:
                 now, was = _public_attributes(m), seen.get(p, {})
                 written.update((p, k) for k in now.keys() | was.keys() if now.get(k, _ABSENT) is not was.get(k, _ABSENT))
 
-        def modes(meta: tuple) -> "Modes":
-            m = self._modes(meta)
-            return (m[0], m[1], tuple(v for v in m[2] if v[:2] not in written), *m[3:])
+        def same(a: "Modes", b: "Modes") -> bool:  # both without what the forward wrote, as far as now known
+            def kept(m: "Modes") -> "Modes":
+                return (m[0], m[1], tuple(v for v in m[2] if v[:2] not in written), *m[3:])
+
+            return kept(a) == kept(b)
 
         handles = [self.model.register_forward_pre_hook(before), self.model.register_forward_hook(after)]
         try:
-            yield modes
+            yield same
         finally:
             for h in handles:
                 h.remove()
@@ -824,7 +828,8 @@ class Stepper:
         """Refuse a trace that wrote into the user's own parameters or buffers (an optimizer step hook that loops over
         the user's optimizer or model it closes over, not the one it is passed: the real weights were clamped and
         torch then failed on a leaf written in place). With step hooks, the tensors are copied first and put back."""
-        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        tensors = {n: t for n, t in (*self.model.named_parameters(), *self.model.named_buffers())
+                   if not t.is_inference()}  # an inference tensor has no version (nor can it be written here)
         versions = {n: t._version for n, t in tensors.items()}
         hooks = any(self._spec.step_hooks) if hasattr(self._spec, "step_hooks") else False
         with torch.no_grad():
@@ -843,11 +848,11 @@ class Stepper:
             raise CaptureError(
                 f"Stepper.step: tracing the step wrote into the model's own tensors ({', '.join(changed[:4])}"
                 f"{', ...' if len(changed) > 4 else ''}){' (put back)' if copies else ''}. The step runs on copies: "
-                "code that reaches the model's tensors another way than through the model it is given (an "
-                "optimizer step hook looping over the optimizer it closes over instead of the one it is passed, "
-                "`def hook(opt, args, kwargs): for group in opt.param_groups: ...`) changes the real weights instead "
-                "of the step's. Use the hook's optimizer argument, or the model itself (its weights are the step's "
-                "while the step runs)."
+                "code that reaches the model's tensors another way than through the model it is given (a list of "
+                "parameters loss_fn or grad_callback closes over, an optimizer step hook looping over the optimizer "
+                "it closes over instead of the one it is passed, `def hook(opt, args, kwargs): for group in "
+                "opt.param_groups: ...`) changes the real weights instead of the step's. Use the model, or the "
+                "hook's optimizer argument (their weights are the step's while the step runs)."
             ) from failure
         if failure is not None:
             raise failure
@@ -892,10 +897,12 @@ def _seeding_recorded() -> Iterator[list[bool]]:
 
     calls: list[bool] = []
     patched = [(module, name, getattr(module, name)) for module in (torch, torch_random) for name in ("manual_seed", "seed")]
+    tracing = threading.get_ident()
 
     def recording(original: Callable) -> Callable:
         def call(*args: Any, **kwargs: Any) -> Any:
-            calls.append(True)
+            if threading.get_ident() == tracing:  # not another thread's seeding meanwhile
+                calls.append(True)
             return original(*args, **kwargs)
         return call
 
@@ -907,7 +914,7 @@ def _seeding_recorded() -> Iterator[list[bool]]:
     finally:
         for module, name, original in patched:
             setattr(module, name, original)
-        if torch.initial_seed() != seed and not calls:
+        if torch.initial_seed() != seed and not calls and threading.active_count() == 1:
             calls.append(True)
 
 
@@ -955,6 +962,14 @@ def _check_not_inference(api: str, state: UnrollState) -> None:
 
 
 _ABSENT = object()
+
+
+def _attribute(model: nn.Module, key: tuple[str, str]) -> Any:
+    """``model.<prefix>.<name>`` for ``key = (prefix, name)`` (None if there is none)."""
+    try:
+        return getattr(model.get_submodule(key[0]), key[1], None)
+    except AttributeError:
+        return None
 _CACHE_SIZE = 64  # step graphs kept per stepper (layouts x guard outcomes x values)
 GRAPHS_KEPT = 8  # traces whose graphs after every pass are kept (stepper.graphs); older ones keep _NO_GRAD_GRAPH
 _NO_GRAD_GRAPH = "after cse"  # what steps without grad run (see Stepper._step)

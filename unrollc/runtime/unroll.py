@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 import weakref
 from dataclasses import replace
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["hyper_count_error", "plan_unroll", "read_batches", "run_unroll", "state_bytes"]
 
 
-def read_batches(batches: Iterable[Any], modes: Callable[[], Any] | None = None) -> list[Any]:
+def read_batches(batches: Iterable[Any], modes: Callable[[], Any] | None = None,
+                 same: Callable[[Any, Any], bool] = operator.eq) -> list[Any]:
     """Every batch of a checkpointed unroll, read before its first step (the plan needs n, and the backward pass
     re-runs steps on them): refused if a tensor was changed in place after the iterable yielded it, as a loader
     that refills the same buffers does, since every step would then read the last batch's values. ``modes``
@@ -42,9 +44,9 @@ def read_batches(batches: Iterable[Any], modes: Callable[[], Any] | None = None)
             continue
         if i == 0:
             first = modes()  # a value set before the first batch holds for every step: as the plain unroll runs
-        elif (now := modes()) != first:
+        elif not same(first, now := modes()):
             raise _model_changed(f"before batch {i}", first, now)
-    if first is not None and (now := modes()) != first:  # code after its last yield
+    if first is not None and not same(first, now := modes()):  # code after its last yield
         raise _model_changed("after the last batch", first, now)
     for i, t, version in versions:
         if t._version != version:
