@@ -1394,37 +1394,3 @@ def test_second_review_regressions(float64):
     indexed = unrollc.compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
                               lambda m, b: m(b[0])[b[1].squeeze(1) > 0][np.array([0])].sum())
     indexed.step(indexed.init(), (torch.randn(4, 3), torch.tensor([[1.0], [1.0], [-1.0], [1.0]])))
-
-
-class _ClosureHookSGD(torch.optim.SGD):
-    """Registers a lambda (a new function per instance) and a functools.partial as step hooks in __init__."""
-
-    def __init__(self, params, lr=0.1):
-        import functools
-
-        super().__init__(params, lr=lr)
-        self.register_step_post_hook(lambda opt, args, kwargs: _ClosureHookSGD._decay(opt, 0.9))
-        self.register_step_post_hook(functools.partial(lambda opt, args, kwargs, f: _ClosureHookSGD._decay(opt, f), f=0.95))
-
-    @staticmethod
-    def _decay(opt, factor):
-        with torch.no_grad():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.mul_(factor)
-
-
-def test_constructor_hooks_made_per_instance_run_once(float64):
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
-    mse = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
-    eager = copy.deepcopy(model)
-    opt = _ClosureHookSGD(eager.parameters())
-    for b in batches:
-        opt.zero_grad()
-        mse(eager, b).backward()
-        opt.step()
-    stepper = unrollc.compile(model, _ClosureHookSGD(model.parameters()), mse)
-    state = stepper.unroll(stepper.init(), batches)
-    assert torch.equal(state.params["weight"], eager.weight)

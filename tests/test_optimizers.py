@@ -737,10 +737,29 @@ class _ConfiguredSGD(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"] * self.state["config"]["scale"])
 
 
-@pytest.mark.parametrize("opt_cls", [_DecayedSGD, _ConfiguredSGD])
+class _ClosureHookSGD(torch.optim.SGD):
+    """Registers a lambda (a new function per instance) and a functools.partial as step hooks in __init__."""
+
+    def __init__(self, params, lr=0.1):
+        import functools
+
+        super().__init__(params, lr=lr)
+        self.register_step_post_hook(lambda opt, args, kwargs: _ClosureHookSGD._decay(opt, 0.9))
+        self.register_step_post_hook(functools.partial(lambda opt, args, kwargs, f: _ClosureHookSGD._decay(opt, f), f=0.95))
+
+    @staticmethod
+    def _decay(opt, factor):
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.mul_(factor)
+
+
+@pytest.mark.parametrize("opt_cls", [_DecayedSGD, _ClosureHookSGD, _ConfiguredSGD])
 def test_hooks_and_state_an_optimizers_own_init_makes(opt_cls, float64):
     """Found in review: a hook the constructor registers ran twice (the rebuilt optimizer's constructor registers
-    it again); state the constructor keeps under a non-parameter key, and the step only reads, was refused."""
+    it again; a lambda or partial is a new object per instance, matched by its code); state the constructor keeps
+    under a non-parameter key, and the step only reads, was refused."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
