@@ -831,7 +831,7 @@ class Stepper:
         tensors = {n: t for n, t in (*self.model.named_parameters(), *self.model.named_buffers())
                    if not t.is_inference()}  # an inference tensor has no version (nor can it be written here)
         versions = {n: t._version for n, t in tensors.items()}
-        hooks = any(self._spec.step_hooks) if hasattr(self._spec, "step_hooks") else False
+        hooks = any(self._spec.step_hooks)
         with torch.no_grad():
             copies = {n: t.detach().clone() for n, t in tensors.items()} if hooks else {}
         failure: BaseException | None = None
