@@ -211,6 +211,8 @@ _COUNTS = {
     "nonzero squeezed": lambda x, y, m: torch.nonzero(m).squeeze(1).numel(),
     "where": lambda x, y, m: torch.where(m)[0].shape[0],
     "ones of its shape": lambda x, y, m: torch.ones(x[m].shape).sum() / 4,  # torch reads the size without __getitem__
+    "transposed": lambda x, y, m: x[m].T.shape[1], "permuted": lambda x, y, m: x[m].permute(1, 0).size(1),
+    "unsqueezed": lambda x, y, m: x[m].unsqueeze(0).shape[1],
 }
 
 
@@ -249,7 +251,7 @@ def test_a_data_dependent_tensors_other_dims_may_be_read(float64):
     def loss_fn(model, batch):
         x, y = batch
         rows = x[y > 0]  # (count, 4): only its 4 is read
-        return (model(x).squeeze(1) - y).pow(2).mean() + rows.sum() / rows.shape[1]
+        return (model(x).squeeze(1) - y).pow(2).mean() + rows.sum() / rows.shape[1] / rows.T.shape[0]
 
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -136,6 +136,7 @@ class TracedFunctions(RestoredGenerators):
 
     def __enter__(self) -> "TracedFunctions":
         self.sized_by_data: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.data_dim: dict[int, int] = {}  # id -> the dim of a tensor in sized_by_data whose length the data decide
         return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
@@ -147,10 +148,11 @@ class TracedFunctions(RestoredGenerators):
             if func is torch.Tensor.__len__:
                 _refuse_data_read("len() reads the length of a tensor whose size depends on the data (x[mask], "
                                   "nonzero, unique) into Python; count with a tensor instead: mask.sum()")
-            if _reads_data_length(func, args, kwargs):
+            dim = self.data_dim.get(id(args[0]), 0)
+            if _reads_data_length(func, args, kwargs, dim):
                 mark_size_read(args[0])
-            elif _reads_shape(func, args, kwargs) and _called_by_user():  # x[mask].shape: dim 0 if it is read
-                return _DataShape(func(*args, **kwargs), args[0])
+            elif _reads_shape(func, args, kwargs) and _called_by_user():  # x[mask].shape: its data dim if read
+                return _DataShape(func(*args, **kwargs), args[0], dim)
         for arg in (*args, *kwargs.values()):  # torch.zeros(h.shape): torch reads every dim, without __getitem__
             for shape in (arg if isinstance(arg, (list, tuple)) and not isinstance(arg, _DataShape) else (arg,)):
                 if isinstance(shape, _DataShape):
@@ -177,10 +179,16 @@ class TracedFunctions(RestoredGenerators):
             for t in out if isinstance(out, tuple) else (out,):  # torch.where(mask): one index tensor per dim
                 if isinstance(t, torch.Tensor):
                     self.sized_by_data[id(t)] = t
+                    self.data_dim[id(t)] = 0
         elif (isinstance(out, torch.Tensor) and out.dim() and args and isinstance(args[0], torch.Tensor)
-              and args[0].dim() and self.sized_by_data.get(id(args[0])) is args[0] and out.shape[0] == args[0].shape[0]
-              and _keeps_dim0(func, args, kwargs)):
-            self.sized_by_data[id(out)] = out  # nonzero(m).squeeze(1), x[mask] * 2: dim 0 is still the data's
+              and args[0].dim() and self.sized_by_data.get(id(args[0])) is args[0]):
+            d = self.data_dim.get(id(args[0]), 0)
+            moved = _moved_dim(func, args, kwargs, d)  # h.T, h.permute(1, 0), h.unsqueeze(0): the data dim moves
+            if moved is None and d == 0 and _keeps_dim0(func, args, kwargs):
+                moved = 0  # nonzero(m).squeeze(1), x[mask] * 2: dim 0 is still the data's
+            if moved is not None and moved < out.dim() and out.shape[moved] == args[0].shape[d]:
+                self.sized_by_data[id(out)] = out
+                self.data_dim[id(out)] = moved
         return out
 
 
@@ -202,17 +210,17 @@ def _sized_by_data(func: Any, args: tuple) -> bool:
     return False
 
 
-def _reads_data_length(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
-    """Whether ``func(*args, **kwargs)`` reads into Python the length of dim 0 of ``args[0]``, a tensor sized by the
-    data (the dim whose length the data decide: ``x[mask]``, ``nonzero``, ``unique``): ``.numel()``, ``.size(0)``,
-    and ``.shape`` / ``.size()`` of a 1-D tensor. (``.shape`` of an N-D one is mostly read for its other dims:
-    ``h.view(-1, h.shape[1])``; its dim 0 reaching a shape argument is checked anyway, see ``functionalize``.)"""
+def _reads_data_length(func: Any, args: tuple, kwargs: dict[str, Any], data_dim: int = 0) -> bool:
+    """Whether ``func(*args, **kwargs)`` reads into Python the length of dim ``data_dim`` of ``args[0]``, a tensor
+    sized by the data (the dim whose length the data decide: ``x[mask]``, ``nonzero``, ``unique``): ``.numel()``,
+    ``.size(data_dim)``, and ``.shape`` / ``.size()`` of a 1-D tensor. (The ``.shape`` of an N-D one is a
+    :class:`_DataShape`, which sees which dims are read.)"""
     t = args[0]
     if func is torch.Tensor.numel:
         return True
     if func is torch.Tensor.size and (len(args) > 1 or "dim" in kwargs):
         dim = args[1] if len(args) > 1 else kwargs["dim"]
-        return isinstance(dim, int) and dim % max(t.dim(), 1) == 0
+        return isinstance(dim, int) and dim % max(t.dim(), 1) == data_dim
     return (func is torch.Tensor.size or func == torch.Tensor.shape.__get__) and t.dim() == 1
 
 
@@ -227,11 +235,30 @@ _KEEPS_DIM0 = frozenset({
 })
 
 
+def _moved_dim(func: Any, args: tuple, kwargs: dict[str, Any], d: int) -> int | None:
+    """Where dim ``d`` of ``args[0]`` is in the result of a transposing or dim-inserting function (``.T``, ``t``,
+    ``transpose``, ``permute``, ``unsqueeze``); None for other functions (found in review: ``x[mask].T.shape[1]``
+    kept its traced count, silently)."""
+    name, n = getattr(func, "__name__", ""), args[0].dim()
+    if func == torch.Tensor.T.__get__ or (name == "t" and n == 2) or func == torch.Tensor.mT.__get__:
+        return n - 1 - d if func == torch.Tensor.T.__get__ else ({n - 2: n - 1, n - 1: n - 2}.get(d, d))
+    try:
+        if name in ("transpose", "swapaxes", "swapdims"):
+            a, b = (int(x) % n for x in (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2])
+            return {a: b, b: a}.get(d, d)
+        if name == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            return [int(x) % n for x in dims].index(d)
+        if name == "unsqueeze":
+            k = (args[1] if len(args) > 1 else kwargs["dim"]) % (n + 1)
+            return d + 1 if k <= d else d
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+    return None
+
+
 def _keeps_dim0(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     name = getattr(func, "__name__", "")
-    if name == "unsqueeze":
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        return isinstance(dim, int) and dim % (args[0].dim() + 1) != 0
     if name == "__getitem__":  # h[:, 0], h[..., :2]: dim 0 untouched
         index = args[1] if len(args) > 1 and isinstance(args[1], tuple) else (args[1] if len(args) > 1 else None,)
         return bool(index) and (index[0] is Ellipsis or (isinstance(index[0], slice) and index[0] == slice(None)))
@@ -257,15 +284,15 @@ def _called_by_user() -> bool:
 
 
 class _DataShape(tuple):
-    """``x.shape`` of a tensor whose dim 0 the data decide (``x[mask]``, ``nonzero``), as the user's code gets it
-    while the step is traced: reading dim 0 into Python (``x[mask].shape[0]`` as a divisor, unpacking ``n, d =``)
-    marks it as read (:func:`mark_size_read`), so each step checks it; ``x[mask].shape[1]`` does not (the
-    count may change freely). It was frozen at its traced value without a check (found in review). A tuple with
-    torch.Size's ``numel``; torch's functions take it as a size."""
+    """``x.shape`` of a tensor one of whose dims the data decide (dim 0 of ``x[mask]`` or ``nonzero``, dim 1 of
+    ``x[mask].T``), as the user's code gets it while the step is traced: reading that dim into Python
+    (``x[mask].shape[0]`` as a divisor, unpacking ``n, d =``) marks it as read (:func:`mark_size_read`), so each step
+    checks it; ``x[mask].shape[1]`` does not (the count may change freely). It was frozen at its traced value
+    without a check (found in review). A tuple with torch.Size's ``numel``; torch's functions take it as a size."""
 
-    def __new__(cls, size: torch.Size, tensor: torch.Tensor) -> "_DataShape":
+    def __new__(cls, size: torch.Size, tensor: torch.Tensor, data_dim: int = 0) -> "_DataShape":
         shape = super().__new__(cls, size)
-        shape._tensor = tensor
+        shape._tensor, shape._data_dim = tensor, data_dim
         return shape
 
     def _read(self) -> None:
@@ -273,10 +300,10 @@ class _DataShape(tuple):
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            if 0 in range(len(self))[index]:
+            if self._data_dim in range(len(self))[index]:
                 self._read()
             return torch.Size(tuple.__getitem__(self, index))
-        if operator.index(index) in (0, -len(self)):
+        if operator.index(index) % len(self) == self._data_dim:
             self._read()
         return tuple.__getitem__(self, index)
 
