@@ -23,7 +23,7 @@ import copy
 import linecache
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ from .safe_sqrt import safe_sqrt
 from .strip_detach import strip_detach
 from .strip_profiler import strip_profiler
 
-__all__ = ["PIPELINE", "run_pipeline", "release_examples", "LazyGraphModule", "Pass"]
+__all__ = ["PIPELINE", "run_pipeline", "release_examples", "forget_sources", "LazyGraphModule", "Pass"]
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -110,13 +110,15 @@ class LazyGraphModule(_LazyGraphModule):
     def _real_recompile(self) -> Any:
         code = super()._real_recompile()
         key = self.forward.__code__.co_filename  # torch.fx's key of the source (linecache, its loader)
-        weakref.finalize(self, _forget_source, key)
+        weakref.finalize(self, forget_sources, (key,))
         return code
 
 
-def _forget_source(key: str) -> None:
-    _fx_sources.eval_cache.pop(key, None)
-    linecache.cache.pop(key, None)
+def forget_sources(keys: Iterable[str]) -> None:
+    """Drop the generated sources torch.fx keeps process-wide (its loader, ``linecache``) for graphs now gone."""
+    for key in keys:
+        _fx_sources.eval_cache.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 def _lazy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -209,7 +209,7 @@ def _rrelu_exact_gradient(graph: fx.Graph) -> None:
 def _rewrite_in_place(graph: fx.Graph) -> bool:
     """Step 0: rewrite every in-place op of ``graph`` into its out-of-place variant directly, where that is exact
     without tracking aliases, and return True; else change nothing and return False (the re-trace, step 1, does
-    it). Exact when every write is ``op_(self, ...)`` (an op whose functional ``op`` has the same overload) into
+    it). Exact when every write is ``op_(self, ...)`` (an op whose functional ``op`` takes the same arguments) into
     a tensor that is not a view, and no view of a written tensor is read after a write that it would see: the
     optimizer's ``param.add_(...)``, ``exp_avg.lerp_(...)``, an activation's ``relu_``. Then later readers of the
     written tensor read the op's new value. Data-dependent sizes and random draws take the re-trace, whose
@@ -290,11 +290,18 @@ def _rewrite_in_place(graph: fx.Graph) -> bool:
                     value = graph.call_function(operator.getitem, (out, k))
                 value.meta.update({**node.meta, "val": target.meta.get("val")})
                 order[value] = order[node]
-            for user in list(target.users):
-                if user not in (out, result, value) and order.get(user, len(order)) > order[node]:
-                    user.replace_input_with(target, value)
+            _later_readers_read(target, value, order[node], order, (out, result, value))
         graph.erase_node(node)
     return True
+
+
+def _later_readers_read(target: fx.Node, value: fx.Node, written_at: int, order: dict[fx.Node, int],
+                        keep: tuple[fx.Node, ...]) -> None:
+    """The nodes after position ``written_at`` that read ``target`` read ``value`` (its new value) instead, except
+    ``keep`` (the nodes that compute it); nodes missing from ``order`` are new ones, after everything."""
+    for user in list(target.users):
+        if user not in keep and order.get(user, len(order)) > written_at:
+            user.replace_input_with(target, value)
 
 
 def _cast_needed(node: fx.Node, functional: Any) -> torch.dtype | None | bool:
@@ -383,18 +390,15 @@ def _out_of_place(graph: fx.Graph, node: fx.Node, written: list[Any]) -> bool:
         return False
     if _returns_alias(target) or any(u is not node and u.op == "call_function" and _returns_alias(u) for u in target.users):
         return False  # a view of something, or viewed: the write would have to reach the other aliases too
-    packet = node.target._schema.name.split("::")[-1]
-    functional = getattr(getattr(torch.ops.aten, packet.removesuffix("_"), None), node.target._overloadname, None)
-    if not packet.endswith("_") or functional is None:
+    functional = _functional_variant(node.target)
+    if functional is None:
         return False
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_after(node):
         out = graph.call_function(functional, node.args, node.kwargs)
     out.meta.update(node.meta)
     node.replace_all_uses_with(out)
-    for user in list(target.users):
-        if user is not out and order.get(user, len(order)) > order[node]:
-            user.replace_input_with(target, out)
+    _later_readers_read(target, out, order[node], order, (out,))
     graph.erase_node(node)
     return True
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import linecache
 import threading
 import warnings
 import weakref
@@ -23,7 +22,7 @@ from ..capture import Captured, Signature, capture_step, hyper_leaves, input_lay
 from ..errors import CaptureError, user_stacklevel
 from ..guards import Guard, GuardSet, lookup_or_trace
 from ..optimizer_spec import OptimizerSpec, Same
-from ..passes import release_examples, run_pipeline
+from ..passes import forget_sources, release_examples, run_pipeline
 from ..reparam import reparametrized
 from ..traced_functions import RestoredGenerators
 from .checks import check_model, check_opaque_leaves, meta_buffers_restored_on_failure
@@ -601,8 +600,8 @@ class Stepper:
                 key = getattr(getattr(gm.forward, "__code__", None), "co_filename", None)
                 if key in new:
                     new.discard(key)
-                    weakref.finalize(gm, _forget_sources, (key,))
-            weakref.finalize(compiled, _forget_sources, tuple(new))
+                    weakref.finalize(gm, forget_sources, (key,))
+            weakref.finalize(compiled, forget_sources, tuple(new))
             return compiled
 
         volatile = len(self._volatile)
@@ -929,13 +928,6 @@ def _warn_seeded_in_step() -> None:
         "them from a torch.Generator seeded each step and passed as a meta argument, or pass the mask itself.",
         stacklevel=user_stacklevel(),
     )
-
-
-def _forget_sources(keys: tuple[str, ...]) -> None:
-    """Drop the generated sources torch.fx cached for the graphs of a step the stepper no longer holds."""
-    for key in keys:
-        _fx_sources.eval_cache.pop(key, None)
-        linecache.cache.pop(key, None)
 
 
 def _describe(tree: Any) -> str:

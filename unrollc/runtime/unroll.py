@@ -258,27 +258,22 @@ def run_unroll(
     # share (betas no step overrides) is one input, so its gradient is accumulated once.
     consts: list[torch.Tensor] = []
     where: dict[int, int] = {}  # id(tensor) -> its position in consts
-    hyper_trees = [tree_flatten(h) for h in (hypers if hypers is not None else [state.hyper])]
-    hyper_positions = []
-    for leaves, _ in hyper_trees:
-        for x in leaves:
-            if id(x) not in where:
-                where[id(x)] = len(consts)
-                consts.append(x)
-        hyper_positions.append([where[id(x)] for x in leaves])
-    batch_trees = [tree_flatten(b) for b in batches]
-    meta_leaves, meta_spec = tree_flatten(tuple(meta))
 
     def positions_of(leaves: list[Any]) -> list[int]:
-        """Each tensor's position in consts, added once: a batch repeated every step (dataset distillation's
-        ``[(synthetic, labels)] * n``) is one input, whose gradient the checkpointed backward accumulates in one
-        tensor, not n (n gradients were held until the end: binomial grew linearly, a Budget was exceeded)."""
+        """Each tensor's position in consts, added once: a hyperparameter several steps share, or a batch repeated
+        every step (dataset distillation's ``[(synthetic, labels)] * n``), is one input, whose gradient the
+        checkpointed backward accumulates in one tensor, not one per step (n gradients were held until the end:
+        binomial grew linearly, a Budget was exceeded)."""
         for x in leaves:
             if isinstance(x, torch.Tensor) and id(x) not in where:
                 where[id(x)] = len(consts)
                 consts.append(x)
         return [where[id(x)] for x in leaves if isinstance(x, torch.Tensor)]
 
+    hyper_trees = [tree_flatten(h) for h in (hypers if hypers is not None else [state.hyper])]  # tensors only
+    hyper_positions = [positions_of(leaves) for leaves, _ in hyper_trees]
+    batch_trees = [tree_flatten(b) for b in batches]
+    meta_leaves, meta_spec = tree_flatten(tuple(meta))
     batch_positions = [positions_of(leaves) for leaves, _ in batch_trees]
     meta_positions = positions_of(meta_leaves)
 
