@@ -104,3 +104,20 @@ def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
         return out
 
     return update
+
+
+class HandWritten(torch.optim.Optimizer):
+    """A hand-written optimizer in the style found in the wild, for tests: ``update(p, state, group)`` runs under
+    ``torch.no_grad()`` for every parameter of every group; a subclass writes only its update."""
+
+    def __init__(self, params: Any, lr: float = 0.1, **defaults: Any) -> None:
+        super().__init__(params, {"lr": lr, **defaults})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.update(p, self.state[p], group)
+
+    def update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError

@@ -1098,25 +1098,21 @@ def test_gradients_wrt_a_returned_states_optimizer_state_are_the_same_under_ever
     torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-14)
 
 
-class _HandWrittenMomentum(torch.optim.Optimizer):
+class _HandWrittenMomentum(oracles.HandWritten):
     """SGD-momentum in the styles of optimizers found in the wild: ``p.grad.data``, ``p.data.add_``, and
     torch.optim.SGD's own ``torch.clone(grad).detach()`` for the first buffer."""
 
     def __init__(self, params, lr=0.05, style="plain"):
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, lr=lr)
         self.style = style
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                grad = p.grad.data if self.style == "grad.data" else p.grad
-                if "buf" not in st:
-                    st["buf"] = torch.clone(grad).detach() if self.style == "clone.detach" else torch.clone(grad)
-                else:
-                    st["buf"].mul_(0.9).add_(grad)
-                (p.data if self.style == "p.data" else p).add_(st["buf"], alpha=-group["lr"])
+    def update(self, p, st, group):
+        grad = p.grad.data if self.style == "grad.data" else p.grad
+        if "buf" not in st:
+            st["buf"] = torch.clone(grad).detach() if self.style == "clone.detach" else torch.clone(grad)
+        else:
+            st["buf"].mul_(0.9).add_(grad)
+        (p.data if self.style == "p.data" else p).add_(st["buf"], alpha=-group["lr"])
 
 
 @pytest.mark.parametrize("style", ["grad.data", "p.data", "clone.detach"])
@@ -1190,19 +1186,12 @@ class _BroadcastCopy(nn.Module):
         return self.l2(torch.empty(x.shape[0], 4).copy_(h[0]) + h)  # copy_ broadcasting one row
 
 
-class _Float32Buffer(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                if "buf" not in st:
-                    st["buf"] = torch.zeros_like(p, dtype=torch.float32)
-                st["buf"].copy_(p.grad)  # float64 -> float32
-                p.add_(st["buf"], alpha=-group["lr"])
+class _Float32Buffer(oracles.HandWritten):
+    def update(self, p, st, group):
+        if "buf" not in st:
+            st["buf"] = torch.zeros_like(p, dtype=torch.float32)
+        st["buf"].copy_(p.grad)  # float64 -> float32
+        p.add_(st["buf"], alpha=-group["lr"])
 
 
 def test_a_converting_or_broadcasting_copy_has_eagers_derivative(float64):

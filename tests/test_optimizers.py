@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import unrollc
-from oracles import eager_trajectory
+from oracles import HandWritten, eager_trajectory
 
 O = torch.optim
 
@@ -593,25 +593,16 @@ def test_the_optimizers_step_hooks_run_in_every_step(float64):
     assert not torch.equal(compiled_model.weight, model.weight)  # the user's model is not stepped
 
 
-class _AssignedData(torch.optim.Optimizer):
+class _AssignedData(HandWritten):
     """An old-style SGD: ``p.data = p.data - lr * p.grad.data``."""
 
-    def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.data = p.data - group["lr"] * p.grad.data
+    def update(self, p, st, group):
+        p.data = p.data - group["lr"] * p.grad.data
 
 
-class _ResizedData(_AssignedData):
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.data = p.data.double()
+class _ResizedData(HandWritten):
+    def update(self, p, st, group):
+        p.data = p.data.double()
 
 
 def test_an_optimizer_assigning_data_updates_the_weights(float64):
@@ -670,28 +661,24 @@ def test_a_counter_kept_outside_the_parameters_state_is_refused(where):
         stepper.step(stepper.init(), (torch.randn(4, 3), torch.randn(4, 1)))
 
 
-class _LegacyAdamW(torch.optim.Optimizer):
+class _LegacyAdamW(HandWritten):
     """transformers' legacy AdamW: the bias correction through math.sqrt on Python numbers."""
 
     def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        super().__init__(params, lr=lr, betas=betas, eps=eps)
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def update(self, p, state, group):
         import math
 
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-                beta1, beta2 = group["betas"]
-                state["step"] += 1
-                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
-                step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-                p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+        if len(state) == 0:
+            state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+        step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
 
 def test_a_learned_hyperparameter_read_into_python_is_pointed_out_and_a_counter_read_so_is_explained():
@@ -723,18 +710,15 @@ class _DecayedSGD(torch.optim.SGD):
                     p.mul_(0.9)
 
 
-class _ConfiguredSGD(torch.optim.Optimizer):
+class _ConfiguredSGD(HandWritten):
     """Keeps a read-only configuration in its state under a key that is not a parameter."""
 
     def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, lr=lr)
         self.state["config"] = {"scale": 0.5}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(p.grad, alpha=-group["lr"] * self.state["config"]["scale"])
+    def update(self, p, st, group):
+        p.add_(p.grad, alpha=-group["lr"] * self.state["config"]["scale"])
 
 
 class _ClosureHookSGD(torch.optim.SGD):
@@ -807,18 +791,15 @@ class _SharedGradient(nn.Module):
         return (x * (self.a + self.b)).sum(1, keepdim=True)
 
 
-class _DecayIntoGradient(torch.optim.Optimizer):
+class _DecayIntoGradient(HandWritten):
     """The classic hand-written weight decay: added into p.grad in place."""
 
     def __init__(self, params, lr=0.1, weight_decay=0.5):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad.add_(p, alpha=group["weight_decay"])
-                p.add_(p.grad, alpha=-group["lr"])
+    def update(self, p, st, group):
+        p.grad.add_(p, alpha=group["weight_decay"])
+        p.add_(p.grad, alpha=-group["lr"])
 
 
 def test_parameters_sharing_one_gradient_tensor_get_their_own(float64):
@@ -862,15 +843,9 @@ def test_optimizer_state_sharing_memory_is_refused(body):
     """Entries of one parameter's state sharing memory (with each other or the parameter) became separate graph
     inputs after the first step, silently (0.13-0.38 off eager): refused at the step that would lose it."""
 
-    class Shared(torch.optim.Optimizer):
-        def __init__(self, params, lr=0.1):
-            super().__init__(params, {"lr": lr})
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    body(p, p.grad, self.state[p], group["lr"])
+    class Shared(HandWritten):
+        def update(self, p, st, group):
+            body(p, p.grad, st, group["lr"])
 
     model = nn.Linear(3, 2)
     stepper = unrollc.compile(model, Shared(model.parameters()), mse)

@@ -7,6 +7,7 @@ import torch
 from torch import fx, nn
 
 import unrollc
+from oracles import HandWritten
 from unrollc.passes import PIPELINE
 from unrollc.passes.schema import is_mutating, namespace
 
@@ -249,22 +250,15 @@ def test_functionalize_rewrites_common_steps_without_a_re_trace(monkeypatch, mod
     assert taken and all(taken)
 
 
-class _WideMomentum(torch.optim.Optimizer):
+class _WideMomentum(HandWritten):
     """SGD-momentum keeping a float64 buffer for float32 weights: ``p.add_(buf)`` computes in float64 and stores
     float32, where the out-of-place ``add`` would give float64."""
 
-    def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                if "buf" not in st:
-                    st["buf"] = torch.zeros_like(p, dtype=torch.float64)
-                st["buf"].mul_(0.9).add_(p.grad)
-                p.add_(st["buf"], alpha=-group["lr"])
+    def update(self, p, st, group):
+        if "buf" not in st:
+            st["buf"] = torch.zeros_like(p, dtype=torch.float64)
+        st["buf"].mul_(0.9).add_(p.grad)
+        p.add_(st["buf"], alpha=-group["lr"])
 
 
 def test_functionalize_keeps_an_in_place_ops_dtype():
@@ -299,22 +293,15 @@ def test_functionalize_re_traces_when_a_view_is_read_across_a_write():
     assert [n.format_node() for n in graph.nodes] == before  # unchanged
 
 
-class _SetAliasMomentum(torch.optim.Optimizer):
+class _SetAliasMomentum(HandWritten):
     """``view = empty_like(p).set_(buf)`` shares the buffer's memory: the update written into buf is read through it."""
 
-    def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                if "m" not in st:
-                    st["m"] = torch.zeros_like(p)
-                view = torch.empty_like(p).set_(st["m"])
-                st["m"].mul_(0.9).add_(p.grad)
-                p.add_(view, alpha=-group["lr"])
+    def update(self, p, st, group):
+        if "m" not in st:
+            st["m"] = torch.zeros_like(p)
+        view = torch.empty_like(p).set_(st["m"])
+        st["m"].mul_(0.9).add_(p.grad)
+        p.add_(view, alpha=-group["lr"])
 
 
 class _ViewOfClone(nn.Module):
